@@ -1,0 +1,1 @@
+"""Efficient Deep Learning Systems: the course library."""
