@@ -1,0 +1,290 @@
+"""`effdl`: the course's command line. Thin: it parses arguments and calls the library modules.
+
+Every command has `--help`. Problems a user can fix (an unknown week, a missing tool) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from common.errors import EffdlError, MissingDependencyError
+from common.weeks import REPO_ROOT, get_week
+
+DEFAULT_BUILD_DIR = REPO_ROOT / "build"
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+MAIN_EPILOG = """\
+examples:
+  effdl env                              what hardware and software this machine has
+  effdl seminar week01_intro             run the week-1 seminar headless (small on CPU, full on GPU)
+  effdl slides week01_intro --pdf        build the week-1 lecture to HTML and PDF
+  effdl check                            every seminar (small), every deck, every grader self-test
+  effdl test                             the whole test suite, as CI runs it
+"""
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    """Print a hardware and software report of this machine."""
+    from common.report import environment_report
+
+    environment_report()
+    return 0
+
+
+def cmd_seminar(args: argparse.Namespace) -> int:
+    """Execute a week's seminar headless and print where the notebook is and its key results."""
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from common import notebooks
+
+    week = get_week(args.week)
+    small = args.small if args.small is not None else not torch.cuda.is_available()
+    if args.record and small:
+        raise EffdlError(
+            "--record stores a full-size GPU run in the committed notebook; use it with --full on a GPU"
+        )
+    console = Console()
+    mode = "small" if small else "full"
+    console.print(f"Running {week.name} seminar ({mode} sizes, device: {notebooks.device_name()})")
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("code cells", total=None)
+        run = notebooks.execute(
+            week,
+            small=small,
+            out_dir=Path(args.out),
+            timeout_s=args.timeout,
+            on_cell_done=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    console.print(f"Executed notebook: {run.path.resolve()}  ({run.duration_s:.1f} s)")
+    if args.record:
+        console.print(f"Recorded into {notebooks.record(run).relative_to(REPO_ROOT)}")
+    if run.summary:
+        console.rule("key results")
+        console.print(run.summary, markup=False, highlight=False)
+    return 0
+
+
+def cmd_slides(args: argparse.Namespace) -> int:
+    """Build lecture slides to one offline HTML file per week (and a PDF with --pdf)."""
+    from common import slides
+    from common.weeks import weeks_with_slides
+
+    weeks = [get_week(args.week)] if args.week else weeks_with_slides()
+    for week in weeks:
+        built = slides.build(week, Path(args.out), pdf=args.pdf)
+        pdf_note = f", {built.pdf}" if built.pdf else ""
+        print(f"{week.name}: {built.n_slides} slides -> {built.html}{pdf_note}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Check that every seminar (small sizes), every slide deck and every grader self-test works here."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from common import notebooks, slides
+    from common.weeks import weeks_with_seminar, weeks_with_slides
+
+    console = Console()
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="effdl-check-"))
+    checks: list[tuple[str, str, Callable[[], str]]] = []
+    for week in weeks_with_seminar():
+        checks.append(
+            (
+                week.name,
+                "seminar (small)",
+                lambda w=week: str(notebooks.execute(w, small=True, out_dir=out_dir).path),
+            )
+        )
+    for week in weeks_with_slides():
+        checks.append((week.name, "slides", lambda w=week: f"{slides.build(w, out_dir).n_slides} slides"))
+    assignments = sorted((REPO_ROOT / "assignments").glob("*/assignment.toml"))
+    if assignments:
+        raise EffdlError(
+            "assignments exist but `effdl selftest` is not available in this version of the course"
+        )
+
+    table = Table(title=f"effdl check ({len(checks)} checks; outputs in {out_dir})")
+    for column in ("week", "check", "result", "time", "detail"):
+        table.add_column(column)
+    failures = 0
+    for name, kind, run_check in checks:
+        start = time.perf_counter()
+        with console.status(f"{name}: {kind}"):
+            try:
+                detail, ok = run_check(), True
+            except EffdlError as error:
+                detail, ok = str(error), False
+        failures += not ok
+        result = "[green]ok[/green]" if ok else "[red]FAILED[/red]"
+        table.add_row(name, kind, result, f"{time.perf_counter() - start:.0f} s", detail)
+    if not assignments:
+        table.add_row(
+            "assignments", "grader self-tests", "[dim]none yet[/dim]", "", "no assignment folders exist"
+        )
+    console.print(table)
+    return 1 if failures else 0
+
+
+def cmd_bench_timers(args: argparse.Namespace) -> int:
+    """Check common.bench against triton.testing on this GPU and save the figures as JSON."""
+    from common.bench_validation import run_timer_validation
+
+    report = run_timer_validation(Path(args.out))
+    for check in report["checks"]:
+        print(
+            f"{check['name']}: common.bench {check['ours_ms']:.4f} ms vs {check['reference']} "
+            f"{check['reference_ms']:.4f} ms ({100 * check['rel_diff']:+.2f}%, "
+            f"{'within' if check['within_tolerance'] else 'OUTSIDE'} 3%)"
+        )
+    print(f"saved to {report['path']}")
+    return 0 if all(check["within_tolerance"] for check in report["checks"]) else 1
+
+
+def ensure_slide_tool() -> None:
+    """Install the pinned Marp CLI from package-lock.json if it is missing."""
+    from common.slides import MARP
+
+    if MARP.exists():
+        return
+    npm = shutil.which("npm")
+    if npm is None:
+        raise MissingDependencyError("the slide tests need Node.js and npm: install them, then run `npm ci`")
+    print("Installing the slide tool (npm ci) ...", flush=True)
+    subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=REPO_ROOT, check=True)
+
+
+def test_command(extra: list[str]) -> list[str]:
+    """The whole test suite: the repository's tests plus every seminar notebook under nbval, small sizes."""
+    notebooks = sorted(str(path.relative_to(REPO_ROOT)) for path in REPO_ROOT.glob("week*/seminar.ipynb"))
+    return [
+        sys.executable, "-m", "pytest",
+        "-n", "auto", "--dist", "loadfile",  # nbval needs a notebook's cells on one worker
+        "--nbval-lax", "--nbval-current-env",
+        "tests", *notebooks, *extra,
+    ]  # fmt: skip
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    """Set up what the tests need (the slide tool) and run the whole test suite with small sizes."""
+    ensure_slide_tool()
+    env = {**os.environ, "EFFDL_SMALL": "1"}
+    return subprocess.call(test_command(args.pytest_args), cwd=REPO_ROOT, env=env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="effdl",
+        description="Efficient Deep Learning Systems: run seminars, build slides, check the course.",
+        epilog=MAIN_EPILOG,
+        formatter_class=formatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    env = sub.add_parser("env", help=cmd_env.__doc__, description=cmd_env.__doc__)
+    env.set_defaults(handler=cmd_env)
+
+    seminar = sub.add_parser(
+        "seminar",
+        help=cmd_seminar.__doc__,
+        description=cmd_seminar.__doc__,
+        formatter_class=formatter,
+        epilog="examples:\n  effdl seminar week01_intro\n  effdl seminar 1 --small --out /tmp/run\n"
+        "  effdl seminar week01_intro --full --record     (on a GPU: refresh the committed notebook)",
+    )
+    seminar.add_argument("week", help="week folder name, e.g. week01_intro (or 1, 01, week01)")
+    size = seminar.add_mutually_exclusive_group()
+    size.add_argument(
+        "--small", dest="small", action="store_true", default=None, help="small sizes (default on CPU)"
+    )
+    size.add_argument("--full", dest="small", action="store_false", help="full sizes (default on a GPU)")
+    seminar.add_argument(
+        "--out", default=str(DEFAULT_BUILD_DIR / "seminars"), help="folder for the executed notebook"
+    )
+    seminar.add_argument(
+        "--record",
+        action="store_true",
+        help="store the outputs in the committed seminar.ipynb (full GPU run only)",
+    )
+    seminar.add_argument("--timeout", type=int, default=1800, help="seconds one cell may run (default 1800)")
+    seminar.set_defaults(handler=cmd_seminar)
+
+    slides = sub.add_parser(
+        "slides",
+        help=cmd_slides.__doc__,
+        description=cmd_slides.__doc__,
+        formatter_class=formatter,
+        epilog="examples:\n  effdl slides                    every week's deck\n  effdl slides week01_intro --pdf",
+    )
+    slides.add_argument("week", nargs="?", help="one week (default: every week that has slides)")
+    slides.add_argument("--pdf", action="store_true", help="also write a PDF (needs Chromium)")
+    slides.add_argument("--out", default=str(DEFAULT_BUILD_DIR / "slides"), help="output folder")
+    slides.set_defaults(handler=cmd_slides)
+
+    check = sub.add_parser("check", help=cmd_check.__doc__, description=cmd_check.__doc__)
+    check.add_argument("--out", help="keep the outputs here (default: a temporary folder)")
+    check.set_defaults(handler=cmd_check)
+
+    bench = sub.add_parser("bench", help="benchmarks whose results the READMEs quote")
+    bench_sub = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    timers = bench_sub.add_parser(
+        "timers", help=cmd_bench_timers.__doc__, description=cmd_bench_timers.__doc__
+    )
+    timers.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON results")
+    timers.set_defaults(handler=cmd_bench_timers)
+
+    test = sub.add_parser(
+        "test",
+        help=cmd_test.__doc__,
+        description=cmd_test.__doc__,
+        formatter_class=formatter,
+        epilog="extra arguments go to pytest, e.g.:\n  effdl test -k bench\n  effdl test -x -q",
+    )
+    test.add_argument("pytest_args", nargs="*", help="passed to pytest (options too)")
+    test.set_defaults(handler=cmd_test)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "test":  # everything effdl does not know goes to pytest, options included
+        args.pytest_args = [*unknown, *args.pytest_args]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return args.handler(args)
+    except EffdlError as error:
+        print(f"effdl: error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        print(
+            f"effdl: error: the Python package {error.name!r} is missing; "
+            "run `uv sync` in the repository root, or start commands with `uv run`",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        print("effdl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

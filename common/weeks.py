@@ -1,0 +1,89 @@
+"""The syllabus: which week folders exist and where each week's seminar, slides and README live."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import EffdlError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# (folder, title) in teaching order; a week may not have all its material yet.
+SYLLABUS: tuple[tuple[str, str], ...] = (
+    ("week01_intro", "GPU architecture, CUDA in PyTorch, benchmarking"),
+    ("week02_management_and_testing", "Experiment tracking, data and pipeline versioning, testing DL code"),
+    ("week03_fast_pipelines", "Mixed precision, data loading, profiling"),
+    ("week04_data_parallel", "torch.distributed, all-reduce, DDP"),
+    ("week05_large_models", "Tensor, pipeline and sequence parallelism, checkpointing, offloading"),
+    ("week06_fsdp", "Sharded data parallel, FSDP2"),
+    ("week07_application_deployment", "HTTP/gRPC services, Docker, Prometheus"),
+    ("week09_inference_algorithms", "Speculative decoding, quantization, Triton matmul"),
+)
+
+
+class UnknownWeekError(EffdlError):
+    """A week name that is not in the syllabus."""
+
+
+@dataclass(frozen=True)
+class Week:
+    """One week of the course and the paths of its material."""
+
+    name: str
+    title: str
+    root: Path = REPO_ROOT  # tests point this at a temporary course tree
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.name
+
+    @property
+    def seminar_py(self) -> Path:
+        return self.dir / "seminar.py"
+
+    @property
+    def seminar_ipynb(self) -> Path:
+        return self.dir / "seminar.ipynb"
+
+    @property
+    def slides_md(self) -> Path:
+        return self.dir / "lecture" / "slides.md"
+
+    @property
+    def readme(self) -> Path:
+        return self.dir / "README.md"
+
+    @property
+    def assignment_dir(self) -> Path:
+        return self.root / "assignments" / self.name
+
+    @property
+    def has_seminar(self) -> bool:
+        return self.seminar_py.is_file()
+
+    @property
+    def has_slides(self) -> bool:
+        return self.slides_md.is_file()
+
+
+ALL_WEEKS: tuple[Week, ...] = tuple(Week(name, title) for name, title in SYLLABUS)
+
+
+def get_week(name: str) -> Week:
+    """Find a week by its folder name or a short form: `week01_intro`, `week01`, `01` and `1` all work."""
+    key = name.strip().rstrip("/").split("/")[-1].lower()
+    for week in ALL_WEEKS:
+        number = week.name[len("week") : len("week") + 2]
+        if key in (week.name, week.name[: len("week") + 2], number, number.lstrip("0")):
+            return week
+    valid = ", ".join(week.name for week in ALL_WEEKS)
+    raise UnknownWeekError(f"unknown week {name!r}; valid weeks: {valid}")
+
+
+def weeks_with_seminar() -> list[Week]:
+    return [week for week in ALL_WEEKS if week.has_seminar]
+
+
+def weeks_with_slides() -> list[Week]:
+    return [week for week in ALL_WEEKS if week.has_slides]

@@ -1,0 +1,146 @@
+"""The seminar pipeline: pairing, headless execution, recording, and the staleness check."""
+
+from __future__ import annotations
+
+import nbformat
+import pytest
+
+from common import notebooks
+from common.notebooks import SeminarError
+from common.weeks import Week, weeks_with_seminar
+
+TINY_SEMINAR = """# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # A tiny seminar
+
+# %% tags=["parameters"]
+import os
+SMALL = os.environ.get("EFFDL_SMALL", "1") == "1"
+DEVICE = "cpu"
+
+# %%
+n = 10 if SMALL else 1000
+total = sum(range(n))
+assert total == n * (n - 1) // 2
+
+# %% tags=["summary"]
+print(f"n = {n}, total = {total}")
+"""
+
+
+@pytest.fixture
+def tiny_week(tmp_path) -> Week:
+    week = Week("week01_intro", "a tiny stand-in", root=tmp_path)
+    week.dir.mkdir()
+    week.seminar_py.write_text(TINY_SEMINAR)
+    return week
+
+
+def pretend_full_gpu_run(run: notebooks.SeminarRun) -> notebooks.SeminarRun:
+    run.notebook.metadata["effdl"].update(small=False, device="NVIDIA H100 80GB HBM3")
+    run.small = False
+    return run
+
+
+@pytest.mark.parametrize("week", weeks_with_seminar(), ids=lambda week: week.name)
+def test_committed_notebook_belongs_to_its_source(week: Week) -> None:
+    """The committed outputs come from a full GPU run of exactly this seminar.py."""
+    assert notebooks.staleness_problems(week) == []
+
+
+@pytest.mark.parametrize("week", weeks_with_seminar(), ids=lambda week: week.name)
+def test_seminar_starts_with_a_parameters_cell(week: Week) -> None:
+    code_cells = [cell for cell in notebooks.read_source(week).cells if cell.cell_type == "code"]
+    first = code_cells[0]
+    assert "parameters" in first.metadata.get("tags", [])
+    assert "SMALL =" in first.source and "EFFDL_SMALL" in first.source and "DEVICE =" in first.source
+    assert any("summary" in cell.metadata.get("tags", []) for cell in code_cells)
+
+
+def test_execute_small_writes_outputs_summary_and_metadata(tiny_week: Week, tmp_path) -> None:
+    progress = []
+    run = notebooks.execute(
+        tiny_week, small=True, out_dir=tmp_path / "out", on_cell_done=lambda *p: progress.append(p)
+    )
+    assert run.summary == "n = 10, total = 45"
+    assert progress[-1] == (3, 3)
+    stored = nbformat.read(run.path, as_version=4)
+    meta = stored.metadata["effdl"]
+    assert meta["small"] is True and meta["device"] == "cpu"
+    assert meta["source_sha256"] == notebooks.source_hash(notebooks.read_source(tiny_week))
+    assert {"python", "torch", "numpy"} <= set(meta["versions"])
+
+
+def test_execute_full_sets_the_environment_variable(tiny_week: Week, tmp_path) -> None:
+    run = notebooks.execute(tiny_week, small=False, out_dir=tmp_path)
+    assert run.summary == "n = 1000, total = 499500"
+
+
+def test_failing_cell_names_the_cell_and_keeps_the_partial_notebook(tiny_week: Week, tmp_path) -> None:
+    tiny_week.seminar_py.write_text(TINY_SEMINAR.replace("assert total ==", "assert total != "))
+    with pytest.raises(SeminarError, match=r"failed in code cell 2 of 3: AssertionError") as error:
+        notebooks.execute(tiny_week, small=True, out_dir=tmp_path)
+    assert "partial notebook" in str(error.value)
+    assert (tmp_path / "week01_intro_seminar.ipynb").is_file()
+
+
+def test_record_refuses_small_or_cpu_runs(tiny_week: Week, tmp_path) -> None:
+    run = notebooks.execute(tiny_week, small=True, out_dir=tmp_path)
+    with pytest.raises(SeminarError, match="full-size GPU run"):
+        notebooks.record(run)
+    assert not tiny_week.seminar_ipynb.exists()
+
+
+def test_staleness_detects_edits_on_either_side(tiny_week: Week, tmp_path) -> None:
+    assert "is missing" in notebooks.staleness_problems(tiny_week)[0]
+    notebooks.record(pretend_full_gpu_run(notebooks.execute(tiny_week, small=True, out_dir=tmp_path)))
+    assert notebooks.staleness_problems(tiny_week) == []
+
+    # Edit the source: the stored outputs no longer belong to it, and the pair disagrees.
+    tiny_week.seminar_py.write_text(TINY_SEMINAR.replace("1000", "2000"))
+    problems = " ".join(notebooks.staleness_problems(tiny_week))
+    assert "older seminar.py" in problems and "disagree" in problems
+
+    # Sync the pair: inputs agree again, but the outputs are still those of the old source.
+    notebooks.sync(tiny_week)
+    problems = notebooks.staleness_problems(tiny_week)
+    assert "older seminar.py" in problems[0]
+    assert not any("disagree" in problem for problem in problems)
+
+
+def test_staleness_detects_a_notebook_edited_alone(tiny_week: Week, tmp_path) -> None:
+    notebooks.record(pretend_full_gpu_run(notebooks.execute(tiny_week, small=True, out_dir=tmp_path)))
+    stored = nbformat.read(tiny_week.seminar_ipynb, as_version=4)
+    stored.cells[2].source += "\nprint('edited in Jupyter, not synced')"
+    nbformat.write(stored, tiny_week.seminar_ipynb)
+    assert "disagree" in notebooks.staleness_problems(tiny_week)[0]
+
+
+def test_staleness_rejects_outputs_from_a_cpu_run(tiny_week: Week, tmp_path) -> None:
+    run = notebooks.execute(tiny_week, small=True, out_dir=tmp_path)
+    nbformat.write(run.notebook, tiny_week.seminar_ipynb)  # bypassing record()
+    assert notebooks.staleness_problems(tiny_week) == [
+        "week01_intro: the stored outputs are not from a full-size GPU run"
+    ]
+
+
+def test_sync_keeps_outputs_of_unchanged_cells(tiny_week: Week, tmp_path) -> None:
+    notebooks.record(pretend_full_gpu_run(notebooks.execute(tiny_week, small=True, out_dir=tmp_path)))
+    notebooks.sync(tiny_week)
+    stored = nbformat.read(tiny_week.seminar_ipynb, as_version=4)
+    assert notebooks.summary_text(stored) == "n = 10, total = 45"
+    assert stored.metadata["effdl"]["device"] == "NVIDIA H100 80GB HBM3"
+
+
+def test_missing_seminar_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(SeminarError, match="has no seminar yet"):
+        notebooks.read_source(Week("week06_fsdp", "", root=tmp_path))

@@ -1,0 +1,133 @@
+"""The slide pipeline: every deck builds offline, has the slides it should, draws, and its code runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from common import slides
+from common.weeks import Week, weeks_with_slides
+
+DECKS = weeks_with_slides()
+SAMPLE = """---
+marp: true
+math: mathjax
+paginate: true
+---
+# Title
+
+---
+## Code with a rule inside a fence
+```text
+---
+```
+
+<!-- requires: cuda -->
+```python
+import torch
+torch.ones(1, device="cuda")
+```
+
+---
+![diagram](assets/box.svg)
+"""
+
+
+def needs_chromium() -> None:
+    """Skip locally without Chromium, but never in CI: there, a missing browser is a failure."""
+    if slides.chromium_executable() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Chromium to render slides (apt-get install chromium)")
+        pytest.skip("Chromium is not installed")
+
+
+def test_count_slides_ignores_front_matter_and_fences() -> None:
+    assert slides.count_slides(SAMPLE) == 3
+
+
+def test_code_blocks_know_which_need_cuda() -> None:
+    blocks = slides.code_blocks(SAMPLE)
+    assert [(block.language, block.requires_cuda) for block in blocks] == [("text", False), ("python", True)]
+    assert blocks[1].code == 'import torch\ntorch.ones(1, device="cuda")'
+
+
+def test_local_images_are_inlined(tmp_path) -> None:
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / "box.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    inlined = slides.inline_local_images(SAMPLE, tmp_path)
+    assert "![diagram](data:image/svg+xml;base64," in inlined
+    with pytest.raises(slides.SlideBuildError, match="does not exist"):
+        slides.inline_local_images("![x](assets/missing.png)", tmp_path)
+
+
+def test_remote_references_are_found() -> None:
+    page = '<link href="https://cdn.example/x.css"><a href="https://pytorch.org">docs</a><style>@import "https://fonts.example/f";</style>'
+    assert slides.remote_references(page) == ["https://cdn.example/x.css", "https://fonts.example/f"]
+
+
+@pytest.mark.parametrize("week", DECKS, ids=lambda week: week.name)
+def test_front_matter(week: Week) -> None:
+    head = week.slides_md.read_text().split("\n---\n", 1)[0]
+    for directive in ("marp: true", "math: mathjax", "paginate: true"):
+        assert directive in head
+
+
+@pytest.mark.parametrize("week", DECKS, ids=lambda week: week.name)
+def test_deck_builds_offline_with_every_slide(week: Week, tmp_path) -> None:
+    built = slides.build(week, tmp_path)
+    expected = slides.count_slides(week.slides_md.read_text())
+    assert built.n_slides == expected
+    assert 20 <= expected <= 45, "a lecture is about 25-40 slides"
+    page = built.html.read_text()
+    assert slides.remote_references(page) == []
+    assert "<script src=" not in page.replace('<script src="data:', "")
+
+
+@pytest.mark.parametrize("week", DECKS, ids=lambda week: week.name)
+def test_deck_builds_to_pdf(week: Week, tmp_path) -> None:
+    needs_chromium()
+    built = slides.build(week, tmp_path, pdf=True)
+    assert built.pdf is not None and built.pdf.read_bytes().startswith(b"%PDF")
+
+
+@pytest.mark.parametrize("week", DECKS[:1], ids=lambda week: week.name)
+def test_title_slide_renders_to_a_picture_that_is_not_blank(week: Week, tmp_path) -> None:
+    from PIL import Image, ImageStat
+
+    needs_chromium()
+    png = slides.render_first_slide(week, tmp_path / "title.png")
+    image = Image.open(png).convert("L")
+    assert image.size[0] >= 1280
+    # Text on a plain background: many grey levels and a visible spread, not one flat colour.
+    assert len(image.getcolors(maxcolors=1 << 16) or []) > 16
+    assert ImageStat.Stat(image).stddev[0] > 5
+
+
+def _slide_code(cuda: bool) -> list[tuple[Week, slides.CodeBlock]]:
+    return [
+        (week, block)
+        for week in DECKS
+        for block in slides.code_blocks(week.slides_md.read_text())
+        if block.language == "python" and block.requires_cuda == cuda
+    ]
+
+
+def _run_block(week: Week, block: slides.CodeBlock) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", block.code], capture_output=True, text=True, timeout=120, cwd=week.dir.parent
+    )
+    assert result.returncode == 0, f"{week.slides_md}:{block.line} does not run:\n{result.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize(("week", "block"), _slide_code(cuda=False), ids=lambda x: getattr(x, "line", ""))
+def test_code_on_slides_runs(week: Week, block: slides.CodeBlock) -> None:
+    _run_block(week, block)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("week", "block"), _slide_code(cuda=True), ids=lambda x: getattr(x, "line", ""))
+def test_cuda_code_on_slides_runs(week: Week, block: slides.CodeBlock) -> None:
+    _run_block(week, block)

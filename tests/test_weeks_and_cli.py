@@ -1,0 +1,109 @@
+"""The syllabus registry and the `effdl` command line: help everywhere, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from common import cli, slides
+from common.weeks import ALL_WEEKS, UnknownWeekError, get_week
+
+SUBCOMMANDS = [["env"], ["seminar"], ["slides"], ["check"], ["bench"], ["bench", "timers"], ["test"]]
+
+
+def run_effdl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "common.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize("alias", ["week01_intro", "week01", "01", "1", "week01_intro/"])
+def test_week_aliases(alias: str) -> None:
+    assert get_week(alias).name == "week01_intro"
+
+
+def test_unknown_week_lists_valid_weeks() -> None:
+    with pytest.raises(UnknownWeekError) as error:
+        get_week("week42_magic")
+    for week in ALL_WEEKS:
+        assert week.name in str(error.value)
+
+
+def test_main_help_shows_commands_and_examples() -> None:
+    result = run_effdl("--help")
+    assert result.returncode == 0
+    for command in ("env", "seminar", "slides", "check", "bench", "test", "examples:"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("args", SUBCOMMANDS, ids=" ".join)
+def test_every_subcommand_has_help(args: list[str]) -> None:
+    result = run_effdl(*args, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: effdl" in result.stdout
+
+
+def test_unknown_week_is_one_line_not_a_traceback() -> None:
+    result = run_effdl("seminar", "week42_magic")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "unknown week 'week42_magic'; valid weeks: week01_intro" in result.stderr
+
+
+def test_missing_marp_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path, capsys) -> None:
+    monkeypatch.setattr(slides, "MARP", tmp_path / "no-marp")
+    assert cli.main(["slides", "week01_intro", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("effdl: error: the Marp CLI is not installed: run `npm ci`")
+    assert err.count("\n") == 1
+
+
+def test_missing_python_package_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    def needs_a_missing_package(args) -> int:
+        import effdl_package_that_does_not_exist  # noqa: F401
+
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_env", needs_a_missing_package)
+    assert cli.main(["env"]) == 2
+    err = capsys.readouterr().err
+    assert "'effdl_package_that_does_not_exist' is missing; run `uv sync`" in err
+    assert err.count("\n") == 1
+
+
+def test_record_refuses_a_small_run(capsys) -> None:
+    assert cli.main(["seminar", "week01_intro", "--small", "--record"]) == 2
+    assert "--full on a GPU" in capsys.readouterr().err
+
+
+def test_env_reports_versions() -> None:
+    result = run_effdl("env")
+    assert result.returncode == 0, result.stderr
+    for name in ("torch", "triton", "numpy", "GPU", "marp"):
+        assert name in result.stdout
+
+
+def test_test_command_runs_tests_and_every_seminar_under_nbval() -> None:
+    command = cli.test_command(["-k", "bench"])
+    assert command[1:3] == ["-m", "pytest"]
+    assert "--nbval-lax" in command and "tests" in command
+    for week in ALL_WEEKS:
+        if week.has_seminar:
+            assert f"{week.name}/seminar.ipynb" in command
+    assert command[-2:] == ["-k", "bench"]
+
+
+def test_test_subcommand_passes_pytest_options_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_test", lambda args: seen.setdefault("args", args.pytest_args) and 0)
+    cli.main(["test", "-x", "-k", "bench", "tests/test_weeks_and_cli.py"])
+    assert seen["args"] == ["-x", "-k", "bench", "tests/test_weeks_and_cli.py"]
+
+
+def test_other_subcommands_refuse_unknown_options() -> None:
+    result = run_effdl("slides", "--no-such-option")
+    assert result.returncode == 2
+    assert "unrecognized arguments: --no-such-option" in result.stderr
