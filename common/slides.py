@@ -116,21 +116,26 @@ def code_blocks(markdown: str) -> list[CodeBlock]:
     return blocks
 
 
-def inline_local_images(markdown: str, base_dir: Path) -> str:
-    """Replace local image paths with data URIs so that the built HTML stands alone."""
+def local_images(markdown: str) -> list[str]:
+    """Local image paths a deck references (`![...](assets/x.svg)`), remote and data URLs left out."""
+    targets = (match.group(2) for match in _IMAGE.finditer(markdown))
+    return sorted({target for target in targets if not re.match(r"^(https?:|data:)", target)})
 
-    def to_data_uri(match: re.Match[str]) -> str:
-        target = match.group(2)
-        if re.match(r"^(https?:|data:)", target):
-            return match.group(0)
+
+def inline_local_images(html: str, markdown: str, base_dir: Path) -> str:
+    """Put the deck's local images into the built HTML as data URIs, so that the one file stands alone.
+
+    This is done on Marp's output rather than its input: markdown-it refuses `data:image/svg+xml` links.
+    """
+    for target in local_images(markdown):
         path = (base_dir / target).resolve()
         if not path.is_file():
             raise SlideBuildError(f"image {target!r} referenced by the slides does not exist ({path})")
         mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        encoded = base64.b64encode(path.read_bytes()).decode()
-        return f"{match.group(1)}data:{mime};base64,{encoded}{match.group(3) or ''})"
-
-    return _IMAGE.sub(to_data_uri, markdown)
+        data_uri = f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+        # Marp writes images as <img src="..."> and backgrounds as url(&quot;...&quot;).
+        html = re.sub(rf'(src="|url\(&quot;|url\("){re.escape(target)}(?=["&])', rf"\g<1>{data_uri}", html)
+    return html
 
 
 def remote_references(html: str) -> list[str]:
@@ -174,19 +179,14 @@ def build(week: Week, out_dir: Path, *, pdf: bool = False) -> SlideBuild:
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown = week.slides_md.read_text()
-    # Marp resolves paths relative to the source file, so the inlined copy sits beside the original.
-    staged = week.slides_md.with_name(f".{week.name}.{os.getpid()}.inlined.md")
-    staged.write_text(inline_local_images(markdown, week.slides_md.parent))
-    try:
-        html = out_dir / f"{week.name}.html"
-        _run_marp(staged, html, "--html")
-        pdf_path = None
-        if pdf:
-            pdf_path = out_dir / f"{week.name}.pdf"
-            _run_marp(staged, pdf_path, "--html", "--pdf")
-    finally:
-        staged.unlink(missing_ok=True)
-    page = html.read_text()
+    html = out_dir / f"{week.name}.html"
+    _run_marp(week.slides_md, html, "--html")
+    page = inline_local_images(html.read_text(), markdown, week.slides_md.parent)
+    html.write_text(page)
+    pdf_path = None
+    if pdf:
+        pdf_path = out_dir / f"{week.name}.pdf"
+        _run_marp(week.slides_md, pdf_path, "--html", "--pdf")
     remote = remote_references(page)
     if remote:
         raise SlideBuildError(

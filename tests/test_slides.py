@@ -57,10 +57,14 @@ def test_code_blocks_know_which_need_cuda() -> None:
 def test_local_images_are_inlined(tmp_path) -> None:
     (tmp_path / "assets").mkdir()
     (tmp_path / "assets" / "box.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
-    inlined = slides.inline_local_images(SAMPLE, tmp_path)
-    assert "![diagram](data:image/svg+xml;base64," in inlined
+    html = (
+        '<img src="assets/box.svg" alt=""><figure style="background-image:url(&quot;assets/box.svg&quot;)">'
+    )
+    inlined = slides.inline_local_images(html, SAMPLE, tmp_path)
+    assert "assets/box.svg" not in inlined
+    assert inlined.count("data:image/svg+xml;base64,") == 2
     with pytest.raises(slides.SlideBuildError, match="does not exist"):
-        slides.inline_local_images("![x](assets/missing.png)", tmp_path)
+        slides.inline_local_images(html, "![x](assets/missing.png)", tmp_path)
 
 
 def test_remote_references_are_found() -> None:
@@ -83,6 +87,8 @@ def test_deck_builds_offline_with_every_slide(week: Week, tmp_path) -> None:
     assert 20 <= expected <= 45, "a lecture is about 25-40 slides"
     page = built.html.read_text()
     assert slides.remote_references(page) == []
+    for image in slides.local_images(week.slides_md.read_text()):
+        assert image not in page, f"{image} is not inlined: the HTML would not stand alone"
     assert "<script src=" not in page.replace('<script src="data:', "")
 
 
