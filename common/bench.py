@@ -53,6 +53,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from common.errors import EffdlError
 from common.hardware import GPUSpec, NoGPUError, UnknownGPUError, default_device, dtype_key, gpu_spec
 
 __all__ = [
@@ -89,7 +90,7 @@ MAX_GRAPH_UNROLL = 1000
 FLUSH_MIN_BYTES = 256 * 2**20
 
 
-class BenchError(RuntimeError):
+class BenchError(EffdlError, RuntimeError):
     """fn failed while being benchmarked; the original exception is chained as __cause__."""
 
 

@@ -76,7 +76,7 @@ def cmd_seminar(args: argparse.Namespace) -> int:
         console.print(f"Recorded into {notebooks.record(run).relative_to(REPO_ROOT)}")
     if run.summary:
         console.rule("key results")
-        console.print(run.summary, markup=False, highlight=False)
+        console.print(run.summary, markup=False, highlight=False, soft_wrap=True)
     return 0
 
 

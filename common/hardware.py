@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from common.errors import EffdlError
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
@@ -47,11 +49,11 @@ MiB, GiB = 2**20, 2**30
 TERA = 1e12
 
 
-class NoGPUError(RuntimeError):
+class NoGPUError(EffdlError, RuntimeError):
     """A CUDA GPU was needed, but torch.cuda.is_available() is False."""
 
 
-class UnknownGPUError(LookupError):
+class UnknownGPUError(EffdlError, LookupError):
     """The GPU is not in SPECS, so its peaks are unknown."""
 
 

@@ -1,0 +1,1115 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Week 1 seminar: what the GPU is doing, and how to time it honestly
+#
+# Every later week of this course makes some piece of deep-learning code faster. Before we can do that we need
+# three things: to know what the hardware can do at best, to measure what our code actually does, and to
+# understand the ways a measurement can lie. This seminar covers all three, in eight parts:
+#
+# 1. **The hardware**: what PyTorch reports about the device, and the datasheet peaks we compare against.
+# 2. **Asynchronous execution**: why `time.perf_counter()` around a CUDA call measures almost nothing.
+# 3. **The caching allocator**: `memory_allocated` versus `memory_reserved`, and fragmentation.
+# 4. **CPU micro-benchmarks**: `timeit` versus `torch.utils.benchmark`, and what threads buy.
+# 5. **Matmul throughput**: fp32, TF32, bf16 and fp16 against their peaks, and the roofline.
+# 6. **Streams**: overlapping host-to-device copies with compute.
+# 7. **Launch overhead and fusion**: CUDA graphs for many tiny kernels, `torch.compile` for a chain of
+#    elementwise ops.
+# 8. **Numerics and debugging**: why the same sum gives different answers, and why CUDA errors point at the
+#    wrong line.
+#
+# All timings go through `common.bench`, the course's one timing function (CUDA events, warm-up, L2 flush,
+# median with spread), and all peaks come from `common.hardware`. Each part measures something, shows it as a
+# plot or a table, and checks what it claims with an `assert`, so running the notebook is also a test.
+#
+# Without a GPU the notebook runs with small sizes on the CPU; the GPU-only parts print that they were
+# skipped. The committed `seminar.ipynb` shows the outputs of a full-size run on an H100.
+
+# %% tags=["parameters"]
+import os
+
+import torch
+
+# SMALL: small sizes for a laptop/CI CPU. `effdl seminar --small/--full` and CI set EFFDL_SMALL; default: full on a GPU.
+SMALL = os.environ.get("EFFDL_SMALL", "0" if torch.cuda.is_available() else "1") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# %%
+import dataclasses
+import logging
+import re
+import subprocess
+import sys
+import textwrap
+import time
+import timeit
+from functools import partial
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+# Importing torch.utils.benchmark warns about CUDA_HOME on machines without CUDA; the warning is harmless.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+import torch.utils.benchmark as torch_benchmark
+
+from common import hardware
+from common.bench import bench, measured_copy_bandwidth
+
+torch.manual_seed(0)
+MiB, GiB = 2**20, 2**30
+RESULTS: dict[str, str] = {}  # one line per key result (at most 8); the summary cell at the end prints them
+
+
+def show_table(header, rows):
+    """Print rows as an aligned plain-text table (first column left-aligned, the rest right-aligned)."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for j, row in enumerate(cells):
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def sync():
+    """Wait until the GPU has finished everything queued so far (a no-op on the CPU)."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+print(f"device: {DEVICE}, sizes: {'small' if SMALL else 'full'}, torch {torch.__version__}")
+
+# %% [markdown]
+# ## 1. What hardware are we on?
+#
+# A GPU is an array of *streaming multiprocessors* (SMs), each with its own registers, shared memory and
+# tensor cores, all sharing an L2 cache and the off-chip HBM. PyTorch reports the basic facts:
+
+# %%
+SPEC = None  # the datasheet numbers of this GPU, if common.hardware knows it
+if DEVICE == "cuda":
+    props = torch.cuda.get_device_properties(DEVICE)
+    rows = [
+        ("name", props.name),
+        ("compute capability", f"sm_{props.major}{props.minor}"),
+        ("SMs", props.multi_processor_count),
+        ("memory", f"{props.total_memory / GiB:.1f} GiB"),
+        ("L2 cache", f"{props.L2_cache_size / MiB:.0f} MiB"),
+    ]
+    # HBM transfers on both clock edges: bandwidth = 2 x memory clock x bus width.
+    hbm_bandwidth = 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8
+    if hbm_bandwidth > 0:
+        rows.append(("memory bandwidth (from clock x bus)", f"{hbm_bandwidth / 1e12:.2f} TB/s"))
+    show_table(["property", "value"], rows)
+    try:
+        SPEC = hardware.gpu_spec()
+    except hardware.UnknownGPUError as error:
+        print(f"\nNo datasheet peaks for this GPU, so no fractions of peak below: {error}")
+    if SPEC is not None:
+        assert SPEC.sm_count == props.multi_processor_count, (
+            f"spec {SPEC.name!r} says {SPEC.sm_count} SMs, the device has {props.multi_processor_count}: "
+            "the GPU was matched to the wrong entry of common.hardware.SPECS"
+        )
+        if hbm_bandwidth > 0:
+            assert abs(hbm_bandwidth / SPEC.mem_bandwidth - 1) < 0.2, (hbm_bandwidth, SPEC.mem_bandwidth)
+    RESULTS["device"] = f"{props.name}: {props.multi_processor_count} SMs, {props.total_memory / GiB:.0f} GiB"
+else:
+    print(
+        f"No CUDA GPU: running on the CPU ({os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads)."
+    )
+    RESULTS["device"] = f"CPU, {torch.get_num_threads()} threads (GPU-only parts skipped)"
+
+# %% [markdown]
+# What the device *could* do is on its datasheet. `common.hardware.SPECS` holds the dense peaks (no 2:4
+# sparsity) of the GPUs this course runs on. Two things stand out. First, on the data-centre GPUs (A100, H100,
+# H200) the tensor-core dtypes (TF32, bf16, fp16, fp8) are 7-30x faster than plain fp32. Second, compute has
+# grown much faster than memory bandwidth: the *ridge point*, peak FLOP/s divided by bandwidth, says how many
+# FLOPs a kernel must do per byte it moves before memory stops being the bottleneck. For bf16 on an H100 it is
+# about 300.
+
+# %%
+header = ["GPU", "fp32", "tf32", "bf16", "fp8", "HBM TB/s", "GiB", "L2 MiB", "SMs", "ridge FLOP/B"]
+rows = []
+for spec in hardware.SPECS.values():
+    peak = {k: f"{spec.peak_flops[k] / 1e12:.0f}" if k in spec.peak_flops else "-" for k in hardware.DTYPES}
+    half = "bf16" if "bf16" in spec.peak_flops else "fp16"  # T4: fp16 tensor cores only
+    ridge = hardware.ridge_point(spec, half)
+    assert ridge > 100, f"{spec.name}: {half} ridge point {ridge:.0f} FLOP/B"
+    marker = " *" if SPEC is not None and spec.name == SPEC.name else ""
+    rows.append(
+        (
+            spec.name + marker,
+            peak["fp32"],
+            peak["tf32"],
+            peak["bf16"],
+            peak["fp8"],
+            f"{spec.mem_bandwidth / 1e12:.2f}",
+            spec.memory_bytes // GiB,
+            spec.l2_bytes // MiB,
+            spec.sm_count,
+            f"{ridge:.0f} ({half})",
+        )
+    )
+show_table(header, rows)
+print("\nPeaks in dense TFLOP/s." + (" * marks this GPU." if SPEC is not None else ""))
+
+# %% [markdown]
+# The assert above is the first lesson of the course in one line: on every one of these GPUs, a kernel has to
+# do more than 100 FLOPs per byte of memory traffic to keep the tensor cores busy. Most operations in a neural
+# network (elementwise ops, normalisations, attention at small batch) do far fewer.
+#
+# Now the tool we will use for every measurement. `bench(fn, ...)` warms `fn` up, times repetitions with CUDA
+# events (on the CPU with `time.perf_counter`), flushes L2 between repetitions (`cache="cold"`), and returns
+# a `BenchResult`: the times, their statistics, throughput from the FLOPs and bytes we tell it, fractions of
+# the peak, and the environment the number was measured in.
+
+# %%
+n = 256 if DEVICE == "cpu" else 4096
+a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
+result = bench(partial(torch.matmul, a, b), name=f"matmul fp32 {n}^3", flops=2 * n**3, dtype=torch.float32)
+print(result, "\n")
+
+fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+fields["times_ms"] = (
+    f"[{len(result.times_ms)} values: {result.times_ms[0]:.4g}, {result.times_ms[1]:.4g}, ...]"
+)
+fields["env"] = f"{{{len(result.env)} keys, below}}"
+show_table(["field", "value"], [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in fields.items()])
+print()
+show_table(["env key", "value"], [(k, v) for k, v in result.env.items() if k != "notes"])
+for note in result.env.get("notes", []):
+    print("note:", note)
+
+assert result.n == len(result.times_ms) >= 10
+assert result.min_ms <= result.p20_ms <= result.median_ms <= result.p80_ms
+assert result.timer == ("cuda_event" if DEVICE == "cuda" else "perf_counter")
+# tflops is counted at the median time
+assert abs(result.tflops - 2 * n**3 / (result.median_ms * 1e-3) / 1e12) < 1e-6 * result.tflops
+
+# %% [markdown]
+# ## 2. The GPU runs asynchronously: timing without synchronisation lies
+#
+# A CUDA call in PyTorch does not run the kernel: it *enqueues* it on a stream and returns to Python at once,
+# while the GPU works through the queue in the background. That is what lets Python, slow as it is, keep a GPU
+# busy. It also means that `time.perf_counter()` around `a @ b` measures how long it took to *launch* the
+# matmul, not to run it.
+#
+# We time the same matmul four ways:
+#
+# - **perf_counter, no sync**: the common mistake;
+# - **perf_counter + `torch.cuda.synchronize()`** before and after: correct, but adds the latency of a
+#   host-device round trip and of the launch to every measurement;
+# - **CUDA events**: two timestamps recorded *on the GPU's stream*, read after a sync;
+# - **`common.bench`**: CUDA events plus warm-up, many repetitions and a median.
+#
+# On a CPU every PyTorch op is synchronous (it returns when the work is done), so the first two are the same
+# thing and there are no CUDA events; we still run the CPU version to compare with `bench`.
+
+# %%
+n = 256 if DEVICE == "cpu" else (4096 if SMALL else 8192)
+a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
+for _ in range(3):  # warm-up: cuBLAS picks its kernel, the allocator caches the output block
+    a @ b
+sync()
+
+REPS = 10
+times = {"perf_counter, no sync": [], "perf_counter + sync": [], "CUDA events": []}
+for _ in range(REPS):
+    t0 = time.perf_counter()
+    a @ b
+    times["perf_counter, no sync"].append((time.perf_counter() - t0) * 1e3)
+    sync()  # not part of the measurement: only so that the next one starts with an idle GPU
+for _ in range(REPS):
+    sync()
+    t0 = time.perf_counter()
+    a @ b
+    sync()
+    times["perf_counter + sync"].append((time.perf_counter() - t0) * 1e3)
+if DEVICE == "cuda":
+    for _ in range(REPS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()  # enqueued on the current stream, like the matmul
+        a @ b
+        end.record()
+        end.synchronize()  # wait until the GPU has passed the end event
+        times["CUDA events"].append(start.elapsed_time(end))  # ms, measured by the GPU
+else:
+    del times["CUDA events"]
+medians = {method: float(np.median(t)) for method, t in times.items()}
+medians["common.bench"] = bench(partial(torch.matmul, a, b), name="matmul").median_ms
+
+show_table(["method", "median ms"], [(k, f"{v:.4f}") for k, v in medians.items()])
+fig, ax = plt.subplots(figsize=(7, 3))
+ax.barh(list(medians), list(medians.values()), color=["C3"] + ["C0"] * (len(medians) - 1))
+if DEVICE == "cuda":
+    ax.set_xscale("log")  # the four numbers span three orders of magnitude
+ax.set_xlabel(f"measured time of one matmul (ms{', log scale' if DEVICE == 'cuda' else ''})")
+ax.set_title(f"fp32 matmul {n}x{n} on {DEVICE}: the same work, timed {len(medians)} ways")
+ax.invert_yaxis()
+plt.tight_layout()
+plt.show()
+
+ratio = medians["common.bench"] / medians["perf_counter, no sync"]
+if DEVICE == "cuda":
+    assert medians["perf_counter, no sync"] < medians["perf_counter + sync"] / 10, medians
+    assert 0.7 < medians["CUDA events"] / medians["common.bench"] < 1.3, medians
+    RESULTS["no-sync timing"] = f"perf_counter without sync under-reports a {n}^2 matmul {ratio:.0f}x"
+else:
+    # On the CPU the op is done when it returns: both perf_counter timings measure the work. No assert here: on
+    # a shared CPU (a laptop, a CI runner) another process can stall any repetition by a scheduler time slice.
+    RESULTS["no-sync timing"] = (
+        f"CPU ops are synchronous: no-sync and bench agree within {max(ratio, 1 / ratio):.1f}x"
+    )
+
+# %% [markdown]
+# Without a sync we measured the launch: a few microseconds, whatever the size of the matmul. The work did not
+# vanish, though. It shows up at the next line that needs the result on the host (`.item()`, `.cpu()`,
+# `print(tensor)`, a Python `if` on a tensor), which then waits for the GPU. Profiles of real training loops
+# are full of such "slow" `.item()` calls that are really someone else's kernels.
+
+# %%
+if DEVICE == "cuda":
+    sync()
+    t0 = time.perf_counter()
+    c = a @ b
+    t1 = time.perf_counter()
+    c[0, 0].item()  # note: a host-device sync
+    t2 = time.perf_counter()
+    print(
+        f"c = a @ b returned after {(t1 - t0) * 1e3:.3f} ms; c[0, 0].item() then took {(t2 - t1) * 1e3:.3f} ms"
+    )
+    assert t2 - t1 > t1 - t0
+else:
+    print("Skipped on CPU: a CPU op returns when its work is done, so there is nothing left to wait for.")
+
+# %% [markdown]
+# ## 3. The caching allocator: allocated versus reserved memory
+#
+# `cudaMalloc` and `cudaFree` are slow (`cudaFree` synchronises the device), so PyTorch doesn't call them per
+# tensor.
+# Its *caching allocator* asks CUDA for large segments and hands out blocks from them; a freed tensor's block
+# goes back to the cache, not to CUDA. Two numbers follow from that:
+#
+# - `torch.cuda.memory_allocated()`: bytes in live tensors;
+# - `torch.cuda.memory_reserved()`: bytes the allocator holds from CUDA (live tensors + cached free blocks).
+#   This is what `nvidia-smi` shows (plus the CUDA context), and why it "never goes down".
+#
+# Blocks from different segments cannot be merged. Allocate many blocks, free every other one, and the
+# free memory is full of holes: a tensor larger than any hole needs a new segment although the total free
+# memory would hold it. That is *fragmentation*. `torch.cuda.empty_cache()` returns whole free segments to
+# CUDA (useful for other processes, not for speed), and `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`
+# makes segments growable, which reduces fragmentation.
+
+# %%
+if DEVICE == "cuda":
+    del a, b, c  # the big matrices of part 2: start from a clean cache
+    sync()
+    torch.cuda.empty_cache()
+    base_allocated, base_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    trace = []  # (step, allocated MiB, reserved MiB), relative to the start
+
+    def mark(step):
+        allocated = torch.cuda.memory_allocated() - base_allocated
+        reserved = torch.cuda.memory_reserved() - base_reserved
+        trace.append((step, allocated / MiB, reserved / MiB))
+
+    BLOCK = 64 * MiB
+    mark("start")
+    blocks = []
+    for i in range(8):
+        blocks.append(torch.empty(BLOCK, dtype=torch.uint8, device=DEVICE))
+        mark(f"alloc {i + 1}")
+    reserved_full = torch.cuda.memory_reserved()
+    del blocks
+    mark("free all")
+    assert torch.cuda.memory_allocated() == base_allocated
+    assert torch.cuda.memory_reserved() == reserved_full, "freed blocks stay in the cache"
+    x = torch.empty(BLOCK, dtype=torch.uint8, device=DEVICE)
+    mark("alloc again")
+    assert torch.cuda.memory_reserved() == reserved_full, "served from the cache: no new cudaMalloc"
+    del x
+    torch.cuda.empty_cache()
+    mark("empty_cache")
+    assert torch.cuda.memory_reserved() <= base_reserved, "empty_cache returned the free segments"
+
+    # Fragmentation: eight 64 MiB blocks, every other one freed, then one 128 MiB tensor.
+    blocks = [torch.empty(BLOCK, dtype=torch.uint8, device=DEVICE) for _ in range(8)]
+    mark("8 blocks")
+    for i in range(0, 8, 2):
+        blocks[i] = None
+    mark("free every other")
+    cached_free = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    reserved_before = torch.cuda.memory_reserved()
+    big = torch.empty(2 * BLOCK, dtype=torch.uint8, device=DEVICE)
+    mark("alloc 128 MiB")
+    grew = torch.cuda.memory_reserved() - reserved_before
+    assert cached_free >= 2 * BLOCK, "the cache holds enough free memory in total..."
+    assert grew >= 2 * BLOCK, "...but in 64 MiB holes, so the 128 MiB tensor needed a new segment"
+    del big, blocks
+    torch.cuda.empty_cache()
+    mark("empty_cache")
+
+    steps, allocated, reserved = zip(*trace, strict=True)
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    ax.step(range(len(steps)), reserved, where="mid", label="memory_reserved", color="C1", linewidth=2)
+    ax.step(range(len(steps)), allocated, where="mid", label="memory_allocated", color="C0", linewidth=2)
+    ax.fill_between(
+        range(len(steps)), allocated, reserved, step="mid", color="C1", alpha=0.2, label="cached, free"
+    )
+    ax.set_xticks(range(len(steps)), steps, rotation=45, ha="right")
+    ax.set_ylabel("MiB (relative to start)")
+    ax.set_title("Caching allocator: 64 MiB blocks allocated and freed")
+    ax.legend(loc="upper left")
+    plt.tight_layout()
+    plt.show()
+    print(
+        f"{cached_free / MiB:.0f} MiB cached and free, "
+        f"yet a 128 MiB tensor grew reserved memory by {grew / MiB:.0f} MiB"
+    )
+else:
+    print("Skipped on CPU: the caching allocator manages GPU memory (CPU tensors use the system allocator).")
+
+# %% [markdown]
+# ## 4. CPU micro-benchmarks: `timeit` versus `torch.utils.benchmark`
+#
+# Python's `timeit` runs a statement many times and reports the total; it knows nothing about PyTorch.
+# `torch.utils.benchmark.Timer` is built for tensors: it warms up, picks the number of runs itself
+# (`blocked_autorange`), reports the median and interquartile range, synchronises CUDA when the statement
+# uses the GPU, and **pins the number of threads, to one by default**, so that numbers are comparable across
+# machines. That default surprises people: a matmul timed with `Timer` is single-threaded unless you pass
+# `num_threads`. (`common.bench` leaves threads as they are and warms up by time; on the GPU it also flushes
+# L2.)
+
+# %%
+n = 256 if SMALL else 1024
+x_cpu, y_cpu = torch.randn(n, n), torch.randn(n, n)
+threads = torch.get_num_threads()
+
+number = 20 if SMALL else 5
+t_timeit = min(timeit.repeat(lambda: x_cpu @ y_cpu, number=number, repeat=5)) / number * 1e3
+timer_1 = torch_benchmark.Timer("x @ y", globals={"x": x_cpu, "y": y_cpu}, label=f"matmul {n}^3")
+m_1 = timer_1.blocked_autorange(min_run_time=0.2)
+timer_n = torch_benchmark.Timer("x @ y", globals={"x": x_cpu, "y": y_cpu}, num_threads=threads)
+m_n = timer_n.blocked_autorange(min_run_time=0.2)
+show_table(
+    ["tool", "threads", "median ms", "spread", "measurements"],
+    [
+        ("timeit (best of 5 repeats)", threads, f"{t_timeit:.3f}", "-", "5 totals"),
+        *[
+            (name, m.task_spec.num_threads, f"{m.median * 1e3:.3f}", f"IQR {m.iqr * 1e3:.3f}", len(m.times))
+            for name, m in (("Timer (default)", m_1), (f"Timer(num_threads={threads})", m_n))
+        ],
+    ],
+)
+assert m_1.task_spec.num_threads == 1, "Timer runs single-threaded unless told otherwise"
+assert torch.get_num_threads() == threads, "Timer restores the thread count it changed"
+
+# %% [markdown]
+# How much do threads help? We set the thread count explicitly with `torch.set_num_threads` and time the same
+# matmul with `common.bench` (which uses whatever the current setting is). A global setting changed in a
+# notebook must be restored afterwards, or every later cell silently runs with it.
+#
+# On a busy machine, more threads can be much *slower*: a parallel matmul waits for its slowest thread at every
+# barrier, and a thread the OS has descheduled in favour of another process costs a whole scheduler time slice
+# (milliseconds). Benchmark on an otherwise idle machine, and don't ask for more threads than free cores.
+
+# %%
+counts = sorted({k for k in (1, 2, 4, 8, 16, 32) if k <= threads} | {threads})
+by_threads = {}
+try:
+    for k in counts:
+        torch.set_num_threads(k)
+        by_threads[k] = bench(
+            partial(torch.matmul, x_cpu, y_cpu), name=f"{k} threads", flops=2 * n**3, device="cpu"
+        )
+finally:
+    torch.set_num_threads(threads)
+assert torch.get_num_threads() == threads
+
+t1 = by_threads[1].median_ms
+rows = []
+for k, r in by_threads.items():
+    rows.append(
+        (
+            k,
+            f"{r.median_ms:.3f}",
+            f"{r.tflops * 1e3:.1f}",
+            f"{t1 / r.median_ms:.2f}x",
+            f"{t1 / r.median_ms / k:.0%}",
+        )
+    )
+show_table(["threads", "ms", "GFLOP/s", "speedup", "efficiency"], rows)
+speedup = t1 / by_threads[threads].median_ms
+# Checked at full size on 4+ cores only: a small matmul on many threads is mostly threading overhead, and
+# on 2 cores (often 2 hyper-threads of one core) the gain can vanish in noise.
+if threads >= 4 and not SMALL:
+    assert speedup > 1.5, f"a big matmul should scale with cores: {speedup:.2f}x on {threads} threads"
+if DEVICE == "cpu":  # on a GPU machine the summary has room for GPU results only
+    RESULTS["CPU threads"] = (
+        f"CPU matmul {n}^3: {by_threads[1].tflops * 1e3:.0f} GFLOP/s on 1 thread, "
+        f"{by_threads[threads].tflops * 1e3:.0f} on {threads} ({speedup:.1f}x)"
+    )
+
+# %% [markdown]
+# ## 5. Matmul throughput: fp32, TF32, bf16, fp16 against the peaks
+#
+# A matmul of two n x n matrices does 2n^3 FLOPs (a multiply and an add per term) and moves at least 3n^2
+# elements, so its arithmetic intensity grows with n: large matmuls are compute-bound and should approach the
+# datasheet peak of their dtype. On NVIDIA GPUs since Ampere:
+#
+# - **fp32** runs on the CUDA cores: the slowest path, ~67 TFLOP/s peak on an H100;
+# - **TF32** runs fp32 matmuls on tensor cores with inputs rounded to a 10-bit mantissa. PyTorch leaves it off
+#   by default; `torch.set_float32_matmul_precision("high")` turns it on (and must be restored after);
+# - **bf16 / fp16** inputs run on tensor cores at twice the TF32 rate, accumulating in fp32.
+#
+# The speed is paid for in precision, so the table also shows the relative error of each result against a
+# float64 matmul of the same inputs.
+#
+# On a CPU there is no datasheet peak to compare against (it depends on the exact model, cores and vector
+# units), so there we run fp32 only and report GFLOP/s without a fraction of peak.
+
+# %%
+if DEVICE == "cuda":
+    n = 4096 if SMALL else 8192
+    a32, b32 = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
+    reference = a32.double() @ b32.double()
+    configs = [  # (peak key, input dtype, float32 matmul precision)
+        ("fp32", torch.float32, "highest"),
+        ("tf32", torch.float32, "high"),
+        ("bf16", torch.bfloat16, "highest"),
+        ("fp16", torch.float16, "highest"),
+    ]
+    precision = torch.get_float32_matmul_precision()
+    matmuls, errors = {}, {}
+    try:
+        for key, dtype, matmul_precision in configs:
+            torch.set_float32_matmul_precision(matmul_precision)
+            a_, b_ = a32.to(dtype), b32.to(dtype)
+            matmuls[key] = bench(
+                partial(torch.matmul, a_, b_), name=f"{key} {n}^3", flops=2 * n**3, dtype=key
+            )
+            errors[key] = ((a_ @ b_).double() - reference).norm().item() / reference.norm().item()
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert torch.get_float32_matmul_precision() == precision
+    del reference, a_, b_
+
+    rows = []
+    for key, r in matmuls.items():
+        peak = SPEC.peak_flops.get(key) if SPEC is not None else None
+        frac = f"{r.tflops * 1e12 / peak:.0%}" if peak else "-"
+        rows.append(
+            (
+                key,
+                f"{r.median_ms:.3f}",
+                f"{r.tflops:.0f}",
+                f"{peak / 1e12:.0f}" if peak else "-",
+                frac,
+                f"{errors[key]:.1e}",
+            )
+        )
+    show_table(["dtype", "ms", "TFLOP/s", "peak", "of peak", "rel. error"], rows)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    keys = list(matmuls)
+    ax.bar(keys, [matmuls[k].tflops for k in keys], color="C0", label="measured")
+    if SPEC is not None:
+        for i, k in enumerate(keys):
+            label = "datasheet peak" if i == 0 else None
+            ax.hlines(SPEC.peak_flops[k] / 1e12, i - 0.4, i + 0.4, color="C3", linewidth=2, label=label)
+    for i, k in enumerate(keys):
+        ax.annotate(f"{matmuls[k].tflops:.0f}", (i, matmuls[k].tflops), ha="center", va="bottom")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(f"Matmul {n}x{n}x{n} on {props.name}")
+    ax.legend(loc="upper left")
+    plt.tight_layout()
+    plt.show()
+
+    assert matmuls["bf16"].tflops > 2 * matmuls["fp32"].tflops, "tensor cores beat fp32 CUDA cores"
+    assert errors["fp32"] < errors["tf32"] and errors["fp16"] < errors["bf16"], errors  # fewer mantissa bits
+    if SPEC is not None:
+        for key, r in matmuls.items():
+            assert r.tflops * 1e12 < 1.02 * SPEC.peak_flops[key], f"{key}: faster than the datasheet peak?"
+    bf16 = matmuls["bf16"]
+    frac = f" ({bf16.frac_peak_flops:.0%} of peak)" if bf16.frac_peak_flops else ""
+    RESULTS["bf16 matmul"] = (
+        f"bf16 matmul {n}^3: {bf16.tflops:.0f} TFLOP/s{frac}; fp32 without TF32: {matmuls['fp32'].tflops:.0f} TFLOP/s"
+    )
+else:
+    n = 256
+    r = bench(partial(torch.matmul, torch.randn(n, n), torch.randn(n, n)), name=f"fp32 {n}^3", flops=2 * n**3)
+    print(r)
+    print("CPU: fp32 only, and no fraction of peak: common.hardware has no peak for this CPU.")
+    RESULTS["fp32 matmul"] = f"CPU fp32 matmul {n}^3: {r.tflops * 1e3:.0f} GFLOP/s"
+
+# %% [markdown]
+# ### The roofline
+#
+# The *roofline model* bounds what any kernel can reach: attainable FLOP/s = min(peak FLOP/s, arithmetic
+# intensity x memory bandwidth), where intensity is FLOPs per byte of memory traffic. Below the ridge point
+# a kernel is memory-bound and only faster memory (or fewer bytes) helps; above it, compute-bound.
+#
+# We sweep the intensity of one operation: `(n, k) @ (k, n)` with n fixed and k growing 4x per step. It does
+# 2n^2 k FLOPs and moves at least 2nk + n^2 elements. For small k, writing the n x n output dominates the
+# traffic and the intensity is about 2k / (bytes per element): k FLOP/byte in bf16. For k close to n it is
+# thousands of FLOP/byte, far right of the ridge.
+
+# %%
+if DEVICE == "cuda":
+    n, dtype = (4096 if SMALL else 8192), torch.bfloat16
+    ks = [4**i for i in range(2, 7)]  # 16 ... 4096
+else:
+    n, dtype = 256, torch.float32
+    ks = [4**i for i in range(0, 5)]  # 1 ... 256
+element = torch.finfo(dtype).bits // 8
+points, sweep = {}, []
+for k in ks:
+    a_, b_ = torch.randn(n, k, device=DEVICE, dtype=dtype), torch.randn(k, n, device=DEVICE, dtype=dtype)
+    flops, nbytes = 2 * n * n * k, element * (2 * n * k + n * n)
+    r = bench(partial(torch.matmul, a_, b_), name=f"k={k}", flops=flops, bytes=nbytes, dtype=dtype)
+    points[f"k={k}"] = (flops / nbytes, r.tflops * 1e12)
+    sweep.append((k, flops / nbytes, r))
+del a_, b_
+
+key = hardware.dtype_key(dtype)
+fig, ax = plt.subplots(figsize=(8, 5))
+if SPEC is not None:
+    hardware.plot_roofline(ax, SPEC, key, points)
+else:
+    intensities, achieved = zip(*points.values(), strict=True)
+    ax.loglog(intensities, np.array(achieved) / 1e9, "o-")
+    for label, (i, f) in points.items():
+        ax.annotate(label, (i, f / 1e9), textcoords="offset points", xytext=(5, -10))
+    ax.set_xlabel("arithmetic intensity (FLOP/byte)")
+    ax.set_ylabel("GFLOP/s")
+    ax.set_title(f"(n, k) @ (k, n), n={n}, {key}, on {DEVICE}: no datasheet roofs for this device")
+    ax.grid(True, which="both", alpha=0.3)
+plt.tight_layout()
+plt.show()
+
+if SPEC is not None:
+    rows = []
+    for k, intensity, r in sweep:
+        bound = "memory" if intensity < hardware.ridge_point(SPEC, key) else "compute"
+        roof = hardware.attainable_flops(intensity, SPEC, key)
+        rows.append(
+            (
+                k,
+                f"{intensity:.0f}",
+                f"{r.tflops:.1f}",
+                f"{r.gbps:.0f}",
+                bound,
+                f"{r.tflops * 1e12 / roof:.0%}",
+            )
+        )
+    show_table(["k", "FLOP/B", "TFLOP/s", "GB/s", "bound", "of roof"], rows)
+else:
+    rows = [(k, f"{intensity:.1f}", f"{r.tflops * 1e3:.1f}", f"{r.gbps:.1f}") for k, intensity, r in sweep]
+    show_table(["k", "FLOP/B", "GFLOP/s", "GB/s"], rows)
+
+# TFLOP/s at the median time; on a CPU at the fastest repetition, which other processes can't slow down
+achieved = [r.flops / (r.min_ms if DEVICE == "cpu" else r.median_ms) / 1e9 for _, _, r in sweep]
+if DEVICE == "cuda":  # a shared CPU's timings are too noisy to assert on; a GPU's are not
+    assert achieved[-1] > 3 * achieved[0], f"more FLOPs per byte, more FLOP/s: {achieved}"
+if SPEC is not None:
+    peak = hardware.peak_flops(key, SPEC)
+    ridge = hardware.ridge_point(SPEC, key)
+    for k, intensity, r in sweep:
+        if intensity < ridge / 4:  # well left of the ridge: far below the compute roof
+            assert r.tflops * 1e12 < 0.5 * peak, f"k={k}: {r.tflops:.0f} TFLOP/s at {intensity:.0f} FLOP/B"
+    assert achieved[-1] * 1e12 > 0.3 * peak, "the square matmul is compute-bound and near its roof"
+    RESULTS["roofline"] = (
+        f"(n,k)@(k,n) bf16: {achieved[0]:.0f} TFLOP/s at k={ks[0]} (memory-bound), "
+        f"{achieved[-1]:.0f} at k={ks[-1]} (ridge {ridge:.0f} FLOP/B)"
+    )
+
+# %% [markdown]
+# On a GPU, read the plot from left to right: the points climb the slanted memory roof (each 4x step in k does
+# 4x the FLOPs per byte moved, so at constant bandwidth it gets 4x the FLOP/s) until they reach the ridge, then
+# bend over under the flat compute roof. Most of deep learning outside the big matmuls lives on the left of the
+# ridge, which is why so much of this course is about moving fewer bytes.
+#
+# ## 6. Streams: overlapping copies with compute
+#
+# A *stream* is one of the GPU's queues: work in one stream runs in order, work in different streams may run
+# at the same time. The GPU has separate *copy engines* for transfers over PCIe, so a host-to-device copy can
+# overlap a kernel, if three things are true:
+#
+# 1. the copy and the kernel are on different streams;
+# 2. the host memory is **pinned** (page-locked): the copy engine can only DMA from memory the OS won't move.
+#    From ordinary *pageable* memory, CUDA first copies into a pinned staging buffer on the CPU, and the copy
+#    is synchronous for the host;
+# 3. dependencies are explicit: a kernel must wait for *its* input's copy (`wait_event`), not for everything.
+#
+# We feed chunks of data to a matmul, like a data loader feeding a model: one stream doing copy, compute,
+# copy, compute..., against a copy stream that runs ahead of the compute stream. Events recorded around every
+# copy and every matmul give a timeline of what the GPU did.
+
+# %%
+if DEVICE == "cuda":
+    chunks, side = (4 if SMALL else 8), 4096  # each chunk: 4096 x 4096 fp32 = 64 MiB
+    weight = torch.randn(side, side, device=DEVICE)
+    host = {
+        "pageable": [torch.empty(side, side).fill_(1.0) for _ in range(chunks)],
+        "pinned": [torch.empty(side, side, pin_memory=True).fill_(1.0) for _ in range(chunks)],
+    }
+    # Device buffers for inputs and outputs, allocated once. (Allocating them inside the loop on the copy
+    # stream and using them on the compute stream would need tensor.record_stream(compute_stream), or the
+    # allocator could hand a block back to the copy stream while the matmul still reads it.)
+    inputs = [torch.empty(side, side, device=DEVICE) for _ in range(chunks)]
+    outputs = [torch.empty(side, side, device=DEVICE) for _ in range(chunks)]
+    copy_stream = torch.cuda.Stream()
+
+    def new_event():
+        return torch.cuda.Event(enable_timing=True)
+
+    def pipeline(memory, overlap):
+        """Copy each chunk to the GPU and multiply it by weight; return total ms and the timeline."""
+        compute = torch.cuda.current_stream()
+        copy = copy_stream if overlap else compute
+        start = new_event()
+        start.record(compute)
+        if overlap:
+            copy.wait_stream(compute)  # nothing on the copy stream starts before `start`
+        spans = []  # (lane, begin event, end event)
+        for i in range(chunks):
+            with torch.cuda.stream(copy):
+                copied = (new_event(), new_event())
+                copied[0].record(copy)
+                inputs[i].copy_(host[memory][i], non_blocking=True)
+                copied[1].record(copy)
+            compute.wait_event(copied[1])  # the matmul of chunk i waits for the copy of chunk i only
+            computed = (new_event(), new_event())
+            computed[0].record(compute)
+            torch.matmul(inputs[i], weight, out=outputs[i])
+            computed[1].record(compute)
+            spans += [("copy", *copied), ("compute", *computed)]
+        end = new_event()
+        end.record(compute)
+        end.synchronize()
+        timeline = [(lane, start.elapsed_time(e0), start.elapsed_time(e1)) for lane, e0, e1 in spans]
+        return start.elapsed_time(end), timeline
+
+    runs = {}
+    for memory in ("pageable", "pinned"):
+        for overlap in (False, True):
+            pipeline(memory, overlap)  # warm-up
+            totals, timeline = [], None
+            for _ in range(3):
+                total, timeline = pipeline(memory, overlap)
+                totals.append(total)
+            runs[(memory, overlap)] = (float(np.median(totals)), timeline)
+
+    rows, copy_bandwidth = [], {}
+    for (memory, overlap), (total, timeline) in runs.items():
+        copy_ms = sum(t1 - t0 for lane, t0, t1 in timeline if lane == "copy")
+        bandwidth = chunks * side * side * 4 / (copy_ms * 1e-3)
+        copy_bandwidth.setdefault(memory, []).append(bandwidth)
+        rows.append(
+            (
+                memory,
+                "copy stream + compute" if overlap else "one stream",
+                f"{total:.1f}",
+                f"{bandwidth / 1e9:.1f}",
+            )
+        )
+    show_table(["host memory", "streams", "total ms", "copy GB/s"], rows)
+
+    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 1.3 * len(runs) + 0.6), sharex=True)
+    for ax, ((memory, overlap), (total, timeline)) in zip(axes, runs.items(), strict=True):
+        for lane, t0, t1 in timeline:
+            y = 1 if lane == "copy" else 0
+            ax.barh(y, t1 - t0, left=t0, color="C1" if lane == "copy" else "C0", edgecolor="white")
+        ax.set_yticks([0, 1], ["compute", "copy"])
+        ax.set_title(
+            f"{memory} host memory, {'copy stream + compute stream' if overlap else 'one stream'}: {total:.1f} ms",
+            fontsize=10,
+        )
+    axes[-1].set_xlabel("ms since start (CUDA events)")
+    plt.tight_layout()
+    plt.show()
+
+    serial, overlapped = runs[("pinned", False)][0], runs[("pinned", True)][0]
+    assert overlapped < 0.9 * serial, f"overlap should hide copy time: {overlapped:.1f} vs {serial:.1f} ms"
+    assert max(copy_bandwidth["pinned"]) > max(copy_bandwidth["pageable"]), "pinned memory copies faster"
+    RESULTS["copy/compute overlap"] = (
+        f"pinned copies + matmuls: {serial:.1f} ms on one stream, "
+        f"{overlapped:.1f} ms on two ({1 - overlapped / serial:.0%} saved)"
+    )
+    del host, inputs, outputs, weight
+else:
+    print("Skipped on CPU: streams, pinned memory and copy engines are GPU features.")
+
+# %% [markdown]
+# In the two-stream pinned run the copies (orange) run ahead on their own stream, under the matmuls (blue) of
+# earlier chunks: only the first copy is exposed. With pageable memory the copies are slower and the host
+# blocks in each one, so much of the overlap is lost. This is what `DataLoader(pin_memory=True)` plus
+# `tensor.to(device, non_blocking=True)` buys in a training loop.
+#
+# ## 7. Launch overhead and fusion
+#
+# ### CUDA graphs
+#
+# Every kernel launch costs the CPU a few microseconds (Python, the PyTorch dispatcher, the CUDA driver). For
+# big kernels that is hidden behind the GPU's work; for tiny ones the GPU finishes each kernel before the CPU
+# has launched the next, and the program is *launch-bound*: the GPU sits idle most of the time.
+#
+# A *CUDA graph* records a sequence of kernels once and replays it with a single launch. The price: shapes,
+# addresses and control flow are frozen at capture, so inputs must be copied into the captured ("static")
+# tensors, and the results read from the captured outputs. Our test case: 50 elementwise ops on a tensor of
+# 1024 floats, about a microsecond of GPU work each.
+
+
+# %%
+def tiny_chain(x):
+    for _ in range(25):
+        x = x * 0.999 + 0.001  # two kernels: a multiply and an add
+    return x
+
+
+if DEVICE == "cuda":
+    static_x = torch.randn(1024, device=DEVICE)
+    # Warm up on a side stream before capturing (as the CUDA-graph docs require), so lazy initialisation
+    # inside the ops is not recorded into the graph.
+    side_stream = torch.cuda.Stream()
+    side_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side_stream):
+        for _ in range(3):
+            tiny_chain(static_x)
+    torch.cuda.current_stream().wait_stream(side_stream)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = tiny_chain(static_x)  # recorded, not run
+
+    fresh = torch.randn(1024, device=DEVICE)
+    static_x.copy_(fresh)  # new input goes into the captured tensor...
+    graph.replay()  # ...the 50 kernels run with one launch...
+    torch.testing.assert_close(static_y, tiny_chain(fresh))  # ...and the output appears in the captured one
+
+    eager = bench(partial(tiny_chain, static_x), name="eager", cache="warm")
+    replay = bench(graph.replay, name="graph.replay()", cache="warm")
+    auto = bench(partial(tiny_chain, static_x), name="bench(cuda_graph=True)", cuda_graph=True)
+    graph_results = [eager, replay, auto]
+    show_table(
+        ["version", "us per chain", "us per op"],
+        [(r.name, f"{r.median_ms * 1e3:.1f}", f"{r.median_ms * 1e3 / 50:.2f}") for r in graph_results],
+    )
+    fig, ax = plt.subplots(figsize=(7, 2.5))
+    ax.barh(
+        [r.name for r in graph_results], [r.median_ms * 1e3 for r in graph_results], color=["C3", "C0", "C0"]
+    )
+    ax.set_xlabel("us per chain of 50 tiny ops")
+    ax.invert_yaxis()
+    plt.tight_layout()
+    plt.show()
+    speedup = eager.median_ms / replay.median_ms
+    assert speedup > 1.5, f"graph replay only {speedup:.2f}x faster than eager"
+    assert auto.timer == "cuda_graph"
+    RESULTS["CUDA graph"] = (
+        f"50 tiny ops: {eager.median_ms * 1e3:.0f} us eager, "
+        f"{replay.median_ms * 1e3:.0f} us as a graph ({speedup:.1f}x)"
+    )
+else:
+    print("Skipped on CPU: CUDA graphs remove GPU launch overhead. (On a CPU there are no launches to save.)")
+
+# %% [markdown]
+# `common.bench(fn, cuda_graph=True)` does the capture for us and times replays: a way to measure what a
+# kernel costs the GPU without the CPU's launch overhead. `torch.compile(mode="reduce-overhead")` applies CUDA
+# graphs to a model automatically.
+#
+# ### `torch.compile`: fusing a chain of elementwise ops
+#
+# Each eager elementwise op reads its inputs from memory and writes its output back: a chain of eight ops on
+# a large tensor moves the tensor through HBM about 18 times, although one pass in and one out would do.
+# `torch.compile` captures the Python function as a graph (TorchDynamo), and its backend (Inductor) *fuses*
+# the chain into one generated kernel that keeps intermediates in registers.
+#
+# First, what the compiler sees. We give `torch.compile` a backend that only records the captured graph,
+# which is cheap, and count the memory traffic of eager execution from it: each op reads its tensor inputs
+# and writes one output.
+
+
+# %%
+def gelu_chain(x):
+    """The tanh approximation of GELU, written out as eight elementwise ops."""
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608 * (x + 0.044715 * x**3)))
+
+
+captured = []
+
+
+def record_graph(graph_module, example_inputs):
+    captured.append(graph_module)
+    return graph_module.forward  # run the captured graph as it is: no code generation
+
+
+x_small = torch.randn(1000)
+torch.testing.assert_close(torch.compile(gelu_chain, backend=record_graph)(x_small), gelu_chain(x_small))
+ops = [node for node in captured[0].graph.nodes if node.op == "call_function"]
+passes = sum(1 + sum(isinstance(arg, torch.fx.Node) for arg in node.args) for node in ops)
+print(captured[0].code.strip())
+print(
+    f"\n{len(ops)} ops -> {len(ops)} kernels in eager mode, {passes} tensor passes through memory (fused: 2)"
+)
+assert len(ops) == 8 and passes == 18  # 10 reads + 8 writes
+torch._dynamo.reset()  # forget this capture before compiling the same function with Inductor
+
+# %% [markdown]
+# Now the real compile. On a GPU, Inductor generates a Triton kernel; the first call compiles (seconds), later
+# calls reuse it. On a CPU, Inductor generates C++ and runs a C++ compiler: on a 2-core machine the first
+# compile of this small function takes over a minute, longer than the whole rest of this notebook, so on a CPU
+# we only time the eager version.
+
+# %%
+n = 2**20 if DEVICE == "cpu" else (2**24 if SMALL else 2**26)
+x = torch.randn(n, device=DEVICE)
+eager = bench(partial(gelu_chain, x), name="eager", bytes=passes * x.nbytes)
+if DEVICE == "cuda":
+    compiled_chain = torch.compile(gelu_chain)
+    t0 = time.perf_counter()
+    y_compiled = compiled_chain(x)
+    sync()
+    compile_s = time.perf_counter() - t0
+    torch.testing.assert_close(y_compiled, gelu_chain(x), rtol=1e-4, atol=1e-5)
+    compiled = bench(partial(compiled_chain, x), name="torch.compile", bytes=2 * x.nbytes)
+    print(
+        f"first call (compile): {compile_s:.1f} s; "
+        f"measured copy bandwidth: {measured_copy_bandwidth() / 1e9:.0f} GB/s"
+    )
+    show_table(
+        ["version", "ms", "bytes moved", "GB/s", "of measured copy bw"],
+        [
+            (
+                r.name,
+                f"{r.median_ms:.3f}",
+                f"{r.bytes / GiB:.2f} GiB",
+                f"{r.gbps:.0f}",
+                f"{r.frac_measured_bw:.0%}",
+            )
+            for r in (eager, compiled)
+        ],
+    )
+    fig, (ax_time, ax_bytes) = plt.subplots(1, 2, figsize=(9, 2.8))
+    names = [eager.name, compiled.name]
+    ax_time.bar(names, [eager.median_ms, compiled.median_ms], color=["C3", "C0"])
+    ax_time.set_ylabel("ms")
+    ax_time.set_title("time")
+    ax_bytes.bar(names, [eager.bytes / GiB, compiled.bytes / GiB], color=["C3", "C0"])
+    ax_bytes.set_ylabel("GiB")
+    ax_bytes.set_title("memory traffic")
+    fig.suptitle(f"gelu chain on {n / 2**20:.0f} Mi floats")
+    plt.tight_layout()
+    plt.show()
+    speedup = eager.median_ms / compiled.median_ms
+    assert speedup > 2, f"fusion should pay on a memory-bound chain, got {speedup:.2f}x"
+    RESULTS["torch.compile"] = (
+        f"gelu chain: {speedup:.1f}x faster compiled, {passes // 2}x fewer bytes (compile {compile_s:.0f} s)"
+    )
+else:
+    print(eager)
+    print("torch.compile skipped on CPU (compile time); on a GPU it runs here.")
+    RESULTS["gelu chain"] = f"CPU eager gelu chain: {eager.gbps:.1f} GB/s of memory traffic ({passes} passes)"
+
+# %% [markdown]
+# On a GPU both versions run at a similar fraction of the memory bandwidth; the compiled one is faster because
+# it moves about 9x fewer bytes. That is the typical shape of a fusion win: the same bandwidth, less traffic.
+#
+# ## 8. Numerics and debugging
+#
+# ### Floating-point addition is not associative
+#
+# In floating point, `(a + b) + c` need not equal `a + (b + c)`: every addition rounds. The classic example:
+
+# %%
+big, one = torch.tensor(1e8), torch.tensor(1.0)  # float32: spacing between numbers near 1e8 is 8
+print(f"(1e8 + 1) - 1e8 = {((big + one) - big).item()},  (1e8 - 1e8) + 1 = {((big - big) + one).item()}")
+assert ((big + one) - big).item() == 0.0 and ((big - big) + one).item() == 1.0
+
+# %% [markdown]
+# So the result of a sum depends on the order of the additions, and different algorithms use different
+# orders. A running (sequential) sum adds each small number to an ever larger total and loses more and more of
+# its low bits: its error grows with n. A pairwise (tree) sum adds numbers of similar size and its error grows
+# only with log n; PyTorch's CPU and GPU reductions are tree-like. We sum a million numbers in [0, 1) in float32
+# and compare with a float64 reference.
+
+# %%
+values = torch.rand(10**6, generator=torch.Generator().manual_seed(0))
+reference = values.double().sum().item()
+running = np.cumsum(values.numpy(), dtype=np.float32)  # strictly left to right, in float32
+sums = {
+    "float32, running sum (np.cumsum)": float(running[-1]),
+    "float32, torch.sum on CPU": values.sum().item(),
+    "float32, torch.sum, reversed order": values.flip(0).sum().item(),
+    "float32, torch.sum, sorted": values.sort().values.sum().item(),
+}
+if DEVICE == "cuda":
+    sums["float32, torch.sum on GPU"] = values.to(DEVICE).sum().item()
+sums["float64 (reference)"] = reference
+show_table(
+    ["method", "sum", "relative error"],
+    [(k, f"{v:.6f}", f"{abs(v - reference) / reference:.1e}") for k, v in sums.items()],
+)
+
+# error of the running sum after every prefix, and of torch.sum over the same prefixes
+prefix_reference = np.cumsum(values.numpy(), dtype=np.float64)
+m = np.unique(np.geomspace(100, values.numel(), 30).astype(int))
+running_error = np.abs(running[m - 1] - prefix_reference[m - 1]) / prefix_reference[m - 1]
+tree_error = np.array(
+    [abs(values[:k].sum().item() - prefix_reference[k - 1]) / prefix_reference[k - 1] for k in m]
+)
+fig, ax = plt.subplots(figsize=(7, 3.5))
+ax.loglog(m, running_error + 1e-12, "o-", label="running sum")
+ax.loglog(m, tree_error + 1e-12, "s-", label="torch.sum (pairwise)")
+ax.axhline(2**-24, color="gray", linestyle="--", label="float32 rounding unit")
+ax.set_xlabel("number of values summed")
+ax.set_ylabel("relative error (vs float64)")
+ax.set_title("float32 summation error")
+ax.legend()
+plt.tight_layout()
+plt.show()
+
+error = {k: abs(v - reference) / reference for k, v in sums.items()}
+assert error["float32, running sum (np.cumsum)"] > 10 * error["float32, torch.sum on CPU"], error
+assert all(e < 1e-5 for k, e in error.items() if "torch.sum" in k), error
+if DEVICE == "cpu":  # on a GPU machine the summary has room for GPU results only
+    RESULTS["float32 sums"] = (
+        f"sum of 1e6 floats: running-sum error {error['float32, running sum (np.cumsum)']:.0e}, "
+        f"pairwise {error['float32, torch.sum on CPU']:.0e}"
+    )
+
+# %% [markdown]
+# The CPU and GPU sums (if there is a GPU) are both accurate but need not be bit-identical: they add in
+# different orders. Compare results across devices with a tolerance, never with `==`.
+#
+# ### Atomics make results change from run to run
+#
+# Some GPU kernels accumulate with *atomic* additions: thousands of threads add into the same outputs in
+# whatever order they happen to arrive, so the rounding differs from run to run. `index_add_` (and
+# `scatter_add_`, and the backward of embedding and indexing) work this way on CUDA.
+# `torch.use_deterministic_algorithms(True)` switches such ops to deterministic (usually slower) algorithms,
+# and makes ops that have none raise an error. (For cuBLAS it also needs the environment variable
+# `CUBLAS_WORKSPACE_CONFIG=:4096:8`.)
+
+# %%
+if DEVICE == "cuda":
+    source = torch.randn(10**6, device=DEVICE)
+    index = torch.randint(0, 100, (10**6,), device=DEVICE)
+
+    def scatter_sum():
+        return torch.zeros(100, device=DEVICE).index_add_(0, index, source)
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    rows, outcomes = [], {}
+    for mode in (False, True):
+        torch.use_deterministic_algorithms(mode)
+        try:
+            results = torch.stack([scatter_sum() for _ in range(10)])
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+        distinct = torch.unique(results, dim=0).shape[0]
+        spread = (results - results[0]).abs().max().item()
+        outcomes[mode] = distinct
+        rows.append(("deterministic" if mode else "default (atomics)", distinct, f"{spread:.1e}"))
+    show_table(["mode", "distinct results in 10 runs", "max difference"], rows)
+    assert outcomes[True] == 1, "deterministic mode gives bit-identical results"
+    assert torch.are_deterministic_algorithms_enabled() == deterministic
+    print(
+        f"index_add_ on the GPU: {outcomes[False]} distinct results in 10 runs by default, 1 when deterministic"
+    )
+else:
+    print(
+        "Skipped on CPU: the CPU index_add_ adds in a fixed order, so its result does not change between runs."
+    )
+
+# %% [markdown]
+# ### Asynchronous errors point at the wrong line
+#
+# Because kernels run after their launch returned, an error *inside* a kernel (an out-of-bounds index trips a
+# device-side assert) is only noticed by the host at a later CUDA call, often a synchronising one: the Python
+# traceback then points at an innocent line. `CUDA_LAUNCH_BLOCKING=1` makes every launch wait for its kernel,
+# so the error surfaces at the line that caused it (slowly: use it for debugging only).
+#
+# A device-side assert also leaves the CUDA context unusable: every later CUDA call in that process fails, and
+# only a restart helps. So we run the buggy program in a child process (`sys.executable -c`), which keeps this
+# notebook's kernel alive. The program queues some matmuls first, so the GPU is behind the CPU when the bad
+# index arrives, as it usually is in a real training loop.
+
+# %%
+BUGGY_PROGRAM = textwrap.dedent(
+    """\
+    import torch
+    x = torch.zeros(10, device="cuda")
+    index = torch.tensor([20], device="cuda")  # past the end of x
+    w = torch.randn(4096, 4096, device="cuda")
+    busy = w @ w @ w @ w  # a few ms of queued work
+    y = x[index]  # line 6: THE BUG, checked on the GPU when the kernel runs
+    print("line 7 ran: no error yet", flush=True)
+    z = y * 2
+    print("z =", z.item())  # line 9: .item() waits for the GPU
+    """
+)
+BUG_LINE = 6
+
+if DEVICE == "cuda":
+    reported = {}
+    for blocking in (False, True):
+        env = {k: v for k, v in os.environ.items() if k != "CUDA_LAUNCH_BLOCKING"}
+        if blocking:
+            env["CUDA_LAUNCH_BLOCKING"] = "1"
+        proc = subprocess.run(
+            [sys.executable, "-c", BUGGY_PROGRAM], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert proc.returncode != 0, "the buggy program should fail"
+        lines = [int(line) for line in re.findall(r'File "<string>", line (\d+)', proc.stderr)]
+        reported[blocking] = lines[-1]
+        stderr = proc.stderr.splitlines()
+        message = next((line for line in stderr if "Error:" in line), stderr[-1] if stderr else "")
+        device_assert = next((line for line in stderr if "Assertion" in line), "")
+        print(
+            f"CUDA_LAUNCH_BLOCKING={int(blocking)}: error reported at line {lines[-1]} (bug at line {BUG_LINE})"
+        )
+        print(f"  stdout: {proc.stdout.strip() or '(nothing)'}")
+        print(f"  stderr: {device_assert.strip()[-160:]}")
+        print(f"          {message.strip()}\n")
+    assert reported[False] > BUG_LINE, "asynchronous: the error surfaces at a later line"
+    assert reported[True] == BUG_LINE, "with CUDA_LAUNCH_BLOCKING=1 it surfaces at the bug"
+    RESULTS["async error"] = (
+        f"out-of-bounds index at line {BUG_LINE} reported at line {reported[False]}; "
+        f"with CUDA_LAUNCH_BLOCKING=1 at line {reported[True]}"
+    )
+else:
+    try:
+        torch.zeros(10)[torch.tensor([20])]
+        raised = None
+    except IndexError as error:
+        raised = error
+    print(f"On the CPU the bad index raises at once, on the line with the bug:\n  IndexError: {raised}")
+    assert isinstance(raised, IndexError)
+
+# %% [markdown]
+# ## Summary
+#
+# - Time GPU code with CUDA events (or `common.bench`), never with a bare `perf_counter`.
+# - Compare every number with a ceiling: the datasheet peak for compute, the bandwidth for memory traffic.
+#   The roofline says which one applies.
+# - Tensor cores (TF32, bf16, fp16) are where the FLOP/s are, at a known cost in precision.
+# - Overlap copies with compute (pinned memory, streams); remove launch overhead (CUDA graphs); move fewer
+#   bytes (fusion, `torch.compile`).
+# - Floating-point results depend on the order of operations: compare with tolerances, and use deterministic
+#   algorithms when you need bit-identical runs.
+
+# %% tags=["summary"]
+for key, line in RESULTS.items():
+    print(f"{key}: {line}")
