@@ -71,7 +71,7 @@ def cmd_seminar(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             on_cell_done=lambda done, total: progress.update(task, completed=done, total=total),
         )
-    console.print(f"Executed notebook: {run.path.resolve()}  ({run.duration_s:.1f} s)")
+    console.print(f"Executed notebook: {run.path.resolve()}  ({run.duration_s:.1f} s)", soft_wrap=True)
     if args.record:
         console.print(f"Recorded into {notebooks.record(run).relative_to(REPO_ROOT)}")
     if run.summary:
