@@ -63,6 +63,7 @@ __all__ = [
     "bench",
     "compare",
     "environment",
+    "library_versions",
     "measured_copy_bandwidth",
     "result_from_times",
     "save_results",
@@ -841,14 +842,25 @@ def measured_copy_bandwidth(device: torch.device | str | int | None = None) -> f
     return _COPY_BANDWIDTH[key]
 
 
-@functools.lru_cache(maxsize=1)
-def _static_environment() -> dict[str, Any]:
+def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries that produce a number: Python, torch, CUDA, triton, numpy."""
     try:
         import triton
 
         triton_version: str | None = triton.__version__
     except ImportError:  # no triton on macOS / Windows
         triton_version = None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "numpy": np.__version__,
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def _static_environment() -> dict[str, Any]:
     cpu = platform.processor() or None
     try:
         with open("/proc/cpuinfo") as f:
@@ -856,11 +868,7 @@ def _static_environment() -> dict[str, Any]:
     except OSError:
         pass
     return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": triton_version,
-        "numpy": np.__version__,
+        **library_versions(),
         "platform": platform.platform(),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),

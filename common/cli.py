@@ -188,24 +188,39 @@ def cmd_test(args: argparse.Namespace) -> int:
     return subprocess.call(test_command(args.pytest_args), cwd=REPO_ROOT, env=env)
 
 
+def _add_command(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    handler: Callable[[argparse.Namespace], int],
+    epilog: str | None = None,
+) -> argparse.ArgumentParser:
+    """A subcommand whose help and description are its handler's docstring."""
+    command = subparsers.add_parser(
+        name,
+        help=handler.__doc__,
+        description=handler.__doc__,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    command.set_defaults(handler=handler)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="effdl",
         description="Efficient Deep Learning Systems: run seminars, build slides, check the course.",
         epilog=MAIN_EPILOG,
-        formatter_class=formatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    env = sub.add_parser("env", help=cmd_env.__doc__, description=cmd_env.__doc__)
-    env.set_defaults(handler=cmd_env)
+    _add_command(sub, "env", cmd_env)
 
-    seminar = sub.add_parser(
+    seminar = _add_command(
+        sub,
         "seminar",
-        help=cmd_seminar.__doc__,
-        description=cmd_seminar.__doc__,
-        formatter_class=formatter,
+        cmd_seminar,
         epilog="examples:\n  effdl seminar week01_intro\n  effdl seminar 1 --small --out /tmp/run\n"
         "  effdl seminar week01_intro --full --record     (on a GPU: refresh the committed notebook)",
     )
@@ -224,41 +239,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="store the outputs in the committed seminar.ipynb (full GPU run only)",
     )
     seminar.add_argument("--timeout", type=int, default=1800, help="seconds one cell may run (default 1800)")
-    seminar.set_defaults(handler=cmd_seminar)
 
-    slides = sub.add_parser(
+    slides = _add_command(
+        sub,
         "slides",
-        help=cmd_slides.__doc__,
-        description=cmd_slides.__doc__,
-        formatter_class=formatter,
+        cmd_slides,
         epilog="examples:\n  effdl slides                    every week's deck\n  effdl slides week01_intro --pdf",
     )
     slides.add_argument("week", nargs="?", help="one week (default: every week that has slides)")
     slides.add_argument("--pdf", action="store_true", help="also write a PDF (needs Chromium)")
     slides.add_argument("--out", default=str(DEFAULT_BUILD_DIR / "slides"), help="output folder")
-    slides.set_defaults(handler=cmd_slides)
 
-    check = sub.add_parser("check", help=cmd_check.__doc__, description=cmd_check.__doc__)
+    check = _add_command(sub, "check", cmd_check)
     check.add_argument("--out", help="keep the outputs here (default: a temporary folder)")
-    check.set_defaults(handler=cmd_check)
 
     bench = sub.add_parser("bench", help="benchmarks whose results the READMEs quote")
     bench_sub = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
-    timers = bench_sub.add_parser(
-        "timers", help=cmd_bench_timers.__doc__, description=cmd_bench_timers.__doc__
-    )
+    timers = _add_command(bench_sub, "timers", cmd_bench_timers)
     timers.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON results")
-    timers.set_defaults(handler=cmd_bench_timers)
 
-    test = sub.add_parser(
+    test = _add_command(
+        sub,
         "test",
-        help=cmd_test.__doc__,
-        description=cmd_test.__doc__,
-        formatter_class=formatter,
+        cmd_test,
         epilog="extra arguments go to pytest, e.g.:\n  effdl test -k bench\n  effdl test -x -q",
     )
     test.add_argument("pytest_args", nargs="*", help="passed to pytest (options too)")
-    test.set_defaults(handler=cmd_test)
     return parser
 
 

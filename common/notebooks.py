@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,26 +70,6 @@ def sync(week: Week) -> Path:
     return week.seminar_ipynb
 
 
-def versions() -> dict[str, str | None]:
-    """Versions of what produced a notebook's outputs."""
-    import numpy
-    import torch
-
-    try:
-        import triton
-
-        triton_version: str | None = triton.__version__
-    except ImportError:  # triton ships for Linux only
-        triton_version = None
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": triton_version,
-        "numpy": numpy.__version__,
-    }
-
-
 def device_name() -> str:
     """The GPU the kernel runs on, or `cpu` where there is none."""
     import torch
@@ -142,6 +121,8 @@ def execute(
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
+    from common.bench import library_versions
+
     nb = read_source(week)
     nb.metadata.setdefault("jupytext", {})["formats"] = PAIRED_FORMATS
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +169,7 @@ def execute(
         "source_sha256": source_hash(nb),
         "small": small,
         "device": device_name(),
-        "versions": versions(),
+        "versions": library_versions(),
         "executed_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "duration_s": round(duration, 1),
     }

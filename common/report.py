@@ -9,7 +9,7 @@ import shutil
 from rich.console import Console
 from rich.table import Table
 
-from common.notebooks import versions
+from common.bench import library_versions
 from common.slides import MARP, chromium_executable
 
 
@@ -43,7 +43,7 @@ def environment_report(console: Console | None = None) -> None:
     table.add_column("what", style="bold")
     table.add_column("value")
     table.add_row("platform", f"{platform.platform()} ({os.cpu_count()} CPU cores)")
-    for name, version in versions().items():
+    for name, version in library_versions().items():
         table.add_row(name, version or "not installed")
     for name, value in _gpu_rows():
         table.add_row(name, value)
