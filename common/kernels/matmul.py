@@ -1,0 +1,695 @@
+"""Matmul: a tiled, autotuned Triton GEMM with grouped tile order, a fused activation, TMA and split-K.
+
+What you will learn: how a GEMM is cut into output tiles that each program accumulates over K on the
+tensor cores (tl.dot); why the *order* in which tiles are handed out decides how often A and B come from
+L2 instead of DRAM; how an elementwise activation is fused into the epilogue for free; how Hopper's Tensor
+Memory Accelerator (TMA) and a persistent grid close the last gap to cuBLAS; and why a skinny,
+decode-shaped product (a few rows, a long K) needs its K split across programs to fill the GPU.
+
+    y = act(a @ b)      a: (..., K), b: (K, N), y: (..., N); act in {None, "relu", "gelu_tanh", "silu"}
+
+Three kernels, one entry point (matmul() picks):
+
+- _matmul_kernel: the portable one. Pointer arithmetic, any strides (so the backward can pass
+  transposed views), masks at the edges. Runs everywhere, including Triton's CPU interpreter.
+- _matmul_tma_kernel: Hopper and later, fp16/bf16, 16-byte aligned rows. Tiles are moved by the TMA
+  unit (no address arithmetic in the kernel, out-of-bounds handled by the hardware) and a persistent
+  grid of one program per SM walks the tiles, so the epilogue of one tile overlaps the loads of the next.
+- _matmul_split_k_kernel: few output tiles and a long K (decode: M = 1..64 tokens). Each program
+  multiplies one K-slice; a second kernel adds the slices up (no atomics: deterministic).
+
+Precision (see PRECISION POLICY below): fp16/bf16 inputs, fp32 accumulation, output in the input dtype.
+fp32 inputs follow torch.get_float32_matmul_precision(), like torch.matmul.
+
+    pytest tests/kernels/test_matmul.py             # add -m gpu on a GPU machine
+    effdl bench kernels --kernel matmul             # TFLOP/s against cuBLAS (torch.matmul)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from common.kernels import INTERPRETED, check_input, sm_count
+from common.kernels.benchmark import Goal, KernelCase, require_gpu
+
+__all__ = [
+    "ACTIVATIONS",
+    "benchmark_cases",
+    "fp32_input_precision",
+    "matmul",
+    "matmul_forward",
+    "matmul_reference",
+]
+
+# ----------------------------------------------------------------------------------------------------
+# 1. The reference, and what an unfused activation costs
+# ----------------------------------------------------------------------------------------------------
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def matmul_reference(a: torch.Tensor, b: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+    """act(a @ b) in PyTorch: the GEMM writes z (M x N), then the activation reads it back and writes y.
+
+    For a 4096^3 bf16 GEMM that round trip is 3 x 32 MiB of extra traffic, ~30 us on an H100, on top of a
+    ~180 us GEMM: ~15%. The fused epilogue applies act to the fp32 accumulator while it is still in
+    registers and writes only y.
+    """
+    z = a @ b
+    return z if activation is None else ACTIVATIONS[activation](z)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Pieces shared by the kernels: tile order and the activation epilogue
+# ----------------------------------------------------------------------------------------------------
+#
+# Grouped tile order. Program t computes output tile (pid_m, pid_n). In row-major order, consecutive
+# programs (which run at the same time) sweep a whole row of tiles: they share one block-row of A but
+# each needs a different block-column of B, so all of B streams through L2 for every row of tiles.
+# Grouping GROUP_M rows of tiles and walking them column by column makes a wave of programs cover a
+# roughly square patch of C: it needs GROUP_M block-rows of A and a few block-columns of B, which stay in
+# L2 while the wave reuses them. On large GEMMs this is worth ~10% (more DRAM traffic otherwise).
+
+
+@triton.jit
+def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile number `tile`, in grouped order."""
+    tiles_per_group = GROUP_M * num_n
+    first_m = (tile // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)  # the last group may be shorter
+    pid_m = first_m + (tile % tiles_per_group) % group_rows
+    pid_n = (tile % tiles_per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _activation(x, ACTIVATION: tl.constexpr):
+    """The epilogue: applied to the fp32 accumulator; a constexpr, so the unused branches vanish."""
+    if ACTIVATION == "relu":
+        x = tl.maximum(x, 0.0)
+    elif ACTIVATION == "gelu_tanh":
+        # 0.5 * (1 + tanh(u)) == sigmoid(2u), with u = sqrt(2/pi) * (x + 0.044715 x^3): one exp, no tanh.
+        x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+    elif ACTIVATION == "silu":
+        x = x * tl.sigmoid(x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The portable kernel
+# ----------------------------------------------------------------------------------------------------
+#
+# Each program owns a BLOCK_M x BLOCK_N tile of y and walks K in steps of BLOCK_K: load a BLOCK_M x BLOCK_K
+# slab of A and a BLOCK_K x BLOCK_N slab of B, tl.dot them into an fp32 accumulator. Arithmetic intensity
+# per program is 2·BM·BN·BK FLOPs over (BM + BN)·BK elements loaded: bigger tiles reuse each loaded value
+# more, until registers (the accumulator: BM·BN fp32 over num_warps·32 threads) and shared memory
+# (num_stages pipelined slabs of A and B) run out. Those trade-offs are what autotuning searches.
+#
+# Autotuning: @triton.autotune compiles and times every config the first time it sees a new (M, N, K)
+# (and dtypes), then reuses the winner. The configs are Hopper-sized (H100: 227 KB of shared memory per
+# block, 64K registers per SM): 128x256x64 with 8 warps (two warpgroups, each holding a 64x256 fp32
+# accumulator in 128 registers per thread) and 3 stages keeps 48 KB of A and B per stage in flight.
+# Configs that do not fit (fp32 inputs with big tiles) fail with OutOfResources and the tuner skips them.
+# Under the interpreter a single small config is used: there is nothing to time, and small tiles test the
+# masks. Expect the first call at a new shape on a GPU to take seconds (compiling and timing each config).
+
+
+def _config(
+    bm: int,
+    bn: int,
+    bk: int,
+    warps: int,
+    stages: int,
+    group_m: int | None = 8,
+    pre_hook: Callable | None = None,
+) -> triton.Config:
+    blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+    if group_m is not None:  # the split-K kernel has no tile order to group
+        blocks["GROUP_M"] = group_m
+    return triton.Config(blocks, num_warps=warps, num_stages=stages, pre_hook=pre_hook)
+
+
+INTERPRETER_CONFIG = _config(32, 32, 16, 4, 1, group_m=2)
+
+BLOCKED_CONFIGS = [
+    _config(128, 256, 64, 8, 3),
+    _config(256, 128, 64, 8, 3),
+    _config(128, 128, 64, 8, 4),
+    _config(128, 128, 64, 4, 4),
+    _config(128, 64, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(128, 128, 32, 4, 4),
+    _config(64, 64, 32, 4, 4),
+]
+
+
+@triton.autotune(configs=[INTERPRETER_CONFIG] if INTERPRETED else BLOCKED_CONFIGS, key=["M", "N", "K"])
+@triton.jit
+def _matmul_kernel(
+    a_ptr,
+    b_ptr,
+    y_ptr,
+    z_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_ym,
+    stride_yn,
+    ACTIVATION: tl.constexpr,
+    STORE_Z: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    # int64 row offsets: M x K can pass 2^31 elements.
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - k * BLOCK_K  # the last slab is ragged; padding loads 0 and adds nothing
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    offsets = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+    mask = m_mask[:, None] & n_mask[None, :]
+    if STORE_Z:  # the pre-activation, kept for the backward
+        tl.store(z_ptr + offsets, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offsets, _activation(acc, ACTIVATION).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Hopper: TMA descriptors and a persistent grid
+# ----------------------------------------------------------------------------------------------------
+#
+# A TensorDescriptor tells the TMA unit a tensor's base, shape, strides and the block to move; `desc.load`
+# then copies a whole tile into shared memory asynchronously, with no per-thread address math, and fills
+# out-of-bounds elements with 0 (stores past the edge are dropped). The price: row strides must be
+# multiples of 16 bytes and the last dim contiguous, so this path takes fp16/bf16 with K and N multiples
+# of 8. The grid is persistent (one program per SM, looping over tiles in grouped order); with
+# `flatten=True` the compiler pipelines the two loops as one, prefetching the next tile's first slabs
+# during this tile's epilogue. Block shapes are chosen by the autotuner, so a pre-hook writes them into the
+# descriptors before every launch. Shared memory sets the depth of the pipeline: 128x256x64 in bf16 takes
+# 48 KB of A and B slabs per stage plus 64 KB to stage y for the TMA store, so 3 stages (208 KB) fit in an
+# H100's 227 KB per block and 4 would not; 128x128x64 affords 4.
+
+
+def _set_tma_block_shapes(nargs: dict) -> None:
+    """Autotuner pre-hook: give the descriptors the block shapes of the config about to run."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bk, bn]
+    nargs["y_desc"].block_shape = [bm, bn]
+    nargs["z_desc"].block_shape = [bm, bn]
+
+
+TMA_INTERPRETER_CONFIG = _config(32, 32, 16, 4, 1, group_m=2, pre_hook=_set_tma_block_shapes)
+TMA_CONFIGS = [
+    _config(bm, bn, bk, warps, stages, pre_hook=_set_tma_block_shapes)
+    for bm, bn, bk, warps, stages in [
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 4),
+        (128, 128, 128, 8, 3),
+    ]
+]
+
+
+@triton.autotune(configs=[TMA_INTERPRETER_CONFIG] if INTERPRETED else TMA_CONFIGS, key=["M", "N", "K"])
+@triton.jit
+def _matmul_tma_kernel(
+    a_desc,
+    b_desc,
+    y_desc,
+    z_desc,
+    M,
+    N,
+    K,
+    ACTIVATION: tl.constexpr,
+    STORE_Z: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_tiles):
+            a = a_desc.load([off_m, k * BLOCK_K])
+            b = b_desc.load([k * BLOCK_K, off_n])
+            acc = tl.dot(a, b, acc)
+        if STORE_Z:
+            z_desc.store([off_m, off_n], acc.to(z_desc.dtype))
+        y_desc.store([off_m, off_n], _activation(acc, ACTIVATION).to(y_desc.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Split-K for skinny products
+# ----------------------------------------------------------------------------------------------------
+#
+# Decode multiplies a handful of token rows by a weight: M = 16, N = 4096, K = 14336 makes 32 tiles of
+# 16 x 128, for 132 SMs: three quarters of the GPU would idle while each program walks all of K. Split-K
+# gives each tile SPLIT_K programs, one per K-slice (about two programs per SM in all, so that each SM has
+# two streams of the weight in flight), and writes their fp32 partial tiles to a
+# (SPLIT_K, M, N) buffer; _split_k_reduce_kernel sums the slices, applies the activation and casts. The
+# extra traffic (SPLIT_K x M x N x 4 bytes, written and read once) is small next to reading the K x N
+# weight, which is what a skinny GEMM's time is made of. Atomics onto y would save the second kernel but
+# make the float sum's order (so the result) vary from run to run.
+
+SPLIT_K_INTERPRETER_CONFIG = _config(32, 32, 16, 4, 1, group_m=None)
+# A skinny product streams the weight: the configs differ in how much of it each program keeps in flight
+# (BLOCK_K x BLOCK_N x (stages - 1) elements) and how long its contiguous runs along N are (BLOCK_N x 2
+# bytes in bf16: 128 to 512 bytes per row of B), which is what decides how close to DRAM bandwidth it gets.
+SPLIT_K_CONFIGS = [
+    _config(bm, bn, bk, warps, stages, group_m=None)
+    for bm, bn, bk, warps, stages in [
+        (16, 64, 128, 4, 4),
+        (16, 64, 256, 4, 4),
+        (16, 128, 128, 4, 4),
+        (16, 128, 64, 4, 6),
+        (16, 256, 64, 4, 4),
+        (16, 256, 64, 8, 5),
+        (32, 64, 128, 4, 4),
+        (32, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 128, 64, 4, 3),
+    ]
+]
+
+
+def _prune_split_k_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop tiles taller than M needs (a 64-row tile for M = 16 wastes 3/4 of its tensor-core work)."""
+    tallest = max(16, triton.next_power_of_2(named_args["M"]))
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= tallest] or configs[:1]
+
+
+@triton.autotune(
+    configs=[SPLIT_K_INTERPRETER_CONFIG] if INTERPRETED else SPLIT_K_CONFIGS,
+    key=["M", "N", "K", "SPLIT_K"],
+    prune_configs_by={"early_config_prune": _prune_split_k_configs},
+)
+@triton.jit
+def _matmul_split_k_kernel(
+    a_ptr,
+    b_ptr,
+    partial_ptr,
+    M,
+    N,
+    K,
+    SPLIT_K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Slices are whole BLOCK_K steps: slice s covers steps [s * per_slice, (s + 1) * per_slice).
+    k_steps = tl.cdiv(K, BLOCK_K)
+    per_slice = tl.cdiv(k_steps, SPLIT_K)
+    first = pid_k * per_slice
+    last = tl.minimum(first + per_slice, k_steps)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = first * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(first, last):
+        k_mask = offs_k < K
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        offs_k += BLOCK_K
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    # Every slice writes its tile, zeros if it got no K steps, so the buffer needs no zero-fill.
+    out = partial_ptr + pid_k.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    partial_ptr,
+    y_ptr,
+    z_ptr,
+    n_elements,
+    SPLIT_K,
+    ACTIVATION: tl.constexpr,
+    STORE_Z: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(partial_ptr + s * n_elements + offs, mask=mask, other=0.0)
+    if STORE_Z:
+        tl.store(z_ptr + offs, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, _activation(acc, ACTIVATION).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. PRECISION POLICY, checks, dispatch
+# ----------------------------------------------------------------------------------------------------
+#
+# - fp16/bf16 inputs: products on the tensor cores, accumulated in fp32, rounded once to the output dtype
+#   (as cuBLAS does). Relative error per output element ~ one rounding of the output (2^-8 for bf16,
+#   2^-11 for fp16), plus fp32 accumulation error (~sqrt(K) x 2^-24), which is negligible.
+# - fp32 inputs: tl.dot on a GPU defaults to TF32 (inputs rounded to 10 mantissa bits: relative error
+#   ~2^-11 per product, ~1e-3 on a K = 1024 dot product), which torch.matmul does not use by default. So
+#   the kernel follows torch.get_float32_matmul_precision(): "highest" (PyTorch's default) means
+#   input_precision="ieee" (exact fp32 FMAs on the CUDA cores, whose peak on an H100 is 1/7 of TF32's),
+#   "high" or "medium" mean "tf32", the same trade torch.matmul makes under that setting. Pass
+#   input_precision= to choose explicitly.
+# - Under the interpreter, tl.dot is a numpy fp32 matmul whatever input_precision says.
+
+INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+# Split-K pays when the regular grid leaves SMs idle and K is long enough for slices of >= 512. A skinny
+# product is a stream of the weight from DRAM, and one program per SM cannot keep enough of it in flight
+# (Little's law: ~3 TB/s x ~1 us of latency is ~3 MB, ~23 KB per SM, beyond what one program's pipeline
+# holds while it also waits on its own dot products): the split aims at SPLIT_K_WAVES programs per SM.
+SPLIT_K_TILE = (64, 128)  # the tile size the auto rule assumes, close to what the tuner picks
+SPLIT_K_WAVES = 2
+MIN_SPLIT_K_SLICE = 512
+MAX_SPLIT_K = 16
+REDUCE_BLOCK = 1024
+
+
+def fp32_input_precision() -> str:
+    """The tl.dot input_precision that matches torch.matmul for fp32 under the current PyTorch setting."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _check(a: torch.Tensor, b: torch.Tensor, activation: str | None, split_k: int | None) -> None:
+    check_input(a, "a")
+    check_input(b, "b")
+    if a.dim() < 2 or b.dim() != 2:
+        raise ValueError(
+            f"matmul takes a of shape (..., M, K) and b of shape (K, N); got a {tuple(a.shape)}, "
+            f"b {tuple(b.shape)}"
+        )
+    if a.shape[-1] != b.shape[0]:
+        raise ValueError(
+            f"inner dimensions differ: a is {tuple(a.shape)} (K = {a.shape[-1]}), b is {tuple(b.shape)} "
+            f"(K = {b.shape[0]}); a's last dim must equal b's first"
+        )
+    if a.dtype != b.dtype:
+        raise TypeError(f"a is {a.dtype} but b is {b.dtype}: cast one, e.g. b.to({a.dtype})")
+    if a.device != b.device:
+        raise ValueError(f"a is on {a.device} but b is on {b.device}: move them to one device")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; use None or one of {sorted(ACTIVATIONS)}")
+    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"split_k must be a positive int (1: no split) or None (choose), got {split_k!r}")
+
+
+def _auto_split_k(m: int, n: int, k: int, device: torch.device) -> int:
+    tiles = triton.cdiv(m, SPLIT_K_TILE[0]) * triton.cdiv(n, SPLIT_K_TILE[1])
+    sms = sm_count(device)
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(SPLIT_K_WAVES * sms, tiles), k // MIN_SPLIT_K_SLICE, MAX_SPLIT_K))
+
+
+def _tma_ok(a2: torch.Tensor, b: torch.Tensor) -> str | None:
+    """Why the TMA kernel can't take these inputs, or None if it can."""
+    if a2.dtype not in (torch.float16, torch.bfloat16):
+        return f"the TMA path takes fp16/bf16, not {a2.dtype}"
+    if not INTERPRETED and (a2.device.type != "cuda" or torch.cuda.get_device_capability(a2.device) < (9, 0)):
+        return "TMA needs a Hopper (sm_90) or newer GPU"
+    size = a2.element_size()
+    for name, t in (("a", a2), ("b", b)):
+        if t.stride(1) != 1 or (t.stride(0) * size) % 16 or t.data_ptr() % 16:
+            return f"{name} must be row-major with 16-byte aligned rows (its strides are {t.stride()})"
+    if (b.shape[1] * size) % 16:
+        return f"N = {b.shape[1]} must be a multiple of {16 // size} for 16-byte aligned output rows"
+    return None
+
+
+def _launch_split_k(a2, b, y, z, act: str, precision: str, splits: int) -> None:
+    m, k = a2.shape
+    n = b.shape[1]
+    partial = torch.empty(splits, m, n, dtype=torch.float32, device=a2.device)
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), splits
+
+    _matmul_split_k_kernel[grid](
+        a2, b, partial, m, n, k, splits, a2.stride(0), a2.stride(1), b.stride(0), b.stride(1),
+        PRECISION=precision,
+    )  # fmt: skip
+    _split_k_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
+        partial, y, z, m * n, splits, ACTIVATION=act, STORE_Z=z is not y, BLOCK=REDUCE_BLOCK
+    )
+
+
+def _launch_tma(a2, b, y, z, act: str) -> None:
+    m, k = a2.shape
+    n = b.shape[1]
+    num_sms = sm_count(a2.device)
+    # The block shapes given here are placeholders: the autotuner's pre-hook sets them per config.
+    descriptors = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (a2, b, y, z)]
+
+    def grid(meta: dict) -> tuple[int]:
+        return (min(num_sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+
+    _matmul_tma_kernel[grid](*descriptors, m, n, k, ACTIVATION=act, STORE_Z=z is not y, NUM_SMS=num_sms)
+
+
+def _launch_portable(a2, b, y, z, act: str, precision: str) -> None:
+    m, k = a2.shape
+    n = b.shape[1]
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _matmul_kernel[grid](
+        a2, b, y, z, m, n, k,
+        a2.stride(0), a2.stride(1), b.stride(0), b.stride(1), y.stride(0), y.stride(1),
+        ACTIVATION=act, STORE_Z=z is not y, PRECISION=precision,
+    )  # fmt: skip
+
+
+def matmul_forward(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    activation: str | None = None,
+    *,
+    split_k: int | None = None,
+    use_tma: bool | None = None,
+    input_precision: str | None = None,
+    store_preactivation: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(act(a @ b), a @ b or None) with the Triton kernels; no autograd.
+
+    split_k: slices of K (1: none); None chooses: splits only when the output has too few tiles to fill
+        the GPU, and never with use_tma=True.
+    use_tma: force the TMA kernel on or off; None uses it where it applies (Hopper or newer, fp16/bf16,
+        16-byte aligned rows; never under the interpreter unless forced).
+    input_precision: for fp32 inputs only, "ieee" | "tf32" | "tf32x3"; None follows
+        torch.get_float32_matmul_precision() (see the precision policy above).
+    store_preactivation: also return z = a @ b (in the output dtype), which the backward needs.
+    """
+    _check(a, b, activation, split_k)
+    if input_precision is not None and input_precision not in INPUT_PRECISIONS:
+        raise ValueError(
+            f"input_precision must be one of {INPUT_PRECISIONS} or None, got {input_precision!r}"
+        )
+    if split_k is not None and split_k > 1 and use_tma:
+        raise ValueError("use_tma=True and split_k > 1 don't combine: the TMA kernel does not split K")
+    k, n = b.shape
+    try:
+        a2 = a.view(math.prod(a.shape[:-1]), k)  # (..., M, K) -> (rows, K) without a copy
+    except RuntimeError as err:
+        raise ValueError(
+            f"a with shape {tuple(a.shape)} and strides {a.stride()} can't be viewed as rows of K: "
+            "pass a.contiguous()"
+        ) from err
+    m = a2.shape[0]
+    y = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    # Without store_preactivation, z aliases y and the kernels skip storing it (STORE_Z = z is not y).
+    z = torch.empty_like(y) if store_preactivation else y
+    out_shape = (*a.shape[:-1], n)
+    if m == 0 or n == 0 or k == 0:
+        y.zero_()  # an empty sum is 0, and every activation here maps 0 to 0
+        z.zero_()
+    else:
+        act = activation or "none"
+        precision = (input_precision or fp32_input_precision()) if a.dtype == torch.float32 else "tf32"
+        splits = split_k if split_k is not None else 1 if use_tma else _auto_split_k(m, n, k, a.device)
+        # The TMA checks only when TMA is an option: on the skinny path every microsecond of host work
+        # shows, since the GPU work itself is ~50 us.
+        tma_problem = _tma_ok(a2, b) if splits == 1 and use_tma is not False else "not asked for"
+        if splits > 1:
+            _launch_split_k(a2, b, y, z, act, precision, splits)
+        elif use_tma or (use_tma is None and not INTERPRETED and tma_problem is None):
+            if tma_problem is not None:
+                raise ValueError(f"use_tma=True, but {tma_problem}; pass use_tma=None to let matmul choose")
+            _launch_tma(a2, b, y, z, act)
+        else:
+            _launch_portable(a2, b, y, z, act, precision)
+    return y.view(out_shape), z.view(out_shape) if store_preactivation else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Autograd: the backward is two more GEMMs, on the same kernels
+# ----------------------------------------------------------------------------------------------------
+#
+# dz = dy * act'(z);  da = dz @ b^T;  db = a^T @ dz. The transposes are views (strides swapped), which
+# the portable kernel reads directly. The activation's derivative needs z, the pre-activation: with an
+# activation and a gradient to compute, the forward also stores z (one extra M x N write, the same trade
+# as cuBLASLt's "GELU_AUX" epilogue) rather than recomputing a whole GEMM in the backward. act'(z) is
+# taken by PyTorch's autograd through the reference activation, so it cannot disagree with it.
+
+
+class _Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, activation, split_k):  # type: ignore[override]
+        needs_z = activation is not None and (a.requires_grad or b.requires_grad)
+        y, z = matmul_forward(a, b, activation, split_k=split_k, store_preactivation=needs_z)
+        ctx.save_for_backward(a, b, z)
+        ctx.activation = activation
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        a, b, z = ctx.saved_tensors
+        dz = dy
+        if ctx.activation is not None:
+            with torch.enable_grad():
+                z32 = z.detach().float().requires_grad_()
+                (dz,) = torch.autograd.grad(ACTIVATIONS[ctx.activation](z32), z32, dy.float())
+            dz = dz.to(dy.dtype)
+        dz2 = dz.reshape(-1, b.shape[1])
+        a2 = a.reshape(-1, b.shape[0])
+        da = matmul_forward(dz2, b.t())[0].view(a.shape) if ctx.needs_input_grad[0] else None
+        db = matmul_forward(a2.t(), dz2)[0] if ctx.needs_input_grad[1] else None
+        return da, db, None, None
+
+
+def matmul(
+    a: torch.Tensor, b: torch.Tensor, activation: str | None = None, *, split_k: int | None = None
+) -> torch.Tensor:
+    """act(a @ b) with the Triton kernels; differentiable in a and b.
+
+    a: (..., M, K), b: (K, N), same dtype (fp32/fp16/bf16); returns (..., M, N) in that dtype.
+    activation: None, "relu", "gelu_tanh" (GELU, tanh approximation) or "silu", fused into the epilogue.
+    split_k: None chooses; see matmul_forward.
+    """
+    return _Matmul.apply(a, b, activation, split_k)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Benchmark: TFLOP/s against cuBLAS (torch.matmul)
+# ----------------------------------------------------------------------------------------------------
+#
+# Square bf16 GEMMs from 1024 to 8192 (the goal: at least 0.9x cuBLAS at 4096 and 8192, where both are
+# compute-bound), the portable kernel beside the TMA one at the two goal sizes to show what TMA buys,
+# the fused gelu_tanh epilogue against cuBLAS followed by F.gelu (unfused), and decode-shaped skinny
+# GEMMs (M = 1..64, N = 4096, K = 14336) where split-K matters, against cuBLAS. Inputs are drawn once
+# and each side writes a fresh output per call, as torch.matmul does.
+
+CUBLAS_GOAL = Goal("speedup", ">=", 0.9, ">= 0.9x cuBLAS")
+
+
+def benchmark_cases(quick: bool = False) -> list[KernelCase]:
+    """bf16 square GEMMs, fused activation and skinny split-K cases; GPU only."""
+    device = require_gpu("matmul benchmark")
+    dtype = torch.bfloat16
+    cases: list[KernelCase] = []
+
+    def inputs(m: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+
+    for size in [1024, 4096] if quick else [1024, 2048, 4096, 8192]:
+        a, b = inputs(size, size, size)
+        goals = (CUBLAS_GOAL,) if size >= 4096 else ()
+        cases.append(
+            KernelCase(
+                kernel="matmul",
+                label=f"{size}x{size}x{size} bf16",
+                x=size,
+                ours=lambda a=a, b=b: matmul_forward(a, b),
+                baseline=lambda a=a, b=b: torch.matmul(a, b),
+                baseline_name="cuBLAS (torch.matmul)",
+                flops=2.0 * size**3,
+                dtype=dtype,
+                goals=goals,
+            )
+        )
+        if size >= 4096:
+            cases.append(
+                KernelCase(
+                    kernel="matmul",
+                    label=f"portable {size}x{size}x{size} bf16",
+                    x=size,
+                    ours=lambda a=a, b=b: matmul_forward(a, b, use_tma=False),
+                    baseline=lambda a=a, b=b: torch.matmul(a, b),
+                    baseline_name="cuBLAS (torch.matmul)",
+                    flops=2.0 * size**3,
+                    dtype=dtype,
+                )
+            )
+            cases.append(
+                KernelCase(
+                    kernel="matmul",
+                    label=f"gelu_tanh {size}x{size}x{size} bf16",
+                    x=size,
+                    ours=lambda a=a, b=b: matmul_forward(a, b, "gelu_tanh"),
+                    baseline=lambda a=a, b=b: matmul_reference(a, b, "gelu_tanh"),
+                    baseline_name="torch.matmul + F.gelu",
+                    flops=2.0 * size**3,
+                    dtype=dtype,
+                )
+            )
+    n, k = 4096, 14336
+    for m in [16] if quick else [1, 16, 64]:
+        a, b = inputs(m, n, k)
+        cases.append(
+            KernelCase(
+                kernel="matmul",
+                label=f"decode {m}x{n}x{k} bf16",
+                x=m,
+                ours=lambda a=a, b=b: matmul_forward(a, b),
+                baseline=lambda a=a, b=b: torch.matmul(a, b),
+                baseline_name="cuBLAS (torch.matmul)",
+                flops=2.0 * m * n * k,
+                bytes=(m * k + k * n + m * n) * 2,
+                dtype=dtype,
+            )
+        )
+    return cases

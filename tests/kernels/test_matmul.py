@@ -1,0 +1,277 @@
+"""common.kernels.matmul against a float64 matmul: each kernel (portable, TMA, split-K), each activation,
+the backward, the precision policy and bad input.
+
+On a CPU the kernels run in Triton's interpreter on small, awkward shapes in fp32 and fp16 (one small
+autotune config each); the `gpu` tests run compiled, autotuned kernels at real sizes, bf16 included.
+
+Tolerances. The kernels accumulate in fp32 and round once to the output dtype. Against a float64
+reference on the same rounded inputs the error is
+    |y - y64| <= u |y64|  (the final rounding; u = 2^-11 fp16, 2^-8 bf16)
+               + |act'| x (fp32 accumulation error, ~sqrt(K) 2^-24 x typical |a||b|: negligible here).
+So rtol = 2u, and atol = 2u x sqrt(K) (the typical size of an entry of a @ b for unit-variance inputs)
+for entries that happen to be near 0. fp32 inputs: under the interpreter tl.dot is an fp32 numpy matmul,
+and on a GPU input_precision="ieee" is exact fp32 FMA: rtol = 1e-5, atol = 1e-5 sqrt(K), far above fp32
+rounding (a few 2^-24 per operation) and far below what a wrong index or a dropped K-slab moves. TF32
+(10-bit mantissa inputs) gets its own, looser bound in its test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from common.kernels import INTERPRETED
+from common.kernels import matmul as matmul_module
+from common.kernels.matmul import ACTIVATIONS, fp32_input_precision, matmul, matmul_forward, matmul_reference
+
+# Triton's interpreter converts 1-element numpy arrays to int (deprecated in numpy >= 1.25), and its exp
+# overflows to inf for very negative sigmoid arguments, which is the IEEE behaviour the kernel relies on
+# (sigmoid -> 0).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
+]
+
+UNIT = {torch.float32: 5e-6, torch.float16: 2**-11, torch.bfloat16: 2**-8}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def inputs(m: int, n: int, k: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(m, k, generator=gen).to(DEVICE, dtype),
+        torch.randn(k, n, generator=gen).to(DEVICE, dtype),
+    )
+
+
+def reference64(a: torch.Tensor, b: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+    return matmul_reference(a.double(), b.double(), activation)
+
+
+def assert_close(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype, k: int) -> None:
+    u = UNIT[dtype]
+    torch.testing.assert_close(
+        actual.double(), expected64, rtol=2 * u, atol=2 * u * math.sqrt(k), check_dtype=False
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU (interpreter on a machine without a GPU): small awkward shapes, fp32 and fp16
+# ---------------------------------------------------------------------------------------------------
+
+# With the interpreter's 32 x 32 x 16 tiles: (37, 129, 53) has ragged tiles in M, N and K and 10 tiles
+# in 5 groups of 2 rows (the grouped order's short last group too); (1, 40, 300): one row, a long K
+# (19 K-steps); (64, 64, 64): everything divides.
+SHAPES = [(37, 129, 53), (1, 40, 300), (64, 64, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mnk", SHAPES)
+def test_portable_kernel_matches_float64(mnk: tuple[int, int, int], dtype: torch.dtype) -> None:
+    a, b = inputs(*mnk, dtype)
+    y, z = matmul_forward(a, b, split_k=1, use_tma=False)
+    assert z is None and y.shape == (mnk[0], mnk[1]) and y.dtype == dtype
+    assert_close(y, reference64(a, b), dtype, mnk[2])
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_fused_activations_and_preactivation(activation: str) -> None:
+    a, b = inputs(37, 129, 53, torch.float16)
+    y, z = matmul_forward(a, b, activation, split_k=1, use_tma=False, store_preactivation=True)
+    assert_close(y, reference64(a, b, activation), torch.float16, 53)
+    assert_close(z, reference64(a, b), torch.float16, 53)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_k_matches_float64(dtype: torch.dtype) -> None:
+    # 19 K-steps of 16 over 3 slices: 7, 7 and 5 steps, the last one ragged.
+    a, b = inputs(5, 40, 300, dtype)
+    y, z = matmul_forward(a, b, "silu", split_k=3, store_preactivation=True)
+    assert_close(y, reference64(a, b, "silu"), dtype, 300)
+    assert_close(z, reference64(a, b), dtype, 300)
+
+
+def test_split_k_with_more_slices_than_k_steps() -> None:
+    # 4 K-steps over 6 slices: two slices get no steps and must contribute zeros.
+    a, b = inputs(3, 20, 64, torch.float32)
+    y, _ = matmul_forward(a, b, split_k=6)
+    assert_close(y, reference64(a, b), torch.float32, 64)
+
+
+@pytest.mark.parametrize("activation", [None, "gelu_tanh"])
+def test_tma_kernel_matches_float64(activation: str | None) -> None:
+    # (40, 72, 48): K and N multiples of 8 (16-byte fp16 rows), M, N ragged against 32-wide tiles; 6 tiles
+    # for the 2 persistent programs of the interpreter.
+    a, b = inputs(40, 72, 48, torch.float16)
+    y, z = matmul_forward(a, b, activation, split_k=1, use_tma=True, store_preactivation=True)
+    assert_close(y, reference64(a, b, activation), torch.float16, 48)
+    assert_close(z, reference64(a, b), torch.float16, 48)
+
+
+def test_batched_and_transposed_inputs() -> None:
+    # Leading dims of a are rows; transposed views are read through their strides, without copies.
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(2, 5, 24, generator=gen).to(DEVICE)
+    bt = torch.randn(33, 24, generator=gen).to(DEVICE)
+    y, _ = matmul_forward(a, bt.t(), split_k=1)
+    assert y.shape == (2, 5, 33)
+    assert_close(y, reference64(a, bt.t()), torch.float32, 24)
+    at = torch.randn(24, 7, generator=gen).to(DEVICE)
+    y, _ = matmul_forward(at.t(), bt.t(), split_k=1)
+    assert_close(y, reference64(at.t(), bt.t()), torch.float32, 24)
+
+
+@pytest.mark.parametrize("activation", [None, "gelu_tanh"])
+def test_backward_matches_float64(activation: str | None) -> None:
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(2, 5, 24, generator=gen).to(DEVICE).requires_grad_()
+    b = torch.randn(24, 33, generator=gen).to(DEVICE).requires_grad_()
+    dy = torch.randn(2, 5, 33, generator=gen).to(DEVICE)
+    da, db = torch.autograd.grad(matmul(a, b, activation), (a, b), dy)
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    da64, db64 = torch.autograd.grad(matmul_reference(a64, b64, activation), (a64, b64), dy.double())
+    assert_close(da, da64, torch.float32, 33)  # da sums over N = 33
+    assert_close(db, db64, torch.float32, 10)  # db sums over the 10 rows of a
+
+
+def test_zero_size_dimensions() -> None:
+    a, b = inputs(4, 6, 0, torch.float32)
+    y, _ = matmul_forward(a, b, "relu")
+    assert torch.equal(y, torch.zeros(4, 6, device=DEVICE))
+    assert matmul_forward(*inputs(0, 6, 5, torch.float32))[0].shape == (0, 6)
+
+
+def test_auto_split_k_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With an H100's 132 SMs: a decode GEMM (32 tiles) is split, a square one (2048 tiles) is not.
+    monkeypatch.setattr(matmul_module, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert matmul_module._auto_split_k(16, 4096, 14336, cuda) == 9  # ceil(2 x 132 / 32 tiles)
+    assert matmul_module._auto_split_k(1, 1024, 8192, cuda) == 16  # 8 tiles, 16 slices of 512
+    assert matmul_module._auto_split_k(16, 4096, 1024, cuda) == 2  # K too short for more slices
+    assert matmul_module._auto_split_k(4096, 4096, 4096, cuda) == 1
+
+
+def test_fp32_precision_follows_torch_setting() -> None:
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert fp32_input_precision() == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert fp32_input_precision() == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_reference_matches_torch() -> None:
+    a, b = torch.randn(6, 7, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
+    torch.testing.assert_close(
+        matmul_reference(a, b, "gelu_tanh"), torch.nn.functional.gelu(a @ b, approximate="tanh")
+    )
+
+
+def test_bad_input_raises_clear_errors() -> None:
+    a, b = inputs(4, 6, 5, torch.float32)
+    with pytest.raises(ValueError, match=r"inner dimensions differ.*K = 5.*K = 6"):
+        matmul(a, torch.randn(6, 3, device=DEVICE))
+    with pytest.raises(TypeError, match="cast one"):
+        matmul(a, b.half())
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        matmul(a.long(), b.long())
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        matmul(a, b, "gelu")
+    with pytest.raises(ValueError, match="split_k must be a positive int"):
+        matmul(a, b, split_k=0)
+    with pytest.raises(ValueError, match=r"b of shape \(K, N\)"):
+        matmul(a, b.unsqueeze(0))
+    with pytest.raises(ValueError, match="the TMA path takes fp16/bf16"):
+        matmul_forward(a, b, split_k=1, use_tma=True)
+    with pytest.raises(ValueError, match="16-byte aligned rows"):
+        matmul_forward(*inputs(4, 6, 8, torch.float16), split_k=1, use_tma=True)  # N = 6: 12-byte rows
+    with pytest.raises(ValueError, match="don't combine"):
+        matmul_forward(*inputs(4, 8, 8, torch.float16), split_k=2, use_tma=True)
+    with pytest.raises(ValueError, match="input_precision"):
+        matmul_forward(a, b, input_precision="fp32")
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the bf16 refusal applies to Triton's CPU interpreter only")
+def test_interpreter_refuses_bfloat16() -> None:
+    with pytest.raises(TypeError, match="bfloat16"):
+        matmul(*inputs(4, 6, 5, torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU: compiled, autotuned kernels, real shapes, bf16
+# ---------------------------------------------------------------------------------------------------
+
+# 1024^3 (TMA where the GPU has it), awkward sizes the TMA kernel can't take (odd N, K: portable
+# kernel), a TMA-compatible ragged one, and a tall-skinny one.
+GPU_SHAPES = [(1024, 1024, 1024), (1000, 1037, 1031), (1000, 1000, 1000), (4096, 64, 4096), (1, 4096, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mnk", GPU_SHAPES)
+def test_gpu_autotuned_matmul(mnk: tuple[int, int, int], dtype: torch.dtype) -> None:
+    a, b = inputs(*mnk, dtype)
+    assert_close(matmul(a, b), reference64(a, b), dtype, mnk[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_gpu_portable_and_tma_kernels(use_tma: bool) -> None:
+    if use_tma and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs a Hopper (sm_90) or newer GPU")
+    a, b = inputs(2048, 1536, 1024, torch.bfloat16)
+    y, _ = matmul_forward(a, b, split_k=1, use_tma=use_tma)
+    assert_close(y, reference64(a, b), torch.bfloat16, 1024)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_gpu_each_activation(activation: str, use_tma: bool) -> None:
+    if use_tma and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs a Hopper (sm_90) or newer GPU")
+    a, b = inputs(1024, 768, 512, torch.bfloat16)
+    y, z = matmul_forward(a, b, activation, split_k=1, use_tma=use_tma, store_preactivation=True)
+    assert_close(y, reference64(a, b, activation), torch.bfloat16, 512)
+    assert_close(z, reference64(a, b), torch.bfloat16, 512)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("split_k", [None, 4, 16])
+def test_gpu_split_k_decode_shapes(m: int, split_k: int | None) -> None:
+    a, b = inputs(m, 4096, 14336, torch.bfloat16)
+    y, _ = matmul_forward(a, b, "silu", split_k=split_k)
+    assert_close(y, reference64(a, b, "silu"), torch.bfloat16, 14336)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_ieee_and_tf32() -> None:
+    a, b = inputs(512, 384, 1024, torch.float32)
+    y64 = reference64(a, b)
+    assert_close(matmul_forward(a, b, split_k=1, input_precision="ieee")[0], y64, torch.float32, 1024)
+    # TF32 keeps 10 mantissa bits of each input (relative error up to 2^-10 each, sign random across the
+    # K products), so the error relative to the result's norm is ~1e-3; bound it at 2^-8 (0.4%), which a
+    # wrong tile or a dropped K-slab would exceed by orders of magnitude.
+    y_tf32, _ = matmul_forward(a, b, split_k=1, input_precision="tf32")
+    assert torch.linalg.norm(y_tf32.double() - y64) <= 2**-8 * torch.linalg.norm(y64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+def test_gpu_backward_bf16(activation: str | None) -> None:
+    a, b = (t.requires_grad_() for t in inputs(512, 256, 384, torch.bfloat16))
+    dy = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    da, db = torch.autograd.grad(matmul(a, b, activation), (a, b), dy)
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    # The backward takes act' at z rounded to bf16 (what the forward stored) and rounds dz to bf16 before
+    # the two GEMMs; the reference does the same roundings, then multiplies in float64.
+    z = (a64 @ b64).to(torch.bfloat16).double()
+    dz = dy.double() if activation is None else torch.func.vjp(ACTIVATIONS[activation], z)[1](dy.double())[0]
+    dz = dz.to(torch.bfloat16).double()
+    assert_close(da, dz @ b64.t(), torch.bfloat16, 256)
+    assert_close(db, a64.t() @ dz, torch.bfloat16, 512)
