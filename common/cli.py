@@ -27,6 +27,7 @@ examples:
   effdl seminar week01_intro             run the week-1 seminar headless (small on CPU, full on GPU)
   effdl slides week01_intro --pdf        build the week-1 lecture to HTML and PDF
   effdl check                            every seminar (small), every deck, every grader self-test
+  effdl grade week03 submissions/        grade a folder of submissions into a gradebook
   effdl test                             the whole test suite, as CI runs it
 """
 
@@ -114,11 +115,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
     for week in weeks_with_slides():
         checks.append((week.name, "slides", lambda w=week: f"{slides.build(w, out_dir).n_slides} slides"))
-    assignments = sorted((REPO_ROOT / "assignments").glob("*/assignment.toml"))
-    if assignments:
-        raise EffdlError(
-            "assignments exist but `effdl selftest` is not available in this version of the course"
-        )
+    from common.grading.manifest import assignment_names, find_assignment
+
+    for name in assignment_names():
+        if not (REPO_ROOT / "assignments" / name / "tests" / "hidden").is_dir():
+            continue  # a student release: the graders are not part of it
+        checks.append((name, "grader self-test", lambda n=name: _selftest_summary(find_assignment(n))))
 
     table = Table(title=f"effdl check ({len(checks)} checks; outputs in {out_dir})")
     for column in ("week", "check", "result", "time", "detail"):
@@ -134,12 +136,53 @@ def cmd_check(args: argparse.Namespace) -> int:
         failures += not ok
         result = "[green]ok[/green]" if ok else "[red]FAILED[/red]"
         table.add_row(name, kind, result, f"{time.perf_counter() - start:.0f} s", detail)
-    if not assignments:
-        table.add_row(
-            "assignments", "grader self-tests", "[dim]none yet[/dim]", "", "no assignment folders exist"
-        )
     console.print(table)
     return 1 if failures else 0
+
+
+def _selftest_summary(assignment) -> str:
+    """Run a grader self-test quietly; raise with the problems, or say what was proven."""
+    from rich.console import Console
+
+    from common.grading.selftest import selftest
+
+    verdicts = selftest(assignment, console=Console(quiet=True))
+    wrong = [f"{v.variant}: {'; '.join(v.problems)}" for v in verdicts if not v.ok]
+    if wrong:
+        raise EffdlError(" | ".join(wrong))
+    return f"reference full, starter 0, {len(verdicts) - 2} mutants caught"
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    """Prove an assignment's grader: the reference scores full marks, the starter 0, every mutant loses points."""
+    from common.grading.manifest import find_assignment
+    from common.grading.selftest import selftest
+
+    verdicts = selftest(find_assignment(args.assignment), jobs=args.jobs, only_gpu_tasks=args.gpu_only)
+    return 0 if all(v.ok for v in verdicts) else 1
+
+
+def cmd_grade(args: argparse.Namespace) -> int:
+    """Grade submissions (folders or zips) with an assignment's hidden tests; write results and a gradebook."""
+    from common.grading.grade import grade
+    from common.grading.manifest import find_assignment
+
+    gpus = None if args.gpus is None else [int(g) for g in args.gpus.split(",") if g.strip()]
+    grade(
+        find_assignment(args.assignment), [Path(p) for p in args.submissions], Path(args.out), args.jobs, gpus
+    )
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    """Build the student repository: solutions stubbed, hidden tests and mutants left out, fresh history."""
+    from common.grading.release import build_release
+
+    report = build_release(Path(args.out))
+    print(f"Released {report.files} files to {report.out_dir} ({report.stubs} solution blocks stubbed).")
+    for name, count in report.public_tests.items():
+        print(f"  {name}: {count} public tests, each failing with NotImplementedError as it must")
+    return 0
 
 
 def cmd_bench_timers(args: argparse.Namespace) -> int:
@@ -155,6 +198,27 @@ def cmd_bench_timers(args: argparse.Namespace) -> int:
         )
     print(f"saved to {report['path']}")
     return 0 if all(check["within_tolerance"] for check in report["checks"]) else 1
+
+
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    """Benchmark the Triton kernels against PyTorch on this GPU; save JSON and one plot per kernel."""
+    from common.kernels.benchmark import run_kernel_benchmarks
+
+    try:
+        paths = run_kernel_benchmarks(Path(args.out), kernels=args.kernel, quick=args.quick)
+    except ValueError as error:  # an unknown kernel name: the message lists the valid ones
+        raise EffdlError(str(error)) from None
+    print("\n".join(f"saved {path}" for path in paths))
+    return 0
+
+
+def cmd_bench_pipelines(args: argparse.Namespace) -> int:
+    """Week-3 benchmarks on this GPU: autocast training step, GPU JPEG decoding, fp8 GEMM."""
+    from common.bench_pipelines import run_pipeline_benchmarks
+
+    paths = run_pipeline_benchmarks(Path(args.out), quick=args.quick)
+    print("\n".join(f"saved {path}" for path in paths))
+    return 0
 
 
 def ensure_slide_tool() -> None:
@@ -253,10 +317,58 @@ def build_parser() -> argparse.ArgumentParser:
     check = _add_command(sub, "check", cmd_check)
     check.add_argument("--out", help="keep the outputs here (default: a temporary folder)")
 
+    grade = _add_command(
+        sub,
+        "grade",
+        cmd_grade,
+        epilog="examples:\n"
+        "  effdl grade week03_fast_pipelines submissions/             every zip or folder in submissions/\n"
+        "  effdl grade week03 alice.zip bob/ --out grades --jobs 4 --gpus 0,1,2,3\n\n"
+        "Writes OUT/<submission>/results.json (Gradescope format), OUT/<submission>/grader.log (for TAs)\n"
+        "and OUT/gradebook.csv. Tasks that need a GPU show `needs GPU runner` on a machine without one.",
+    )
+    grade.add_argument("assignment", help="assignment folder name under assignments/ (or a unique prefix)")
+    grade.add_argument("submissions", nargs="+", help="zips or folders, or a folder of them")
+    grade.add_argument("--out", default=str(DEFAULT_BUILD_DIR / "grades"), help="output folder")
+    grade.add_argument("--jobs", type=int, default=1, help="submissions graded in parallel (default 1)")
+    grade.add_argument("--gpus", help="comma-separated GPU indices to use (default: every visible GPU)")
+
+    selftest = _add_command(
+        sub,
+        "selftest",
+        cmd_selftest,
+        epilog="example:\n  effdl selftest week03_fast_pipelines --jobs 2",
+    )
+    selftest.add_argument("assignment", help="assignment folder name under assignments/ (or a unique prefix)")
+    selftest.add_argument("--jobs", type=int, default=2, help="variants graded in parallel (default 2)")
+    selftest.add_argument("--gpu-only", action="store_true", help="check only the tasks that need a GPU")
+
+    release = _add_command(
+        sub,
+        "release",
+        cmd_release,
+        epilog="example:\n  effdl release --out ../effdl-student",
+    )
+    release.add_argument("--out", default=str(DEFAULT_BUILD_DIR / "release"), help="new or empty folder")
+
     bench = sub.add_parser("bench", help="benchmarks whose results the READMEs quote")
     bench_sub = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
     timers = _add_command(bench_sub, "timers", cmd_bench_timers)
     timers.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON results")
+    kernels = _add_command(
+        bench_sub,
+        "kernels",
+        cmd_bench_kernels,
+        epilog="examples:\n  effdl bench kernels\n  effdl bench kernels --kernel matmul --kernel softmax --quick",
+    )
+    kernels.add_argument("--kernel", action="append", help="one kernel (repeatable; default: all)")
+    kernels.add_argument("--quick", action="store_true", help="a short sweep, to check that everything runs")
+    kernels.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON results and plots")
+    pipelines = _add_command(
+        bench_sub, "pipelines", cmd_bench_pipelines, epilog="example:\n  effdl bench pipelines"
+    )
+    pipelines.add_argument("--quick", action="store_true", help="small sizes, to check that everything runs")
+    pipelines.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON results")
 
     test = _add_command(
         sub,

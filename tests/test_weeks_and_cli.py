@@ -10,7 +10,10 @@ import pytest
 from common import cli, slides
 from common.weeks import ALL_WEEKS, UnknownWeekError, get_week
 
-SUBCOMMANDS = [["env"], ["seminar"], ["slides"], ["check"], ["bench"], ["bench", "timers"], ["test"]]
+SUBCOMMANDS = [
+    ["env"], ["seminar"], ["slides"], ["check"], ["bench"], ["bench", "timers"], ["test"],
+    ["grade"], ["selftest"], ["release"], ["bench", "kernels"], ["bench", "pipelines"],
+]  # fmt: skip
 
 
 def run_effdl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -43,6 +46,20 @@ def test_every_subcommand_has_help(args: list[str]) -> None:
     result = run_effdl(*args, "--help")
     assert result.returncode == 0, result.stderr
     assert "usage: effdl" in result.stdout
+
+
+def test_grade_help_shows_an_example_session() -> None:
+    result = run_effdl("grade", "--help")
+    assert "effdl grade week03_fast_pipelines submissions/" in result.stdout
+    assert "--jobs" in result.stdout and "--gpus" in result.stdout and "needs GPU runner" in result.stdout
+
+
+def test_unknown_assignment_is_one_line_not_a_traceback() -> None:
+    result = run_effdl("selftest", "week42_magic")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(
+        "effdl: error: 'week42_magic' matches no assignment; known assignments: week03"
+    )
 
 
 def test_unknown_week_is_one_line_not_a_traceback() -> None:

@@ -1,0 +1,92 @@
+"""`effdl grade`: read a batch of submissions, grade them with a progress bar, write every report."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from common.grading.batch import SubmissionResult, grade_batch, unique_names
+from common.grading.harness import GradingContext, TaskResult
+from common.grading.intake import Submission, read_submission
+from common.grading.manifest import Assignment
+from common.grading.reports import print_table, write_gradebook, write_submission
+
+
+@contextmanager
+def task_progress(console: Console, total: int, label: str):
+    """A progress bar over (submission, task) pairs; yields the callback the batch calls per finished task."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[last]}"),
+        console=console,
+        transient=False,
+    ) as progress:
+        bar = progress.add_task(label, total=total, last="")
+
+        def done(name: str, result: TaskResult) -> None:
+            score = "-" if result.score is None else f"{result.score:g}"
+            progress.update(bar, advance=1, last=f"{name}/{result.task.id}: {score}")
+
+        yield done
+
+
+def expand_submissions(paths: Sequence[Path], assignment: Assignment) -> list[Path]:
+    """Each path is a submission (a zip, or a folder with the files) or a folder of such submissions."""
+    declared = {PurePosixPath(path).name for path in assignment.submit}
+    expanded: list[Path] = []
+    for path in map(Path, paths):
+        is_one = any((path / name).is_file() for name in declared) or (path / assignment.package).is_dir()
+        if path.is_dir() and not is_one:
+            expanded.extend(sorted(p for p in path.iterdir() if p.is_dir() or p.suffix == ".zip"))
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def grade(
+    assignment: Assignment,
+    paths: Sequence[Path],
+    out_dir: Path,
+    jobs: int = 1,
+    gpus: Sequence[int] | None = None,
+    console: Console | None = None,
+) -> list[SubmissionResult]:
+    """Grade submissions and write `out_dir/<name>/results.json`, `grader.log` and `out_dir/gradebook.csv`."""
+    console = console or Console()
+    paths = expand_submissions(paths, assignment)
+    submissions: list[Submission] = [
+        read_submission(path, assignment, name) for path, name in zip(paths, unique_names(paths), strict=True)
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with console.status(f"{assignment.name}: building the starter tree and collecting the hidden tests"):
+        context = GradingContext.prepare(assignment, out_dir / ".work")
+    try:
+        total = len(submissions) * len(assignment.tasks)
+        with task_progress(
+            console, total, f"grading {len(submissions)} submission(s), {jobs} at a time"
+        ) as done:
+            results = grade_batch(context, submissions, jobs=jobs, gpus=gpus, on_task_done=done)
+    finally:
+        shutil.rmtree(context.workdir, ignore_errors=True)
+    for result in results:
+        write_submission(result, out_dir)
+    gradebook = write_gradebook(results, out_dir / "gradebook.csv")
+    print_table(results, console)
+    elapsed = time.monotonic() - start
+    console.print(
+        f"Gradebook: {gradebook}  ({elapsed:.0f} s for {len(results)} submission(s))", soft_wrap=True
+    )
+    isolation = next((t.log.splitlines()[0] for r in results for t in r.tasks if t.log), None)
+    if isolation:
+        console.print(f"Sandbox {isolation.strip('[]')}", soft_wrap=True)
+    return results

@@ -1,0 +1,150 @@
+"""`effdl selftest`: prove a grader before it grades anyone.
+
+A grader is only as good as what it rejects. Graded with the same harness as students:
+
+- the reference solution must score full marks on every task and pass every public test;
+- the starter (solution blocks stubbed) must score zero, and each public test must fail with the stub's
+  `NotImplementedError`, never an import error;
+- every mutant must lose points on each task it targets, and keep full marks on the others.
+
+Tasks that need a GPU are checked only where a GPU is present (elsewhere they show `needs GPU runner`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from rich.console import Console
+from rich.table import Table
+
+from common.grading.batch import SubmissionResult, grade_batch
+from common.grading.grade import task_progress
+from common.grading.harness import GradingContext, TaskResult
+from common.grading.intake import Submission
+from common.grading.manifest import Assignment, Mutant, Task
+from common.grading.solutions import apply_mutant, reference_source, starter_source
+
+PUBLIC = Task(id="public", title="public tests", points=1.0, tests=("tests/public",), time_limit_s=300)
+
+
+@dataclass
+class Verdict:
+    """One variant's grade and whether it is what the grader must give."""
+
+    variant: str
+    expectation: str
+    result: SubmissionResult
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def variant_files(assignment: Assignment, transform) -> dict[str, str]:
+    return {path: transform((assignment.src / path).read_text(), f"src/{path}") for path in assignment.submit}
+
+
+def _submission(assignment: Assignment, name: str, files: dict[str, str]) -> Submission:
+    return Submission(name=name, source=assignment.root, files={p: t.encode() for p, t in files.items()})
+
+
+def _graded(result: SubmissionResult, task_ids: Sequence[str]) -> list[TaskResult]:
+    return [t for t in result.tasks if t.task.id in task_ids and t.score is not None]
+
+
+def _check_reference(result: SubmissionResult, task_ids: Sequence[str]) -> list[str]:
+    problems = []
+    for t in _graded(result, task_ids):
+        if t.score != t.task.points:
+            failed = [o for o in t.tests if not o.passed][:2]
+            reasons = "; ".join(f"{o.nodeid.split('::')[-1]}: {o.message}" for o in failed)
+            problems.append(f"{t.task.id}: {t.score:g}/{t.task.points:g} ({t.detail}) {reasons}")
+    return problems
+
+
+def _check_starter(result: SubmissionResult, task_ids: Sequence[str]) -> list[str]:
+    problems = []
+    for t in _graded(result, task_ids):
+        if t.task.id == PUBLIC.id:
+            wrong = [o for o in t.tests if o.passed or not o.message.startswith("NotImplementedError")]
+            problems += [f"public {o.nodeid}: {'passes' if o.passed else o.message}" for o in wrong[:3]]
+        elif t.score != 0:
+            passing = [o.nodeid.split("::")[-1] for o in t.tests if o.passed][:3]
+            problems.append(f"{t.task.id}: {t.score:g} points, passing {', '.join(passing)}")
+    return problems
+
+
+def _check_mutant(mutant: Mutant, result: SubmissionResult, task_ids: Sequence[str]) -> list[str]:
+    problems = []
+    for t in _graded(result, [task_id for task_id in task_ids if task_id != PUBLIC.id]):
+        if t.task.id in mutant.targets and t.score == t.task.points:
+            problems.append(f"not caught by {t.task.id} ({t.detail})")
+        elif t.task.id not in mutant.targets and t.score != t.task.points:
+            problems.append(f"also loses points on untargeted task {t.task.id} ({t.detail})")
+    return problems
+
+
+def selftest(
+    assignment: Assignment,
+    jobs: int = 2,
+    gpus: Sequence[int] | None = None,
+    only_gpu_tasks: bool = False,
+    console: Console | None = None,
+) -> list[Verdict]:
+    """Grade the reference, the starter and every mutant; print a table; return the verdicts."""
+    console = console or Console()
+    task_ids = [t.id for t in assignment.tasks if t.gpus or not only_gpu_tasks]
+    reference = variant_files(assignment, reference_source)
+    variants = [
+        ("reference", "full marks, public tests pass", _submission(assignment, "reference", reference)),
+        ("starter", "zero; public tests fail with NotImplementedError",
+         _submission(assignment, "starter", variant_files(assignment, starter_source))),
+    ]  # fmt: skip
+    mutants = [m for m in assignment.mutants if set(m.targets) & set(task_ids)]
+    for mutant in mutants:
+        expectation = f"loses points on {', '.join(mutant.targets)}"
+        variants.append(
+            (mutant.name, expectation, _submission(assignment, mutant.name, apply_mutant(reference, mutant)))
+        )
+
+    with console.status(f"{assignment.name}: building the starter tree and collecting the hidden tests"):
+        context = GradingContext.prepare(assignment)
+    try:
+        tasks = [t for t in assignment.tasks if t.id in task_ids]
+        if not only_gpu_tasks:
+            context.expected[PUBLIC.id] = context.collect(list(PUBLIC.tests))
+            tasks.append(PUBLIC)
+        context.assignment = replace(assignment, tasks=tuple(tasks))
+        label = f"self-test: {len(variants)} variants"
+        with task_progress(console, len(variants) * len(tasks), label) as done:
+            results = grade_batch(context, [v[2] for v in variants], jobs=jobs, gpus=gpus, on_task_done=done)
+    finally:
+        shutil.rmtree(context.workdir, ignore_errors=True)
+    checked = [t.id for t in tasks]
+    verdicts = []
+    for (name, expectation, _), result in zip(variants, results, strict=True):
+        if name == "reference":
+            problems = _check_reference(result, checked)
+        elif name == "starter":
+            problems = _check_starter(result, checked)
+        else:
+            problems = _check_mutant(next(m for m in mutants if m.name == name), result, checked)
+        verdicts.append(Verdict(name, expectation, result, problems))
+    _print(verdicts, tasks, console)
+    return verdicts
+
+
+def _print(verdicts: list[Verdict], tasks: list[Task], console: Console) -> None:
+    table = Table(title="grader self-test (points per task)")
+    table.add_column("variant", no_wrap=True)
+    for task in tasks:
+        table.add_column(f"{task.id}\n/{task.points:g}", justify="right")
+    table.add_column("verdict")
+    for verdict in verdicts:
+        cells = ["GPU runner" if t.score is None else f"{t.score:.3g}" for t in verdict.result.tasks]
+        outcome = "[green]ok[/green]" if verdict.ok else "[red]WRONG[/red]: " + "; ".join(verdict.problems)
+        table.add_row(verdict.variant, *cells, f"{outcome} ({verdict.expectation})")
+    console.print(table)

@@ -1,0 +1,271 @@
+"""The grading harness's parts on their own: manifests, solution blocks, intake, reports, the sandbox."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from grading_toy import REFERENCE, write_toy_assignment
+
+from common.grading.batch import SubmissionResult
+from common.grading.harness import CaseOutcome, TaskResult
+from common.grading.intake import SubmissionNotFoundError, read_submission
+from common.grading.manifest import ManifestError, UnknownAssignmentError, find_assignment, load_assignment
+from common.grading.reports import results_json, write_gradebook
+from common.grading.sandbox import JailSpec, Limits, run_in_sandbox
+from common.grading.solutions import (
+    SolutionMarkerError,
+    apply_mutant,
+    find_blocks,
+    reference_source,
+    starter_source,
+)
+
+
+@pytest.fixture
+def toy(tmp_path: Path):
+    return load_assignment(write_toy_assignment(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+def test_the_toy_manifest_parses(toy) -> None:
+    assert [t.id for t in toy.tasks] == ["add", "mul"]
+    assert toy.max_points == 3
+    assert toy.task("mul").partial_credit == "all_or_nothing"
+    assert toy.mutants[0].targets == ("add",)
+    assert toy.task("add").selects("tests/hidden/test_add.py::test_add_matches_python[1-2]")
+    assert not toy.task("add").selects("tests/hidden/test_mul.py::test_mul_small_numbers")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (("points = 2\n", ""), "missing required field `points`"),
+        (('partial_credit = "all_or_nothing"', 'partial_credit = "most"'), "field `partial_credit` must be one of"),
+        (("points = 2\n", "points = -1\n"), "field `points` must be > 0"),
+        (('tests = ["tests/hidden/test_add.py"]', 'tests = ["tests/public/test_public.py"]'), "not a path under tests/hidden/"),
+        (('submit = ["toy/ops.py"]', 'submit = ["toy/missing.py"]'), "field `submit` entry 'toy/missing.py'"),
+        (("points = 2\n", 'points = "two"\n'), "field `points` must be int or float"),
+    ],
+)  # fmt: skip
+def test_a_malformed_manifest_names_the_field(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
+    root = write_toy_assignment(tmp_path)
+    manifest = root / "assignment.toml"
+    manifest.write_text(manifest.read_text().replace(*edit, 1))
+    with pytest.raises(ManifestError, match=message.replace("[", r"\[").replace("(", r"\(")) as error:
+        load_assignment(root)
+    assert "assignment.toml" in str(error.value)
+
+
+def test_a_mutant_with_an_unknown_target_is_refused(tmp_path: Path) -> None:
+    root = write_toy_assignment(tmp_path)
+    mutant = root / "mutants" / "add_off_by_one.toml"
+    mutant.write_text(mutant.read_text().replace('targets = ["add"]', 'targets = ["div"]'))
+    with pytest.raises(
+        ManifestError, match=r"add_off_by_one.toml: field `targets` names unknown tasks \['div'\]"
+    ):
+        load_assignment(root)
+
+
+def test_an_unknown_assignment_lists_the_known_ones(tmp_path: Path) -> None:
+    write_toy_assignment(tmp_path)
+    with pytest.raises(
+        UnknownAssignmentError, match="'week99' matches no assignment; known assignments: toy_assignment"
+    ):
+        find_assignment("week99", tmp_path)
+    assert find_assignment("toy", tmp_path).name == "toy_assignment"
+
+
+# ------------------------------------------------------------------------------------------ solution blocks
+def test_the_starter_keeps_signatures_and_docstrings_and_raises_the_hint() -> None:
+    starter = starter_source(REFERENCE, "ops.py")
+    assert (
+        'def add(a: int, b: int) -> int:\n    """Return a + b."""\n    raise NotImplementedError("add: return'
+        in starter
+    )
+    assert "total = a + b" not in starter and "SOLUTION" not in starter
+    namespace: dict = {}
+    exec(starter, namespace)
+    with pytest.raises(NotImplementedError, match="mul: return the product of a and b"):
+        namespace["mul"](2, 3)
+
+
+def test_the_reference_keeps_the_code_and_drops_the_markers() -> None:
+    reference = reference_source(REFERENCE, "ops.py")
+    namespace: dict = {}
+    exec(reference, namespace)
+    assert namespace["add"](2, 3) == 5 and namespace["mul"](2, 3) == 6
+    assert "SOLUTION" not in reference
+    assert [b.hint for b in find_blocks(REFERENCE, "ops.py")] == [
+        "add: return the sum of a and b",
+        "mul: return the product of a and b",
+    ]
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("def f():\n    # BEGIN SOLUTION: f\n    return 1\n", "ops.py:2: BEGIN SOLUTION is never closed"),
+        ("def f():\n    return 1\n    # END SOLUTION\n", "ops.py:3: END SOLUTION without a BEGIN"),
+        ("def f():\n    # BEGIN SOLUTION\n    return 1\n    # END SOLUTION\n", "ops.py:2: BEGIN SOLUTION needs a hint"),
+        ("def f():\n    # BEGIN SOLUTION: a\n    # BEGIN SOLUTION: b\n", "ops.py:3: BEGIN SOLUTION inside the block opened at line 2"),
+    ],
+)  # fmt: skip
+def test_broken_markers_are_reported_with_their_line(source: str, message: str) -> None:
+    with pytest.raises(SolutionMarkerError, match=message):
+        starter_source(source, "ops.py")
+
+
+def test_a_mutant_whose_text_is_not_unique_is_refused(toy) -> None:
+    files = {"toy/ops.py": reference_source(REFERENCE, "ops.py")}
+    assert "a + b + 1" in apply_mutant(files, toy.mutants[0])["toy/ops.py"]
+    with pytest.raises(SolutionMarkerError, match="occurs 2 times"):
+        apply_mutant({"toy/ops.py": files["toy/ops.py"] * 2}, toy.mutants[0])
+
+
+# -------------------------------------------------------------------------------------------------- intake
+def _zip(path: Path, entries: dict[str, str]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, text in entries.items():
+            archive.writestr(name, text)
+    return path
+
+
+def test_a_declared_file_is_found_at_its_path_or_by_its_unique_name(toy, tmp_path: Path) -> None:
+    nested = read_submission(
+        _zip(tmp_path / "a.zip", {"alice/toy/ops.py": "x = 1", "alice/notes.md": ""}), toy
+    )
+    flat = read_submission(_zip(tmp_path / "b.zip", {"ops.py": "x = 2"}), toy)
+    assert nested.files == {"toy/ops.py": b"x = 1"} and nested.ignored == ["alice/notes.md"]
+    assert flat.files == {"toy/ops.py": b"x = 2"} and flat.refused is None
+
+
+def test_intake_refuses_and_names_bad_entries(toy, tmp_path: Path) -> None:
+    absolute = read_submission(_zip(tmp_path / "abs.zip", {"/etc/cron.d/x": "", "ops.py": ""}), toy)
+    big = read_submission(_zip(tmp_path / "big.zip", {"ops.py": "#" * (toy.max_file_kb * 1024 + 1)}), toy)
+    twice = read_submission(_zip(tmp_path / "twice.zip", {"a/ops.py": "", "b/ops.py": ""}), toy)
+    assert "'/etc/cron.d/x' (path outside the submission)" in absolute.refused
+    assert "over the 262144-byte limit" in big.refused
+    assert "toy/ops.py is ambiguous" in twice.refused
+
+
+def test_a_missing_file_is_graded_as_the_stub_and_noted(toy, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    submission = read_submission(tmp_path / "empty", toy)
+    assert submission.missing == ["toy/ops.py"] and "graded as the starter stub" in submission.notes[0]
+    with pytest.raises(SubmissionNotFoundError, match="no such file or folder"):
+        read_submission(tmp_path / "nope", toy)
+
+
+# ------------------------------------------------------------------------------------------------- reports
+def test_results_json_follows_gradescope_and_never_scores_an_ungraded_task(toy, tmp_path: Path) -> None:
+    submission = read_submission(_zip(tmp_path / "s.zip", {"ops.py": ""}), toy)
+    graded = TaskResult(
+        toy.task("add"),
+        "graded",
+        2 / 3 * 2,
+        [CaseOutcome("t::a", True), CaseOutcome("t::b", False, "AssertionError: no")],
+    )
+    ungraded = TaskResult(
+        toy.task("mul"), "needs GPU runner", None, detail="needs 1 GPU(s); this machine has none"
+    )
+    result = SubmissionResult(submission, [graded, ungraded], duration_s=3.21)
+    report = results_json(result)
+    assert report["score"] == pytest.approx(4 / 3, abs=1e-3) and report["execution_time"] == 3.2
+    add, mul = report["tests"]
+    assert (
+        add["max_score"] == 2 and add["status"] == "failed" and "FAIL b: AssertionError: no" in add["output"]
+    )
+    assert "score" not in mul and mul["output"].startswith("needs GPU runner: not graded here.")
+    assert report["extra_data"]["ungraded_tasks"] == ["mul"]
+    json.dumps(report)  # serialisable as is
+    rows = write_gradebook([result], tmp_path / "book.csv").read_text().splitlines()
+    assert rows[1].startswith("s,1.3333,needs GPU runner,1.3333,2,")
+
+
+# ------------------------------------------------------------------------------------------------- sandbox
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the grading sandbox runs on Linux")
+def test_the_sandbox_kills_processes_that_detach_on_timeout(tmp_path: Path) -> None:
+    marker = f"effdl-sandbox-test-{secrets.token_hex(4)}"
+    script = f"import subprocess, time\nsubprocess.Popen(['setsid', 'sleep', '300', '{marker}'])\ntime.sleep(300)\n"
+    spec = JailSpec(
+        argv=["/bin/sh", "-c", f'exec {sys.executable} -c "$0"', script],
+        cwd=str(tmp_path),
+        env={"PATH": "/usr/bin:/bin"},
+        limits=Limits(time_limit_s=3),
+        read_paths=["/"],
+        write_paths=[str(tmp_path)],
+        token="t",
+    )
+    start = time.monotonic()
+    result = run_in_sandbox(spec)
+    assert result.timed_out and result.returncode == -9 and time.monotonic() - start < 60
+    assert result.leftovers_killed >= 2  # the sleeping child that left its session, and the parent
+    alive = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.strip()
+    assert alive == "", f"processes survived the sandbox: {alive}"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the grading sandbox runs on Linux")
+@pytest.mark.parametrize("cgroups", ["1", "0"], ids=["pids-cgroup", "watchdog"])
+def test_the_sandbox_stops_a_run_with_too_many_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cgroups: str
+) -> None:
+    """Both ways of capping processes hold: a pids cgroup (root, cgroup v1) and the supervisor's watchdog."""
+    monkeypatch.setenv("EFFDL_GRADER_CGROUPS", cgroups)
+    script = (
+        "import os, time\nfor _ in range(200):\n    if os.fork() == 0:\n        time.sleep(60)\n        os._exit(0)\n"
+        "    time.sleep(0.002)\ntime.sleep(60)\n"
+    )
+    spec = JailSpec(
+        argv=[sys.executable, "-c", script],
+        cwd=str(tmp_path),
+        env={"PATH": "/usr/bin:/bin"},
+        limits=Limits(time_limit_s=30, max_processes=32),
+        read_paths=["/"],
+        write_paths=[str(tmp_path)],
+        token="t",
+    )
+    result = run_in_sandbox(spec)
+    assert result.process_limit_hit and not result.timed_out, result
+    expected = "pids cgroup, at most 32" if cgroups == "1" else "watchdog, stops the run above 32 processes"
+    if cgroups == "1" and result.isolation["processes"].startswith("watchdog"):
+        pytest.skip("no writable cgroup-v1 pids controller here (CI has one, so both paths run there)")
+    assert result.isolation["processes"] == expected
+    assert 30 <= result.leftovers_killed <= 200  # the children alive when the run was stopped
+
+
+# ------------------------------------------------------------------------------------------------- release
+def _toy_course(root: Path) -> Path:
+    """A course repository holding only the toy assignment, committed to git as `effdl release` expects."""
+    write_toy_assignment(root / "assignments")
+    (root / "README.md").write_text("# Toy course\n")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return root
+
+
+def test_release_stubs_the_toy_and_its_public_test_fails_with_not_implemented(tmp_path: Path) -> None:
+    from common.grading.release import build_release
+
+    report = build_release(tmp_path / "out", root=_toy_course(tmp_path / "course"))
+    released = tmp_path / "out" / "assignments" / "toy_assignment"
+    assert report.stubs == 2 and report.public_tests == {"toy_assignment": 1}
+    assert not (released / "tests" / "hidden").exists() and not (released / "mutants").exists()
+    assert "raise NotImplementedError" in (released / "src" / "toy" / "ops.py").read_text()
+
+
+def test_release_refuses_solution_code_copied_elsewhere(tmp_path: Path) -> None:
+    from common.grading.release import ReleaseError, build_release
+
+    course = _toy_course(tmp_path / "course")
+    (course / "cheatsheet.py").write_text("def add(a, b):\n    total = a + b\n    return total\n")
+    with pytest.raises(
+        ReleaseError,
+        match=r"cheatsheet.py: contains solution code from assignments/toy_assignment/src/toy/ops.py:3",
+    ):
+        build_release(tmp_path / "out", root=course)
