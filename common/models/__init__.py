@@ -1,0 +1,1 @@
+"""Small reference models shared across weeks, each in one file that reads top to bottom."""

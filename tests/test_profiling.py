@@ -1,0 +1,211 @@
+"""common.profiling: profiler schedule and trace, top ops, memory snapshot summaries, NVTX ranges."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.profiler import record_function
+
+from common import profiling
+from common.hardware import NoGPUError
+
+
+def _two_matmuls(x: torch.Tensor) -> None:
+    with record_function("slow_part"):
+        time.sleep(0.02)  # a known lower bound on this label's self time: 20 ms per step
+    (x @ x @ x).sum()
+
+
+def test_profile_steps_records_only_the_active_steps_and_writes_a_trace(tmp_path: Path) -> None:
+    x = torch.randn(64, 64)
+    trace = tmp_path / "traces" / "step.json"
+    prof = profiling.profile_steps(
+        lambda: _two_matmuls(x), wait=2, warmup=1, active=3, trace_path=trace, cuda=False
+    )
+    ops = {op.name: op for op in profiling.top_ops(prof, k=100)}
+    assert ops["aten::mm"].calls == 2 * 3  # two matmuls per step, three recorded steps
+    assert ops["slow_part"].calls == 3
+    assert ops["slow_part"].self_cpu_ms >= 3 * 20  # sleep(0.02) cannot take less than 20 ms
+    assert not any(name.startswith("ProfilerStep") for name in ops)
+
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = [e.get("name", "") for e in events]
+    assert sum(n.startswith("ProfilerStep#") for n in names) == 3
+    assert names.count("aten::mm") == 6
+
+
+def test_top_ops_are_sorted_by_self_time_and_limited_to_k() -> None:
+    x = torch.randn(64, 64)
+    prof = profiling.profile_steps(lambda: _two_matmuls(x), wait=0, warmup=1, active=2, cuda=False)
+    top = profiling.top_ops(prof, k=3)
+    assert len(top) == 3
+    assert [op.self_cpu_ms for op in top] == sorted((op.self_cpu_ms for op in top), reverse=True)
+    everything = profiling.top_ops(prof, k=100)
+    assert all(op.self_cpu_ms <= top[-1].self_cpu_ms for op in everything[3:])
+    table = profiling.top_ops_table(prof, k=5, by="cpu")
+    assert "slow_part" in table and "Self CPU" in table
+    with pytest.raises(ValueError, match="by must be"):
+        profiling.top_ops(prof, by="gpu")
+
+
+def test_profiler_checks_its_schedule() -> None:
+    with pytest.raises(ValueError, match="active >= 1"):
+        profiling.profiler(active=0)
+
+
+def test_memory_helpers_need_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(NoGPUError, match="profile_memory=True"):
+        profiling.memory_snapshot()
+    with pytest.raises(NoGPUError), profiling.memory_history():
+        pass
+    with pytest.raises(NoGPUError):
+        profiling.dump_memory_snapshot("unused.pickle")
+    with pytest.raises(NoGPUError, match="cuda=True"):
+        profiling.profiler(cuda=True)
+
+
+def _frame(filename: str, line: int, name: str) -> dict:
+    return {"filename": filename, "line": line, "name": name}
+
+
+# A snapshot in the format torch.cuda.memory._snapshot() documents: two segments, and a trace in which a
+# block allocated before recording started (0x10) is freed.
+MiB = 2**20
+USER = [
+    _frame("/site-packages/torch/nn/modules/linear.py", 125, "forward"),
+    _frame("/home/me/train.py", 42, "step"),
+]
+SNAPSHOT = {
+    "segments": [
+        {
+            "address": 0x1000,
+            "total_size": 20 * MiB,
+            "allocated_size": 12 * MiB,
+            "active_size": 12 * MiB,
+            "stream": 0,
+            "segment_type": "large",
+            "blocks": [
+                {
+                    "address": 0x1000,
+                    "size": 12 * MiB,
+                    "requested_size": 12 * MiB,
+                    "state": "active_allocated",
+                },
+                {"address": 0x2000, "size": 8 * MiB, "requested_size": 8 * MiB, "state": "inactive"},
+            ],
+        },
+        {
+            "address": 0x9000,
+            "total_size": 2 * MiB,
+            "allocated_size": 0,
+            "active_size": 0,
+            "stream": 0,
+            "segment_type": "small",
+            "blocks": [{"address": 0x9000, "size": 2 * MiB, "requested_size": 0, "state": "inactive"}],
+        },
+    ],
+    "device_traces": [
+        [],
+        [
+            {"action": "alloc", "addr": 0x1000, "size": 12 * MiB, "stream": 0, "frames": USER},
+            {"action": "alloc", "addr": 0x2000, "size": 8 * MiB, "stream": 0, "frames": []},
+            {"action": "free_requested", "addr": 0x2000, "size": 8 * MiB, "stream": 0, "frames": []},
+            {"action": "free_completed", "addr": 0x2000, "size": 8 * MiB, "stream": 0, "frames": []},
+            {"action": "free_completed", "addr": 0x10, "size": 16 * MiB, "stream": 0, "frames": []},
+            {"action": "segment_alloc", "addr": 0x9000, "size": 2 * MiB, "stream": 0, "frames": []},
+        ],
+    ],
+}
+
+
+def test_memory_timeline_counts_from_alloc_to_free_completed() -> None:
+    timeline = profiling.memory_timeline(SNAPSHOT)  # the only device with events: device 1
+    assert (timeline // MiB).tolist() == [12, 20, 12, -4]
+    assert profiling.memory_timeline(SNAPSHOT, device=0).size == 0
+
+
+def test_summarize_snapshot() -> None:
+    summary = profiling.summarize_snapshot(SNAPSHOT, k=1)
+    assert summary.reserved_bytes == 22 * MiB and summary.allocated_bytes == 12 * MiB
+    assert summary.segments == 2 and summary.largest_free_block == 8 * MiB
+    assert summary.fragmentation == pytest.approx(10 / 22)
+    assert summary.events == 6 and summary.peak_delta_bytes == 20 * MiB
+    assert summary.largest_allocations == ((12 * MiB, "train.py:42 step"),)  # torch's own frame skipped
+    assert "20.0 MiB above the start" in str(summary)
+
+    two_devices = {"segments": [], "device_traces": [SNAPSHOT["device_traces"][1]] * 2}
+    with pytest.raises(ValueError, match=r"devices \[0, 1\]: pass device="):
+        profiling.summarize_snapshot(two_devices)
+    assert profiling.summarize_snapshot(two_devices, device=0).peak_delta_bytes == 20 * MiB
+    empty = profiling.summarize_snapshot({"segments": [], "device_traces": []})
+    assert empty.peak_delta_bytes == 0 and empty.fragmentation == 0.0
+
+
+def test_nvtx_range_is_a_no_op_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def must_not_be_called(*args: object) -> None:
+        raise AssertionError("NVTX called without a GPU")
+
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", must_not_be_called)
+    with profiling.nvtx_range("data"):
+        value = 1 + 1
+
+    @profiling.nvtx_range("forward")
+    def forward() -> int:
+        return value * 2
+
+    assert forward() == 4
+
+
+@pytest.mark.gpu
+def test_nvtx_range_pushes_and_pops_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: calls.append(("push", name)))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append(("pop",)))
+    with pytest.raises(RuntimeError), profiling.nvtx_range("step"):
+        raise RuntimeError("popped even on error")
+    assert calls == [("push", "step"), ("pop",)]
+
+
+@pytest.mark.gpu
+def test_profile_of_a_gpu_step_records_kernel_time() -> None:
+    x = torch.randn(2048, 2048, device="cuda")
+    prof = profiling.profile_steps(lambda: x @ x, wait=1, warmup=1, active=2)
+    top = profiling.top_ops(prof, k=5)
+    assert top[0].self_device_ms > 0  # sorted by device time when kernels were recorded
+    assert "Self CUDA" in profiling.top_ops_table(prof) or "Self Device" in profiling.top_ops_table(prof)
+
+
+@pytest.mark.gpu
+def test_memory_snapshot_of_a_training_step_accounts_for_the_peak(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024)).cuda()
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randn(512, 1024, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with profiling.memory_history():
+        for _ in range(2):  # the first step also allocates gradients and AdamW's state
+            opt.zero_grad(set_to_none=True)
+            model(x).pow(2).mean().backward()
+            opt.step()
+        torch.cuda.synchronize()
+        snapshot = profiling.memory_snapshot()
+        path = profiling.dump_memory_snapshot(tmp_path / "snap.pickle")
+    summary = profiling.summarize_snapshot(snapshot, device=torch.cuda.current_device())
+    expected_peak = torch.cuda.max_memory_allocated() - base
+    # The trace sees every alloc and free since recording started, so its running sum reaches the same
+    # peak as the allocator's counter; 1% allows for allocator-internal blocks.
+    assert summary.peak_delta_bytes == pytest.approx(expected_peak, rel=0.01)
+    assert summary.allocated_bytes == pytest.approx(torch.cuda.memory_allocated(), rel=0.01)
+    wheres = [where for _, where in summary.largest_allocations]
+    assert any("test_profiling.py" in where for where in wheres), wheres  # AdamW's state, from opt.step()
+    assert "segments" in pickle.loads(path.read_bytes())
