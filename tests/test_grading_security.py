@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from grading_toy import HIDDEN_ADD, REFERENCE, write_toy_assignment
+from grading_toy import HIDDEN_ADD, HIDDEN_MUL, REFERENCE, write_toy_assignment
 
 from common.grading.grade import grade
 from common.grading.harness import GradingContext, grade_task
@@ -72,6 +72,11 @@ def _hostile_sources(root: Path, out_dir: Path) -> dict[str, tuple[str, dict[str
             "print(SOURCE)\n"
             "def add(a, b):\n    raise AssertionError(SOURCE)\n" + CORRECT_MUL,
             {"add": 0, "mul": 1},
+        ),
+        "leaks_hidden_tests_at_import": (
+            "from pathlib import Path\n"
+            "raise RuntimeError(''.join(p.read_text() for p in sorted(Path('tests/hidden').glob('*.py'))))\n",
+            {"add": 0, "mul": 0},
         ),
         "reads_the_reference": (
             "import os\n"
@@ -146,8 +151,9 @@ def _scores(result) -> dict[str, float]:
 @pytest.mark.parametrize(
     "name",
     ["reference", "starter", "loops_forever", "allocates_without_bound", "forks_repeatedly", "exits_at_import",
-     "patches_pytest", "fakes_results", "reads_hidden_tests", "reads_the_reference", "writes_outside_but_correct",
-     "with_extra_files", "zip_slip", "zip_symlink", "folder_symlink"],
+     "patches_pytest", "fakes_results", "reads_hidden_tests", "leaks_hidden_tests_at_import",
+     "reads_the_reference", "writes_outside_but_correct", "with_extra_files", "zip_slip", "zip_symlink",
+     "folder_symlink"],
 )  # fmt: skip
 def test_each_submission_gets_its_score(graded, name: str) -> None:
     results, expected, _, out_dir = graded
@@ -188,11 +194,12 @@ def test_refusals_name_the_offending_entry(graded) -> None:
 @pytest.mark.slow
 def test_hidden_test_source_never_reaches_the_student(graded) -> None:
     _, _, _, out_dir = graded
-    report = (out_dir / "reads_hidden_tests" / "results.json").read_text()
-    for line in HIDDEN_ADD.splitlines():
-        if len(line.strip()) >= 12:
-            assert line.strip() not in report
-    assert "[a line quoting the hidden tests was removed]" in report
+    for name in ("reads_hidden_tests", "leaks_hidden_tests_at_import"):  # from a failing test, from an import
+        report = (out_dir / name / "results.json").read_text()
+        for line in (HIDDEN_ADD + HIDDEN_MUL).splitlines():
+            if len(line.strip()) >= 12:
+                assert line.strip() not in report, (name, line)
+        assert "[a line quoting the hidden tests was removed]" in report
 
 
 @pytest.mark.slow

@@ -41,6 +41,7 @@ markers =
     gpu: needs a CUDA GPU
     slow: takes more than a few seconds
 """
+MESSAGE_CHARS = 600  # of a failure message in results.json: enough to debug, too little to dump a file
 MIN_REDACTED_LINE = 12  # shorter lines of a hidden test (`return x`, `)`) are too common to count as a leak
 
 
@@ -248,7 +249,7 @@ def score_run(context: GradingContext, task: Task, run: RunResult) -> TaskResult
     reported = {m["nodeid"]: m for m in run.messages if m["kind"] == "result"}
     started = [m["nodeid"] for m in run.messages if m["kind"] == "start"]
     collect_errors = [m["message"] for m in run.messages if m["kind"] == "collect_error"]
-    finished = any(m["kind"] == "finished" for m in run.messages)
+    finished = next((m for m in run.messages if m["kind"] == "finished"), None)
     unfinished = next((n for n in reversed(started) if n not in reported), None)
     if run.timed_out:
         why = f"not run: the task's time limit of {task.time_limit_s:.0f} s ran out" + (
@@ -261,10 +262,11 @@ def score_run(context: GradingContext, task: Task, run: RunResult) -> TaskResult
             "not run: the tests could not import the submission: "
             + collect_errors[0].strip().splitlines()[-1]
         )
-    elif not finished:
+    elif finished is None:
         why = f"not run: the test process ended early (exit code {run.returncode})"
     else:
-        why = "not run"
+        why = f"not run: pytest stopped before this test (exit status {finished.get('exitstatus')})"
+    why = context.redact(why)[:MESSAGE_CHARS]
     outcomes, infra = [], []
     for nodeid in context.expected[task.id]:
         message = reported.get(nodeid)
@@ -273,7 +275,7 @@ def score_run(context: GradingContext, task: Task, run: RunResult) -> TaskResult
             continue
         if message.get("infra"):
             infra.append(f"{nodeid}: {message['infra']}")
-        text = context.redact(str(message.get("message", "")))[:600]
+        text = context.redact(str(message.get("message", "")))[:MESSAGE_CHARS]
         outcomes.append(CaseOutcome(nodeid, bool(message.get("passed")), text))
     if infra:
         return TaskResult(
@@ -281,7 +283,7 @@ def score_run(context: GradingContext, task: Task, run: RunResult) -> TaskResult
             "infrastructure error",
             None,
             outcomes,
-            detail="; ".join(infra[:3]),
+            detail=context.redact("; ".join(infra[:3])),
             duration_s=run.duration_s,
             log=log,
         )
