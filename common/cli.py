@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.errors import EffdlError, MissingDependencyError
+from common.grading.manifest import Assignment
 from common.weeks import REPO_ROOT, get_week
 
 DEFAULT_BUILD_DIR = REPO_ROOT / "build"
@@ -140,7 +141,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _selftest_summary(assignment) -> str:
+def _selftest_summary(assignment: Assignment) -> str:
     """Run a grader self-test quietly; raise with the problems, or say what was proven."""
     from rich.console import Console
 

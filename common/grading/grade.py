@@ -86,7 +86,7 @@ def grade(
     console.print(
         f"Gradebook: {gradebook}  ({elapsed:.0f} s for {len(results)} submission(s))", soft_wrap=True
     )
-    isolation = next((t.log.splitlines()[0] for r in results for t in r.tasks if t.log), None)
+    isolation = next((t.isolation for r in results for t in r.tasks if t.isolation), None)
     if isolation:
-        console.print(f"Sandbox {isolation.strip('[]')}", soft_wrap=True)
+        console.print(f"Sandbox isolation: {isolation}", soft_wrap=True)
     return results

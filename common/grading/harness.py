@@ -18,8 +18,8 @@ from pathlib import Path
 
 from common.errors import EffdlError
 from common.grading.manifest import Assignment, Task
-from common.grading.sandbox import JailSpec, Limits, RunResult, run_in_sandbox
-from common.grading.solutions import reference_source, starter_source
+from common.grading.sandbox import GPU_MEMORY_ENV, JailSpec, Limits, RunResult, run_in_sandbox
+from common.grading.solutions import Transform, reference_source, starter_source
 from common.weeks import REPO_ROOT
 
 _SYSTEM_READ_PATHS = (
@@ -68,10 +68,7 @@ class TaskResult:
     duration_s: float = 0.0
     attempts: int = 1
     log: str = ""
-
-    @property
-    def passed(self) -> int:
-        return sum(t.passed for t in self.tests)
+    isolation: dict[str, str] = field(default_factory=dict)  # what the sandbox could enforce on this machine
 
 
 @dataclass
@@ -122,7 +119,9 @@ class GradingContext:
 
     def collect(self, selections: list[str]) -> list[str]:
         """The test ids pytest collects for `selections` on the reference solution."""
-        reference = build_tree(self.assignment, self.workdir / "reference", reference_source)
+        reference = self.workdir / "reference"
+        if not reference.exists():  # built once per batch, however many selections are collected
+            build_tree(self.assignment, reference, reference_source)
         run = self.run_pytest(reference, ["--collect-only", *selections], Limits(time_limit_s=300))
         collected = next((m["nodeids"] for m in run.messages if m["kind"] == "collected"), None)
         errors = [m["message"] for m in run.messages if m["kind"] == "collect_error"]
@@ -169,7 +168,7 @@ class GradingContext:
             "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus),
         }
         if gpu_memory:
-            env["EFFDL_GRADER_GPU_MEMORY_BYTES"] = str(gpu_memory)
+            env[GPU_MEMORY_ENV] = str(gpu_memory)
         argv = [sys.executable, "-m", "pytest", "-p", "common.grading.plugin", "-p", "no:cacheprovider",
                 "-c", "pytest.ini", "--rootdir", str(tree), "-q", "--no-header", "-rN", *args]  # fmt: skip
         python_trees = {sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages()}
@@ -193,7 +192,7 @@ class GradingContext:
         return "\n".join(kept)
 
 
-def build_tree(assignment: Assignment, dest: Path, transform) -> Path:
+def build_tree(assignment: Assignment, dest: Path, transform: Transform) -> Path:
     """A copy of the assignment without mutants, its `src/` files passed through `transform(text, where)`."""
     if dest.exists():
         shutil.rmtree(dest)
@@ -245,7 +244,9 @@ def score_run(context: GradingContext, task: Task, run: RunResult) -> TaskResult
     """Turn the sandbox's report into per-test outcomes and a score."""
     log = f"[isolation: {run.isolation}]\n{run.output_tail}"
     if run.supervisor_error:
-        return TaskResult(task, "infrastructure error", None, detail=run.supervisor_error, log=log)
+        return TaskResult(
+            task, "infrastructure error", None, detail=run.supervisor_error, log=log, isolation=run.isolation
+        )
     reported = {m["nodeid"]: m for m in run.messages if m["kind"] == "result"}
     started = [m["nodeid"] for m in run.messages if m["kind"] == "start"]
     collect_errors = [m["message"] for m in run.messages if m["kind"] == "collect_error"]
@@ -286,6 +287,7 @@ def score_run(context: GradingContext, task: Task, run: RunResult) -> TaskResult
             detail=context.redact("; ".join(infra[:3])),
             duration_s=run.duration_s,
             log=log,
+            isolation=run.isolation,
         )
     passed, total = sum(o.passed for o in outcomes), len(outcomes)
     if task.partial_credit == "all_or_nothing":
@@ -297,4 +299,13 @@ def score_run(context: GradingContext, task: Task, run: RunResult) -> TaskResult
         detail += f"; time limit {task.time_limit_s:.0f} s exceeded"
     if run.forged_messages:
         detail += f"; {run.forged_messages} forged result line(s) ignored"
-    return TaskResult(task, "graded", score, outcomes, detail=detail, duration_s=run.duration_s, log=log)
+    return TaskResult(
+        task,
+        "graded",
+        score,
+        outcomes,
+        detail=detail,
+        duration_s=run.duration_s,
+        log=log,
+        isolation=run.isolation,
+    )

@@ -25,10 +25,9 @@ from typing import Any
 
 import pytest
 
-from common.grading.sandbox import RESULT_FD_ENV, TOKEN_FD_ENV
+from common.grading.sandbox import GPU_MEMORY_ENV, RESULT_FD_ENV, TOKEN_FD_ENV
 
 MESSAGE_CHARS = 600
-GPU_MEMORY_ENV = "EFFDL_GRADER_GPU_MEMORY_BYTES"
 _WATCHED_MODULES = ("builtins", "math", "pytest", "torch.testing", "numpy.testing", "hypothesis", __name__)
 
 

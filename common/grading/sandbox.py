@@ -42,6 +42,7 @@ OUTPUT_TAIL_BYTES = 64 * 1024  # the TA's log keeps the end of the submission's 
 MAX_CHANNEL_BYTES = 8 * 1024 * 1024  # results of a few hundred tests fit easily; more is an attack
 _PR_SET_CHILD_SUBREAPER = 36
 RESULT_FD_ENV, TOKEN_FD_ENV = "EFFDL_GRADER_RESULT_FD", "EFFDL_GRADER_TOKEN_FD"
+GPU_MEMORY_ENV = "EFFDL_GRADER_GPU_MEMORY_BYTES"  # the GPU-memory budget the plugin applies before any test
 _COURSE_ROOT = str(Path(__file__).resolve().parents[2])  # so the supervisor and the jail can import `common`
 
 

@@ -24,7 +24,7 @@ from common.grading.grade import task_progress
 from common.grading.harness import GradingContext, TaskResult
 from common.grading.intake import Submission
 from common.grading.manifest import Assignment, Mutant, Task
-from common.grading.solutions import apply_mutant, reference_source, starter_source
+from common.grading.solutions import Transform, apply_mutant, reference_source, starter_source
 
 PUBLIC = Task(id="public", title="public tests", points=1.0, tests=("tests/public",), time_limit_s=300)
 
@@ -43,7 +43,8 @@ class Verdict:
         return not self.problems
 
 
-def variant_files(assignment: Assignment, transform) -> dict[str, str]:
+def variant_files(assignment: Assignment, transform: Transform) -> dict[str, str]:
+    """The submitted files of the reference passed through `transform` (to a starter, or to the reference)."""
     return {path: transform((assignment.src / path).read_text(), f"src/{path}") for path in assignment.submit}
 
 
