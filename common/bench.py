@@ -26,7 +26,7 @@ How a GPU measurement works, and why:
   background load hits both, and reports the median of per-pair ratios.
 - The result carries the median (robust to the odd slow repetition) with p20/p80 spread, min, mean, n,
   throughput against the datasheet peak and against a measured copy bandwidth, peak memory, and the
-  environment (GPU, clocks, versions), so a number saved today can be judged later.
+  environment (GPU, clocks, versions: common.environment), so a number saved today can be judged later.
 
 On a CPU the same API times with `time.perf_counter` and returns the same BenchResult type.
 """
@@ -35,15 +35,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import gc
 import inspect
 import json
 import math
-import os
-import platform
-import shutil
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +48,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from common.environment import environment
 from common.errors import EffdlError
 from common.hardware import GPUSpec, NoGPUError, UnknownGPUError, default_device, dtype_key, gpu_spec
 
@@ -62,8 +58,6 @@ __all__ = [
     "Comparison",
     "bench",
     "compare",
-    "environment",
-    "library_versions",
     "measured_copy_bandwidth",
     "result_from_times",
     "save_results",
@@ -811,7 +805,7 @@ def compare(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Ceiling and environment
+# Ceiling and saving
 # ----------------------------------------------------------------------------------------------------
 
 _COPY_BANDWIDTH: dict[str, float] = {}
@@ -840,105 +834,6 @@ def measured_copy_bandwidth(device: torch.device | str | int | None = None) -> f
         _COPY_BANDWIDTH[key] = 2 * nbytes / (result.median_ms / 1e3)
         del src, dst
     return _COPY_BANDWIDTH[key]
-
-
-def library_versions() -> dict[str, str | None]:
-    """Versions of the libraries that produce a number: Python, torch, CUDA, triton, numpy."""
-    try:
-        import triton
-
-        triton_version: str | None = triton.__version__
-    except ImportError:  # no triton on macOS / Windows
-        triton_version = None
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": triton_version,
-        "numpy": np.__version__,
-    }
-
-
-@functools.lru_cache(maxsize=1)
-def _static_environment() -> dict[str, Any]:
-    cpu = platform.processor() or None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        **library_versions(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-    }
-
-
-_NVSMI_FIELDS = {
-    "driver": "driver_version",
-    "sm_clock_mhz": "clocks.sm",
-    "mem_clock_mhz": "clocks.mem",
-    "max_sm_clock_mhz": "clocks.max.sm",
-    "max_mem_clock_mhz": "clocks.max.mem",
-    "temperature_c": "temperature.gpu",
-    "power_w": "power.draw",
-    "pstate": "pstate",
-}
-
-
-def _nvidia_smi(device: torch.device) -> dict[str, Any]:
-    """Clocks, driver and power from nvidia-smi, sampled now; None for each field if unavailable."""
-    values: dict[str, Any] = dict.fromkeys(_NVSMI_FIELDS)
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return values
-    # Select the GPU by UUID: CUDA's device index and nvidia-smi's can differ (CUDA_VISIBLE_DEVICES,
-    # CUDA_DEVICE_ORDER), the UUID can't.
-    uuid = str(torch.cuda.get_device_properties(device).uuid)
-    uuid = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
-    cmd = [
-        exe,
-        "-i",
-        uuid,
-        f"--query-gpu={','.join(_NVSMI_FIELDS.values())}",
-        "--format=csv,noheader,nounits",
-    ]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return values
-    parts = [p.strip() for p in out.strip().splitlines()[0].split(",")] if out.strip() else []
-    for key, raw in zip(_NVSMI_FIELDS, parts, strict=False):
-        if raw.startswith("[") or raw == "":  # "[N/A]", "[Not Supported]"
-            continue
-        try:
-            values[key] = int(raw) if raw.isdigit() else float(raw)
-        except ValueError:
-            values[key] = raw  # driver version, pstate
-    if values["driver"] is not None:
-        values["driver"] = str(values["driver"])
-    return values
-
-
-def environment(device: torch.device | str | int | None = None) -> dict[str, Any]:
-    """What produced a number: GPU, clocks (sampled now), driver and library versions. No hostname."""
-    dev = _resolve_device(device, cuda_graph=False)
-    env: dict[str, Any] = {"device": str(dev), **_static_environment()}
-    if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        env.update(
-            gpu=props.name,
-            compute_capability=f"{props.major}.{props.minor}",
-            sm_count=props.multi_processor_count,
-            memory_bytes=props.total_memory,
-            l2_bytes=props.L2_cache_size,
-            float32_matmul_precision=torch.get_float32_matmul_precision(),
-            **_nvidia_smi(dev),
-        )
-    else:
-        env.update(gpu=None, torch_threads=torch.get_num_threads())
-    return env
 
 
 def _jsonable(obj: Any) -> Any:

@@ -5,10 +5,10 @@
 Three comparisons, each timed with common.bench.compare (both sides interleaved in one process):
 
 - autocast_step: one training step (forward, backward, AdamW) of a transformer block, bf16 autocast against
-  fp32 with TF32 off. The block is large enough (d_model 4096, 2048 tokens x 8) that matmuls dominate, so
-  the ratio shows the tensor cores. Goal: >= 2x.
+  fp32 with TF32 off for the whole step. The block is large enough (d_model 4096, 2048 tokens x 8) that
+  matmuls dominate, so the ratio shows the tensor cores. Goal: >= 2x.
 - jpeg_decode: decoding a batch of 1024x768 JPEGs, already in memory, with batched nvJPEG on the GPU against
-  Pillow on one CPU core. Goal: >= 10x.
+  Pillow on one CPU core, both timed with CUDA events on the GPU's clock. Goal: >= 10x.
 - fp8_gemm: an 8192^3 GEMM with per-tensor scaled e4m3 operands (torch._scaled_mm, fast accumulation)
   against bf16 (cuBLAS). Goal: >= 1.5x (the datasheet ratio is 2x). Recorded as skipped on GPUs without fp8.
 
@@ -90,7 +90,8 @@ def autocast_step(quick: bool) -> PipelineResult:
         return partial(amp.train_step, block, x, target, F.mse_loss, optimizer, policy)
 
     flops = block_flops(batch, seq, d_model)
-    # The "fp32" policy runs with TF32 off (train_step enforces the policy's setting around each step).
+    # The "fp32" policy keeps TF32 off for the whole step: train_step applies a policy's TF32 setting to the
+    # forward, the backward and the optimizer step alike, and restores the previous setting after it.
     comparison = compare(
         step_fn("fp32"), step_fn("bf16"), names=("fp32, TF32 off", "bf16 autocast"), flops=flops
     )
@@ -120,17 +121,21 @@ def jpeg_decode(quick: bool) -> PipelineResult:
 
     def gpu() -> object:
         images = torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB, device=device)
-        torch.cuda.synchronize(device)  # until the images are ready, whichever stream nvJPEG decoded on
+        # nvJPEG may decode on a stream of its own: the sync puts the end of the decode before the timing
+        # event that common.bench records on the current stream after this call returns.
+        torch.cuda.synchronize(device)
         return images
 
-    # Host-side wall time for both (perf_counter): Pillow is CPU work, and the GPU side syncs itself.
+    # Both sides are timed with CUDA events on this GPU (common.bench's timer for a CUDA device), so the
+    # result records the GPU. Pillow's side launches no GPU work: on the idle GPU its two events are
+    # stamped as they are recorded, a wall-clock time of the host's decoding.
     comparison = compare(
         pil,
         gpu,
         names=("Pillow, 1 CPU thread", "nvJPEG, GPU batch"),
         warmup_ms=200,
         rep_ms=2000,
-        device="cpu",
+        device=device,
     )
     megapixels = n * size[0] * size[1] / 1e6
     return PipelineResult(

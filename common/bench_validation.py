@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from common.bench import bench, environment, save_results
+from common.bench import bench, save_results
+from common.environment import environment
 from common.hardware import NoGPUError, default_device
 
 __all__ = ["run_timer_validation"]

@@ -10,17 +10,30 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from common.errors import EffdlError, MissingDependencyError
-from common.grading.manifest import Assignment
 from common.weeks import REPO_ROOT, get_week
 
 DEFAULT_BUILD_DIR = REPO_ROOT / "build"
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+OUT_HELP = "folder for the results (default: benchmarks/results/<this GPU>, e.g. .../nvidia-h200)"
+
+
+def results_dir(out: str | None) -> Path:
+    """--out, or this GPU's own folder under benchmarks/results: results of different GPUs side by side."""
+    from common.environment import device_folder
+
+    return Path(out) if out else RESULTS_DIR / device_folder()
+
+# The course environment's packages (pyproject.toml's dependencies) by the names they are imported as. One of
+# them missing means the environment is not synced; any other ModuleNotFoundError is a bug, shown in full.
+COURSE_PACKAGES = frozenset({
+    "torch", "torchvision", "triton", "numpy", "matplotlib", "PIL", "rich",
+    "jupyterlab", "ipykernel", "jupytext", "nbclient", "nbformat",
+    "pytest", "xdist", "pytest_timeout", "nbval", "hypothesis", "ruff",
+})  # fmt: skip
 
 MAIN_EPILOG = """\
 examples:
@@ -48,6 +61,7 @@ def cmd_seminar(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from common import notebooks
+    from common.environment import device_name
 
     week = get_week(args.week)
     small = args.small if args.small is not None else not torch.cuda.is_available()
@@ -57,7 +71,7 @@ def cmd_seminar(args: argparse.Namespace) -> int:
         )
     console = Console()
     mode = "small" if small else "full"
-    console.print(f"Running {week.name} seminar ({mode} sizes, device: {notebooks.device_name()})")
+    console.print(f"Running {week.name} seminar ({mode} sizes, device: {device_name()})")
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -97,61 +111,9 @@ def cmd_slides(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Check that every seminar (small sizes), every slide deck and every grader self-test works here."""
-    from rich.console import Console
-    from rich.table import Table
+    from common.check import check_course
 
-    from common import notebooks, slides
-    from common.weeks import weeks_with_seminar, weeks_with_slides
-
-    console = Console()
-    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="effdl-check-"))
-    checks: list[tuple[str, str, Callable[[], str]]] = []
-    for week in weeks_with_seminar():
-        checks.append(
-            (
-                week.name,
-                "seminar (small)",
-                lambda w=week: str(notebooks.execute(w, small=True, out_dir=out_dir).path),
-            )
-        )
-    for week in weeks_with_slides():
-        checks.append((week.name, "slides", lambda w=week: f"{slides.build(w, out_dir).n_slides} slides"))
-    from common.grading.manifest import assignment_names, find_assignment
-
-    for name in assignment_names():
-        if not (REPO_ROOT / "assignments" / name / "tests" / "hidden").is_dir():
-            continue  # a student release: the graders are not part of it
-        checks.append((name, "grader self-test", lambda n=name: _selftest_summary(find_assignment(n))))
-
-    table = Table(title=f"effdl check ({len(checks)} checks; outputs in {out_dir})")
-    for column in ("week", "check", "result", "time", "detail"):
-        table.add_column(column)
-    failures = 0
-    for name, kind, run_check in checks:
-        start = time.perf_counter()
-        with console.status(f"{name}: {kind}"):
-            try:
-                detail, ok = run_check(), True
-            except EffdlError as error:
-                detail, ok = str(error), False
-        failures += not ok
-        result = "[green]ok[/green]" if ok else "[red]FAILED[/red]"
-        table.add_row(name, kind, result, f"{time.perf_counter() - start:.0f} s", detail)
-    console.print(table)
-    return 1 if failures else 0
-
-
-def _selftest_summary(assignment: Assignment) -> str:
-    """Run a grader self-test quietly; raise with the problems, or say what was proven."""
-    from rich.console import Console
-
-    from common.grading.selftest import selftest
-
-    verdicts = selftest(assignment, console=Console(quiet=True))
-    wrong = [f"{v.variant}: {'; '.join(v.problems)}" for v in verdicts if not v.ok]
-    if wrong:
-        raise EffdlError(" | ".join(wrong))
-    return f"reference full, starter 0, {len(verdicts) - 2} mutants caught"
+    return check_course(Path(args.out) if args.out else None)
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
@@ -190,7 +152,7 @@ def cmd_bench_timers(args: argparse.Namespace) -> int:
     """Check common.bench against triton.testing on this GPU and save the figures as JSON."""
     from common.bench_validation import run_timer_validation
 
-    report = run_timer_validation(Path(args.out))
+    report = run_timer_validation(results_dir(args.out))
     for check in report["checks"]:
         print(
             f"{check['name']}: common.bench {check['ours_ms']:.4f} ms vs {check['reference']} "
@@ -206,7 +168,7 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from common.kernels.benchmark import run_kernel_benchmarks
 
     try:
-        paths = run_kernel_benchmarks(Path(args.out), kernels=args.kernel, quick=args.quick)
+        paths = run_kernel_benchmarks(results_dir(args.out), kernels=args.kernel, quick=args.quick)
     except ValueError as error:  # an unknown kernel name: the message lists the valid ones
         raise EffdlError(str(error)) from None
     print("\n".join(f"saved {path}" for path in paths))
@@ -217,7 +179,7 @@ def cmd_bench_pipelines(args: argparse.Namespace) -> int:
     """Week-3 benchmarks on this GPU: autocast training step, GPU JPEG decoding, fp8 GEMM."""
     from common.bench_pipelines import run_pipeline_benchmarks
 
-    paths = run_pipeline_benchmarks(Path(args.out), quick=args.quick)
+    paths = run_pipeline_benchmarks(results_dir(args.out), quick=args.quick)
     print("\n".join(f"saved {path}" for path in paths))
     return 0
 
@@ -355,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks whose results the READMEs quote")
     bench_sub = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
     timers = _add_command(bench_sub, "timers", cmd_bench_timers)
-    timers.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON results")
+    timers.add_argument("--out", help=OUT_HELP)
     kernels = _add_command(
         bench_sub,
         "kernels",
@@ -364,12 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     kernels.add_argument("--kernel", action="append", help="one kernel (repeatable; default: all)")
     kernels.add_argument("--quick", action="store_true", help="a short sweep, to check that everything runs")
-    kernels.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON results and plots")
+    kernels.add_argument("--out", help=OUT_HELP)
     pipelines = _add_command(
         bench_sub, "pipelines", cmd_bench_pipelines, epilog="example:\n  effdl bench pipelines"
     )
     pipelines.add_argument("--quick", action="store_true", help="small sizes, to check that everything runs")
-    pipelines.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON results")
+    pipelines.add_argument("--out", help=OUT_HELP)
 
     test = _add_command(
         sub,
@@ -394,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"effdl: error: {error}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] not in COURSE_PACKAGES:
+            raise  # not a package `uv sync` installs: an import bug, whose traceback says where
         print(
             f"effdl: error: the Python package {error.name!r} is missing; "
             "run `uv sync` in the repository root, or start commands with `uv run`",

@@ -80,33 +80,41 @@ class GPUSpec:
             raise ValueError(f"GPUSpec {self.name!r}: peaks and bandwidth must be positive")
 
 
-# Datasheet numbers, dense. Sources: NVIDIA H100, H200, A100, L4, T4 datasheets; the Ada (RTX 4090)
-# whitepaper. Notes on the less obvious entries:
+# Datasheet numbers, dense. Each entry names its source; the numbers were checked against it. Notes:
+# - Datasheets print tensor-core figures "with sparsity" (2:4), twice the dense rate: we halve them.
 # - fp64 on A100/H100/H200 is the FP64 tensor-core figure (what cuBLAS DGEMM reaches), twice the
 #   vector rate. On L4/T4/RTX 4090 fp64 is not on the datasheet: it is the architectural 1/64 (Ada) or
 #   1/32 (Turing) of the fp32 rate, kept so a roofline shows how slow fp64 is there.
 # - fp32 is the CUDA-core rate; tf32 is what an fp32 matmul gets with TF32 allowed
 #   (torch.set_float32_matmul_precision("high")).
+# - A peak is FLOPs per clock x SMs x an assumed clock, e.g. H100 SXM bf16: 4096 dense FLOP per clock per
+#   SM x 132 SMs x 1.83 GHz = 989.4 TFLOP/s. A GPU that runs at a lower clock (power or thermal limit) has
+#   a proportionally lower reachable peak.
 # - RTX 4090 tensor-core figures are those with FP32 accumulation: GeForce parts run FP16-accumulate
 #   at twice that rate, but PyTorch accumulates in FP32.
 # - "GB" of GPU memory on datasheets are binary (80 GB = 80 GiB); bandwidths are decimal (TB/s = 1e12 B/s).
 SPECS: dict[str, GPUSpec] = {
+    # NVIDIA H100 Tensor Core GPU Architecture whitepaper, H100 SXM5 column: FP64 tensor 66.9, FP32 66.9,
+    # TF32 494.7, FP16/BF16 989.4, FP8 1978.9 TFLOP/s, INT8 1978.9 TOPS (dense); 132 SMs, 50 MB L2.
+    # H100 datasheet, SXM column: 80 GB HBM3 at 3.35 TB/s (it rounds the same peaks: 67, 989, 1979).
     "H100 SXM": GPUSpec(
         name="H100 SXM",
         peak_flops={
-            "fp64": 67e12,
-            "fp32": 67e12,
-            "tf32": 494.5e12,
-            "bf16": 989.5e12,
-            "fp16": 989.5e12,
-            "fp8": 1979e12,
-            "int8": 1979e12,
+            "fp64": 66.9e12,
+            "fp32": 66.9e12,
+            "tf32": 494.7e12,
+            "bf16": 989.4e12,
+            "fp16": 989.4e12,
+            "fp8": 1978.9e12,
+            "int8": 1978.9e12,
         },
         mem_bandwidth=3.35e12,
         memory_bytes=80 * GiB,
         l2_bytes=50 * MiB,
         sm_count=132,
     ),
+    # H100 datasheet, PCIe column: FP64 tensor 51, FP32 51, TF32 756*, BF16/FP16 1513*, FP8/INT8 3026*
+    # (* sparse, halved here); 80 GB HBM2e at 2.0 TB/s. 114 SMs and 50 MB L2: H100 whitepaper.
     "H100 PCIe": GPUSpec(
         name="H100 PCIe",
         peak_flops={
@@ -123,25 +131,30 @@ SPECS: dict[str, GPUSpec] = {
         l2_bytes=50 * MiB,
         sm_count=114,
     ),
-    # The H200 SXM is the H100 SXM chip with more and faster memory (141 GB HBM3e); with all six memory
-    # stacks enabled it also has the die's full 60 MB of L2 (the H100 SXM enables five: 50 MB).
+    # H200 SXM (torch and nvidia-smi call it "NVIDIA H200"). H200 datasheet, SXM column: the H100 SXM's
+    # compute (FP64 tensor 67, FP32 67, TF32 989*, BF16/FP16 1979*, FP8/INT8 3958*, * sparse), so the
+    # whitepaper's unrounded H100 SXM figures are used; 141 GB HBM3e at 4.8 TB/s. 132 SMs (same GH100
+    # configuration). L2 is not on the datasheet: with all six memory stacks enabled the die's full 60 MB
+    # (the H100 SXM enables five: 50 MB); tests/test_hardware.py checks it against the device on a GPU run.
     "H200": GPUSpec(
         name="H200",
         peak_flops={
-            "fp64": 67e12,
-            "fp32": 67e12,
-            "tf32": 494.5e12,
-            "bf16": 989.5e12,
-            "fp16": 989.5e12,
-            "fp8": 1979e12,
-            "int8": 1979e12,
+            "fp64": 66.9e12,
+            "fp32": 66.9e12,
+            "tf32": 494.7e12,
+            "bf16": 989.4e12,
+            "fp16": 989.4e12,
+            "fp8": 1978.9e12,
+            "int8": 1978.9e12,
         },
         mem_bandwidth=4.8e12,
         memory_bytes=141 * GiB,
         l2_bytes=60 * MiB,
         sm_count=132,
     ),
-    # A100 40GB: the SXM4 and PCIe parts share these datasheet numbers.
+    # A100 40GB: NVIDIA A100 datasheet (the SXM4 and PCIe 40GB parts share these numbers): FP64 tensor
+    # 19.5, FP32 19.5, TF32 156, BF16/FP16 312 TFLOP/s, INT8 624 TOPS (dense); 1,555 GB/s. 108 SMs and
+    # 40 MB L2: NVIDIA A100 Tensor Core GPU Architecture whitepaper.
     "A100 40GB": GPUSpec(
         name="A100 40GB",
         peak_flops={
@@ -157,7 +170,8 @@ SPECS: dict[str, GPUSpec] = {
         l2_bytes=40 * MiB,
         sm_count=108,
     ),
-    # A100 80GB SXM4 (the 80GB PCIe part has 1.935 TB/s and is deliberately not matched to this entry).
+    # A100 80GB SXM4: A100 datasheet, "A100 80GB SXM" column: compute as the 40GB part, 2,039 GB/s. (The 80GB
+    # PCIe part has 1.935 TB/s and is deliberately not matched to this entry.)
     "A100 80GB": GPUSpec(
         name="A100 80GB",
         peak_flops={
@@ -173,6 +187,8 @@ SPECS: dict[str, GPUSpec] = {
         l2_bytes=40 * MiB,
         sm_count=108,
     ),
+    # NVIDIA L4 datasheet: FP32 30.3, TF32 120*, BF16/FP16 242*, FP8 485*, INT8 485* (* sparse, halved
+    # here); 24 GB GDDR6 at 300 GB/s. 58 SMs and 48 MB L2 (AD104): NVIDIA Ada GPU architecture whitepaper.
     "L4": GPUSpec(
         name="L4",
         peak_flops={
@@ -189,7 +205,9 @@ SPECS: dict[str, GPUSpec] = {
         l2_bytes=48 * MiB,
         sm_count=58,
     ),
-    # Turing: tensor cores do fp16 and int8 only (no bf16, tf32 or fp8).
+    # NVIDIA T4 datasheet: FP32 8.1, mixed FP16/FP32 65 TFLOP/s, INT8 130 TOPS; 16 GB GDDR6 at 320 GB/s.
+    # 40 SMs and 4 MB L2 (TU104): Turing whitepaper. Turing tensor cores do fp16 and int8 only (no bf16,
+    # tf32 or fp8).
     "T4": GPUSpec(
         name="T4",
         peak_flops={
@@ -203,6 +221,9 @@ SPECS: dict[str, GPUSpec] = {
         l2_bytes=4 * MiB,
         sm_count=40,
     ),
+    # NVIDIA Ada GPU architecture whitepaper, GeForce RTX 4090 column: FP32 82.6, TF32 82.6,
+    # FP16/BF16 with FP32 accumulate 165.2, FP8 with FP32 accumulate 330.3 TFLOP/s, INT8 660.6 TOPS
+    # (dense); 128 SMs, 72 MB L2, 24 GB GDDR6X at 1,008 GB/s.
     "RTX 4090": GPUSpec(
         name="RTX 4090",
         peak_flops={

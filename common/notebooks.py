@@ -70,13 +70,6 @@ def sync(week: Week) -> Path:
     return week.seminar_ipynb
 
 
-def device_name() -> str:
-    """The GPU the kernel runs on, or `cpu` where there is none."""
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
 @dataclass
 class SeminarRun:
     """The result of one headless execution of a seminar."""
@@ -121,7 +114,7 @@ def execute(
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
-    from common.bench import library_versions
+    from common.environment import device_name, library_versions
 
     nb = read_source(week)
     nb.metadata.setdefault("jupytext", {})["formats"] = PAIRED_FORMATS

@@ -2,6 +2,7 @@
 
     prof = profile_steps(train_step, trace_path="trace.json")   # wait 1, warm up 1, record 3 steps
     print(top_ops_table(prof, k=10))                             # where the time went, by self time
+    ops = op_stats(prof)                                         # {(name, "cpu" | "cuda"): OpStat}
     # open trace.json in https://ui.perfetto.dev (or chrome://tracing) for the timeline
 
     with memory_history():                                       # CUDA only
@@ -37,6 +38,7 @@ __all__ = [
     "memory_snapshot",
     "memory_timeline",
     "nvtx_range",
+    "op_stats",
     "profile_steps",
     "profiler",
     "summarize_snapshot",
@@ -115,8 +117,15 @@ def profile_steps(
 class OpStat:
     """One row of the profiler's table: an op (or record_function label) aggregated over its calls.
 
-    Self time excludes the ops it called; total time includes them. Device times are of the GPU kernels the
-    op launched (0 on a CPU-only profile).
+    Self time excludes the ops it called; total time includes them.
+    device: where the row was recorded. "cpu": an op, a CUDA runtime call (cudaStreamSynchronize, ...) or a
+        record_function range on the host; its device times are the GPU kernels it (and, for the total,
+        everything it called) launched, 0 on a CPU-only profile. "cuda" (or another accelerator): the
+        GPU-side copy of a record_function range, or a kernel. For a range, the GPU-side time is the span
+        from the start of its first kernel to the end of its last, idle gaps included: it can exceed the
+        GPU's busy time, even the whole profile's. The kernel time of a range is device_total_ms of its
+        "cpu" row.
+    A record_function range has one row of each, so rows are told apart by `key`, (name, device).
     """
 
     name: str
@@ -125,26 +134,68 @@ class OpStat:
     cpu_total_ms: float
     self_device_ms: float
     device_total_ms: float
+    device: str = "cpu"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(name, device): unique within one profile, unlike the name."""
+        return (self.name, self.device)
 
 
-def top_ops(prof: torch.profiler.profile, k: int = 10, *, by: str | None = None) -> list[OpStat]:
-    """The k ops with the most self time, over the recorded (active) steps.
+def _device_name(event: Any) -> str:
+    """The profiler event's device type, lower-cased: "cpu", "cuda", ..."""
+    device_type = getattr(event, "device_type", None)
+    return str(getattr(device_type, "name", device_type or "cpu")).lower()
 
-    by: "cpu" or "device"; default "device" when GPU kernels were recorded (what the GPU spent), else "cpu".
-    ProfilerStep#N rows (the step labels themselves) are left out.
-    """
-    rows = [
-        OpStat(
+
+def _op_rows(prof: torch.profiler.profile) -> list[OpStat]:
+    """Every row of prof.key_averages() but the ProfilerStep#N labels, one per (name, device)."""
+    rows: dict[tuple[str, str], OpStat] = {}
+    for e in prof.key_averages():
+        if e.key.startswith("ProfilerStep"):
+            continue
+        row = OpStat(
             name=e.key,
             calls=e.count,
             self_cpu_ms=e.self_cpu_time_total / 1e3,
             cpu_total_ms=e.cpu_time_total / 1e3,
             self_device_ms=e.self_device_time_total / 1e3,
             device_total_ms=e.device_time_total / 1e3,
+            device=_device_name(e),
         )
-        for e in prof.key_averages()
-        if not e.key.startswith("ProfilerStep")
-    ]
+        old = rows.get(row.key)
+        if old is not None:  # key_averages splits rows by more than (name, device): add them up
+            row = OpStat(
+                row.name,
+                old.calls + row.calls,
+                old.self_cpu_ms + row.self_cpu_ms,
+                old.cpu_total_ms + row.cpu_total_ms,
+                old.self_device_ms + row.self_device_ms,
+                old.device_total_ms + row.device_total_ms,
+                row.device,
+            )
+        rows[row.key] = row
+    return list(rows.values())
+
+
+def op_stats(prof: torch.profiler.profile) -> dict[tuple[str, str], OpStat]:
+    """Every op of the recorded steps, keyed by (name, device): ops[("augment", "cpu")].cpu_total_ms.
+
+    A record_function label recorded with GPU activity has a "cpu" row (host time; the kernel time it
+    launched as device_total_ms) and a "cuda" row (the span of its kernels on the GPU): a dict keyed by
+    name alone would keep one of them and lose the other.
+    """
+    return {row.key: row for row in _op_rows(prof)}
+
+
+def top_ops(prof: torch.profiler.profile, k: int = 10, *, by: str | None = None) -> list[OpStat]:
+    """The k ops with the most self time, over the recorded (active) steps.
+
+    by: "cpu" or "device"; default "device" when GPU kernels were recorded (what the GPU spent), else "cpu".
+    ProfilerStep#N rows (the step labels themselves) are left out. A name can appear twice, once per
+    device (see OpStat): look rows up with op_stats(), by (name, device).
+    """
+    rows = _op_rows(prof)
     if by is None:
         by = "device" if any(r.self_device_ms > 0 for r in rows) else "cpu"
     if by not in ("cpu", "device"):

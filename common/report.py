@@ -9,7 +9,7 @@ import shutil
 from rich.console import Console
 from rich.table import Table
 
-from common.bench import library_versions
+from common.environment import library_versions
 from common.slides import MARP, chromium_executable
 
 

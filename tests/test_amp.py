@@ -134,6 +134,54 @@ def test_tf32_context_sets_and_restores_the_global_settings() -> None:
     assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == before
 
 
+class _RecordPrecision(torch.autograd.Function):
+    """Identity whose forward and backward write down the fp32 matmul precision in force when they run."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, seen: dict) -> torch.Tensor:
+        ctx.seen = seen
+        seen["forward"] = torch.get_float32_matmul_precision()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.seen["backward"] = torch.get_float32_matmul_precision()
+        return grad, None
+
+
+class _RecordingSGD(torch.optim.SGD):
+    def __init__(self, params, seen: dict) -> None:
+        super().__init__(params, lr=0.1)
+        self.seen = seen
+
+    def step(self, closure=None):
+        self.seen["optimizer"] = torch.get_float32_matmul_precision()
+        return super().step(closure)
+
+
+@pytest.mark.parametrize(("policy", "expected"), [("tf32", "high"), ("fp32", "highest")])
+def test_tf32_setting_covers_forward_backward_and_optimizer_step(policy: str, expected: str) -> None:
+    """Backward does two thirds of a step's matmul FLOPs: a TF32 policy that stops after forward is 1/3 TF32."""
+    seen: dict[str, str] = {}
+    linear = nn.Linear(4, 3)
+    before = torch.get_float32_matmul_precision()
+    opposite = "highest" if expected == "high" else "high"
+    torch.set_float32_matmul_precision(opposite)  # so the policy, not the global default, decides
+    try:
+        amp.train_step(
+            nn.Sequential(linear),
+            torch.randn(5, 4),
+            torch.randn(5, 3),
+            lambda out, y: F.mse_loss(_RecordPrecision.apply(out, seen), y),
+            _RecordingSGD(linear.parameters(), seen),
+            policy,
+        )
+        assert seen == {"forward": expected, "backward": expected, "optimizer": expected}
+        assert torch.get_float32_matmul_precision() == opposite, "the setting is restored after the step"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_precision_policies() -> None:
     assert [name for name, p in amp.PRECISIONS.items() if p.needs_grad_scaler] == ["fp16"]
     assert amp.precision("fp16").grad_scaler("cpu").is_enabled()
@@ -385,9 +433,17 @@ def test_pipeline_benchmarks_quick_run_writes_json(tmp_path) -> None:
         record = json.loads(path.read_text())
         assert record["quick"] is True and record["environment"]["gpu"]
         if record["skipped"] is None:
-            assert record["speedup"] > 0 and isinstance(record["goal"]["met"], bool)
+            comparison = record["comparison"]
+            assert record["goal"]["met"] == (record["speedup"] >= record["goal"]["value"])
+            assert comparison["speedup_p20"] <= record["speedup"] <= comparison["speedup_p80"]
+            # the median of per-pair ratios sits near the ratio of the two medians (interleaved, same GPU)
+            medians = comparison["baseline"]["median_ms"] / comparison["candidate"]["median_ms"]
+            assert record["speedup"] == pytest.approx(medians, rel=0.25)
     step = json.loads((tmp_path / "pipelines_autocast_step_quick.json").read_text())
     assert step["speedup"] > 1, "bf16 autocast beats fp32 without TF32 even at the quick size"
+    jpeg = json.loads((tmp_path / "pipelines_jpeg_decode_quick.json").read_text())["comparison"]
+    for side in ("baseline", "candidate"):  # both decoders timed on the GPU's clock, and the GPU recorded
+        assert jpeg[side]["timer"] == "cuda_event" and jpeg[side]["env"]["gpu"], jpeg[side]["env"]
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])

@@ -58,15 +58,61 @@ def test_spec_sanity(spec: GPUSpec) -> None:
     assert 16 <= spec.sm_count <= 200
 
 
+# Every row of SPECS against its source (named beside the row in common/hardware.py), written out again here
+# so that a slip in the table fails: dense TFLOP/s (TOPS for int8), bandwidth TB/s, memory GiB, L2 MiB, SMs.
+DATASHEETS = {
+    "H100 SXM": ({"fp64": 66.9, "fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp8": 1978.9, "int8": 1978.9},
+                 3.35, 80, 50, 132),
+    "H100 PCIe": ({"fp64": 51, "fp32": 51, "tf32": 378, "bf16": 756.5, "fp8": 1513, "int8": 1513},
+                  2.0, 80, 50, 114),
+    "H200": ({"fp64": 66.9, "fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp8": 1978.9, "int8": 1978.9},
+             4.8, 141, 60, 132),
+    "A100 40GB": ({"fp64": 19.5, "fp32": 19.5, "tf32": 156, "bf16": 312, "int8": 624}, 1.555, 40, 40, 108),
+    "A100 80GB": ({"fp64": 19.5, "fp32": 19.5, "tf32": 156, "bf16": 312, "int8": 624}, 2.039, 80, 40, 108),
+    "L4": ({"fp32": 30.3, "tf32": 60, "bf16": 121, "fp8": 242.5, "int8": 242.5}, 0.3, 24, 48, 58),
+    "T4": ({"fp32": 8.1, "fp16": 65, "int8": 130}, 0.32, 16, 4, 40),
+    "RTX 4090": ({"fp32": 82.6, "tf32": 82.6, "bf16": 165.2, "fp8": 330.3, "int8": 660.6}, 1.008, 24, 72, 128),
+}  # fmt: skip
+
+
+def test_every_row_is_checked() -> None:
+    assert set(DATASHEETS) == set(SPECS)
+
+
+@pytest.mark.parametrize("key", DATASHEETS)
+def test_row_matches_its_datasheet(key: str) -> None:
+    peaks, tb_per_s, memory_gib, l2_mib, sms = DATASHEETS[key]
+    spec = SPECS[key]
+    for dtype, tflops in peaks.items():
+        assert spec.peak_flops[dtype] == pytest.approx(tflops * 1e12, rel=1e-6), f"{key} {dtype}"
+    if "bf16" in peaks:
+        assert spec.peak_flops["fp16"] == spec.peak_flops["bf16"]
+    assert spec.mem_bandwidth == pytest.approx(tb_per_s * 1e12, rel=1e-6)
+    assert spec.memory_bytes == memory_gib * 2**30
+    assert spec.l2_bytes == l2_mib * 2**20
+    assert spec.sm_count == sms
+
+
 def test_datasheet_spot_checks() -> None:
     h100 = SPECS["H100 SXM"]
-    assert h100.peak_flops["bf16"] == pytest.approx(989.5e12)
-    assert h100.mem_bandwidth == pytest.approx(3.35e12)
-    assert h100.l2_bytes == 50 * 2**20 and h100.sm_count == 132
-    assert SPECS["H200"].peak_flops == h100.peak_flops  # same chip, more memory
-    assert SPECS["H200"].mem_bandwidth == pytest.approx(4.8e12)
-    assert SPECS["A100 80GB"].peak_flops["bf16"] == pytest.approx(312e12)
+    assert SPECS["H200"].peak_flops == h100.peak_flops  # same chip, more and faster memory
     assert "bf16" not in SPECS["T4"].peak_flops and "fp8" not in SPECS["A100 40GB"].peak_flops
+
+
+@pytest.mark.parametrize(
+    ("key", "flops_per_clock_per_sm", "clock_ghz"),
+    [
+        ("H100 SXM", 4096, 1.83),  # Hopper: 4 tensor cores x 512 dense fp16 FMA per clock
+        ("A100 40GB", 2048, 1.41),  # Ampere: 4 tensor cores x 256 dense fp16 FMA per clock
+    ],
+)
+def test_tensor_core_peak_is_sms_times_rate_times_clock(
+    key: str, flops_per_clock_per_sm: int, clock_ghz: float
+) -> None:
+    """A peak is FLOPs per clock per SM x SMs x the clock the datasheet assumes: the table agrees with that."""
+    spec = SPECS[key]
+    expected = flops_per_clock_per_sm * spec.sm_count * clock_ghz * 1e9
+    assert spec.peak_flops["bf16"] == pytest.approx(expected, rel=2e-3)
 
 
 @pytest.mark.parametrize(
@@ -137,17 +183,17 @@ def test_peak_flops_lookup_and_unsupported_dtype() -> None:
 
 def test_ridge_point_and_attainable_by_hand() -> None:
     h100 = SPECS["H100 SXM"]
-    ridge = 989.5e12 / 3.35e12  # FLOP/s over bytes/s = FLOP/byte
+    ridge = 989.4e12 / 3.35e12  # FLOP/s over bytes/s = FLOP/byte
     assert ridge_point(h100, "bf16") == pytest.approx(ridge)
     assert round(ridge) == 295
     # Below the ridge the memory roof binds: 10 FLOP/B x 3.35 TB/s = 33.5 TFLOP/s.
     assert attainable_flops(10.0, h100, "bf16") == pytest.approx(33.5e12)
     assert isinstance(attainable_flops(10.0, h100, "bf16"), float)
     # Above it the compute roof does; at the ridge both agree.
-    assert attainable_flops(1000.0, h100, "bf16") == pytest.approx(989.5e12)
-    assert attainable_flops(ridge, h100, "bf16") == pytest.approx(989.5e12)
+    assert attainable_flops(1000.0, h100, "bf16") == pytest.approx(989.4e12)
+    assert attainable_flops(ridge, h100, "bf16") == pytest.approx(989.4e12)
     x = np.array([1.0, ridge, 1e4])
-    np.testing.assert_allclose(attainable_flops(x, h100, "bf16"), [3.35e12, 989.5e12, 989.5e12])
+    np.testing.assert_allclose(attainable_flops(x, h100, "bf16"), [3.35e12, 989.4e12, 989.4e12])
 
 
 def test_plot_roofline_draws_on_agg() -> None:

@@ -6,10 +6,12 @@ import json
 import pickle
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
+from torch.autograd import DeviceType
 from torch.profiler import record_function
 
 from common import profiling
@@ -33,6 +35,7 @@ def test_profile_steps_records_only_the_active_steps_and_writes_a_trace(tmp_path
     assert ops["slow_part"].calls == 3
     assert ops["slow_part"].self_cpu_ms >= 3 * 20  # sleep(0.02) cannot take less than 20 ms
     assert not any(name.startswith("ProfilerStep") for name in ops)
+    assert profiling.op_stats(prof)[("slow_part", "cpu")] == ops["slow_part"]  # a CPU profile: all rows "cpu"
 
     events = json.loads(trace.read_text())["traceEvents"]
     names = [e.get("name", "") for e in events]
@@ -52,6 +55,58 @@ def test_top_ops_are_sorted_by_self_time_and_limited_to_k() -> None:
     assert "slow_part" in table and "Self CPU" in table
     with pytest.raises(ValueError, match="by must be"):
         profiling.top_ops(prof, by="gpu")
+
+
+class _FakeProfile:
+    """What top_ops and op_stats read from a profiler: key_averages(), rows as a GPU profile has them."""
+
+    def __init__(self, events: list[SimpleNamespace]) -> None:
+        self.events = events
+
+    def key_averages(self) -> list[SimpleNamespace]:
+        return self.events
+
+
+def _event(
+    key: str, device: DeviceType, calls: int, self_cpu: float, cpu: float, self_dev: float, dev: float
+):
+    """A key_averages() row; times in microseconds, as torch.profiler reports them."""
+    return SimpleNamespace(
+        key=key,
+        device_type=device,
+        count=calls,
+        self_cpu_time_total=self_cpu,
+        cpu_time_total=cpu,
+        self_device_time_total=self_dev,
+        device_time_total=dev,
+    )
+
+
+def test_a_labels_cpu_and_gpu_rows_are_kept_apart() -> None:
+    # A record_function label profiled on a GPU has two rows of one name: the host range (CPU time, and the
+    # kernel time it launched as device total) and the GPU range (the span of its kernels, idle gaps included).
+    prof = _FakeProfile(
+        [
+            _event("augment", DeviceType.CUDA, 3, 0.0, 0.0, 108_900.0, 108_900.0),
+            _event("augment", DeviceType.CPU, 3, 9_000.0, 114_300.0, 0.0, 8_100.0),
+            _event("aten::conv2d", DeviceType.CPU, 6, 500.0, 4_000.0, 0.0, 3_500.0),
+            _event("cudaStreamSynchronize", DeviceType.CPU, 3, 12_000.0, 12_000.0, 0.0, 0.0),
+            _event("ProfilerStep#2", DeviceType.CPU, 1, 10.0, 130_000.0, 0.0, 20_000.0),
+        ]
+    )
+    ops = profiling.op_stats(prof)
+    assert set(ops) == {
+        ("augment", "cuda"),
+        ("augment", "cpu"),
+        ("aten::conv2d", "cpu"),
+        ("cudaStreamSynchronize", "cpu"),
+    }
+    host, gpu = ops[("augment", "cpu")], ops[("augment", "cuda")]
+    assert host.cpu_total_ms == pytest.approx(114.3) and host.device_total_ms == pytest.approx(8.1)
+    assert gpu.device_total_ms == pytest.approx(108.9) and gpu.cpu_total_ms == 0
+    assert host.key == ("augment", "cpu") and gpu.device == "cuda"
+    top = profiling.top_ops(prof, k=10)  # by device time: the GPU range first, the host range still there
+    assert top[0].key == ("augment", "cuda") and sorted(op.key for op in top) == sorted(ops)
 
 
 def test_profiler_checks_its_schedule() -> None:
@@ -209,3 +264,20 @@ def test_memory_snapshot_of_a_training_step_accounts_for_the_peak(tmp_path: Path
     wheres = [where for _, where in summary.largest_allocations]
     assert any("test_profiling.py" in where for where in wheres), wheres  # AdamW's state, from opt.step()
     assert "segments" in pickle.loads(path.read_bytes())
+
+
+@pytest.mark.gpu
+def test_a_label_on_a_gpu_has_a_host_row_and_a_gpu_row() -> None:
+    x = torch.randn(1024, 1024, device="cuda")
+
+    def step() -> None:
+        with record_function("label"):
+            x @ x
+            time.sleep(0.005)  # the GPU idles between the two matmuls
+            x @ x
+
+    ops = profiling.op_stats(profiling.profile_steps(step, wait=0, warmup=1, active=2))
+    host, gpu = ops[("label", "cpu")], ops[("label", "cuda")]
+    assert host.calls == gpu.calls == 2 and host.cpu_total_ms >= 2 * 5
+    # The GPU row spans first kernel to last, the idle 5 ms included; the host row's device total is kernel time.
+    assert gpu.device_total_ms > 2 * 4 > host.device_total_ms > 0

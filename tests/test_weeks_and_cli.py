@@ -80,15 +80,39 @@ def test_missing_marp_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path, cap
 
 def test_missing_python_package_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     def needs_a_missing_package(args) -> int:
-        import effdl_package_that_does_not_exist  # noqa: F401
-
-        return 0
+        raise ModuleNotFoundError("No module named 'nbclient.exceptions'", name="nbclient.exceptions")
 
     monkeypatch.setattr(cli, "cmd_env", needs_a_missing_package)
     assert cli.main(["env"]) == 2
     err = capsys.readouterr().err
-    assert "'effdl_package_that_does_not_exist' is missing; run `uv sync`" in err
+    assert "'nbclient.exceptions' is missing; run `uv sync`" in err
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("module", ["common.no_such_module", "effdl_package_that_does_not_exist"])
+def test_an_import_bug_is_not_reported_as_a_missing_package(
+    module: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    def imports_a_module_that_does_not_exist(args) -> int:
+        __import__(module)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_env", imports_a_module_that_does_not_exist)
+    with pytest.raises(ModuleNotFoundError, match=module):
+        cli.main(["env"])
+    assert "uv sync" not in capsys.readouterr().err
+
+
+def test_course_packages_are_the_dependencies_of_the_environment() -> None:
+    import re
+    import tomllib
+
+    from common.weeks import REPO_ROOT
+
+    dependencies = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    distributions = {re.match(r"[A-Za-z0-9_.-]+", d).group().lower() for d in dependencies}
+    import_names = {"pillow": "PIL", "pytest-xdist": "xdist"}  # where the two names differ
+    assert {import_names.get(d, d.replace("-", "_")) for d in distributions} == cli.COURSE_PACKAGES
 
 
 def test_record_refuses_a_small_run(capsys) -> None:
@@ -124,3 +148,63 @@ def test_other_subcommands_refuse_unknown_options() -> None:
     result = run_effdl("slides", "--no-such-option")
     assert result.returncode == 2
     assert "unrecognized arguments: --no-such-option" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# effdl check: the command calls common.check; the checks and their table are tested without running them
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_check_command_calls_the_course_check(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from common import check
+
+    seen = []
+    monkeypatch.setattr(check, "check_course", lambda out_dir: seen.append(out_dir) or 1)
+    assert cli.main(["check", "--out", str(tmp_path)]) == 1
+    assert cli.main(["check"]) == 1
+    assert seen == [tmp_path, None]
+
+
+def test_check_covers_every_seminar_deck_and_grader(tmp_path) -> None:
+    from common.check import course_checks
+    from common.weeks import weeks_with_seminar, weeks_with_slides
+
+    names: dict[str, list[str]] = {}
+    for check in course_checks(tmp_path):
+        names.setdefault(check.kind, []).append(check.name)
+    assert names["seminar (small)"] == [week.name for week in weeks_with_seminar()]
+    assert names["slides"] == [week.name for week in weeks_with_slides()]
+    assert "week03_fast_pipelines" in names["grader self-test"]
+
+
+def test_check_table_shows_each_result_and_the_exit_status(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from common import check
+    from common.errors import EffdlError
+
+    def broken_deck() -> str:
+        raise EffdlError("the deck has 3 slides, expected 4")
+
+    passing = check.Check("week01_intro", "slides", lambda: "12 slides")
+    failing = check.Check("week03_fast_pipelines", "slides", broken_deck)
+    for checks, status in (([passing], 0), ([passing, failing], 1)):
+        out = io.StringIO()
+        monkeypatch.setattr(check, "course_checks", lambda out_dir, checks=checks: checks)
+        assert check.check_course(tmp_path, Console(file=out, width=200)) == status
+    table = out.getvalue()
+    assert "effdl check (2 checks; outputs in" in table
+    assert "12 slides" in table and "FAILED" in table and "expected 4" in table
+
+
+def test_selftest_summary_says_what_was_proven_or_what_is_wrong() -> None:
+    from common.grading.selftest import SelftestFailedError, Verdict, summary
+
+    # summary() reads only each verdict's variant and problems, not the graded result.
+    proven = [Verdict(name, "", result=None) for name in ("reference", "starter", "no_scale", "off_by_one")]  # type: ignore[arg-type]
+    assert summary(proven) == "reference full, starter 0, 2 mutants caught"
+    wrong = Verdict("no_causal_mask", "loses points on causal", None, ["not caught by causal (3/3)"])  # type: ignore[arg-type]
+    with pytest.raises(SelftestFailedError, match=r"^no_causal_mask: not caught by causal \(3/3\)$"):
+        summary([*proven, wrong])

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from rich.console import Console
 from rich.table import Table
 
+from common.errors import EffdlError
 from common.grading.batch import SubmissionResult, grade_batch
 from common.grading.grade import task_progress
 from common.grading.harness import GradingContext, TaskResult
@@ -27,6 +28,10 @@ from common.grading.manifest import Assignment, Mutant, Task
 from common.grading.solutions import Transform, apply_mutant, reference_source, starter_source
 
 PUBLIC = Task(id="public", title="public tests", points=1.0, tests=("tests/public",), time_limit_s=300)
+
+
+class SelftestFailedError(EffdlError):
+    """The grader gave some variant a grade it must not: the message lists each one and why."""
 
 
 @dataclass
@@ -149,3 +154,17 @@ def _print(verdicts: list[Verdict], tasks: list[Task], console: Console) -> None
         outcome = "[green]ok[/green]" if verdict.ok else "[red]WRONG[/red]: " + "; ".join(verdict.problems)
         table.add_row(verdict.variant, *cells, f"{outcome} ({verdict.expectation})")
     console.print(table)
+
+
+def summary(verdicts: Sequence[Verdict]) -> str:
+    """One line saying what a passed self-test proved; SelftestFailedError listing every wrong verdict."""
+    wrong = [f"{v.variant}: {'; '.join(v.problems)}" for v in verdicts if not v.ok]
+    if wrong:
+        raise SelftestFailedError(" | ".join(wrong))
+    mutants = sum(v.variant not in ("reference", "starter") for v in verdicts)
+    return f"reference full, starter 0, {mutants} mutants caught"
+
+
+def selftest_summary(assignment: Assignment, jobs: int = 2) -> str:
+    """Run a grader self-test without printing (for `effdl check`); return or raise its summary()."""
+    return summary(selftest(assignment, jobs=jobs, console=Console(quiet=True)))

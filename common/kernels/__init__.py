@@ -19,6 +19,7 @@ norms), explained in softmax.py.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -50,7 +51,9 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
 
 try:  # after TRITON_INTERPRET is settled: Triton reads it as it decorates
     import triton
-except ImportError as err:  # triton ships for Linux only
+except ModuleNotFoundError as err:  # triton ships for Linux only
+    if err.name != "triton":
+        raise  # triton is there but something it imports is not: its own error says what
     raise MissingDependencyError(
         "common.kernels needs Triton, which is installed with the course environment on Linux only: "
         "run the kernels on a Linux machine (a GPU one, or any with TRITON_INTERPRET=1 for the interpreter)"
@@ -99,6 +102,7 @@ def check_input(x: object, name: str, dtypes: tuple[torch.dtype, ...] = FLOAT_DT
     return x
 
 
+@functools.cache  # asked on every launch of a persistent kernel; device properties don't change
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of `device`, which size a persistent grid (INTERPRETER_SMS on a CPU)."""
     if device.type == "cuda":
@@ -135,15 +139,18 @@ VALUES_PER_THREAD = 32
 MAX_PIPELINED_TILE_BYTES = 32 * 1024
 
 
-def row_tile(n_cols: int, bytes_per_col: int, live_rows: int = 1) -> tuple[int, int, int, int]:
+def row_tile(
+    n_cols: int, bytes_per_col: int, live_rows: int = 1, tile_elements: int = TILE_ELEMENTS
+) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a tile of whole rows of n_cols elements.
 
     bytes_per_col: bytes loaded per element position (e.g. 2 inputs of bf16: 4), to size the pipeline.
     live_rows: how many tile-sized fp32 arrays the kernel keeps in registers at once (softmax forward: 1;
     a backward holding y and dy: 2), so that bigger working sets get more threads instead of spilling.
+    tile_elements: rows are packed until a tile holds this many elements.
     """
     block_n = triton.next_power_of_2(n_cols)
-    block_m = max(1, TILE_ELEMENTS // block_n)
+    block_m = max(1, tile_elements // block_n)
     threads = block_m * block_n * live_rows // VALUES_PER_THREAD
     num_warps = min(32, max(4, triton.next_power_of_2(threads) // 32))
     num_stages = 2 if block_m * block_n * bytes_per_col <= MAX_PIPELINED_TILE_BYTES else 1
@@ -181,13 +188,19 @@ def programs_per_sm(kernel: triton.JITFunction, args: tuple, meta: dict) -> int:
     return _PROGRAMS_PER_SM[key]
 
 
-def persistent_grid(kernel: triton.JITFunction, n_items: int, args: tuple, meta: dict) -> tuple[int]:
-    """Grid of a persistent launch of kernel(*args, **meta) over n_items blocks of work.
+def persistent_grid(
+    kernel: triton.JITFunction, n_items: int, args: tuple, meta: dict, waves: int | None = 1
+) -> tuple[int]:
+    """Grid of a launch of kernel(*args, **meta) over n_items blocks of work.
 
-    Exactly as many programs as fit on the GPU at once (programs_per_sm x SMs), never more than there are
-    items: more would run as a second, partial wave, and the blocks each program owns are dealt out
-    round-robin, so a second wave would make the slowest SM take up to twice as long. Under the
-    interpreter: INTERPRETER_SMS programs.
+    waves=1: persistent, exactly as many programs as fit on the GPU at once (programs_per_sm x SMs),
+    never more than there are items, each looping over the blocks pid, pid + programs, ... A partial
+    extra wave would make the slowest SM take up to twice as long, but whole extra waves (waves=2) keep
+    more loads in flight per SM while one wave reduces, which pays on memory-bound kernels on an H200.
+    waves=None: one program per block, scheduled by the hardware. Under the interpreter:
+    INTERPRETER_SMS programs per wave.
     """
+    if waves is None:
+        return (max(1, n_items),)
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    return (max(1, min(n_items, sm_count(device) * programs_per_sm(kernel, args, meta))),)
+    return (max(1, min(n_items, waves * sm_count(device) * programs_per_sm(kernel, args, meta))),)

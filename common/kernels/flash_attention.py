@@ -22,6 +22,10 @@ of each query's scores (B H S fp32 numbers: 1 MiB) instead of P.
 
 The price is recomputation: the backward computes the scores again (FLOPs are cheap, memory is not).
 
+This file is the forward half of the lesson, and the public API: the reference, the tiles, the forward
+kernel, the autograd function and flash_attention(), and the benchmark. The backward kernels, which the
+autograd function calls, are the second half: flash_attention_backward.py.
+
 Run the tests and the benchmark:
 
     pytest tests/kernels/test_flash_attention.py        # add -m gpu on a GPU machine
@@ -84,10 +88,11 @@ def attention_reference(
 # K and V blocks in shared memory (227 KiB on an H100), with num_stages copies of each in flight. For the
 # forward with D = 128, BLOCK_M = 128 queries over 8 warps (two warpgroups of Hopper's wgmma) hold the fp32
 # output accumulator in 64 registers per thread; BLOCK_N = 64 or 128 keys per step; 2-3 stages of K and V
-# take 96-192 KiB, Q another 32 KiB. The backward holds two accumulators (dK and dV) per program, so its
-# key blocks are streamed past smaller query steps (16-64). Each configuration below compiles for an H100
-# without register spills (checked with ptxas), and the autotuner times the three that fit the head dim
-# on the first call for each sequence length and dtype, then reuses the winner.
+# take 96-192 KiB, Q another 32 KiB. The backward (flash_attention_backward.py) holds two accumulators
+# (dK and dV) per program, so its key blocks are streamed past smaller query steps (16-64). Each
+# configuration below compiles for an H100 without register spills (checked with ptxas), and the autotuner
+# times the three that fit the head dim on the first call for each sequence length and dtype, then reuses
+# the winner.
 #
 # fp32 inputs follow the course's policy for fp32 dots (see matmul.py): like torch.matmul, they are exact
 # fp32 (input_precision="ieee", on the CUDA cores) under PyTorch's default
@@ -311,321 +316,12 @@ def _attn_fwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Backward: recompute P block by block, FlashAttention-2 style
-# ----------------------------------------------------------------------------------------------------
-#
-# With P = exp2(qk_scale * Q K^T - lse) rebuilt from the saved lse, the gradients are
-#
-#     dV = P^T dO,     dP = dO V^T,     dS = P * (dP - delta),     dQ = scale dS K,     dK = scale dS^T Q,
-#
-# where delta_i = sum_j P_ij dP_ij = sum_d dO_id O_id: one number per query, computed first by a small
-# kernel (the "preprocessing" of FlashAttention-2). Written as the left sum it would need a whole row of P
-# and dP before the first element of dS; the right sum needs only O and dO, which are at hand.
-#
-# dK and dV sum over queries, dQ over keys. Two kernels keep every sum inside one program, with no atomics:
-# - dK/dV: a program owns BLOCK_N keys (their k, v, dk, dv stay on chip) and streams the queries past them.
-#   Causal: only queries i >= its first key matter, and only the first BLOCK_N of those need the mask.
-# - dQ: a program owns BLOCK_M queries and streams the keys, like the forward. Causal: keys j <= i only.
-# Counting matmuls per (query block, key block) pair: the forward does 2; the backward does 4 in the dK/dV
-# kernel (S, dV, dP, dK) and 3 in the dQ kernel (S and dP again, then dQ). FlashAttention-2 does 5, adding
-# each pair's share of dQ into fp32 memory with atomics instead of recomputing S and dP. Separate kernels
-# cost 40% more FLOPs but are deterministic (atomics add in a different order on every run) and simpler.
-# Throughput is reported, as is customary, for 5 (2.5x the forward's FLOPs). dS is rounded to the input
-# dtype for its matmuls, as P is; everything is accumulated in fp32.
-
-
-@triton.jit
-def _bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr, seq_len, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.program_id(1).to(tl.int64) * seq_len + offs_m
-    offs_d = tl.arange(0, HEAD_DIM)
-    ptrs = rows[:, None] * HEAD_DIM + offs_d[None, :]
-    o = tl.load(o_ptr + ptrs, mask=offs_m[:, None] < seq_len, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + ptrs, mask=offs_m[:, None] < seq_len, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + rows, tl.sum(o * do, axis=1), mask=offs_m < seq_len)
-
-
-@triton.jit
-def _dkdv_query_blocks(
-    dk,
-    dv,
-    k,
-    v,
-    q_base,
-    do_base,
-    lse_base,
-    delta_base,
-    stride_qs,
-    offs_n,
-    offs_d,
-    lo,
-    hi,
-    seq_len,
-    qk_scale,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """Add the query blocks [lo, hi) to dk, dv of one block of keys, on transposed [keys, queries] tiles."""
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_ptrs = q_base + offs_m[:, None] * stride_qs + offs_d[None, :]
-        do_ptrs = do_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-        if MASKED:
-            in_seq = offs_m < seq_len
-            q = tl.load(q_ptrs, mask=in_seq[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=in_seq[:, None], other=0.0)
-            lse = tl.load(lse_base + offs_m, mask=in_seq, other=0.0)
-            delta = tl.load(delta_base + offs_m, mask=in_seq, other=0.0)
-        else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-            lse = tl.load(lse_base + offs_m)
-            delta = tl.load(delta_base + offs_m)
-        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
-        if MASKED:
-            keep = in_seq[None, :]
-            if CAUSAL:
-                keep = keep & (offs_m[None, :] >= offs_n[:, None])
-            p_t = tl.where(keep, p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
-    return dk, dv
-
-
-@_autotune("dkdv")
-@triton.jit
-def _attn_bwd_dkdv_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    do_ptr,
-    dk_ptr,
-    dv_ptr,
-    lse_ptr,
-    delta_ptr,
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    stride_vb,
-    stride_vh,
-    stride_vs,
-    n_heads,
-    seq_len,
-    qk_scale,
-    sm_scale,
-    CAUSAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    tl.static_assert(BLOCK_N % BLOCK_M == 0, "the causal diagonal is split into whole query blocks")
-    pid_bh = tl.program_id(1)
-    batch = (pid_bh // n_heads).to(tl.int64)
-    head = (pid_bh % n_heads).to(tl.int64)
-    q_base = q_ptr + batch * stride_qb + head * stride_qh
-    rows0 = pid_bh.to(tl.int64) * seq_len  # first row of this head in the contiguous dO, dK, dV, LSE, delta
-    do_base = do_ptr + rows0 * HEAD_DIM
-    lse_base = lse_ptr + rows0
-    delta_base = delta_ptr + rows0
-
-    start_n = tl.program_id(0) * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_seq = offs_n[:, None] < seq_len
-    k = tl.load(
-        k_ptr + batch * stride_kb + head * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
-        mask=in_seq,
-        other=0.0,
-    )
-    v = tl.load(
-        v_ptr + batch * stride_vb + head * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
-        mask=in_seq,
-        other=0.0,
-    )
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-
-    n_full = (seq_len // BLOCK_M) * BLOCK_M
-    if CAUSAL:
-        # Queries [start_n, start_n + BLOCK_N) straddle the diagonal: masked. Later ones see every key of
-        # the block: no mask, up to the partial last query block. Earlier ones see none: skipped.
-        diag_end = start_n + BLOCK_N
-        dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, offs_n, offs_d,
-            start_n, tl.minimum(diag_end, seq_len), seq_len, qk_scale, True, True, BLOCK_M, HEAD_DIM,
-            INPUT_PRECISION,
-        )  # fmt: skip
-        dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, offs_n, offs_d,
-            diag_end, n_full, seq_len, qk_scale, False, True, BLOCK_M, HEAD_DIM, INPUT_PRECISION,
-        )  # fmt: skip
-        dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, offs_n, offs_d,
-            tl.maximum(n_full, diag_end), seq_len, seq_len, qk_scale, True, True, BLOCK_M, HEAD_DIM,
-            INPUT_PRECISION,
-        )  # fmt: skip
-    else:
-        dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, offs_n, offs_d,
-            0, n_full, seq_len, qk_scale, False, False, BLOCK_M, HEAD_DIM, INPUT_PRECISION,
-        )  # fmt: skip
-        dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, offs_n, offs_d,
-            n_full, seq_len, seq_len, qk_scale, True, False, BLOCK_M, HEAD_DIM, INPUT_PRECISION,
-        )  # fmt: skip
-
-    out = (rows0 + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(dk_ptr + out, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=in_seq)
-    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=in_seq)
-
-
-@triton.jit
-def _dq_key_blocks(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    k_base,
-    v_base,
-    stride_ks,
-    stride_vs,
-    offs_m,
-    offs_d,
-    lo,
-    hi,
-    seq_len,
-    qk_scale,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """Add the key blocks [lo, hi) to dq of one block of queries."""
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
-        if MASKED:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < seq_len, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < seq_len, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        p = tl.math.exp2(s * qk_scale - lse[:, None])
-        if MASKED:
-            keep = offs_n[None, :] < seq_len
-            if CAUSAL:
-                keep = keep & (offs_m[:, None] >= offs_n[None, :])
-            p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
-    return dq
-
-
-@_autotune("dq")
-@triton.jit
-def _attn_bwd_dq_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    do_ptr,
-    dq_ptr,
-    lse_ptr,
-    delta_ptr,
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    stride_vb,
-    stride_vh,
-    stride_vs,
-    n_heads,
-    seq_len,
-    qk_scale,
-    sm_scale,
-    CAUSAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    tl.static_assert(BLOCK_M % BLOCK_N == 0, "the causal diagonal is split into whole key blocks")
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m  # longest programs first
-    pid_bh = tl.program_id(1)
-    batch = (pid_bh // n_heads).to(tl.int64)
-    head = (pid_bh % n_heads).to(tl.int64)
-    k_base = k_ptr + batch * stride_kb + head * stride_kh
-    v_base = v_ptr + batch * stride_vb + head * stride_vh
-    rows0 = pid_bh.to(tl.int64) * seq_len
-
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_seq = offs_m < seq_len
-    q = tl.load(
-        q_ptr + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-        mask=in_seq[:, None],
-        other=0.0,
-    )
-    do = tl.load(
-        do_ptr + (rows0 + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], mask=in_seq[:, None], other=0.0
-    )
-    lse = tl.load(lse_ptr + rows0 + offs_m, mask=in_seq, other=0.0)
-    delta = tl.load(delta_ptr + rows0 + offs_m, mask=in_seq, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-
-    if CAUSAL:
-        dq = _dq_key_blocks(
-            dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-            0, start_m, seq_len, qk_scale, False, True, BLOCK_N, INPUT_PRECISION,
-        )  # fmt: skip
-        dq = _dq_key_blocks(
-            dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-            start_m, tl.minimum(start_m + BLOCK_M, seq_len), seq_len, qk_scale, True, True, BLOCK_N,
-            INPUT_PRECISION,
-        )  # fmt: skip
-    else:
-        n_full = (seq_len // BLOCK_N) * BLOCK_N
-        dq = _dq_key_blocks(
-            dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-            0, n_full, seq_len, qk_scale, False, False, BLOCK_N, INPUT_PRECISION,
-        )  # fmt: skip
-        dq = _dq_key_blocks(
-            dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-            n_full, seq_len, seq_len, qk_scale, True, False, BLOCK_N, INPUT_PRECISION,
-        )  # fmt: skip
-    tl.store(
-        dq_ptr + (rows0 + offs_m)[:, None] * HEAD_DIM + offs_d[None, :],
-        (dq * sm_scale).to(dq_ptr.dtype.element_ty),
-        mask=in_seq[:, None],
-    )
-
-
-# ----------------------------------------------------------------------------------------------------
-# 5. Launching, autograd and the public function
+# 4. Launching, autograd and the public function
 # ----------------------------------------------------------------------------------------------------
 #
 # q, k and v may be any [B, H, S, D] views whose last dim is contiguous, e.g. a [B, S, H, D] projection
-# transposed to [B, H, S, D]: their strides go to the kernels, so nothing is copied. O, the log-sum-exp and
-# the gradients are allocated contiguous, and dO is made contiguous (a copy only if autograd hands over
-# another layout).
+# transposed to [B, H, S, D]: their strides go to the kernels, so nothing is copied. O and the log-sum-exp
+# are allocated contiguous (and so are the gradients, in flash_attention_backward.py).
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -649,41 +345,6 @@ def _attention_forward(
     return o, lse
 
 
-# Queries per program of the delta kernel: a plain row reduction, memory-bound, no tuning needed.
-PREPROCESS_BLOCK_M = 32 if INTERPRETED else 64
-
-
-def _attention_backward(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    o: torch.Tensor,
-    lse: torch.Tensor,
-    causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dQ, dK, dV for upstream gradient dO, from the inputs, the output and the saved log-sum-exp."""
-    batch, heads, seq_len, head_dim = q.shape
-    do = do.contiguous()
-    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-    if q.numel() == 0:
-        return dq, dk, dv
-    delta = torch.empty_like(lse)
-    _bwd_preprocess_kernel[(triton.cdiv(seq_len, PREPROCESS_BLOCK_M), batch * heads)](
-        o, do, delta, seq_len, HEAD_DIM=head_dim, BLOCK_M=PREPROCESS_BLOCK_M
-    )
-    args = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], heads, seq_len, scale * LOG2E, scale)
-    meta = {"CAUSAL": causal, "HEAD_DIM": head_dim, "INPUT_PRECISION": _input_precision(q.dtype)}
-    _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(seq_len, m["BLOCK_N"]), batch * heads)](
-        q, k, v, do, dk, dv, lse, delta, *args, **meta
-    )
-    _attn_bwd_dq_kernel[lambda m: (triton.cdiv(seq_len, m["BLOCK_M"]), batch * heads)](
-        q, k, v, do, dq, lse, delta, *args, **meta
-    )
-    return dq, dk, dv
-
-
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale):
@@ -695,8 +356,11 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        # Imported on the first backward, not at the top: the backward kernels use this file's tiles.
+        from common.kernels.flash_attention_backward import attention_backward
+
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale)
+        dq, dk, dv = attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
 
 
@@ -765,13 +429,13 @@ def flash_attention_forward(
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Benchmark: forward and backward against PyTorch's SDPA with its FLASH backend (FlashAttention-2)
+# 5. Benchmark: forward and backward against PyTorch's SDPA with its FLASH backend (FlashAttention-2)
 # ----------------------------------------------------------------------------------------------------
 #
 # Sizes as in FlashAttention's own benchmarks: 16k tokens per batch (B = 16384 / S), model width 2048
 # (H = 2048 / D heads), bf16. FLOPs: 4 B H S^2 D for the forward (two matmuls), halved when causal, and 2.5x
 # that for the backward. The goals, on H100 for D = 128, causal, S = 4096: forward at least as fast as
-# SDPA FLASH, backward at least 0.7x (ours recomputes more, see section 4).
+# SDPA FLASH, backward at least 0.7x (ours recomputes more, see flash_attention_backward.py).
 #
 # What each closure times:
 # - forward: one call on inputs that don't require grad (no autograd graph), for both sides.

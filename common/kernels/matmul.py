@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from common.kernels import INTERPRETED, check_input, sm_count
 from common.kernels.benchmark import Goal, KernelCase, require_gpu
+from common.kernels.launch import LaunchCache, tensor_key
 
 __all__ = [
     "ACTIVATIONS",
@@ -460,48 +462,126 @@ def _tma_ok(a2: torch.Tensor, b: torch.Tensor) -> str | None:
     return None
 
 
-def _launch_split_k(a2, b, y, z, act: str, precision: str, splits: int) -> None:
+# Host time. Triton's Python launch path (autotuner key, argument binding and specialisation, grid) costs
+# ~150 µs per call; a 1024³ GEMM takes ~11 µs on the GPU. So every decision that depends only on the
+# inputs' geometry (which kernel, how many K-slices, the checks) is made once per geometry and kept in
+# _PLANS, and each kernel is launched through a LaunchCache (launch.py), which calls the compiled binary
+# directly after the first call. What is left per call: a dict lookup, the output allocation and the launch.
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How matmul_forward runs inputs of one geometry: the path, and the constexprs it launches with."""
+
+    path: str  # "empty" | "split_k" | "tma" | "portable"
+    activation: str
+    precision: str
+    splits: int
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_PORTABLE = LaunchCache(_matmul_kernel)
+_TMA = LaunchCache(_matmul_tma_kernel)
+_SPLIT_K = LaunchCache(_matmul_split_k_kernel)
+_REDUCE = LaunchCache(_split_k_reduce_kernel)
+
+
+def _plan_key(a: object, b: object, *options: object) -> tuple | None:
+    """Everything a plan and a compiled kernel depend on; None (no caching) unless both are plain tensors
+    (a subclass may change what shape, strides or data_ptr report)."""
+    if type(a) not in _PLAIN_TENSORS or type(b) not in _PLAIN_TENSORS:
+        return None
+    fp32_setting = torch.get_float32_matmul_precision() if a.dtype == torch.float32 else None
+    return (*tensor_key(a, b), a.device, b.device, fp32_setting, *options)
+
+
+def _make_plan(a, b, activation, split_k, use_tma, input_precision) -> _Plan:
+    """Check the inputs (clear errors) and choose the kernel; runs once per geometry."""
+    _check(a, b, activation, split_k)
+    if input_precision is not None and input_precision not in INPUT_PRECISIONS:
+        raise ValueError(
+            f"input_precision must be one of {INPUT_PRECISIONS} or None, got {input_precision!r}"
+        )
+    if split_k is not None and split_k > 1 and use_tma:
+        raise ValueError("use_tma=True and split_k > 1 don't combine: the TMA kernel does not split K")
+    a2 = _rows(a, b.shape[0])
+    (m, k), n = a2.shape, b.shape[1]
+    act = activation or "none"
+    precision = (input_precision or fp32_input_precision()) if a.dtype == torch.float32 else "tf32"
+    if m == 0 or n == 0 or k == 0:
+        return _Plan("empty", act, precision, 1)
+    splits = split_k if split_k is not None else 1 if use_tma else _auto_split_k(m, n, k, a.device)
+    if splits > 1:
+        return _Plan("split_k", act, precision, splits)
+    tma_problem = _tma_ok(a2, b) if use_tma is not False else "not asked for"
+    if use_tma and tma_problem is not None:
+        raise ValueError(f"use_tma=True, but {tma_problem}; pass use_tma=None to let matmul choose")
+    if use_tma or (use_tma is None and not INTERPRETED and tma_problem is None):
+        return _Plan("tma", act, precision, 1)
+    return _Plan("portable", act, precision, 1)
+
+
+def _rows(a: torch.Tensor, k: int) -> torch.Tensor:
+    """a as (rows, K) without a copy, or a clear error."""
+    try:
+        return a.view(math.prod(a.shape[:-1]), k)  # (..., M, K) -> (rows, K)
+    except RuntimeError as err:
+        raise ValueError(
+            f"a with shape {tuple(a.shape)} and strides {a.stride()} can't be viewed as rows of K: "
+            "pass a.contiguous()"
+        ) from err
+
+
+def _launch_split_k(key, a2, b, y, z, plan: _Plan) -> None:
     m, k = a2.shape
     n = b.shape[1]
+    splits = plan.splits
     partial = torch.empty(splits, m, n, dtype=torch.float32, device=a2.device)
 
     def grid(meta: dict) -> tuple[int, int, int]:
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), splits
 
-    _matmul_split_k_kernel[grid](
-        a2, b, partial, m, n, k, splits, a2.stride(0), a2.stride(1), b.stride(0), b.stride(1),
-        PRECISION=precision,
+    _SPLIT_K.launch(
+        key, grid, a2, b, partial, m, n, k, splits, a2.stride(0), a2.stride(1), b.stride(0), b.stride(1),
+        PRECISION=plan.precision,
     )  # fmt: skip
-    _split_k_reduce_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
-        partial, y, z, m * n, splits, ACTIVATION=act, STORE_Z=z is not y, BLOCK=REDUCE_BLOCK
-    )
+    _REDUCE.launch(
+        key, (triton.cdiv(m * n, REDUCE_BLOCK),), partial, y, z, m * n, splits,
+        ACTIVATION=plan.activation, STORE_Z=z is not y, BLOCK=REDUCE_BLOCK,
+    )  # fmt: skip
 
 
-def _launch_tma(a2, b, y, z, act: str) -> None:
+def _launch_tma(key, a2, b, y, z, plan: _Plan) -> None:
     m, k = a2.shape
     n = b.shape[1]
     num_sms = sm_count(a2.device)
-    # The block shapes given here are placeholders: the autotuner's pre-hook sets them per config.
+    # The block shapes given here are placeholders: the chosen config's pre-hook sets them.
     descriptors = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (a2, b, y, z)]
 
     def grid(meta: dict) -> tuple[int]:
         return (min(num_sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
 
-    _matmul_tma_kernel[grid](*descriptors, m, n, k, ACTIVATION=act, STORE_Z=z is not y, NUM_SMS=num_sms)
+    _TMA.launch(
+        key, grid, *descriptors, m, n, k, ACTIVATION=plan.activation, STORE_Z=z is not y, NUM_SMS=num_sms
+    )
 
 
-def _launch_portable(a2, b, y, z, act: str, precision: str) -> None:
+def _launch_portable(key, a2, b, y, z, plan: _Plan) -> None:
     m, k = a2.shape
     n = b.shape[1]
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _matmul_kernel[grid](
-        a2, b, y, z, m, n, k,
+    _PORTABLE.launch(
+        key, grid, a2, b, y, z, m, n, k,
         a2.stride(0), a2.stride(1), b.stride(0), b.stride(1), y.stride(0), y.stride(1),
-        ACTIVATION=act, STORE_Z=z is not y, PRECISION=precision,
+        ACTIVATION=plan.activation, STORE_Z=z is not y, PRECISION=plan.precision,
     )  # fmt: skip
+
+
+_LAUNCHERS = {"split_k": _launch_split_k, "tma": _launch_tma, "portable": _launch_portable}
 
 
 def matmul_forward(
@@ -524,44 +604,23 @@ def matmul_forward(
         torch.get_float32_matmul_precision() (see the precision policy above).
     store_preactivation: also return z = a @ b (in the output dtype), which the backward needs.
     """
-    _check(a, b, activation, split_k)
-    if input_precision is not None and input_precision not in INPUT_PRECISIONS:
-        raise ValueError(
-            f"input_precision must be one of {INPUT_PRECISIONS} or None, got {input_precision!r}"
-        )
-    if split_k is not None and split_k > 1 and use_tma:
-        raise ValueError("use_tma=True and split_k > 1 don't combine: the TMA kernel does not split K")
+    key = _plan_key(a, b, activation, split_k, use_tma, input_precision, store_preactivation)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = _make_plan(a, b, activation, split_k, use_tma, input_precision)
+        if key is not None:
+            _PLANS[key] = plan
     k, n = b.shape
-    try:
-        a2 = a.view(math.prod(a.shape[:-1]), k)  # (..., M, K) -> (rows, K) without a copy
-    except RuntimeError as err:
-        raise ValueError(
-            f"a with shape {tuple(a.shape)} and strides {a.stride()} can't be viewed as rows of K: "
-            "pass a.contiguous()"
-        ) from err
-    m = a2.shape[0]
-    y = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    a2 = _rows(a, k)
+    y = torch.empty(a2.shape[0], n, dtype=a.dtype, device=a.device)
     # Without store_preactivation, z aliases y and the kernels skip storing it (STORE_Z = z is not y).
     z = torch.empty_like(y) if store_preactivation else y
     out_shape = (*a.shape[:-1], n)
-    if m == 0 or n == 0 or k == 0:
+    if plan.path == "empty":
         y.zero_()  # an empty sum is 0, and every activation here maps 0 to 0
         z.zero_()
     else:
-        act = activation or "none"
-        precision = (input_precision or fp32_input_precision()) if a.dtype == torch.float32 else "tf32"
-        splits = split_k if split_k is not None else 1 if use_tma else _auto_split_k(m, n, k, a.device)
-        # The TMA checks only when TMA is an option: on the skinny path every microsecond of host work
-        # shows, since the GPU work itself is ~50 us.
-        tma_problem = _tma_ok(a2, b) if splits == 1 and use_tma is not False else "not asked for"
-        if splits > 1:
-            _launch_split_k(a2, b, y, z, act, precision, splits)
-        elif use_tma or (use_tma is None and not INTERPRETED and tma_problem is None):
-            if tma_problem is not None:
-                raise ValueError(f"use_tma=True, but {tma_problem}; pass use_tma=None to let matmul choose")
-            _launch_tma(a2, b, y, z, act)
-        else:
-            _launch_portable(a2, b, y, z, act, precision)
+        _LAUNCHERS[plan.path](key, a2, b, y, z, plan)
     return y.view(out_shape), z.view(out_shape) if store_preactivation else None
 
 

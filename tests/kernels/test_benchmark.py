@@ -222,11 +222,24 @@ def test_run_cases_writes_json_and_plot_per_kernel(tmp_path: Path) -> None:
     assert [c["label"] for c in report["cases"]] == ["fwd 16x64 fp32", "fwd 64x64 fp32"]
     assert report["goals_met"] + report["goals_missed"] + report["goals_unmeasured"] == 2
     assert report["env"]["device"] == "cpu" and report["env"]["torch"] == torch.__version__
-    assert report["measured_copy_bandwidth"] > 0
     for case in report["cases"]:
-        assert case["ours"]["gbps"] > 0 and case["speedup"] > 0
+        # The stored rates are the caller's bytes over the stored median time, and the fraction of the measured
+        # copy bandwidth is that rate over the stored ceiling: a reader can recompute every number in the file.
+        ours, base = case["ours"], case["baseline"]
+        assert ours["gbps"] == pytest.approx(case["bytes"] / (ours["median_ms"] / 1e3) / 1e9, rel=1e-9)
+        assert ours["frac_measured_bw"] == pytest.approx(
+            ours["gbps"] * 1e9 / report["measured_copy_bandwidth"]
+        )
+        assert ours["p20_ms"] <= ours["median_ms"] <= ours["p80_ms"] and ours["min_ms"] <= ours["p20_ms"]
+        # The speedup is the median of per-pair ratios, so it lies between the extremes of baseline / ours.
+        assert case["speedup_p20"] <= case["speedup"] <= case["speedup_p80"]
+        assert base["min_ms"] / ours["p80_ms"] * 0.5 <= case["speedup"] <= base["p80_ms"] / ours["min_ms"] * 2
     mm = json.loads((tmp_path / "kernels_toy_mm_quick.json").read_text())
-    assert mm["cases"][0]["ours"]["tflops"] > 0 and mm["cases"][0]["flops"] == 2 * 64**3
+    mm_case = mm["cases"][0]
+    assert mm_case["flops"] == 2 * 64**3
+    assert mm_case["ours"]["tflops"] == pytest.approx(
+        mm_case["flops"] / (mm_case["ours"]["median_ms"] / 1e3) / 1e12, rel=1e-9
+    )
     text = console.export_text()
     assert "kernel: toy_add (baseline: torch.add)" in text and "kernel: toy_mm (baseline: torch.mm)" in text
 

@@ -275,3 +275,36 @@ def test_gpu_backward_bf16(activation: str | None) -> None:
     dz = dz.to(torch.bfloat16).double()
     assert_close(da, dz @ b64.t(), torch.bfloat16, 256)
     assert_close(db, a64.t() @ dz, torch.bfloat16, 512)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("mnk", "kwargs"),
+    [
+        ((512, 384, 256), {"use_tma": True}),
+        ((512, 384, 256), {"use_tma": False, "activation": "silu"}),
+        ((16, 512, 4096), {"split_k": 4}),
+    ],
+    ids=["tma", "portable", "split_k"],
+)
+def test_gpu_cached_launches_compute_each_calls_inputs(mnk: tuple[int, int, int], kwargs: dict) -> None:
+    """After the first call per geometry, matmul_forward launches the compiled kernel directly (launch.py).
+
+    Later calls must still read *their* inputs and write *their* outputs: fresh values, a new allocation,
+    and a view at a 2-byte offset, which Triton must not treat as 16-byte aligned (a different binary).
+    """
+    m, n, k = mnk
+    activation = kwargs.pop("activation", None)
+    for seed in range(3):
+        a, b = inputs(m, n, k, torch.bfloat16, seed=seed)
+        y, _ = matmul_forward(a, b, activation, **kwargs)
+        assert_close(y, reference64(a, b, activation), torch.bfloat16, k)
+    if kwargs.get("use_tma") is not True:  # TMA needs 16-byte aligned rows and refuses this view
+        storage = torch.randn(m * k + 1, device=DEVICE, dtype=torch.bfloat16)
+        shifted = storage[1:].view(m, k)
+        assert shifted.data_ptr() % 16 != 0
+        y, _ = matmul_forward(shifted, b, activation, **kwargs)
+        assert_close(y, reference64(shifted, b, activation), torch.bfloat16, k)
+    path = {"tma": matmul_module._TMA, "portable": matmul_module._PORTABLE, "split_k": matmul_module._SPLIT_K}
+    launches = path["tma" if kwargs.get("use_tma") else "split_k" if "split_k" in kwargs else "portable"]
+    assert launches.entries, "the calls after the first should have gone through the launch cache"

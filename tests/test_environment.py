@@ -1,0 +1,67 @@
+"""common.environment: what machine and versions produced a number, read without importing the libraries."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common.bench import bench
+from common.environment import device_name, environment, library_versions, package_version
+from common.hardware import NoGPUError
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA GPU")
+
+
+def test_environment_is_json_and_hostname_free() -> None:
+    env = environment("cpu")
+    text = json.dumps(env)
+    assert socket.gethostname() not in text.split('"')
+    assert {"python", "torch", "cuda", "triton", "torchvision", "numpy", "gpu", "cpu_count"} <= set(env)
+    assert env["device"] == "cpu" and env["gpu"] is None
+
+
+def test_versions_come_from_package_metadata() -> None:
+    versions = library_versions()
+    assert versions["torch"] == torch.__version__  # names the CUDA build, which the metadata may not
+    for name in ("triton", "torchvision", "numpy"):
+        try:
+            expected: str | None = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            expected = None
+        assert versions[name] == expected
+
+
+def test_a_package_that_is_not_installed_has_no_version() -> None:
+    assert package_version("effdl-package-that-does-not-exist") is None
+
+
+def test_reading_versions_imports_neither_triton_nor_torchvision() -> None:
+    # Importing triton before common.kernels switches on the interpreter leaves a compile-only copy behind.
+    code = (
+        "import sys\n"
+        "from common.environment import environment, library_versions\n"
+        "library_versions(); environment('cpu')\n"
+        "print(sorted(m for m in ('triton', 'torchvision') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_bench_results_carry_the_environment() -> None:
+    r = bench(lambda: None, device="cpu", warmup_ms=0, rep_ms=0, min_reps=3, max_reps=3)
+    assert {key: r.env[key] for key in library_versions()} == library_versions()
+
+
+@no_cuda
+def test_without_a_gpu() -> None:
+    assert device_name() == "cpu"
+    assert environment()["device"] == "cpu"
+    with pytest.raises(NoGPUError, match=r"environment\('cuda'\).*no.*available.*device='cpu'"):
+        environment("cuda")
