@@ -265,24 +265,28 @@ _BACKWARD = LaunchCache(_norm_bwd_kernel)
 _SUM_PARTIALS = LaunchCache(_sum_partials_kernel)
 
 
-def forward_launch(n_cols: int, rms: bool) -> tuple[int, int | None]:
-    """(tile elements, waves) of the forward for rows of n_cols elements; see persistent_grid for waves.
+def forward_launch(n_cols: int, rms: bool) -> tuple[int, int, int, int | None]:
+    """(tile elements, num_warps, num_stages, waves) of the forward for rows of n_cols elements.
 
-    Chosen from a sweep on an H200 (bf16, 128 MiB inputs, each setting timed twice, spread under 1%; the
-    reasoning is softmax.forward_launch's): tiles of at least 8192 elements, one program per tile,
-    for RMSNorm rows up to 8192 (92-98% of copy bandwidth, against 91-92% with 4096-element persistent
-    tiles); LayerNorm, which also centres each row, did best with 4096-element persistent tiles for rows
-    up to 1024 and 8192-element tiles, one program each, up to 4096. Longer rows: one row per tile,
-    persistent, as before.
+    From a sweep on an H200 (bf16, 128 MiB inputs, each setting timed twice, spread under 1%; the
+    reasoning is softmax.forward_launch's). RMSNorm: 8192-element tiles of 4 warps, one program per tile,
+    for rows up to 4096 (97-98% of copy bandwidth with the flush that leaves L2 clean, against 91-92%
+    with 4096-element persistent tiles); LayerNorm, which also centres each row, did best with fewer
+    bytes in flight per program. Rows of 8192 or more: one row per tile, persistent, 3 stages.
     """
     block_n = triton.next_power_of_2(n_cols)
+    if rms and block_n <= 4096:
+        return 8192, 4, 2, None
     if rms and block_n <= 8192:
-        return max(8192, 2 * block_n), None
+        return 16384, 8, LONG_ROW_STAGES, None
     if not rms and block_n <= 1024:
-        return 4096, 1
+        return 4096, 4, 1, 1
+    if not rms and block_n <= 2048:
+        return 8192, 4, 1, None
     if not rms and block_n <= 4096:
-        return 8192, None
-    return block_n, 1
+        return 8192, 4, LONG_ROW_STAGES, 1
+    _, _, num_warps, num_stages = row_tile(n_cols, 2)
+    return block_n, num_warps, LONG_ROW_STAGES if block_n >= LONG_ROW else num_stages, 1
 
 
 def norm_forward(
@@ -303,12 +307,8 @@ def norm_forward(
     if y.numel() == 0:
         return y, mean, rstd
     y2 = y.view(n_rows, n_cols)
-    tile, waves = forward_launch(n_cols, rms)
-    block_m, block_n, num_warps, num_stages = row_tile(n_cols, x.element_size(), tile_elements=tile)
-    if not rms and block_n <= 2048:  # LayerNorm's extra mean and centring: 4 warps, no prefetch (H200 sweep)
-        num_warps, num_stages = 4, 1
-    if block_n >= LONG_ROW:
-        num_stages = LONG_ROW_STAGES
+    tile, num_warps, num_stages, waves = forward_launch(n_cols, rms)
+    block_m, block_n, _, _ = row_tile(n_cols, x.element_size(), tile_elements=tile)
     # Pointers a variant does not read (b without a bias, mean for RMSNorm) get a stand-in tensor: the
     # constexpr branch that would read them is compiled away.
     args = (x2, weight, weight if bias is None else bias, y2, rstd if mean is None else mean, rstd,
@@ -362,13 +362,15 @@ def norm_backward(
     dx2 = dx.view(n_rows, n_cols)
     # x, dy, and the dw and db accumulators: four row-sized arrays live in registers. Tile, warps and
     # pipeline depth from a sweep on an H200 (see forward_launch): 8 warps and 3 stages, which keep two
-    # more row blocks loading while one is reduced, ran the backward 1.5-2.4x faster than the occupancy
+    # more row blocks loading while one is reduced, ran the backward 1.3-2x faster than the occupancy
     # rule alone (more warps, no pipelining) at N = 1024-8192.
     block_n = triton.next_power_of_2(n_cols)
-    block_m, block_n, _, _ = row_tile(
-        n_cols, 2 * x.element_size(), live_rows=4, tile_elements=8192 if block_n <= 1024 else 4096
+    tile = 8192 if block_n <= (1024 if mean is None else 4096) else 4096
+    block_m, block_n, num_warps, num_stages = row_tile(
+        n_cols, 2 * x.element_size(), live_rows=4, tile_elements=tile
     )
-    num_warps, num_stages = 8, 3 if block_n < MAX_N else 1
+    if block_n < MAX_N:  # the longest rows keep the occupancy rule's 32 warps: with 8 they spill
+        num_warps, num_stages = 8, 3
     meta = {
         "RMS": mean is None,
         "HAS_BIAS": has_bias,
