@@ -676,13 +676,17 @@ def matmul(
 # 8. Benchmark: TFLOP/s against cuBLAS (torch.matmul)
 # ----------------------------------------------------------------------------------------------------
 #
-# Square bf16 GEMMs from 1024 to 8192 (the goal: at least 0.9x cuBLAS at 4096 and 8192, where both are
-# compute-bound), the portable kernel beside the TMA one at the two goal sizes to show what TMA buys,
-# the fused gelu_tanh epilogue against cuBLAS followed by F.gelu (unfused), and decode-shaped skinny
-# GEMMs (M = 1..64, N = 4096, K = 14336) where split-K matters, against cuBLAS. Inputs are drawn once
+# Square bf16 GEMMs from 1024 to 8192 (the goals: at least 0.95x cuBLAS at 4096 and 8192, where both are
+# compute-bound, and 0.9x at 2048, where the host's launch cost starts to show), the portable kernel
+# beside the TMA one at 4096 and 8192 to show what TMA buys, the fused gelu_tanh epilogue against cuBLAS
+# followed by F.gelu (unfused), and decode-shaped skinny GEMMs (M = 1..64, N = 4096, K = 14336) where
+# split-K matters, against cuBLAS (goal: 0.85x). Inputs are drawn once
 # and each side writes a fresh output per call, as torch.matmul does.
 
-CUBLAS_GOAL = Goal("speedup", ">=", 0.9, ">= 0.9x cuBLAS")
+# Timed eagerly, so the host's launch cost counts: at 2048³ cuBLAS's GEMM takes ~27 µs on an H200.
+LARGE_GOAL = Goal("speedup", ">=", 0.95, ">= 0.95x cuBLAS")
+MEDIUM_GOAL = Goal("speedup", ">=", 0.9, ">= 0.9x cuBLAS")
+DECODE_GOAL = Goal("speedup", ">=", 0.85, ">= 0.85x cuBLAS")
 
 
 def benchmark_cases(quick: bool = False) -> list[KernelCase]:
@@ -696,7 +700,7 @@ def benchmark_cases(quick: bool = False) -> list[KernelCase]:
 
     for size in [1024, 4096] if quick else [1024, 2048, 4096, 8192]:
         a, b = inputs(size, size, size)
-        goals = (CUBLAS_GOAL,) if size >= 4096 else ()
+        goals = (LARGE_GOAL,) if size >= 4096 else (MEDIUM_GOAL,) if size == 2048 else ()
         cases.append(
             KernelCase(
                 kernel="matmul",
@@ -749,6 +753,7 @@ def benchmark_cases(quick: bool = False) -> list[KernelCase]:
                 flops=2.0 * m * n * k,
                 bytes=(m * k + k * n + m * n) * 2,
                 dtype=dtype,
+                goals=(DECODE_GOAL,),
             )
         )
     return cases

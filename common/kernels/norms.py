@@ -444,6 +444,7 @@ def layer_norm(
 # both sides (F.*_norm's backward and ours), reading x and dy and writing dx.
 
 BANDWIDTH_GOAL = Goal("frac_measured_bw", ">=", 0.85, ">= 85% of copy BW")
+BACKWARD_GOAL = Goal("speedup", ">=", 1.0, ">= 1.0x PyTorch")
 
 
 def _cases(kernel: str, n_elements: int, sweep: list[int], device: torch.device) -> list[KernelCase]:
@@ -502,6 +503,7 @@ def _cases(kernel: str, n_elements: int, sweep: list[int], device: torch.device)
                 f"{baseline_name} backward",
                 bytes=3 * x.numel() * 2 + stats_bytes + 2 * params_bytes,
                 dtype=torch.bfloat16,
+                goals=(BACKWARD_GOAL,),
             )
         )
     return cases
