@@ -21,13 +21,22 @@ import platform
 import re
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from common.hardware import NoGPUError, default_device
 
-__all__ = ["device_name", "environment", "library_versions", "package_version"]
+__all__ = [
+    "device_folder",
+    "device_name",
+    "environment",
+    "library_versions",
+    "lock_mismatches",
+    "locked_versions",
+    "package_version",
+]
 
 # Packages whose version can change a number, read from their metadata (never imported here).
 VERSIONED_PACKAGES = ("triton", "torchvision", "numpy")
@@ -54,6 +63,31 @@ def library_versions() -> dict[str, str | None]:
 def device_name() -> str:
     """The GPU this process computes on, or `cpu` where there is none."""
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def locked_versions(lock_file: Path | None = None) -> dict[str, str]:
+    """The versions uv.lock pins for torch and VERSIONED_PACKAGES: what recorded results must be made with."""
+    import tomllib
+
+    from common.weeks import REPO_ROOT
+
+    with open(lock_file or REPO_ROOT / "uv.lock", "rb") as lock:
+        packages = tomllib.load(lock)["package"]
+    wanted = {"torch", *VERSIONED_PACKAGES}
+    return {p["name"]: p["version"] for p in packages if p["name"] in wanted}
+
+
+def lock_mismatches(recorded: dict[str, Any], lock_file: Path | None = None) -> list[str]:
+    """How the versions a result or notebook recorded differ from uv.lock's; empty when they match.
+
+    torch's recorded version carries its CUDA build (2.11.0+cu130); the lock pins the release (2.11.0).
+    """
+    problems = []
+    for name, pinned in sorted(locked_versions(lock_file).items()):
+        version = recorded.get(name)
+        if version is None or version.split("+")[0] != pinned:
+            problems.append(f"{name} {version} recorded, uv.lock pins {pinned}")
+    return problems
 
 
 def device_folder(name: str | None = None) -> str:

@@ -7,13 +7,22 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from common.bench import bench
-from common.environment import device_name, environment, library_versions, package_version
+from common.environment import (
+    device_name,
+    environment,
+    library_versions,
+    lock_mismatches,
+    locked_versions,
+    package_version,
+)
 from common.hardware import NoGPUError
+from common.weeks import REPO_ROOT
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA GPU")
 
@@ -65,3 +74,41 @@ def test_without_a_gpu() -> None:
     assert environment()["device"] == "cpu"
     with pytest.raises(NoGPUError, match=r"environment\('cuda'\).*no.*available.*device='cpu'"):
         environment("cuda")
+
+
+def test_locked_versions_are_read_from_uv_lock(tmp_path: Path) -> None:
+    lock = tmp_path / "uv.lock"
+    lock.write_text(
+        "version = 1\n"
+        '[[package]]\nname = "numpy"\nversion = "2.2.6"\n'
+        '[[package]]\nname = "torch"\nversion = "2.11.0"\n'
+        '[[package]]\nname = "rich"\nversion = "15.0.0"\n'
+    )
+    assert locked_versions(lock) == {"numpy": "2.2.6", "torch": "2.11.0"}
+    assert lock_mismatches({"torch": "2.11.0+cu130", "numpy": "2.2.6"}, lock) == []
+    assert lock_mismatches({"torch": "2.11.0+cu130", "numpy": "2.5.2"}, lock) == [
+        "numpy 2.5.2 recorded, uv.lock pins 2.2.6"
+    ]
+    assert lock_mismatches({"numpy": "2.2.6"}, lock) == ["torch None recorded, uv.lock pins 2.11.0"]
+
+
+@pytest.mark.parametrize(
+    "result",
+    sorted((REPO_ROOT / "benchmarks" / "results" / "nvidia-h200").glob("*.json")),
+    ids=lambda p: p.name,
+)
+def test_h200_results_were_recorded_in_the_locked_environment(result: Path) -> None:
+    """The H200 results (kept beside the H100 ones, which predate the lock policy) ran uv.lock's versions."""
+    record = json.loads(result.read_text())
+    versions = record.get("env") or record.get("environment")
+    assert lock_mismatches(versions) == []
+
+
+def test_each_gpu_gets_its_own_results_folder() -> None:
+    from common.cli import RESULTS_DIR, results_dir
+    from common.environment import device_folder
+
+    assert device_folder("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert device_folder("NVIDIA H200") == "nvidia-h200"
+    assert results_dir(None) == RESULTS_DIR / device_folder()
+    assert results_dir("elsewhere") == Path("elsewhere")
