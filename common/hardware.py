@@ -93,21 +93,24 @@ class GPUSpec:
 # - RTX 4090 tensor-core figures are those with FP32 accumulation: GeForce parts run FP16-accumulate
 #   at twice that rate, but PyTorch accumulates in FP32.
 # - "GB" of GPU memory on datasheets are binary (80 GB = 80 GiB); bandwidths are decimal (TB/s = 1e12 B/s).
+# NVIDIA H100 Tensor Core GPU Architecture whitepaper, H100 SXM5 column (dense), shared by the H200 SXM.
+HOPPER_SXM_PEAKS = {
+    "fp64": 66.9e12,
+    "fp32": 66.9e12,
+    "tf32": 494.7e12,
+    "bf16": 989.4e12,
+    "fp16": 989.4e12,
+    "fp8": 1978.9e12,
+    "int8": 1978.9e12,
+}
+
 SPECS: dict[str, GPUSpec] = {
     # NVIDIA H100 Tensor Core GPU Architecture whitepaper, H100 SXM5 column: FP64 tensor 66.9, FP32 66.9,
     # TF32 494.7, FP16/BF16 989.4, FP8 1978.9 TFLOP/s, INT8 1978.9 TOPS (dense); 132 SMs, 50 MB L2.
     # H100 datasheet, SXM column: 80 GB HBM3 at 3.35 TB/s (it rounds the same peaks: 67, 989, 1979).
     "H100 SXM": GPUSpec(
         name="H100 SXM",
-        peak_flops={
-            "fp64": 66.9e12,
-            "fp32": 66.9e12,
-            "tf32": 494.7e12,
-            "bf16": 989.4e12,
-            "fp16": 989.4e12,
-            "fp8": 1978.9e12,
-            "int8": 1978.9e12,
-        },
+        peak_flops=dict(HOPPER_SXM_PEAKS),
         mem_bandwidth=3.35e12,
         memory_bytes=80 * GiB,
         l2_bytes=50 * MiB,
@@ -138,15 +141,7 @@ SPECS: dict[str, GPUSpec] = {
     # (the H100 SXM enables five: 50 MB); tests/test_hardware.py checks it against the device on a GPU run.
     "H200": GPUSpec(
         name="H200",
-        peak_flops={
-            "fp64": 66.9e12,
-            "fp32": 66.9e12,
-            "tf32": 494.7e12,
-            "bf16": 989.4e12,
-            "fp16": 989.4e12,
-            "fp8": 1978.9e12,
-            "int8": 1978.9e12,
-        },
+        peak_flops=dict(HOPPER_SXM_PEAKS),
         mem_bandwidth=4.8e12,
         memory_bytes=141 * GiB,
         l2_bytes=60 * MiB,
