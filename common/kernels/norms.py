@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from common.kernels import as_rows, check_input, persistent_grid, row_tile
+from common.kernels import as_rows, check_input, persistent_grid, row_tile, sm_count
 from common.kernels.benchmark import Goal, KernelCase, require_gpu
 from common.kernels.launch import LaunchCache
 
@@ -206,6 +206,100 @@ def _norm_bwd_kernel(
         tl.store(db_partial_ptr + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_mask)
 
 
+# Long LayerNorm rows, in two passes. With N = 16384 the four row-sized fp32 arrays above (x, dy and the
+# dw, db accumulators) no longer fit one program's registers, and the LayerNorm backward spills (0.68x
+# PyTorch on an H200; RMSNorm, with no db, still ran 1.6x and keeps the one-pass kernel). Only the two row
+# statistics c1 = mean(g * xhat) and c2 = mean(g) need a whole row, so:
+#   pass 1, one program per row, reads the row in chunks and stores c1 and c2 (4-8 bytes per row);
+#   pass 2, a 2D grid of column blocks x row groups, computes dx for its columns from c1 and c2 and sums
+#   dy * xhat and dy over its rows for its columns only: a column block of dw, db per program.
+# x and dy are read twice (5 passes over M x N elements instead of 3), in exchange for nothing spilling.
+
+
+@triton.jit
+def _norm_bwd_row_sums_kernel(
+    x_ptr,
+    w_ptr,
+    dy_ptr,
+    mean_ptr,
+    rstd_ptr,
+    c1_ptr,
+    c2_ptr,
+    n_cols,
+    x_row_stride,
+    dy_row_stride,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    mean, rstd = tl.load(mean_ptr + row), tl.load(rstd_ptr + row)
+    acc1 = tl.zeros([BLOCK_N], tl.float32)  # g * xhat, summed per lane and reduced once at the end
+    acc2 = tl.zeros([BLOCK_N], tl.float32)  # g
+    for start in range(0, n_cols, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        g = dy * w
+        acc1 += g * xhat
+        acc2 += g
+    tl.store(c1_ptr + row, tl.sum(acc1, axis=0) / n_cols)
+    tl.store(c2_ptr + row, tl.sum(acc2, axis=0) / n_cols)
+
+
+@triton.jit
+def _norm_bwd_columns_kernel(
+    x_ptr,
+    w_ptr,
+    dy_ptr,
+    dx_ptr,
+    mean_ptr,
+    rstd_ptr,
+    c1_ptr,
+    c2_ptr,
+    dw_partial_ptr,
+    db_partial_ptr,
+    n_rows,
+    n_cols,
+    x_row_stride,
+    dy_row_stride,
+    dx_row_stride,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    group, n_groups = tl.program_id(1), tl.num_programs(1)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    db_acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for block in tl.range(group, tl.cdiv(n_rows, BLOCK_M), n_groups):
+        rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
+        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        c1 = tl.load(c1_ptr + rows, mask=row_mask, other=0.0)
+        c2 = tl.load(c2_ptr + rows, mask=row_mask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        dx = (dy * w[None, :] - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        tl.store(
+            dx_ptr + rows[:, None] * dx_row_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask
+        )
+        dw_acc += dy * xhat
+        if HAS_BIAS:
+            db_acc += dy
+    tl.store(dw_partial_ptr + group * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+    if HAS_BIAS:
+        tl.store(db_partial_ptr + group * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+
+
 @triton.jit
 def _sum_partials_kernel(
     partial_ptr, out_ptr, n_partials, n_cols, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr
@@ -237,6 +331,12 @@ LONG_ROW = 8192
 LONG_ROW_STAGES = 3
 # Tile of the partials reduction: 32 partial rows x 128 columns per step.
 PARTIAL_BLOCK_P, PARTIAL_BLOCK_N = 32, 128
+# The two-pass LayerNorm backward (section 3) for rows this long: the one-pass kernel measured 0.68x
+# PyTorch at N = 16384 on an H200, while RMSNorm, with one accumulator fewer, ran 1.6x and keeps it.
+TWO_PASS_BACKWARD_FROM = 16384
+TWO_PASS_ROW_BLOCK_N = 4096  # pass 1 reads a row 4096 columns at a time: 16 values per thread and array
+TWO_PASS_TILE = (4, 1024)  # pass 2: rows x columns per step; 4 tile-sized fp32 arrays, 64 values a thread
+TWO_PASS_WAVES = 4  # pass 2 launches about this many programs per SM
 
 
 def _check_params(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -262,6 +362,8 @@ def _check_params(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 # an H200's host, more than the GPU time of the benchmark's 128 MiB norms.
 _FORWARD = LaunchCache(_norm_fwd_kernel)
 _BACKWARD = LaunchCache(_norm_bwd_kernel)
+_ROW_SUMS = LaunchCache(_norm_bwd_row_sums_kernel)
+_COLUMNS = LaunchCache(_norm_bwd_columns_kernel)
 _SUM_PARTIALS = LaunchCache(_sum_partials_kernel)
 
 
@@ -360,6 +462,8 @@ def norm_backward(
         db = torch.zeros_like(weight) if has_bias else None
         return dx, torch.zeros_like(weight), db
     dx2 = dx.view(n_rows, n_cols)
+    if mean is not None and triton.next_power_of_2(n_cols) >= TWO_PASS_BACKWARD_FROM:
+        return _layer_norm_backward_two_pass(dy2, x2, weight, mean, rstd, has_bias, dx)
     # x, dy, and the dw and db accumulators: four row-sized arrays live in registers. Tile, warps and
     # pipeline depth from a sweep on an H200 (see forward_launch): 8 warps and 3 stages, which keep two
     # more row blocks loading while one is reduced, ran the backward 1.3-2x faster than the occupancy
@@ -391,6 +495,41 @@ def norm_backward(
     dw_partial = torch.empty(grid[0], n_cols, dtype=torch.float32, device=x.device)
     db_partial = torch.empty_like(dw_partial) if has_bias else dw_partial
     _BACKWARD.launch_auto(grid, *args(dw_partial, db_partial), **meta)
+    dw = _sum_partials(dw_partial, weight.dtype)
+    db = _sum_partials(db_partial, weight.dtype) if has_bias else None
+    return dx, dw, db
+
+
+def _layer_norm_backward_two_pass(
+    dy2: torch.Tensor,
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    has_bias: bool,
+    dx: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """LayerNorm's backward for rows too long for one program's registers: row statistics, then columns."""
+    n_rows, n_cols = x2.shape
+    dx2 = dx.view(n_rows, n_cols)
+    c1 = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
+    c2 = torch.empty_like(c1)
+    _ROW_SUMS.launch_auto(
+        (n_rows,), x2, weight, dy2, mean, rstd, c1, c2, n_cols, x2.stride(0), dy2.stride(0),
+        BLOCK_N=TWO_PASS_ROW_BLOCK_N, num_warps=8,
+    )  # fmt: skip
+    block_m, block_n = TWO_PASS_TILE
+    column_blocks = triton.cdiv(n_cols, block_n)
+    # Enough row groups for about TWO_PASS_WAVES programs per SM; each group is one row of the partials.
+    groups = max(1, min(triton.cdiv(n_rows, block_m), TWO_PASS_WAVES * sm_count(x2.device) // column_blocks))
+    dw_partial = torch.empty(groups, n_cols, dtype=torch.float32, device=x2.device)
+    db_partial = torch.empty_like(dw_partial) if has_bias else dw_partial
+    _COLUMNS.launch_auto(
+        (column_blocks, groups),
+        x2, weight, dy2, dx2, mean, rstd, c1, c2, dw_partial, db_partial,
+        n_rows, n_cols, x2.stride(0), dy2.stride(0), dx2.stride(0),
+        HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
+    )  # fmt: skip
     dw = _sum_partials(dw_partial, weight.dtype)
     db = _sum_partials(db_partial, weight.dtype) if has_bias else None
     return dx, dw, db

@@ -109,6 +109,20 @@ def test_long_row_settings(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     check(kind, (37, 129), torch.float32)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(37, 129), (20, 700)])
+def test_two_pass_layer_norm_backward(
+    monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], bias: bool
+) -> None:
+    # On the GPU the two-pass backward takes LayerNorm rows of 16384 (gpu tests below). Here it is switched on
+    # for short rows, with chunks small enough that pass 1 loops over each row (129 = 2 x 64 + 1) and pass 2
+    # has several column blocks and row groups, so partial sums of groups with different row counts add up.
+    monkeypatch.setattr(norms_module, "TWO_PASS_BACKWARD_FROM", 64)
+    monkeypatch.setattr(norms_module, "TWO_PASS_ROW_BLOCK_N", 64)
+    monkeypatch.setattr(norms_module, "TWO_PASS_TILE", (4, 64))
+    check("layer", shape, torch.float32, bias=bias)
+
+
 def test_layer_norm_without_bias() -> None:
     check("layer", (37, 129), torch.float32, bias=False)
 
@@ -184,7 +198,8 @@ def test_interpreter_refuses_bfloat16() -> None:
 # ---------------------------------------------------------------------------------------------------
 
 # (8192, 1000): 4 rows per tile, so the tile-shaped dw/db accumulators sum over rows at the end;
-# (64, 8192), (256, 16384), (3, 16384): long rows with the deeper prefetch (LONG_ROW).
+# (64, 8192), (256, 16384), (3, 16384): long rows with the deeper prefetch (LONG_ROW); LayerNorm's backward
+# takes the two-pass path at 16384.
 GPU_SHAPES = [(4096, 4096), (8192, 1000), (2, 1024, 768), (64, 8192), (256, 16384), (3, 16384)]
 
 
