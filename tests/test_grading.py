@@ -155,6 +155,60 @@ def test_intake_refuses_and_names_bad_entries(toy, tmp_path: Path) -> None:
     assert "toy/ops.py is ambiguous" in twice.refused
 
 
+def _patch_zip(path: Path, offset_of: str, value: bytes, count: int = 2) -> Path:
+    """Overwrite a field in the local header and the central directory entry of the zip's only member."""
+    data = bytearray(path.read_bytes())
+    local, central = data.index(b"PK\x03\x04"), data.index(b"PK\x01\x02")
+    offsets = {"flags": (local + 6, central + 8), "method": (local + 8, central + 10)}[offset_of]
+    for offset in offsets[:count]:
+        data[offset : offset + len(value)] = value
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_an_unreadable_zip_refuses_that_submission_with_a_reason(toy, tmp_path: Path) -> None:
+    """A bad CRC, a password or an unknown compression method used to raise out of intake and stop the batch."""
+    corrupt = _zip(tmp_path / "crc.zip", {"ops.py": "def add(a, b): return a + b\n"})
+    data = bytearray(corrupt.read_bytes())
+    data[data.index(b"def add")] ^= 0x01  # one flipped bit in the stored data: the CRC no longer matches
+    corrupt.write_bytes(bytes(data))
+    encrypted = _patch_zip(_zip(tmp_path / "locked.zip", {"ops.py": "x = 1"}), "flags", b"\x01\x00")
+    exotic = _patch_zip(_zip(tmp_path / "aes.zip", {"ops.py": "x = 1"}), "method", b"\x63\x00")  # 99: AES
+    assert "'ops.py' cannot be read (BadZipFile: Bad CRC-32" in read_submission(corrupt, toy).refused
+    assert "'ops.py' (encrypted: submit it without a password)" in read_submission(encrypted, toy).refused
+    assert "compression method 99" in read_submission(exotic, toy).refused
+
+
+def test_a_refused_submission_shows_needs_gpu_runner_like_the_others(tmp_path: Path) -> None:
+    from common.grading.batch import grade_batch
+    from common.grading.harness import GradingContext
+
+    root = write_toy_assignment(tmp_path / "course")
+    manifest = root / "assignment.toml"
+    manifest.write_text(manifest.read_text().replace('id = "mul"', 'id = "mul"\ngpus = 1'))
+    assignment = load_assignment(root)
+    context = GradingContext(assignment, tmp_path, tmp_path, tmp_path, {}, frozenset(), gpu_count=0)
+    refused = read_submission(_zip(tmp_path / "r.zip", {"/abs/ops.py": ""}), assignment)
+    (result,) = grade_batch(context, [refused], gpus=[])
+    by_task = {t.task.id: (t.status, t.score) for t in result.tasks}
+    assert by_task == {"add": ("graded", 0.0), "mul": ("needs GPU runner", None)}
+
+
+def test_student_text_is_printed_as_text_not_markup(toy, tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from common.grading.reports import print_table
+
+    name = "[/bold][link=file:///etc/passwd]eve"
+    submission = read_submission(_zip(tmp_path / "e.zip", {"[red]notes[/x].md": "", "ops.py": ""}), toy, name)
+    result = SubmissionResult(submission)
+    result.tasks = [TaskResult(task, "graded", 0.0) for task in toy.tasks]
+    console = Console(record=True, width=200)
+    print_table([result], console)
+    text = console.export_text()
+    assert name in text and "[red]notes[/x].md" in text
+
+
 def test_a_missing_file_is_graded_as_the_stub_and_noted(toy, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     submission = read_submission(tmp_path / "empty", toy)
@@ -269,3 +323,21 @@ def test_release_refuses_solution_code_copied_elsewhere(tmp_path: Path) -> None:
         match=r"cheatsheet.py: contains solution code from assignments/toy_assignment/src/toy/ops.py:3",
     ):
         build_release(tmp_path / "out", root=course)
+
+
+def test_a_submission_that_breaks_intake_is_refused_and_the_rest_are_read(
+    toy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common.grading import grade as grade_module
+
+    def read(path: Path, assignment, name: str):
+        if name == "odd":
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        return read_submission(path, assignment, name)
+
+    monkeypatch.setattr(grade_module, "read_submission", read)
+    odd = grade_module.read_or_refuse(_zip(tmp_path / "odd.zip", {"ops.py": ""}), toy, "odd")
+    fine = grade_module.read_or_refuse(_zip(tmp_path / "fine.zip", {"ops.py": "x = 1"}), toy, "fine")
+    assert odd.refused.startswith("refused: unreadable (UnicodeDecodeError:") and fine.refused is None
+    with pytest.raises(SubmissionNotFoundError):
+        grade_module.read_or_refuse(tmp_path / "typo.zip", toy, "typo")

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.grading.harness import GradingContext, TaskResult, grade_task
+from common.grading.harness import GradingContext, TaskResult, grade_task, needs_gpu_runner
 from common.grading.intake import Submission
 from common.grading.manifest import Task
 
@@ -62,8 +62,12 @@ class GpuPool:
             self._cond.notify_all()
 
 
-def _refused(submission: Submission, tasks: Sequence[Task]) -> list[TaskResult]:
-    return [TaskResult(task, "graded", 0.0, detail=submission.refused or "") for task in tasks]
+def _refused(submission: Submission, tasks: Sequence[Task], gpu_count: int) -> list[TaskResult]:
+    """A refused submission scores 0 on every task this machine can grade; the rest show what others show."""
+    return [
+        needs_gpu_runner(task, gpu_count) or TaskResult(task, "graded", 0.0, detail=submission.refused or "")
+        for task in tasks
+    ]
 
 
 def grade_batch(
@@ -83,7 +87,7 @@ def grade_batch(
         start = time.monotonic()
         result = SubmissionResult(submission)
         if submission.refused:
-            result.tasks = _refused(submission, context.assignment.tasks)
+            result.tasks = _refused(submission, context.assignment.tasks, context.gpu_count)
             for task_result in result.tasks:
                 if on_task_done:
                     on_task_done(submission.name, task_result)

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from common.grading.batch import SubmissionResult, grade_batch, unique_names
 from common.grading.harness import GradingContext, TaskResult
-from common.grading.intake import Submission, read_submission
+from common.grading.intake import Submission, SubmissionNotFoundError, read_submission
 from common.grading.manifest import Assignment
 from common.grading.reports import print_table, write_gradebook, write_submission
 
@@ -26,7 +26,7 @@ def task_progress(console: Console, total: int, label: str):
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        TextColumn("{task.fields[last]}"),
+        TextColumn("{task.fields[last]}", markup=False),  # a submission's name is the student's text
         console=console,
         transient=False,
     ) as progress:
@@ -52,6 +52,20 @@ def expand_submissions(paths: Sequence[Path], assignment: Assignment) -> list[Pa
     return expanded
 
 
+def read_or_refuse(path: Path, assignment: Assignment, name: str) -> Submission:
+    """read_submission, where any failure to read this one submission refuses it and the batch goes on.
+
+    intake refuses what it knows to be unreadable; this catches what nobody foresaw. A path that does not
+    exist is the TA's typo, not the student's fault: it still stops the run before anything is graded.
+    """
+    try:
+        return read_submission(path, assignment, name)
+    except SubmissionNotFoundError:
+        raise
+    except Exception as error:  # the reason goes into the refusal, not lost
+        return Submission(name, Path(path), refused=f"refused: unreadable ({type(error).__name__}: {error})")
+
+
 def grade(
     assignment: Assignment,
     paths: Sequence[Path],
@@ -64,7 +78,7 @@ def grade(
     console = console or Console()
     paths = expand_submissions(paths, assignment)
     submissions: list[Submission] = [
-        read_submission(path, assignment, name) for path, name in zip(paths, unique_names(paths), strict=True)
+        read_or_refuse(path, assignment, name) for path, name in zip(paths, unique_names(paths), strict=True)
     ]
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()

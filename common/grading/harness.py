@@ -203,13 +203,21 @@ def build_tree(assignment: Assignment, dest: Path, transform: Transform) -> Path
     return dest
 
 
+def needs_gpu_runner(task: Task, gpu_count: int) -> TaskResult | None:
+    """The "needs GPU runner" result of a task this machine has too few GPUs for; None if it has enough."""
+    if task.gpus <= gpu_count:
+        return None
+    have = f"this machine has {gpu_count}" if gpu_count else "this machine has none"
+    return TaskResult(task, "needs GPU runner", None, detail=f"needs {task.gpus} GPU(s); {have}")
+
+
 def grade_task(
     context: GradingContext, files: dict[str, bytes], task: Task, gpus: list[int], threads: int
 ) -> TaskResult:
     """Run one task's hidden tests on the submitted files and score them; retried once on a machine fault."""
-    if task.gpus > context.gpu_count:
-        have = f"this machine has {context.gpu_count}" if context.gpu_count else "this machine has none"
-        return TaskResult(task, "needs GPU runner", None, detail=f"needs {task.gpus} GPU(s); {have}")
+    unrunnable = needs_gpu_runner(task, context.gpu_count)
+    if unrunnable is not None:
+        return unrunnable
     result = None
     for attempt in (1, 2):
         result = _run_task_once(context, files, task, gpus, threads)

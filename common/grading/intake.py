@@ -2,7 +2,9 @@
 
 Only the files the manifest declares are taken. A submission that contains a path escaping its root (`../x`,
 `/etc/x`), a symbolic link, a device or an oversize file is refused as a whole, with the offending entries
-named: such entries are never accidents worth guessing around. Undeclared files (notes, caches, `__MACOSX/`)
+named: such entries are never accidents worth guessing around. So is one that cannot be read: a zip entry
+that is encrypted, compressed with a method Python's zipfile lacks, or fails its CRC check, or a file the
+grader may not read. A refusal is that submission's verdict; the batch goes on. Undeclared files (notes, caches, `__MACOSX/`)
 are left out and listed. A declared file may sit at its full path (`fastpipe/batching.py`) or, if the name is
 unique, anywhere in the archive (`alice/batching.py`).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -19,6 +22,18 @@ from common.errors import EffdlError
 from common.grading.manifest import Assignment
 
 MAX_ENTRIES = 2000  # more entries than any honest submission has: refuse rather than scan a zip bomb
+READABLE_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+# What reading a damaged or exotic archive member raises: a bad CRC or header (BadZipFile), a password
+# (RuntimeError), a compression method zipfile lacks (NotImplementedError), truncated or corrupt data.
+UNREADABLE = (
+    zipfile.BadZipFile,
+    RuntimeError,
+    NotImplementedError,
+    EOFError,
+    zlib.error,
+    OSError,
+    ValueError,
+)
 
 
 @dataclass
@@ -74,6 +89,13 @@ def _zip_entries(path: Path, limit: int) -> tuple[dict[str, zipfile.ZipInfo], li
                 continue
             elif info.file_size > limit:
                 problems.append(f"{info.filename!r} ({info.file_size} bytes, over the {limit}-byte limit)")
+            elif info.flag_bits & 0x1:
+                problems.append(f"{info.filename!r} (encrypted: submit it without a password)")
+            elif info.compress_type not in READABLE_COMPRESSION:
+                problems.append(
+                    f"{info.filename!r} (compression method {info.compress_type}, which the grader cannot "
+                    "read: zip it with the default method)"
+                )
             else:
                 entries[info.filename.replace("\\", "/")] = info
     return entries, problems
@@ -111,18 +133,30 @@ def _match(declared: str, names: list[str]) -> list[str]:
     return [n for n in names if PurePosixPath(n).name == base]
 
 
+def _read_entry(archive_path: Path, entry: zipfile.ZipInfo | Path, limit: int) -> bytes:
+    """The content of one declared file, at most limit + 1 bytes (the header's size can lie)."""
+    if isinstance(entry, zipfile.ZipInfo):
+        with zipfile.ZipFile(archive_path) as archive, archive.open(entry) as handle:
+            return handle.read(limit + 1)
+    with open(entry, "rb") as handle:
+        return handle.read(limit + 1)
+
+
 def read_submission(path: Path, assignment: Assignment, name: str | None = None) -> Submission:
     """Read the declared files of a submission folder or zip; see the module docstring for the rules."""
     path = Path(path)
     submission = Submission(name=name or path.stem, source=path)
     limit = assignment.max_file_kb * 1024
     if path.is_dir():
-        entries, problems = _folder_entries(path, limit)
+        try:
+            entries, problems = _folder_entries(path, limit)
+        except OSError as error:  # e.g. a folder the grader may not list
+            entries, problems = {}, [f"unreadable folder ({type(error).__name__}: {error})"]
     elif path.is_file() and zipfile.is_zipfile(path):
         try:
             entries, problems = _zip_entries(path, limit)
-        except (zipfile.BadZipFile, OSError) as error:
-            entries, problems = {}, [f"unreadable zip ({error})"]
+        except UNREADABLE as error:
+            entries, problems = {}, [f"unreadable zip ({type(error).__name__}: {error})"]
     elif path.exists():
         raise SubmissionNotFoundError(f"{path}: a submission must be a folder or a .zip file")
     else:
@@ -144,11 +178,13 @@ def read_submission(path: Path, assignment: Assignment, name: str | None = None)
             submission.missing.append(declared)
             continue
         entry = entries[candidates[0]]
-        if isinstance(entry, zipfile.ZipInfo):
-            with zipfile.ZipFile(path) as archive, archive.open(entry) as handle:
-                data = handle.read(limit + 1)  # the header's size can lie; never read more than the limit
-        else:
-            data = entry.read_bytes()
+        try:
+            data = _read_entry(path, entry, limit)
+        except UNREADABLE as error:
+            submission.refused = (
+                f"refused: {candidates[0]!r} cannot be read ({type(error).__name__}: {error})"
+            )
+            return submission
         if len(data) > limit:
             submission.refused = f"refused: {candidates[0]!r} is over the {limit}-byte limit"
             return submission

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from common.grading.batch import SubmissionResult
@@ -122,7 +123,12 @@ def print_table(results: Sequence[SubmissionResult], console: Console | None = N
                 colour = "green" if t.score == t.task.points else ("red" if t.score == 0 else "yellow")
                 cells.append(f"[{colour}]{t.score:g}[/{colour}]")
         notes = result.submission.refused or "; ".join(result.submission.notes)
+        # The name and the notes (file names) come from the student: plain text, never rich markup.
         table.add_row(
-            result.name, *cells, f"{result.score:g}/{result.max_score:g}", f"{result.duration_s:.0f} s", notes
+            escape(result.name),
+            *cells,
+            f"{result.score:g}/{result.max_score:g}",
+            f"{result.duration_s:.0f} s",
+            escape(notes),
         )
     console.print(table)
