@@ -27,6 +27,7 @@ def results_dir(out: str | None) -> Path:
 
     return Path(out) if out else RESULTS_DIR / device_folder()
 
+
 # The course environment's packages (pyproject.toml's dependencies) by the names they are imported as. One of
 # them missing means the environment is not synced; any other ModuleNotFoundError is a bug, shown in full.
 COURSE_PACKAGES = frozenset({
@@ -129,11 +130,22 @@ def cmd_grade(args: argparse.Namespace) -> int:
     """Grade submissions (folders or zips) with an assignment's hidden tests; write results and a gradebook."""
     from common.grading.grade import grade
     from common.grading.manifest import find_assignment
+    from common.grading.shard import Shard
 
     gpus = None if args.gpus is None else [int(g) for g in args.gpus.split(",") if g.strip()]
-    grade(
-        find_assignment(args.assignment), [Path(p) for p in args.submissions], Path(args.out), args.jobs, gpus
-    )
+    shard = Shard.parse(args.shard) if args.shard else None
+    assignment = find_assignment(args.assignment)
+    grade(assignment, [Path(p) for p in args.submissions], Path(args.out), args.jobs, gpus, shard=shard)
+    return 0
+
+
+def cmd_gradebook_merge(args: argparse.Namespace) -> int:
+    """Merge the outputs of `effdl grade --shard K/N` (one folder per shard) into one gradebook."""
+    from common.grading.shard import merge_gradebooks
+
+    folders = [Path(folder) for folder in args.folders]
+    out = Path(args.out) if args.out else folders[0].parent / "gradebook.csv"
+    print(f"merged {len(folders)} shard(s) into {merge_gradebooks(folders, out)}")
     return 0
 
 
@@ -286,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_grade,
         epilog="examples:\n"
         "  effdl grade week03_fast_pipelines submissions/             every zip or folder in submissions/\n"
-        "  effdl grade week03 alice.zip bob/ --out grades --jobs 4 --gpus 0,1,2,3\n\n"
+        "  effdl grade week03 alice.zip bob/ --out grades --jobs 4 --gpus 0,1,2,3\n"
+        "  effdl grade week03 subs/ --shard 2/8 --out grades/shard-2     slice 2 of 8, e.g. one Slurm array task\n\n"
         "Writes OUT/<submission>/results.json (Gradescope format), OUT/<submission>/grader.log (for TAs)\n"
         "and OUT/gradebook.csv. Tasks that need a GPU show `needs GPU runner` on a machine without one.",
     )
@@ -295,6 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("--out", default=str(DEFAULT_BUILD_DIR / "grades"), help="output folder")
     grade.add_argument("--jobs", type=int, default=1, help="submissions graded in parallel (default 1)")
     grade.add_argument("--gpus", help="comma-separated GPU indices to use (default: every visible GPU)")
+    grade.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="grade slice K of N of the batch (a cluster array task); see gradebook merge",
+    )
+
+    gradebook = sub.add_parser("gradebook", help="gradebooks of sharded grading runs")
+    gradebook_sub = gradebook.add_subparsers(dest="action", required=True, metavar="ACTION")
+    merge = _add_command(
+        gradebook_sub,
+        "merge",
+        cmd_gradebook_merge,
+        epilog="example (after `effdl grade week03 subs/ --shard K/4 --out grades/shard-K` for K = 1..4):\n"
+        "  effdl gradebook merge grades/shard-* --out grades/gradebook.csv",
+    )
+    merge.add_argument("folders", nargs="+", help="the --out folders of the shards")
+    merge.add_argument("--out", help="the merged gradebook (default: gradebook.csv beside the first folder)")
 
     selftest = _add_command(
         sub,

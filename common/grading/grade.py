@@ -11,11 +11,13 @@ from pathlib import Path, PurePosixPath
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from common.errors import EffdlError
 from common.grading.batch import SubmissionResult, grade_batch, unique_names
 from common.grading.harness import GradingContext, TaskResult
 from common.grading.intake import Submission, SubmissionNotFoundError, read_submission
 from common.grading.manifest import Assignment
 from common.grading.reports import print_table, write_gradebook, write_submission
+from common.grading.shard import Shard, write_record
 
 
 @contextmanager
@@ -73,13 +75,19 @@ def grade(
     jobs: int = 1,
     gpus: Sequence[int] | None = None,
     console: Console | None = None,
+    shard: Shard | None = None,
 ) -> list[SubmissionResult]:
-    """Grade submissions and write `out_dir/<name>/results.json`, `grader.log` and `out_dir/gradebook.csv`."""
+    """Grade submissions and write `out_dir/<name>/results.json`, `grader.log` and `out_dir/gradebook.csv`.
+
+    shard: grade only that slice of the batch, and write `out_dir/shard.json` for `effdl gradebook merge`.
+    """
     console = console or Console()
     paths = expand_submissions(paths, assignment)
-    submissions: list[Submission] = [
-        read_or_refuse(path, assignment, name) for path, name in zip(paths, unique_names(paths), strict=True)
-    ]
+    batch = list(zip(paths, unique_names(paths), strict=True))  # names unique over the whole batch
+    mine = shard.take(batch) if shard is not None else batch
+    submissions: list[Submission] = [read_or_refuse(path, assignment, name) for path, name in mine]
+    if not submissions:
+        raise EffdlError(f"nothing to grade: {'this shard of ' if shard else ''}the batch has no submissions")
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with console.status(f"{assignment.name}: building the starter tree and collecting the hidden tests"):
@@ -95,6 +103,8 @@ def grade(
     for result in results:
         write_submission(result, out_dir)
     gradebook = write_gradebook(results, out_dir / "gradebook.csv")
+    if shard is not None:
+        write_record(out_dir, assignment.name, shard, [name for _, name in batch], [r.name for r in results])
     print_table(results, console)
     elapsed = time.monotonic() - start
     console.print(

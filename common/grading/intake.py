@@ -157,6 +157,8 @@ def read_submission(path: Path, assignment: Assignment, name: str | None = None)
             entries, problems = _zip_entries(path, limit)
         except UNREADABLE as error:
             entries, problems = {}, [f"unreadable zip ({type(error).__name__}: {error})"]
+    elif path.is_file() and path.suffix.lower() == ".zip":  # the student's file, damaged: refuse, don't stop
+        entries, problems = {}, ["not a readable zip archive (damaged, or another format renamed to .zip)"]
     elif path.exists():
         raise SubmissionNotFoundError(f"{path}: a submission must be a folder or a .zip file")
     else:
