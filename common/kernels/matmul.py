@@ -466,7 +466,8 @@ def _tma_ok(a2: torch.Tensor, b: torch.Tensor) -> str | None:
 # ~150 µs per call; a 1024³ GEMM takes ~11 µs on the GPU. So every decision that depends only on the
 # inputs' geometry (which kernel, how many K-slices, the checks) is made once per geometry and kept in
 # _PLANS, and each kernel is launched through a LaunchCache (launch.py), which calls the compiled binary
-# directly after the first call. What is left per call: a dict lookup, the output allocation and the launch.
+# directly after the first call. What is left per call: a dict lookup, the output allocation, the TMA
+# descriptors and the launch; 52-73 µs on the H200's host, still over the 20 µs aimed at (README).
 
 
 @dataclass(frozen=True)

@@ -358,8 +358,9 @@ def _check_params(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         )
 
 
-# Launched through LaunchCache (launch.py): Triton's own launch path costs ~100 µs of host time per call on
-# an H200's host, more than the GPU time of the benchmark's 128 MiB norms.
+# Launched through LaunchCache (launch.py): on the H200's host Triton's own launch path made the host,
+# not the GPU, the bottleneck of a 128 MiB LayerNorm: timed back to back it reached 24-50% of copy bandwidth
+# (common/kernels/README.md, "Results on H200").
 _FORWARD = LaunchCache(_norm_fwd_kernel)
 _BACKWARD = LaunchCache(_norm_bwd_kernel)
 _ROW_SUMS = LaunchCache(_norm_bwd_row_sums_kernel)
@@ -372,9 +373,9 @@ def forward_launch(n_cols: int, rms: bool) -> tuple[int, int, int, int | None]:
 
     From a sweep on an H200 (bf16, 128 MiB inputs, each setting timed twice, spread under 1%; the
     reasoning is softmax.forward_launch's). RMSNorm: 8192-element tiles of 4 warps, one program per tile,
-    for rows up to 4096 (97-98% of copy bandwidth with the flush that leaves L2 clean, against 91-92%
-    with 4096-element persistent tiles); LayerNorm, which also centres each row, did best with fewer
-    bytes in flight per program. Rows of 8192 or more: one row per tile, persistent, 3 stages.
+    for rows up to 4096; LayerNorm, which also centres each row, did best with fewer bytes in flight per
+    program. Rows of 8192 or more: one row per tile, persistent, 3 stages. In `effdl bench kernels` on
+    the H200: RMSNorm 87-92%, LayerNorm 84-90% of copy bandwidth.
     """
     block_n = triton.next_power_of_2(n_cols)
     if rms and block_n <= 4096:
@@ -465,9 +466,9 @@ def norm_backward(
     if mean is not None and triton.next_power_of_2(n_cols) >= TWO_PASS_BACKWARD_FROM:
         return _layer_norm_backward_two_pass(dy2, x2, weight, mean, rstd, has_bias, dx)
     # x, dy, and the dw and db accumulators: four row-sized arrays live in registers. Tile, warps and
-    # pipeline depth from a sweep on an H200 (see forward_launch): 8 warps and 3 stages, which keep two
-    # more row blocks loading while one is reduced, ran the backward 1.3-2x faster than the occupancy
-    # rule alone (more warps, no pipelining) at N = 1024-8192.
+    # pipeline depth from a sweep on an H200 (see forward_launch): 8 warps and 3 stages keep two more row
+    # blocks loading while one is reduced. With them the backward runs at 1.6-3.3x PyTorch on the H200 at
+    # N = 1024-8192, where the occupancy rule alone (more warps, no pipelining) ran at 0.75-0.90x.
     block_n = triton.next_power_of_2(n_cols)
     tile = 8192 if block_n <= (1024 if mean is None else 4096) else 4096
     block_m, block_n, num_warps, num_stages = row_tile(

@@ -250,8 +250,9 @@ LONG_BLOCK_N = 4096
 LONG_NUM_WARPS = 16
 
 
-# Launched through LaunchCache (launch.py): Triton's own launch path costs ~100 µs of host time per call on
-# an H200's host, more than the GPU time of a 128 MiB softmax, and the GPU would wait for the CPU.
+# Launched through LaunchCache (launch.py): on the H200's host Triton's own launch path made the host,
+# not the GPU, the bottleneck of a 128 MiB softmax: timed back to back it reached 27-54% of copy bandwidth
+# (common/kernels/README.md, "Results on H200").
 _LAUNCHES = {
     kernel: LaunchCache(kernel)
     for kernel in (
@@ -270,11 +271,12 @@ def forward_launch(n_cols: int, element_size: int) -> tuple[int, int, int, int |
     memory-bound kernels need more bytes in flight than on an H100: its HBM3e moves 4.2 TB/s against
     the H100's 3 TB/s at about the same latency (Little's law). What the sweep found:
     - fp32 rows carry twice the bytes per element, and one program per 4096-element tile, scheduled by
-      the hardware (waves=None), reached 98-99% of copy bandwidth at every row length.
+      the hardware (waves=None), was the best setting at every row length.
     - 16-bit rows: short rows want big tiles (16384 elements: 64 rows of 256), mid-length rows a deeper
       persistent grid (2 waves), long rows (16384) 2 waves and a 3-stage pipeline that keeps two more
-      rows loading while one is reduced. With the old rule (4096-element tiles, 1 wave) the H200 ran
-      76-89% of copy bandwidth; these settings 88-98%.
+      rows loading while one is reduced.
+    In `effdl bench kernels` on the H200 these settings run at 84-97% of copy bandwidth, where the old
+    rule (4096-element tiles, 1 wave) ran at 75-89% (common/kernels/README.md, "Results on H200").
     - At least 8 warps: with 4, the fp16 build of a 16384 x 4096 case needed 50 registers against bf16's
       52, so 10 programs fit per SM instead of 9, and that grid ran at 78% of copy bandwidth on an H100.
     """
