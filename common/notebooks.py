@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ SMALL_ENV_VAR = "EFFDL_SMALL"
 METADATA_KEY = "effdl"
 SUMMARY_TAG = "summary"
 PAIRED_FORMATS = "ipynb,py:percent"
+# The jupytext header of both files. Without the filter, saving in JupyterLab writes jupytext's version and
+# format version into seminar.py's header, so a student's first save changed a committed file.
+JUPYTEXT_METADATA = {"formats": PAIRED_FORMATS, "notebook_metadata_filter": "-jupytext.text_representation"}
 
 
 class SeminarError(EffdlError):
@@ -60,7 +64,7 @@ def source_hash(nb: NotebookNode) -> str:
 def sync(week: Week) -> Path:
     """Write `seminar.ipynb` from `seminar.py`, keeping stored outputs and metadata where cells are unchanged."""
     source = read_source(week)
-    source.metadata.setdefault("jupytext", {})["formats"] = PAIRED_FORMATS
+    source.metadata.setdefault("jupytext", {}).update(JUPYTEXT_METADATA)
     if week.seminar_ipynb.is_file():
         stored = nbformat.read(week.seminar_ipynb, as_version=4)
         source = combine_inputs_with_outputs(source, stored, fmt="ipynb")
@@ -113,11 +117,12 @@ def execute(
     """
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError
+    from traitlets.config import Config
 
     from common.environment import device_name, library_versions
 
     nb = read_source(week)
-    nb.metadata.setdefault("jupytext", {})["formats"] = PAIRED_FORMATS
+    nb.metadata.setdefault("jupytext", {}).update(JUPYTEXT_METADATA)
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / f"{week.name}_seminar.ipynb"
     n_code_cells = sum(cell.cell_type == "code" for cell in nb.cells)
@@ -134,8 +139,16 @@ def execute(
 
     env = {key: value for key, value in os.environ.items() if key != "MPLBACKEND"}  # keep inline plots
     env[SMALL_ENV_VAR] = "1" if small else "0"
+    # IPC sockets rather than TCP on localhost: nothing is reachable from the network, and ipykernel does not
+    # warn that the kernel runs "over TCP without encryption". The socket path must be absolute: the kernel
+    # starts in the week's folder, the client does not.
+    socket_dir = tempfile.TemporaryDirectory(prefix="effdl-kernel-")
+    config = Config()
+    config.KernelManager.transport = "ipc"
+    config.KernelManager.ip = os.path.join(socket_dir.name, "kernel")
     client = NotebookClient(
         nb,
+        config=config,
         timeout=timeout_s,
         kernel_name="python3",
         resources={"metadata": {"path": str(week.dir)}},
@@ -144,7 +157,8 @@ def execute(
     )
     start = time.perf_counter()
     try:
-        client.execute(env=env)
+        with socket_dir:
+            client.execute(env=env)
     except CellExecutionError as error:
         nbformat.write(nb, out_path)
         raise SeminarError(
@@ -183,7 +197,10 @@ def record(run: SeminarRun) -> Path:
 
 
 def staleness_problems(week: Week) -> list[str]:
-    """Reasons the committed notebook does not belong to `seminar.py`; empty when it does."""
+    """Reasons the committed notebook does not belong to `seminar.py`, or was not recorded with the versions
+    uv.lock pins; empty when it does and was."""
+    from common.environment import lock_mismatches
+
     if not week.seminar_ipynb.is_file():
         return [
             f"{week.seminar_ipynb.name} is missing: run `effdl seminar {week.name} --full --record` on a GPU"
@@ -215,4 +232,8 @@ def staleness_problems(week: Week) -> list[str]:
     ]
     if unexecuted:
         problems.append(f"{week.name}: code cells {unexecuted} of seminar.ipynb have no stored outputs")
+    problems += [
+        f"{week.name}: {mismatch}; re-record in the locked environment (`uv sync --locked`)"
+        for mismatch in lock_mismatches(meta.get("versions", {}))
+    ]
     return problems

@@ -79,6 +79,11 @@ def profiler(
             "cuda=True asks to record GPU kernels, but no CUDA GPU is available; leave cuda=None"
         )
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if not torch.cuda.is_available():
+        # The profiler's backend (Kineto) probes for GPUs when it starts and logs "gpuGetDeviceCount failed
+        # with code 35" on a machine without one: noise for a CPU-only recording. Its log level is read at
+        # that start, so setting it here is enough; a level the user chose is kept.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
     def on_trace_ready(prof: torch.profiler.profile) -> None:
         if trace_path is not None:

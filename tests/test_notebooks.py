@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+
 import pytest
 
 # A GPU runner may have only PyTorch's stack; `pytest -m gpu` must still collect this file (it has no GPU
@@ -10,6 +13,7 @@ nbformat = pytest.importorskip("nbformat", reason="the notebook packages of the 
 pytest.importorskip("jupytext", reason="the notebook packages of the course environment")
 
 from common import notebooks  # noqa: E402  (needs jupytext)
+from common.environment import locked_versions  # noqa: E402
 from common.notebooks import SeminarError  # noqa: E402
 from common.weeks import Week, weeks_with_seminar  # noqa: E402
 
@@ -59,6 +63,24 @@ def pretend_full_gpu_run(run: notebooks.SeminarRun) -> notebooks.SeminarRun:
 def test_committed_notebook_belongs_to_its_source(week: Week) -> None:
     """The committed outputs come from a full GPU run of exactly this seminar.py."""
     assert notebooks.staleness_problems(week) == []
+
+
+@pytest.mark.parametrize("week", weeks_with_seminar(), ids=lambda week: week.name)
+def test_saving_in_jupyterlab_leaves_both_files_unchanged(week: Week, tmp_path) -> None:
+    """Open and save seminar.ipynb through the contents manager that serves JupyterLab's contents API
+    (jupytext's, which also writes the paired seminar.py): a save without edits changes neither file."""
+    contents = pytest.importorskip("jupytext.async_contentsmanager", reason="jupytext's Jupyter extension")
+    for path in (week.seminar_py, week.seminar_ipynb):
+        shutil.copy(path, tmp_path / path.name)
+    manager = contents.AsyncTextFileContentsManager(root_dir=str(tmp_path))
+
+    async def open_and_save() -> None:
+        model = await manager.get(week.seminar_ipynb.name, content=True)
+        await manager.save(model, week.seminar_ipynb.name)
+
+    asyncio.run(open_and_save())
+    assert (tmp_path / week.seminar_py.name).read_text() == week.seminar_py.read_text()
+    assert (tmp_path / week.seminar_ipynb.name).read_text() == week.seminar_ipynb.read_text()
 
 
 @pytest.mark.parametrize("week", weeks_with_seminar(), ids=lambda week: week.name)
@@ -134,6 +156,19 @@ def test_staleness_rejects_outputs_from_a_cpu_run(tiny_week: Week, tmp_path) -> 
     nbformat.write(run.notebook, tiny_week.seminar_ipynb)  # bypassing record()
     assert notebooks.staleness_problems(tiny_week) == [
         "week01_intro: the stored outputs are not from a full-size GPU run"
+    ]
+
+
+def test_staleness_rejects_outputs_recorded_with_other_versions(tiny_week: Week, tmp_path) -> None:
+    """A notebook recorded outside the locked environment (another numpy than uv.lock's) is stale."""
+    notebooks.record(pretend_full_gpu_run(notebooks.execute(tiny_week, small=True, out_dir=tmp_path)))
+    stored = nbformat.read(tiny_week.seminar_ipynb, as_version=4)
+    pinned = locked_versions()["numpy"]
+    stored.metadata["effdl"]["versions"]["numpy"] = "0.0.0"
+    nbformat.write(stored, tiny_week.seminar_ipynb)
+    assert notebooks.staleness_problems(tiny_week) == [
+        f"week01_intro: numpy 0.0.0 recorded, uv.lock pins {pinned}; re-record in the locked environment "
+        "(`uv sync --locked`)"
     ]
 
 

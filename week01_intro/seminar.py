@@ -2,6 +2,7 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -13,17 +14,20 @@
 #
 # Every later week of this course makes some piece of deep-learning code faster. Before we can do that we need
 # three things: to know what the hardware can do at best, to measure what our code actually does, and to
-# understand the ways a measurement can lie. This seminar covers all three, in eight parts:
+# understand the ways a measurement can lie. This seminar covers all three, in nine parts:
 #
 # 1. **The hardware**: what PyTorch reports about the device, and the datasheet peaks we compare against.
-# 2. **Asynchronous execution**: why `time.perf_counter()` around a CUDA call measures almost nothing.
+# 2. **Asynchronous execution**: why `time.perf_counter()` around a CUDA call measures almost nothing, and
+#    what a launch costs the host.
 # 3. **The caching allocator**: `memory_allocated` versus `memory_reserved`, and fragmentation.
 # 4. **CPU micro-benchmarks**: `timeit` versus `torch.utils.benchmark`, and what threads buy.
-# 5. **Matmul throughput**: fp32, TF32, bf16 and fp16 against their peaks, and the roofline.
-# 6. **Streams**: overlapping host-to-device copies with compute.
-# 7. **Launch overhead and fusion**: CUDA graphs for many tiny kernels, `torch.compile` for a chain of
+# 5. **Throughput against the peaks**: fp32, TF32, bf16 and fp16 matmuls; clocks and power; the roofline;
+#    the MFU of a training step.
+# 6. **Memory-bound kernels**: coalesced versus strided access, and a first Triton kernel.
+# 7. **Streams**: overlapping host-to-device copies with compute.
+# 8. **Launch overhead and fusion**: CUDA graphs for many tiny kernels, `torch.compile` for a chain of
 #    elementwise ops.
-# 8. **Numerics and debugging**: why the same sum gives different answers, and why CUDA errors point at the
+# 9. **Numerics and debugging**: why the same sum gives different answers, and why CUDA errors point at the
 #    wrong line.
 #
 # All timings go through `common.bench`, the course's one timing function (CUDA events, warm-up, L2 flush,
@@ -31,7 +35,8 @@
 # plot or a table, and checks what it claims with an `assert`, so running the notebook is also a test.
 #
 # Without a GPU the notebook runs with small sizes on the CPU; the GPU-only parts print that they were
-# skipped. The committed `seminar.ipynb` shows the outputs of a full-size run on an H100.
+# skipped. The committed `seminar.ipynb` shows the outputs of a full-size run on a data-centre GPU; the first
+# table of part 1 names it.
 
 # %% tags=["parameters"]
 import os
@@ -59,27 +64,19 @@ import numpy as np
 # Importing torch.utils.benchmark warns about CUDA_HOME on machines without CUDA; the warning is harmless.
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 import torch.utils.benchmark as torch_benchmark
+from torch.utils.flop_counter import FlopCounterMode
 
 from common import hardware
 from common.bench import bench, measured_copy_bandwidth
+from common.environment import environment
+from common.kernels.vector_add import vector_add  # without a GPU this switches on Triton's interpreter
+from common.models.transformer import TransformerBlock, block_flops
+from common.profiling import profile_steps, top_ops
+from common.tables import show_table
 
 torch.manual_seed(0)
 MiB, GiB = 2**20, 2**30
-RESULTS: dict[str, str] = {}  # one line per key result (at most 8); the summary cell at the end prints them
-
-
-def show_table(header, rows):
-    """Print rows as an aligned plain-text table (first column left-aligned, the rest right-aligned)."""
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for j, row in enumerate(cells):
-        print(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
+RESULTS: dict[str, str] = {}  # one line per key result (at most 12); the summary cell at the end prints them
 
 
 def sync():
@@ -273,9 +270,9 @@ else:
     )
 
 # %% [markdown]
-# Without a sync we measured the launch: a few microseconds, whatever the size of the matmul. The work did not
-# vanish, though. It shows up at the next line that needs the result on the host (`.item()`, `.cpu()`,
-# `print(tensor)`, a Python `if` on a tensor), which then waits for the GPU. Profiles of real training loops
+# Without a sync we measured the launch: a small fraction of the matmul's run time (the assert above checks
+# less than a tenth). The work did not vanish, though. It shows up at the next line that needs the result on
+# the host (`.item()`, `.cpu()`, `print(tensor)`, a Python `if` on a tensor), which then waits for the GPU. Profiles of real training loops
 # are full of such "slow" `.item()` calls that are really someone else's kernels.
 
 # %%
@@ -294,6 +291,88 @@ else:
     print("Skipped on CPU: a CPU op returns when its work is done, so there is nothing left to wait for.")
 
 # %% [markdown]
+# ### What does a launch cost the host?
+#
+# The launch of the big matmul was cheap next to its run time, but it was not free: the first row of the table
+# above is the host's time for one call. Compare it with the few microseconds that launching a bare kernel
+# takes. What does the host do during a launch? There are three candidates:
+#
+# - **work done on every call, before the kernel is queued**: Python, PyTorch's dispatcher, allocating the
+#   output from the cache, and for a matmul cuBLAS's host side: choosing a kernel for this shape and dtype
+#   and setting up its arguments;
+# - **one-time work on a first call**: the cuBLAS handle and its workspace, kernel choice for a new shape, and
+#   loading the kernel's code onto the GPU (CUDA loads kernels lazily, on first use);
+# - **a full launch queue**: a stream holds a limited number of pending launches, and a launch into a full
+#   queue blocks until the GPU frees a slot. That cannot be the case above, where every call started with an
+#   idle GPU, but it is what a loop that runs far ahead of the GPU eventually hits.
+#
+# The next cell separates the first two. It times the host side of four launches, each from an idle GPU: a
+# tiny elementwise kernel, a small matmul, the big fp32 matmul, and the same matmul in fp16, a kernel this
+# process has not launched yet. For each: the first call, the median of later calls, and what the kernel
+# costs the GPU (`bench(cuda_graph=True)`, which removes the launch). Then the profiler breaks one later call
+# of the big matmul into the host functions it spent its time in.
+
+# %%
+if DEVICE == "cuda":
+
+    def host_ms(fn, reps=20):
+        """Host time of fn(), each call from an idle GPU: (first call, median of the later calls), in ms."""
+        times = []
+        for _ in range(reps + 1):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        sync()
+        return times[0], float(np.median(times[1:]))
+
+    tiny, small = torch.randn(1024, device=DEVICE), torch.randn(256, 256, device=DEVICE)
+    a16, b16 = a.half(), b.half()
+    launches = {
+        "tiny elementwise (x.sigmoid(), 1024 floats)": partial(torch.sigmoid, tiny),
+        "fp32 matmul 256^2": partial(torch.matmul, small, small),
+        f"fp32 matmul {n}^2 (warmed up above)": partial(torch.matmul, a, b),
+        f"fp16 matmul {n}^2 (first fp16 matmul)": partial(torch.matmul, a16, b16),
+    }
+    launch_rows, launch_cost = [], {}
+    for name, fn in launches.items():
+        first, later = host_ms(fn)
+        gpu = bench(fn, name=name, cuda_graph=True).median_ms
+        launch_cost[name] = (first, later, gpu)
+        launch_rows.append((name, f"{first:.3f}", f"{later:.3f}", f"{gpu:.3f}"))
+    show_table(["launch of", "first call ms", "later calls ms", "GPU time ms"], launch_rows)
+
+    # One later call of the big matmul, split into host functions by the profiler (sync() is not timed here).
+    prof = profile_steps(lambda: (sync(), a @ b), wait=1, warmup=1, active=5)
+    host_rows = [
+        (op.name, op.calls // 5, f"{op.self_cpu_ms / 5 * 1e3:.1f}")
+        for op in top_ops(prof, k=12, by="cpu")
+        if "Synchronize" not in op.name and "Activity Buffer" not in op.name  # the sync; the profiler's own
+    ][:6]
+    print(f"\nWhere one launch of the {n}^2 fp32 matmul spends its host time (self time, per call):")
+    show_table(["host function", "calls", "us"], host_rows)
+
+    tiny_first, tiny_later, tiny_gpu = launch_cost["tiny elementwise (x.sigmoid(), 1024 floats)"]
+    _, big_later, big_gpu = launch_cost[f"fp32 matmul {n}^2 (warmed up above)"]
+    fp16_first, fp16_later, _ = launch_cost[f"fp16 matmul {n}^2 (first fp16 matmul)"]
+    assert big_later < big_gpu / 5, "a launch returns long before a big kernel is done"
+    assert tiny_later > tiny_gpu, "a tiny kernel costs the host more to launch than the GPU to run"
+    assert fp16_first > fp16_later, "a first call does one-time work: kernel choice, loading the kernel"
+else:
+    print(
+        "Skipped on CPU: a CPU op does its work inside the call, so there is no launch to separate from it."
+    )
+
+# %% [markdown]
+# Read the table row by row. A tiny kernel costs the host more to launch than it costs the GPU to run (the
+# assert checks it): that is the launch-bound regime of part 8. The first fp16 matmul costs more than its
+# later calls (checked too): one-time work that a warm-up keeps out of a measurement. The later calls of the
+# matmuls are the per-call host cost of a matmul on this machine; compare the two fp32 rows to see whether it
+# grows with the size, and the profiler's rows to see where it goes: `aten::mm`'s own time is PyTorch's and
+# cuBLAS's host code (cuBLAS picks and prepares its kernel inside it), the `cuda...`/`cu...` rows are calls
+# into the CUDA runtime and driver, such as the launch itself.
+
+# %% [markdown]
 # ## 3. The caching allocator: allocated versus reserved memory
 #
 # `cudaMalloc` and `cudaFree` are slow (`cudaFree` synchronises the device), so PyTorch doesn't call them per
@@ -302,18 +381,24 @@ else:
 # goes back to the cache, not to CUDA. Two numbers follow from that:
 #
 # - `torch.cuda.memory_allocated()`: bytes in live tensors;
-# - `torch.cuda.memory_reserved()`: bytes the allocator holds from CUDA (live tensors + cached free blocks).
-#   This is what `nvidia-smi` shows (plus the CUDA context), and why it "never goes down".
+# - `torch.cuda.memory_reserved()`: bytes the allocator holds from CUDA (live tensors + cached free blocks),
+#   which is why a process's memory "never goes down".
+#
+# `nvidia-smi` shows more than `memory_reserved`: the CUDA context, the code of the kernels loaded so far
+# (CUDA loads them lazily, on first use) and, in distributed jobs, NCCL's buffers. cuBLAS and cuDNN
+# workspaces are *not* part of that difference: PyTorch allocates them through the caching allocator, so
+# they are counted in `memory_reserved`.
 #
 # Blocks from different segments cannot be merged. Allocate many blocks, free every other one, and the
 # free memory is full of holes: a tensor larger than any hole needs a new segment although the total free
 # memory would hold it. That is *fragmentation*. `torch.cuda.empty_cache()` returns whole free segments to
-# CUDA (useful for other processes, not for speed), and `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`
-# makes segments growable, which reduces fragmentation.
+# CUDA (useful for other processes, not for speed), and `PYTORCH_ALLOC_CONF=expandable_segments:True`
+# makes segments growable, which reduces fragmentation. (`PYTORCH_ALLOC_CONF` is the current name of the
+# allocator's settings; the older `PYTORCH_CUDA_ALLOC_CONF` is still accepted.)
 
 # %%
 if DEVICE == "cuda":
-    del a, b, c  # the big matrices of part 2: start from a clean cache
+    del a, b, c, a16, b16  # the big matrices of part 2: start from a clean cache
     sync()
     torch.cuda.empty_cache()
     base_allocated, base_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
@@ -377,6 +462,16 @@ if DEVICE == "cuda":
         f"{cached_free / MiB:.0f} MiB cached and free, "
         f"yet a 128 MiB tensor grew reserved memory by {grew / MiB:.0f} MiB"
     )
+
+    # What the driver sees in use on the device (nvidia-smi's number, plus any other process's) against what
+    # PyTorch's allocator holds: the difference is the CUDA context, loaded kernels, and other processes.
+    free, total = torch.cuda.mem_get_info()
+    in_use, reserved = total - free, torch.cuda.memory_reserved()
+    print(
+        f"device memory in use: {in_use / MiB:.0f} MiB; reserved by the caching allocator: {reserved / MiB:.0f} MiB; "
+        f"the rest (CUDA context, kernel code, other processes): {(in_use - reserved) / MiB:.0f} MiB"
+    )
+    assert in_use > reserved, "the device holds more than the caching allocator: at least the CUDA context"
 else:
     print("Skipped on CPU: the caching allocator manages GPU memory (CPU tensors use the system allocator).")
 
@@ -462,7 +557,7 @@ if DEVICE == "cpu":  # on a GPU machine the summary has room for GPU results onl
     )
 
 # %% [markdown]
-# ## 5. Matmul throughput: fp32, TF32, bf16, fp16 against the peaks
+# ## 5. Throughput against the peaks: fp32, TF32, bf16 and fp16 matmuls
 #
 # A matmul of two n x n matrices does 2n^3 FLOPs (a multiply and an add per term) and moves at least 3n^2
 # elements, so its arithmetic intensity grows with n: large matmuls are compute-bound and should approach the
@@ -554,6 +649,94 @@ else:
     RESULTS["fp32 matmul"] = f"CPU fp32 matmul {n}^3: {r.tflops * 1e3:.0f} GFLOP/s"
 
 # %% [markdown]
+# ### Clocks and power: why the datasheet peak is out of reach
+#
+# No dtype above reached its datasheet peak, and none will: a peak is FLOPs per clock per SM x SMs x a
+# clock. The H100 SXM's 989.4 TFLOP/s in bf16 is 4096 FLOPs per clock per SM x 132 SMs x 1.83 GHz (the
+# course's tests check this arithmetic for the spec table). The clock is not fixed. The GPU raises it up to
+# its maximum boost clock while it has power and thermal headroom, and lowers it when the load would draw
+# more than its power limit (700 W for an H100 or H200 SXM). Tensor-core matmuls are about the heaviest load
+# there is, so under a sustained matmul the SM clock can settle well below the maximum (the course's recorded
+# H100 SXM benchmark runs held about 1650 of its 1980 MHz, at 684 W), and the reachable peak falls with it in
+# proportion. A fraction of the datasheet peak therefore mixes two things: how good the kernel is,
+# and how fast the chip was clocked while it ran.
+#
+# We keep the GPU busy with bf16 matmuls for a few seconds and ask `nvidia-smi` (through
+# `common.environment.environment()`, which every `BenchResult` also records) for the SM clock and the power
+# while it works. (`torch.cuda.clock_rate()` and `torch.cuda.power_draw()` read the same counters, but need the
+# `pynvml` package, which the course environment does not install.)
+
+# %%
+if DEVICE == "cuda":
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    per_matmul_s = matmuls["bf16"].median_ms / 1e3
+    batch = max(1, int(0.2 / per_matmul_s))  # ~0.2 s of matmuls queued before each sample
+    sync()
+    time.sleep(2)  # nvidia-smi averages power over about a second: let the matmuls above fade out of it
+    idle = environment()
+    samples = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    t_end = time.perf_counter() + (2 if SMALL else 5)
+    launched = 0
+    while time.perf_counter() < t_end:
+        for _ in range(batch):
+            torch.matmul(a16, b16)
+        launched += batch
+        samples.append(environment())  # sampled while the GPU works through the queue
+    end.record()
+    end.synchronize()
+    load_tflops = launched * 2 * n**3 / (start.elapsed_time(end) * 1e-3) / 1e12
+    loaded = samples[len(samples) // 2 :]  # the second half: the clock has settled
+
+    def median_of(key, envs):
+        values = [e[key] for e in envs if isinstance(e.get(key), int | float)]
+        return float(np.median(values)) if values else None
+
+    clock = {"idle": median_of("sm_clock_mhz", [idle]), "load": median_of("sm_clock_mhz", loaded)}
+    power = {"idle": median_of("power_w", [idle]), "load": median_of("power_w", loaded)}
+    max_clock = median_of("max_sm_clock_mhz", [idle])
+    show_table(
+        ["", "SM clock MHz", "max SM clock MHz", "power W", "temperature C"],
+        [
+            (
+                label,
+                f"{clock[key]:.0f}" if clock[key] else "n/a",
+                f"{max_clock:.0f}" if max_clock else "n/a",
+                f"{power[key]:.0f}" if power[key] else "n/a",
+                f"{median_of('temperature_c', envs) or float('nan'):.0f}",
+            )
+            for label, key, envs in (
+                ("idle", "idle", [idle]),
+                (f"bf16 matmuls, {len(loaded)} samples", "load", loaded),
+            )
+        ],
+    )
+    print(f"bf16 matmul throughput over the whole run: {load_tflops:.0f} TFLOP/s")
+    if clock["load"] and max_clock:
+        print(
+            f"under load the SMs ran at {clock['load'] / max_clock:.0%} of the maximum clock; "
+            f"a peak computed at the maximum clock shrinks by the same factor"
+        )
+        assert clock["load"] <= max_clock, "nvidia-smi's clock never exceeds its maximum"
+    if power["idle"] and power["load"]:
+        assert power["load"] > power["idle"], f"a matmul load draws more power than idle: {power}"
+    if clock["load"] and max_clock and power["load"]:
+        RESULTS["clocks"] = (
+            f"sustained bf16 matmuls: {load_tflops:.0f} TFLOP/s at {clock['load']:.0f} of {max_clock:.0f} MHz, "
+            f"{power['load']:.0f} W"
+        )
+    del a16, b16
+else:
+    print("Skipped on CPU: clocks and power are read from the GPU (nvidia-smi).")
+
+# %% [markdown]
+# Compare the clock under load with the maximum in the table. When it is lower, the reachable peak is lower
+# by the same factor, and a kernel's fraction of the datasheet peak understates how good it is. This is also
+# why benchmarks drift: a cool GPU clocks higher for the first seconds, a hot one lower, which is why
+# `common.bench` warms up by time and records clocks, power and temperature with every result.
+
+# %% [markdown]
 # ### The roofline
 #
 # The *roofline model* bounds what any kernel can reach: attainable FLOP/s = min(peak FLOP/s, arithmetic
@@ -639,8 +822,173 @@ if SPEC is not None:
 # 4x the FLOPs per byte moved, so at constant bandwidth it gets 4x the FLOP/s) until they reach the ridge, then
 # bend over under the flat compute roof. Most of deep learning outside the big matmuls lives on the left of the
 # ridge, which is why so much of this course is about moving fewer bytes.
+
+# %% [markdown]
+# ### From a matmul to a training step: MFU
 #
-# ## 6. Streams: overlapping copies with compute
+# A whole training step is what we pay for, and the number the field quotes for it is *model FLOPs
+# utilisation*: the FLOPs the model needs per step (counted from its shapes, not from what the kernels
+# happen to do), divided by the step time, divided by the peak. `common.models.transformer` counts the
+# matmul FLOPs of one transformer block for us (`block_flops`: forward, plus twice that for the backward);
+# we check that count against PyTorch's own FLOP counter, then time a full step (forward, backward, AdamW)
+# in bf16 autocast. The check covers the projections and the MLP, exactly. Attention is counted from its
+# shapes: its two matmuls, halved because the block is causal and a fused attention kernel skips the masked
+# half. PyTorch's counter cannot know what a fused kernel skips, and what it reports for attention depends on
+# the backend (on a GPU it counts the full square, plus the scores that the backward pass recomputes; for
+# some CPU kernels it counts nothing), so we print its attention count beside ours rather than compare them.
+# Elementwise ops, normalisations, the optimizer and launch gaps all take time but add no model FLOPs,
+# which is why an MFU is always well below the matmul's fraction of peak.
+
+# %%
+if DEVICE == "cuda":
+    batch_size, seq, d_model, n_heads = (4, 1024, 1024, 16) if SMALL else (8, 2048, 2048, 16)
+else:
+    batch_size, seq, d_model, n_heads = 2, 64, 128, 4
+block = TransformerBlock(d_model, n_heads).to(DEVICE)
+optimizer = torch.optim.AdamW(block.parameters(), lr=1e-4)
+tokens = torch.randn(batch_size, seq, d_model, device=DEVICE)
+
+
+def train_step():
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
+        loss = block(tokens).float().square().mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+step_flops = block_flops(batch_size, seq, d_model)
+# Causal attention is half of full attention, so it is also what causal=False adds.
+attention_flops = block_flops(batch_size, seq, d_model, causal=False) - step_flops
+with FlopCounterMode(display=False) as counter:
+    train_step()
+by_op = counter.get_flop_counts()["Global"]
+counted_attention = sum(flops for op, flops in by_op.items() if "attention" in str(op))
+counted_rest = sum(by_op.values()) - counted_attention
+show_table(
+    ["FLOPs per step (GFLOP)", "block_flops", "PyTorch's counter"],
+    [
+        ("projections and MLP", f"{(step_flops - attention_flops) / 1e9:.4g}", f"{counted_rest / 1e9:.4g}"),
+        ("attention (causal: half)", f"{attention_flops / 1e9:.4g}", f"{counted_attention / 1e9:.4g}"),
+    ],
+)
+assert counted_rest == step_flops - attention_flops, "the non-attention matmuls are counted identically"
+
+step = bench(train_step, name="train step", flops=step_flops, cache="warm")
+if DEVICE == "cuda" and SPEC is not None:
+    mfu = step.tflops * 1e12 / SPEC.peak_flops["bf16"]
+    print(
+        f"{step}\nMFU: {step.tflops:.0f} TFLOP/s of model FLOPs / {SPEC.peak_flops['bf16'] / 1e12:.0f} peak = {mfu:.0%}"
+    )
+    assert 0 < mfu < 1, f"an MFU is a fraction of the peak: {mfu:.2f}"
+    assert mfu < matmuls["bf16"].tflops * 1e12 / SPEC.peak_flops["bf16"], "a step is slower than its matmuls"
+    RESULTS["MFU"] = f"transformer block d={d_model}, {batch_size}x{seq} tokens, bf16 step: MFU {mfu:.0%}"
+else:
+    print(step)
+    print("No MFU here: it needs the datasheet peak of a GPU (common.hardware has none for a CPU).")
+
+# %% [markdown]
+# ## 6. Memory-bound kernels: access patterns and a first Triton kernel
+#
+# Left of the ridge, time is bytes moved divided by bandwidth, and "bytes moved" means what the memory system
+# moves, not what the program uses. DRAM and L2 move data in 32-byte *sectors*. When the 32 threads of a
+# warp read 32 consecutive floats, their loads *coalesce* into four sectors and every byte fetched is used.
+# When they read floats 128 bytes apart, each float needs a sector of its own: 8x the traffic for the same
+# useful bytes.
+#
+# We copy the same number of floats twice: a contiguous slice `x[:m]`, and a strided view `x[::32]` (every
+# 32nd float, 128 bytes apart) of a tensor 32 times larger. Both write m contiguous floats. The GB/s column
+# counts useful bytes (m floats read, m written), so it shows what a strided pattern costs in bandwidth you
+# pay for but do not use.
+
+# %%
+STRIDE = 32  # floats: 128 bytes apart, so every useful float sits in its own 32-byte sector
+m = 2**16 if DEVICE == "cpu" else 2**24  # useful floats: 64 MiB on a GPU (x itself is 2 GiB)
+x = torch.randn(m * STRIDE, device=DEVICE)
+views = {"contiguous x[:m]": x[:m], f"strided x[::{STRIDE}]": x[::STRIDE]}
+assert views[f"strided x[::{STRIDE}]"].stride() == (STRIDE,)
+torch.testing.assert_close(views[f"strided x[::{STRIDE}]"].clone(), x.view(m, STRIDE)[:, 0], rtol=0, atol=0)
+access = {
+    name: bench(
+        partial(torch.clone, view, memory_format=torch.contiguous_format),  # always a copy, into contiguous
+        name=name,
+        bytes=2 * m * x.element_size(),
+    )
+    for name, view in views.items()
+}
+show_table(
+    ["read pattern", "ms", "useful GB/s"],
+    [(r.name, f"{r.median_ms:.4f}", f"{r.gbps:.0f}") for r in access.values()],
+)
+slowdown = access[f"strided x[::{STRIDE}]"].median_ms / access["contiguous x[:m]"].median_ms
+if DEVICE == "cuda":
+    assert slowdown > 3, f"a 128-byte stride wastes most of each sector: only {slowdown:.1f}x slower"
+    RESULTS["strided access"] = (
+        f"copying {m // 2**20} Mi floats read with stride {STRIDE}: {slowdown:.1f}x slower"
+    )
+else:
+    print(f"strided / contiguous: {slowdown:.1f}x (on a CPU, caches and prefetchers change the picture)")
+del x, views
+
+# %% [markdown]
+# On a GPU the strided copy is several times slower for the same useful bytes (the assert checks at least
+# 3x). The same waste hides in PyTorch code as a transposed or sliced view fed to a kernel that reads it
+# element by element, and in a hand-written kernel whose threads walk down columns instead of along rows.
+#
+# ### A first Triton kernel: vector add
+#
+# In this course we write kernels in Triton: a kernel is the program of one *block* of data, and Triton
+# turns its loads and stores into coalesced, vectorised memory accesses. `common.kernels.vector_add` is the
+# smallest useful one (read it: the kernel is six lines). A grid of programs, one per 1024 elements; each
+# computes its offsets with `tl.arange`, masks the ragged end, loads, adds and stores.
+#
+# It does 1 FLOP per 12 bytes, so it is as memory-bound as a kernel can be, and its yardstick is a copy:
+# `measured_copy_bandwidth()` is the speed of a large device-to-device copy, the most a kernel that reads and
+# writes memory can reach. Without a GPU the kernel runs in Triton's CPU interpreter (`common.kernels`
+# switches it on), which is slow but exact, so on a CPU we check it on a small vector and time nothing.
+
+# %%
+n = 98_765 if DEVICE == "cpu" else (2**26 if SMALL else 2**28)  # odd on a CPU: the last block is masked
+x, y = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+z = vector_add(x, y)
+assert torch.equal(z, x + y), "one fp32 add per element: bit-identical to torch"
+if DEVICE == "cuda":
+    copy_bw = measured_copy_bandwidth()
+    adds = [
+        bench(partial(vector_add, x, y), name="Triton vector_add", bytes=3 * x.nbytes),
+        bench(partial(torch.add, x, y), name="torch.add", bytes=3 * x.nbytes),
+    ]
+    show_table(
+        ["kernel", "ms", "GB/s", "of measured copy bw", "of datasheet bw"],
+        [
+            (
+                r.name,
+                f"{r.median_ms:.3f}",
+                f"{r.gbps:.0f}",
+                f"{r.gbps * 1e9 / copy_bw:.0%}",
+                f"{r.frac_peak_bw:.0%}" if r.frac_peak_bw else "-",
+            )
+            for r in adds
+        ],
+    )
+    print(f"measured copy bandwidth: {copy_bw / 1e9:.0f} GB/s")
+    triton_add = adds[0]
+    assert triton_add.gbps * 1e9 > 0.6 * copy_bw, "a vector add should stream at close to copy speed"
+    RESULTS["Triton vector add"] = (
+        f"{n // 2**20} Mi floats: {triton_add.gbps:.0f} GB/s, {triton_add.gbps * 1e9 / copy_bw:.0%} of a copy"
+    )
+else:
+    print(f"vector_add of {n} floats in Triton's interpreter: matches x + y exactly. (Not timed on a CPU.)")
+del x, y, z
+
+# %% [markdown]
+# A few lines of Triton move bytes at close to the speed of a copy (the assert checks more than 60% of the
+# measured copy bandwidth; the table sets PyTorch's own add beside it). For a kernel like this one that is the
+# whole story: no amount of cleverness inside it can beat the memory roof. The speedups of later weeks come from kernels that do more
+# per byte (fusing several ops into one pass) or move fewer bytes.
+
+# %% [markdown]
+# ## 7. Streams: overlapping copies with compute
 #
 # A *stream* is one of the GPU's queues: work in one stream runs in order, work in different streams may run
 # at the same time. The GPU has separate *copy engines* for transfers over PCIe, so a host-to-device copy can
@@ -757,13 +1105,14 @@ else:
 # blocks in each one, so much of the overlap is lost. This is what `DataLoader(pin_memory=True)` plus
 # `tensor.to(device, non_blocking=True)` buys in a training loop.
 #
-# ## 7. Launch overhead and fusion
+# ## 8. Launch overhead and fusion
 #
 # ### CUDA graphs
 #
-# Every kernel launch costs the CPU a few microseconds (Python, the PyTorch dispatcher, the CUDA driver). For
-# big kernels that is hidden behind the GPU's work; for tiny ones the GPU finishes each kernel before the CPU
-# has launched the next, and the program is *launch-bound*: the GPU sits idle most of the time.
+# Every kernel launch costs the CPU microseconds (Python, the PyTorch dispatcher, the CUDA driver: part 2
+# measured it on this machine). For big kernels that is hidden behind the GPU's work; for tiny ones the GPU
+# finishes each kernel before the CPU has launched the next, and the program is *launch-bound*: the GPU sits
+# idle most of the time.
 #
 # A *CUDA graph* records a sequence of kernels once and replays it with a single launch. The price: shapes,
 # addresses and control flow are frozen at capture, so inputs must be copied into the captured ("static")
@@ -873,7 +1222,9 @@ torch._dynamo.reset()  # forget this capture before compiling the same function 
 # we only time the eager version.
 
 # %%
-n = 2**20 if DEVICE == "cpu" else (2**24 if SMALL else 2**26)
+# 1 GiB on a GPU at full size: the fused kernel then moves 2 GiB per call, which keeps the GPU busy long
+# enough that the host's cost of calling the compiled function (guards, wrapper, launch) is not timed.
+n = 2**20 if DEVICE == "cpu" else (2**24 if SMALL else 2**28)
 x = torch.randn(n, device=DEVICE)
 eager = bench(partial(gelu_chain, x), name="eager", bytes=passes * x.nbytes)
 if DEVICE == "cuda":
@@ -926,7 +1277,7 @@ else:
 # On a GPU both versions run at a similar fraction of the memory bandwidth; the compiled one is faster because
 # it moves about 9x fewer bytes. That is the typical shape of a fusion win: the same bandwidth, less traffic.
 #
-# ## 8. Numerics and debugging
+# ## 9. Numerics and debugging
 #
 # ### Floating-point addition is not associative
 #
@@ -999,8 +1350,10 @@ if DEVICE == "cpu":  # on a GPU machine the summary has room for GPU results onl
 # whatever order they happen to arrive, so the rounding differs from run to run. `index_add_` (and
 # `scatter_add_`, and the backward of embedding and indexing) work this way on CUDA.
 # `torch.use_deterministic_algorithms(True)` switches such ops to deterministic (usually slower) algorithms,
-# and makes ops that have none raise an error. (For cuBLAS it also needs the environment variable
-# `CUBLAS_WORKSPACE_CONFIG=:4096:8`.)
+# and makes ops that have none raise an error. cuBLAS matmuls are deterministic for a fixed GPU, library
+# version and stream: PyTorch gives each cuBLAS handle and stream its own workspace. Older PyTorch releases
+# also required the environment variable `CUBLAS_WORKSPACE_CONFIG=:4096:8` in deterministic mode and raised
+# an error without it; torch 2.11 no longer checks for it (the cell checks that too).
 
 # %%
 if DEVICE == "cuda":
@@ -1028,6 +1381,20 @@ if DEVICE == "cuda":
     print(
         f"index_add_ on the GPU: {outcomes[False]} distinct results in 10 runs by default, 1 when deterministic"
     )
+
+    # A matmul in deterministic mode, whether or not CUBLAS_WORKSPACE_CONFIG is set: no error, same bits.
+    w = torch.randn(2048, 2048, device=DEVICE)
+    torch.use_deterministic_algorithms(True)
+    try:
+        products = [w @ w for _ in range(10)]  # older releases raised here without the variable
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert all(torch.equal(p, products[0]) for p in products), "cuBLAS: the same matmul gives the same bits"
+    print(
+        "matmul in deterministic mode with CUBLAS_WORKSPACE_CONFIG "
+        f"{'set' if 'CUBLAS_WORKSPACE_CONFIG' in os.environ else 'not set'}: no error, 1 distinct result in 10"
+    )
+    del w, products
 else:
     print(
         "Skipped on CPU: the CPU index_add_ adds in a fixed order, so its result does not change between runs."
@@ -1104,7 +1471,13 @@ else:
 # - Time GPU code with CUDA events (or `common.bench`), never with a bare `perf_counter`.
 # - Compare every number with a ceiling: the datasheet peak for compute, the bandwidth for memory traffic.
 #   The roofline says which one applies.
-# - Tensor cores (TF32, bf16, fp16) are where the FLOP/s are, at a known cost in precision.
+# - Tensor cores (TF32, bf16, fp16) are where the FLOP/s are, at a known cost in precision. The peaks assume a
+#   clock that a GPU at its power limit does not hold; a training step's MFU is well below a matmul's
+#   fraction of peak.
+# - A launch is host work: microseconds for an elementwise op, more for a matmul, much more on a first call.
+#   Warm up before timing.
+# - Memory-bound kernels are judged in GB/s against a copy; strided access wastes most of every sector.
+#   A first Triton kernel already streams at close to copy speed.
 # - Overlap copies with compute (pinned memory, streams); remove launch overhead (CUDA graphs); move fewer
 #   bytes (fusion, `torch.compile`).
 # - Floating-point results depend on the order of operations: compare with tolerances, and use deterministic

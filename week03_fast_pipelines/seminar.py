@@ -2,11 +2,7 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
-#     text_representation:
-#       extension: .py
-#       format_name: percent
-#       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#     notebook_metadata_filter: -jupytext.text_representation
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -24,16 +20,17 @@
 # 2. **fp16 fails, loss scaling fixes it**: gradients that underflow, `torch.amp.GradScaler`, and why bf16
 #    needs no scaler.
 # 3. **Speed and memory**: a transformer block trained in fp32, TF32, bf16 and fp16; tensor-core shape
-#    alignment; fp8 matmuls with `torch._scaled_mm`.
+#    alignment; fp8 matmuls with `torch._scaled_mm`; `torch.compile` of the training step.
 # 4. **The input pipeline**: `DataLoader` workers and pinned memory, JPEG decoding on the CPU and the GPU,
 #    and the cost of padding.
 # 5. **Profiling**: `torch.profiler` finds a planted bottleneck in a training step; a host-device sync;
-#    a CUDA memory snapshot of a training step.
+#    the activation memory of a transformer block, by formula and measured; a CUDA memory snapshot of a
+#    training step.
 #
 # All timings go through `common.bench`, peaks come from `common.hardware`, and the helpers of this week
 # live in `common.amp`, `common.data` and `common.profiling`. Cells that state a fact check it with `assert`.
 # Without a GPU the notebook runs small sizes on the CPU and skips the GPU-only parts; the committed
-# `seminar.ipynb` shows a full-size run on an H100.
+# `seminar.ipynb` shows a full-size run on a GPU (its metadata names the GPU and the library versions).
 
 # %% tags=["parameters"]
 import os
@@ -64,6 +61,7 @@ from torch.utils.data import DataLoader
 from common import amp, data, hardware, profiling
 from common.bench import bench, compare
 from common.models.transformer import TransformerBlock, block_flops
+from common.tables import show_table
 
 torch.manual_seed(0)
 MiB, GiB = 2**20, 2**30
@@ -75,20 +73,6 @@ if DEVICE == "cuda":
         SPEC = hardware.gpu_spec()
     except hardware.UnknownGPUError as error:
         print(f"No datasheet peaks for this GPU, so no fractions of peak below: {error}")
-
-
-def show_table(header, rows):
-    """Print rows as an aligned plain-text table (first column left-aligned, the rest right-aligned)."""
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for j, row in enumerate(cells):
-        print(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 def time_slow(fn, name, reps=3):
@@ -141,7 +125,7 @@ for i, fmt in enumerate(amp.FORMATS.values()):
     ax.barh(i, mid - lo, left=lo, color="C0", alpha=0.35, label="subnormal" if i == 0 else None)
     ax.barh(i, hi - mid, left=mid, color="C0", label="normal" if i == 0 else None)
 ax.set_yticks(range(len(amp.FORMATS)), list(amp.FORMATS))
-ax.axvline(-24, color="C3", linestyle="--", linewidth=1, label="2^-24: below it, fp16 rounds to 0")
+ax.axvline(-25, color="C3", linestyle="--", linewidth=1, label="2^-25: at or below it, fp16 rounds to 0")
 ax.set_xlabel("log2 of magnitude")
 ax.set_title("Representable magnitudes of each format")
 ax.invert_yaxis()
@@ -151,9 +135,10 @@ plt.show()
 
 # %% [markdown]
 # fp16 and bf16 both take 16 bits and split them differently: fp16 keeps precision and loses range (nothing
-# above 65504, nothing below 6e-8), bf16 keeps fp32's range and loses precision. Deep-learning values mostly
-# need range: activations can be large, and gradients are often tiny. The next part shows what happens to
-# tiny gradients in fp16.
+# above 65504; the smallest subnormal is 2^-24 ≈ 6e-8, and rounding to nearest, ties to even, sends everything
+# up to half of it, 2^-25 ≈ 3e-8, to zero), bf16 keeps fp32's range and loses precision. Deep-learning values
+# mostly need range: activations can be large, and gradients are often tiny. The next part shows what happens
+# to tiny gradients in fp16.
 #
 # ## 2. Training in fp16 fails; loss scaling fixes it; bf16 needs no scaler
 #
@@ -165,7 +150,8 @@ plt.show()
 # factor 1/N. Language models train on steps of 0.5M-4M tokens, split into micro-batches whose losses are
 # divided by the number of micro-batches (gradient accumulation). We run one micro-batch per step and give it
 # the gradient scale of a 0.5M-token step: the loss is divided by 2^19 tokens. The gradient of a non-target
-# logit is then about softmax probability / N, around 1e-9: far below fp16's smallest subnormal.
+# logit is then about softmax probability / N, around 1e-9: far below 2^-25, so fp16 rounds it to zero. The
+# target's logit gets (probability - 1) / N, about -2^-19: small, but a subnormal that fp16 keeps.
 
 # %%
 VOCAB, WIDTH, SEQ, BATCH = (512, 64, 64, 16) if SMALL else (4096, 256, 128, 128)
@@ -239,9 +225,9 @@ bins = np.linspace(-50, 0, 101)
 for name, g in grads.items():
     g = g[g != 0].abs().double().log2().cpu().numpy()
     ax.hist(g, bins=bins, histtype="step", linewidth=1.5, density=True, label=f"{name} gradients")
-ax.axvspan(bins[0], -24, color="C3", alpha=0.12, label="fp16: becomes 0")
-ax.axvspan(-24, -14, color="C1", alpha=0.12, label="fp16: subnormal")
-ax.axvline(-24 - 16, color="k", linestyle=":", label="what x 2^16 lifts to 2^-24")
+ax.axvspan(bins[0], -25, color="C3", alpha=0.12, label="fp16: becomes 0")
+ax.axvspan(-25, -14, color="C1", alpha=0.12, label="fp16: subnormal")
+ax.axvline(-25 - 16, color="k", linestyle=":", label="what x 2^16 lifts to 2^-25")
 ax.set_xlabel("log2 |gradient| (fp32 training step)")
 ax.set_ylabel("density")
 ax.set_title("Gradients of one step, against fp16's range")
@@ -253,7 +239,26 @@ underflow = amp.cast_error(grads["logits"], "fp16").underflow
 assert underflow > 0.5, f"most logit gradients underflow in fp16, got {underflow:.0%}"
 assert amp.cast_error(grads["logits"] * SCALE, "fp16").underflow < 0.01, "scaled by 2^16, they survive"
 assert all(amp.cast_error(g, "bf16").underflow == 0 for g in grads.values()), "bf16 has fp32's range"
-del model, hidden, logits
+
+
+def net_push(g):
+    """Sum over a token's vocabulary of its logit gradients, over the sum of their magnitudes (all tokens)."""
+    g = g.double().view(-1, VOCAB)
+    return (g.sum(-1).abs().sum() / g.abs().sum()).item()
+
+
+# Softmax cross-entropy pushes the target's logit up by as much as it pushes all the others down: a token's
+# logit gradients sum to zero. In fp16 the pushes down are flushed to zero and the push up survives.
+logits16 = grads["logits"].half()
+survivors = logits16[logits16 != 0]
+fp32_push, fp16_push = net_push(grads["logits"]), net_push(logits16)
+print(
+    f"logit gradients left non-zero in fp16: {survivors.numel()} of {logits16.numel()}, "
+    f"{(survivors < 0).float().mean():.1%} of them negative (a target's);\n"
+    f"|sum over the vocabulary| / sum of |gradients|: {fp32_push:.1e} in fp32, {fp16_push:.3f} in fp16"
+)
+assert fp32_push < 1e-3 and fp16_push > 0.9, "fp16 keeps the target's push up and loses the pushes down"
+del model, hidden, logits, logits16, survivors
 
 # %% [markdown]
 # Now we train the same model five ways, with `common.amp.train_step` (autocast, then PyTorch's
@@ -314,25 +319,54 @@ print(
     f"GradScaler's scale at the end: 2^{math.log2(final_scale):.0f}; best possible loss {tokens.entropy:.3f}"
 )
 
-fig, ax = plt.subplots(figsize=(8, 4))
+# Three runs end on the same curve: each gets a line style and markers of its own (fp32 is the wide grey
+# band), and the right panel shows how far the two that overlap fp32 are from it.
+styles = {
+    "fp32": dict(color="0.6", linewidth=5, alpha=0.6),
+    "pure fp16": dict(color="C3", marker="x"),
+    "fp16 autocast, no scaler": dict(color="C1", marker="^"),
+    "fp16 autocast + GradScaler": dict(color="C0", linestyle="--", marker="o", markevery=(0, 10)),
+    "bf16 autocast": dict(color="C2", linestyle=":", marker="s", markevery=(5, 10)),
+}
+fig, (ax, ax_diff) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2]})
 for name, losses in runs.items():
     finite = np.isfinite(losses)
-    if not finite.all():  # mark where the run broke: NaN is not drawn
-        name = f"{name} (NaN from step {np.argmin(finite)})"
-    ax.plot(np.where(finite, losses, np.nan), "x-", label=name, linewidth=1.2, markersize=3, markevery=5)
-ax.axhline(tokens.entropy, color="k", linestyle=":", label="best possible (entropy)")
-ax.axhline(math.log(VOCAB), color="grey", linestyle=":", label="uniform guess, ln V")
+    style = {"linewidth": 1.2, "markersize": 4, "markevery": 10, **styles[name]}
+    if finite.all():
+        ax.plot(losses, label=name, **style)
+    else:  # NaN is not drawn: mark every finite step, and where the NaNs begin
+        nan_from = int(np.argmin(finite))
+        style.update(markevery=1, markersize=8, zorder=5)
+        ax.plot(np.where(finite, losses, np.nan), label=f"{name} (NaN from step {nan_from})", **style)
+        ax.axvline(nan_from, color=style["color"], linestyle=(0, (1, 3)), linewidth=1.5)
+ax.axhline(tokens.entropy, color="k", linestyle=":", linewidth=1, label="best possible (entropy)")
+ax.axhline(math.log(VOCAB), color="k", linestyle="-.", linewidth=1, label="uniform guess, ln V")
 ax.set_xlabel("step")
 ax.set_ylabel("next-token loss (nats)")
 ax.set_title("The same model and data, five precisions")
 ax.legend(fontsize=8)
+for name in ("fp16 autocast + GradScaler", "bf16 autocast"):
+    ax_diff.plot(runs[name] - runs["fp32"], label=name, **{"linewidth": 1.2, "markersize": 4, **styles[name]})
+ax_diff.axhline(0, color="0.6", linewidth=5, alpha=0.6, label="fp32")
+ax_diff.set_xlabel("step")
+ax_diff.set_ylabel("loss minus fp32's loss (nats)")
+ax_diff.set_title("The runs that overlap fp32 on the left")
+ax_diff.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
 
 reference = final(runs["fp32"])
 assert abs(final(runs["fp16 autocast + GradScaler"]) - reference) < 0.08, "loss scaling recovers fp32's loss"
 assert abs(final(runs["bf16 autocast"]) - reference) < 0.1, "bf16 trains like fp32 without a scaler"
-assert final(runs["fp16 autocast, no scaler"]) > reference + 0.3, "without scaling, fp16 learns much less"
+no_scaler = runs["fp16 autocast, no scaler"]
+if SMALL:  # 40 steps: long enough to see the loss turn back up, too short for it to cross ln V
+    assert final(no_scaler) > no_scaler.min() + 0.1 and final(no_scaler) > reference + 0.3, (
+        f"without scaling, fp16's loss turns back up: min {no_scaler.min():.2f}, final {final(no_scaler):.2f}"
+    )
+else:
+    assert final(no_scaler) > math.log(VOCAB), (
+        f"without scaling, fp16 diverges: final loss {final(no_scaler):.2f} > ln V = {math.log(VOCAB):.2f}"
+    )
 pure = final(runs["pure fp16"])
 assert not np.isfinite(pure) or pure > reference + 0.3, "pure fp16 fails"
 RESULTS["fp16"] = (
@@ -344,11 +378,18 @@ RESULTS["fp16"] = (
 # %% [markdown]
 # Reading the curves:
 #
-# - Without a scaler, fp16 autocast zeroes most gradients of the head and of everything below it: the model
-#   learns far less per step.
+# - Without a scaler, fp16 autocast does worse than learn slowly: at full size the loss climbs above ln V, the
+#   loss of a uniform guess (the assert checks it). The first cell of this part shows why. A token's logit
+#   gradients are (probability - 1) / N for its target and probability / N for every other word; they sum to
+#   zero. In fp16 the second kind rounds to zero while the first survives as a subnormal, so what reaches the
+#   model only ever says "raise the target's logit", never "lower the others" (the printed sums: near 0 in
+#   fp32, near 1 in fp16). And AdamW divides each gradient by the root of
+#   its running mean square, so a tiny gradient of a consistent sign becomes a step of full size, about the
+#   learning rate: the weights move as fast as in fp32, in a biased direction. In the small run (40 steps) the
+#   loss first falls, then turns back up: the assert checks the turn.
 # - Pure fp16 fails harder. AdamW divides by the square root of the running mean of squared gradients; in
-#   fp16 a squared gradient below 6e-8 is zero, so is AdamW's `eps` (1e-8), and 0/0 is NaN. Keeping fp32
-#   "master" weights and optimizer state is the other half of mixed-precision training.
+#   fp16 a squared gradient of 2^-25 ≈ 3e-8 or less is zero, so is AdamW's `eps` (1e-8), and 0/0 is NaN.
+#   Keeping fp32 "master" weights and optimizer state is the other half of mixed-precision training.
 # - GradScaler multiplies the loss by 2^16 (doubling the scale after 2000 steps without an overflow, halving
 #   it and skipping the step on one), which lifts the gradients into fp16's range; the result matches fp32.
 # - bf16 needs none of this, at the price of 8x coarser rounding. This is why bf16 is the default on every
@@ -391,6 +432,7 @@ def block_step_fn(policy_name):
 
 
 # TF32 is the only difference between "fp32" and "tf32"; on a CPU there are no tensor cores, so no TF32.
+# amp.train_step applies a policy's TF32 setting to the whole step: forward, backward and optimizer step.
 policies = ["fp32", "tf32", "bf16", "fp16"] if DEVICE == "cuda" else ["fp32", "bf16", "fp16"]
 peak_key = {"fp32": "fp32", "tf32": "tf32", "bf16": "bf16", "fp16": "fp16"}
 steps = {}
@@ -439,14 +481,22 @@ else:
 
 # %% [markdown]
 # With autocast the weights stay in fp32 and are cast to bf16 on the fly, and AdamW's state stays fp32, so
-# memory drops less than 2x: what halves is the activations saved for the backward pass.
+# memory drops less than 2x: what shrinks is the activations saved for the backward pass (by less than half:
+# part 5 counts them).
+#
+# TF32 against fp32: the datasheet of an H100 or H200 SXM puts TF32 tensor cores at 494.7 dense TFLOP/s and
+# fp32 on CUDA cores at 66.9, a 7.4x ratio of peaks. That is a fact about the hardware, not a measurement of
+# this step: the table's "vs fp32" column is the measured end-to-end speedup of a whole step, which also
+# spends time in attention, normalisation, elementwise ops and AdamW, none of which TF32 speeds up.
 #
 # ### Tensor cores want aligned shapes
 #
 # Tensor-core kernels move tiles of the matrices with 16-byte vector loads, so they want every dimension a
-# multiple of 8 elements in bf16 (16 bytes). A matrix of 8191 columns misaligns every row after the first:
-# cuBLAS falls back to slower kernels, though 8191^3 is 0.04% less work. (For the same reason GPT-2's
-# vocabulary of 50257 tokens makes a slow output layer, and nanoGPT pads it to 50304, a multiple of 64.)
+# multiple of 8 elements in bf16 (16 bytes). A bf16 row of 8191 columns is 16382 bytes, 2 short of a multiple
+# of 16, so row r starts at byte 16382 r = 16384 r - 2r, a multiple of 16 only when r is a multiple of 8:
+# 7 rows of every 8 are misaligned. cuBLAS falls back to slower kernels, though 8191^3 is 0.04% less work.
+# (For the same reason GPT-2's vocabulary of 50257 tokens makes a slow output layer, and nanoGPT pads it to
+# 50304, a multiple of 64.)
 
 # %%
 if DEVICE == "cuda":
@@ -474,8 +524,9 @@ else:
 # GPUs with compute capability 8.9 and newer (L4, RTX 4090, H100) have fp8 tensor cores at twice the bf16
 # rate. fp8's 3 mantissa bits (e4m3) and tiny range mean every tensor carries a **scale**: `common.amp.to_fp8`
 # maps a tensor's largest magnitude onto fp8's max (448) and keeps the scale in fp32; `torch._scaled_mm`
-# multiplies fp8 matrices and applies both scales to the result. `use_fast_accum` lets cuBLAS accumulate in
-# lower precision between promotions to fp32: faster, less accurate (training recipes use it for forward
+# multiplies fp8 matrices and applies both scales to the result. The fp8 tensor cores accumulate in a
+# format of limited precision; by default cuBLAS periodically promotes the partial sums into fp32 registers.
+# `use_fast_accum=True` skips that promotion: faster, less accurate (training recipes use it for forward
 # passes only).
 
 # %%
@@ -529,6 +580,65 @@ else:
         f"fp8 e4m3 operands (per-tensor scales): relative error {error:.1e}; bf16 operands: {bf16_error:.1e}"
     )
     assert error > 4 * bf16_error
+
+# %% [markdown]
+# ### Compiling the step: `torch.compile`
+#
+# In eager mode every op is a kernel of its own: LayerNorm reads and writes the whole activation, GELU reads
+# and writes it again, autocast adds casts in between. `torch.compile` captures the block's forward (and,
+# through AOTAutograd, its backward) as a graph, and its default backend, Inductor, generates Triton kernels
+# that fuse the normalisations and elementwise ops; the matmuls and attention stay library calls. The first
+# call compiles, which takes seconds to minutes; later calls reuse the code until a shape or a dtype changes.
+#
+# We compile the block of the table above and time the same bf16 training step, eager against compiled, with
+# the optimizer step left eager. The assert checks that the compiled step computes the same loss and is
+# faster; the printed ratio says by how much. On a CPU the cell is skipped: Inductor's C++ code generation
+# takes more than a minute for a small block on a two-core CPU, which this notebook's CPU run can't afford.
+
+# %%
+if DEVICE == "cuda":
+
+    def block_step_and_block(compiled):
+        """A bf16 training step of a fresh block (same seed, same weights), eager or compiled; and the block."""
+        torch.manual_seed(0)
+        block = TransformerBlock(D_MODEL, HEADS).to(DEVICE)
+        optimizer = torch.optim.AdamW(block.parameters(), lr=1e-4)
+        model = torch.compile(block) if compiled else block
+        step = partial(amp.train_step, model, block_input, block_target, F.mse_loss, optimizer, "bf16")
+        return step, block
+
+    eager_step, _ = block_step_and_block(compiled=False)
+    compiled_step, _ = block_step_and_block(compiled=True)
+    start = time.perf_counter()
+    compiled_loss = compiled_step()  # the first call compiles the forward and the backward
+    compile_s = time.perf_counter() - start
+    eager_loss = eager_step()
+    print(f"first call of the compiled step: {compile_s:.1f} s, most of it compiling")
+    print(f"loss of the first step: {compiled_loss:.5f} compiled, {eager_loss:.5f} eager")
+    # The same weights and data: the same loss, up to bf16 rounding (fused kernels round intermediates less).
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=2e-2, atol=0)
+    compile_fix = compare(
+        eager_step, compiled_step, names=("eager", "torch.compile"), flops=STEP_FLOPS, dtype="bf16"
+    )
+    print(compile_fix)
+    show_table(
+        ["block step, bf16", "ms/step", "TFLOP/s", "peak GiB"],
+        [
+            (
+                r.name,
+                f"{r.median_ms:.2f}",
+                f"{r.tflops:.3g}",
+                f"{r.peak_memory_bytes / GiB:.2f}" if r.peak_memory_bytes is not None else "-",
+            )
+            for r in (compile_fix.baseline, compile_fix.candidate)
+        ],
+    )
+    assert compile_fix.speedup > 1, f"the compiled step is faster than eager: {compile_fix.speedup:.2f}x"
+    RESULTS["block step"] += f"; torch.compile {compile_fix.speedup:.2f}x faster than eager (bf16)"
+    del eager_step, compiled_step
+    torch.cuda.empty_cache()
+else:
+    print("Skipped on CPU: compiling the block takes over a minute on a small CPU; the GPU run times it.")
 
 # %% [markdown]
 # ## 4. The input pipeline
@@ -658,7 +768,11 @@ if DEVICE == "cuda":
         torch.cuda.synchronize()  # timed until the images are ready, whichever stream nvJPEG used
         return images
 
-    decode_times["nvJPEG, GPU batch"] = time_slow(gpu_decode, "gpu batch", reps=10)
+    # Timed with CUDA events (common.bench's timer on a GPU); the sync inside makes the end event follow the
+    # decode, whichever stream nvJPEG used.
+    decode_times["nvJPEG, GPU batch"] = bench(
+        gpu_decode, name="nvJPEG, GPU batch", warmup_ms=100, min_reps=10
+    )
     gpu_images = gpu_decode()
     diff = torch.stack(
         [(g.cpu().int() - c.int()).abs().float().mean() for g, c in zip(gpu_images, cpu_images, strict=True)]
@@ -699,8 +813,9 @@ if DEVICE == "cuda":
     )
 
 # %% [markdown]
-# One CPU core decodes a few hundred photo-sized images per second; a GPU decodes thousands, and frees the CPU
-# cores for everything else. (DALI and torchvision's GPU transforms then augment on the GPU too.)
+# One CPU core decodes the Pillow and torchvision rows' images per second; on a GPU, one batched nvJPEG call
+# decodes more (the assert checks that it is faster; the "vs Pillow" column says by how much), and leaves the
+# CPU cores free for everything else. (DALI and torchvision's GPU transforms then augment on the GPU too.)
 #
 # ### Padding: the cost of variable-length sequences
 #
@@ -803,7 +918,9 @@ show_table(
 )
 padding_speedup = epoch_times[f"pad to {MAX_LEN}"].min_ms / epoch_times["dynamic padding"].min_ms
 print(f"dynamic padding: {padding_speedup:.1f}x faster per epoch, {padded / dynamic:.1f}x fewer tokens")
-if DEVICE == "cuda":  # wide enough that matmuls, not kernel launches, set the time: tokens saved show as time saved
+if (
+    DEVICE == "cuda"
+):  # wide enough that matmuls, not kernel launches, set the time: tokens saved show as time saved
     assert padding_speedup > 1 + 0.5 * (padded / dynamic - 1), "fewer tokens, less time"
 RESULTS["padding"] = (
     f"pad-to-{MAX_LEN} wastes {1 - real / padded:.0%} of tokens, dynamic padding {1 - real / dynamic:.0%}; "
@@ -886,11 +1003,11 @@ def cnn_step_fn(augment_fn):
 
 
 def profile_and_count(step, trace_name):
-    """Profile 3 steps of `step`; print the top ops; return {op name: OpStat} and the trace's events."""
+    """Profile 3 steps of `step`; print the top ops; return {(name, device): OpStat} and the trace's events."""
     prof = profiling.profile_steps(step, trace_path=WORK / trace_name)
     print(profiling.top_ops_table(prof, k=8))
     events = json.loads((WORK / trace_name).read_text())["traceEvents"]
-    return {op.name: op for op in profiling.top_ops(prof, k=1000)}, events
+    return profiling.op_stats(prof), events
 
 
 slow_step, fast_step = cnn_step_fn(augment_per_image), cnn_step_fn(augment_batched)
@@ -899,29 +1016,57 @@ slow_ops, slow_events = profile_and_count(slow_step, "slow_step.json")
 
 def share(ops, label):
     """CPU time inside a record_function label, per recorded step, and its share of augment + model."""
-    per_step = ops[label].cpu_total_ms / 3
-    return per_step, ops[label].cpu_total_ms / (ops["augment"].cpu_total_ms + ops["model"].cpu_total_ms)
+    cpu_ms = {name: ops[(name, "cpu")].cpu_total_ms for name in ("augment", "model")}  # the host-side rows
+    return cpu_ms[label] / 3, cpu_ms[label] / sum(cpu_ms.values())
 
 
 augment_ms, augment_share = share(slow_ops, "augment")
 print(f"\naugment: {augment_ms:.1f} ms of CPU time per step, {augment_share:.0%} of the step's CPU time")
-print(
-    f"aten::conv2d calls in 3 steps: {slow_ops['aten::conv2d'].calls} (the model's 2 per step + one blur per image)"
-)
-assert slow_ops["aten::conv2d"].calls == 3 * (2 + IMG_BATCH)
+conv_calls = slow_ops[("aten::conv2d", "cpu")].calls
+print(f"aten::conv2d calls in 3 steps: {conv_calls} (the model's 2 per step + one blur per image)\n")
+assert conv_calls == 3 * (2 + IMG_BATCH)
 augment_ranges = [e for e in slow_events if e.get("name") == "augment" and e.get("cat") == "user_annotation"]
 assert len(augment_ranges) == 3, "the trace has one augment range per recorded step"
+
+# A label's two rows: on the host (its CPU time; the kernels launched inside it as its device total) and,
+# with a GPU, on the GPU (the span from its first kernel's start to its last kernel's end).
+label_rows = []
+for label in ("augment", "model"):
+    host, gpu = slow_ops[(label, "cpu")], slow_ops.get((label, DEVICE)) if DEVICE != "cpu" else None
+    kernels = f"{host.device_total_ms / 3:.2f}" if gpu is not None else "-"
+    span = f"{gpu.device_total_ms / 3:.2f}" if gpu is not None else "-"
+    label_rows.append((label, f"{host.cpu_total_ms / 3:.2f}", kernels, span))
+show_table(["label", "CPU ms/step", "GPU kernels ms/step", "GPU span ms/step"], label_rows)
+if DEVICE == "cuda":
+    augment_kernels = slow_ops[("augment", "cpu")].device_total_ms
+    augment_span = slow_ops[("augment", "cuda")].device_total_ms
+    assert augment_span >= 0.99 * augment_kernels, (
+        "a span on one stream holds its kernels back to back at best"
+    )
+    assert augment_kernels < 0.5 * augment_span, (
+        f"the GPU idles most of the augment range: kernels {augment_kernels:.1f} of {augment_span:.1f} ms"
+    )
 
 # %% [markdown]
 # The table is sorted by self time (GPU time where there is a GPU, else CPU time). The labels tell the story
 # the op names hide: the `augment` range takes most of the step, and inside it the per-image ops run once per
 # image (`aten::conv2d` is called 2 + batch-size times a step). Each call costs microseconds of Python and
-# dispatch (and on a GPU a kernel launch) for very little work. The fix is to augment the whole batch with the
-# same few ops, whatever the batch size:
+# dispatch (and on a GPU a kernel launch) for very little work.
+#
+# On a GPU one label has two rows in the profiler's table, and they measure different things. The row with
+# no CPU time is the label's copy on the GPU's timeline: its CUDA time is the span from the start of the
+# first kernel launched inside the label to the end of the last one, idle gaps included. For `augment` that
+# span is mostly gaps (the GPU waits for the CPU to launch the next tiny per-image kernel), and its "Self
+# CUDA %" can exceed 100%: the percentage is of the total kernel time, which the span is not. The GPU work of
+# a label is the CUDA total of its other, host-side row: the kernels launched by everything inside it. The
+# small table above puts the two side by side (`common.profiling.op_stats` keys rows by name and device, so
+# neither is lost), and the assert checks that the GPU idles for most of the augment range.
+#
+# The fix is to augment the whole batch with the same few ops, whatever the batch size:
 
 # %%
 fast_ops, _ = profile_and_count(fast_step, "fast_step.json")
-assert fast_ops["aten::conv2d"].calls == 3 * 3, "two model convolutions and one blur per step"
+assert fast_ops[("aten::conv2d", "cpu")].calls == 3 * 3, "two model convolutions and one blur per step"
 fix = compare(
     slow_step,
     fast_step,
@@ -942,56 +1087,212 @@ print(f"traces for https://ui.perfetto.dev: {WORK / 'slow_step.json'}, {WORK / '
 # %% [markdown]
 # ### A host-device sync in the loop
 #
-# `loss.item()` copies a number to the host, so the CPU has to wait until the GPU has finished everything
-# queued so far. Called every step, it stops the CPU from queueing the next step while the GPU works: the GPU
-# idles for the CPU's launch time every step. The profiler shows it as `aten::item` /
-# `aten::_local_scalar_dense` with a large *self CPU* time, which is waiting, not work. The fix: keep the
-# losses on the device and read them once in a while.
+# `loss.item()` copies a number to the host, so the CPU waits until the GPU has finished everything queued
+# so far. Without syncs the CPU runs ahead: while the GPU computes step i, the CPU does the host side of step
+# i+1 (reading and collating a batch, logging) and queues its kernels. A sync every step takes that overlap
+# away: the GPU idles while the CPU does its part, then the CPU idles while the GPU does its part, and a step
+# costs the sum of the two instead of the larger.
+#
+# The demo: the bf16 training step of the part-3 block, plus host work that takes as long as the GPU's step
+# (a busy loop, standing for data loading and logging in the main process: the case where the overlap is
+# worth most, up to 2x), 20 steps, with `.item()` every step against losses kept on the GPU and read once at
+# the end. What the CPU waits for in the sync is the part of the GPU's step that the CPU's own launching of
+# the step's kernels did not cover. With the part-3 batch, launching a step's kernels (slowed further by the
+# profiler) takes a large part of the time the GPU needs to run them, which would leave little to wait for.
+# So at full size the demo runs four times that batch: the same kernels, each doing four times the work, so a
+# GPU step several times longer than its launches. The asserts check that the CPU then waits for more than
+# half of the GPU's step in the sync, and that removing the sync makes the loop more than 1.3x faster.
+#
+# Where does the profiler show the wait? `aten::item` calls `aten::_local_scalar_dense`, which queues a
+# device-to-host copy (`cudaMemcpyAsync`) and waits for the stream in `cudaStreamSynchronize`: the waiting is
+# that CUDA runtime call's *self CPU* time. `_local_scalar_dense` itself has almost none: its total includes
+# the wait, its self time does not.
 
 # %%
 if DEVICE == "cuda":
-    sync_model = make_cnn()
-    sync_optimizer = torch.optim.SGD(sync_model.parameters(), lr=0.05, momentum=0.9)
-    sync_images, sync_labels = image_batches[0]
+    torch.manual_seed(0)
+    sync_block = TransformerBlock(D_MODEL, HEADS).to(DEVICE)
+    sync_optimizer = torch.optim.AdamW(sync_block.parameters(), lr=1e-4, fused=True)  # fused: few launches
+    sync_input = block_input if SMALL else block_input.repeat(4, 1, 1)  # a GPU step longer than its launches
+    sync_target = torch.randn_like(sync_input)
+    gpu_step = partial(
+        amp.train_step, sync_block, sync_input, sync_target, F.mse_loss, sync_optimizer, "bf16"
+    )
+    gpu_ms = bench(gpu_step, name="block step").median_ms  # the GPU's time for one step
+
+    def host_work():
+        """The host's part of a step (reading a batch, logging), played by a busy loop of gpu_ms."""
+        end = time.perf_counter() + gpu_ms / 1e3
+        while time.perf_counter() < end:
+            pass
 
     def step_logging_every_step(log):
-        loss = amp.train_step(sync_model, sync_images, sync_labels, F.cross_entropy, sync_optimizer, "fp32")
-        log.append(loss.item())  # note: a host-device sync every step
+        host_work()
+        log.append(gpu_step().item())  # note: a host-device sync every step
 
     def step_logging_on_device(log):
-        loss = amp.train_step(sync_model, sync_images, sync_labels, F.cross_entropy, sync_optimizer, "fp32")
-        log.append(loss)  # stays on the GPU; torch.stack(log).tolist() later syncs once
+        host_work()
+        log.append(gpu_step())  # stays on the GPU
 
-    item_ops = {
-        op.name: op
-        for op in profiling.top_ops(profiling.profile_steps(partial(step_logging_every_step, [])), k=1000)
-    }
-    device_ops = {
-        op.name: op
-        for op in profiling.top_ops(profiling.profile_steps(partial(step_logging_on_device, [])), k=1000)
-    }
-    assert item_ops["aten::item"].calls == 3 and "aten::item" not in device_ops
-    waiting = item_ops["aten::_local_scalar_dense"].self_cpu_ms / 3
-    print(f"aten::_local_scalar_dense: {waiting:.2f} ms of self CPU time per step, spent waiting for the GPU")
-
-    def ten_steps(step):
+    def twenty_steps(step):
         log = []
-        for _ in range(10):
+        for _ in range(20):
             step(log)
+        return log if isinstance(log[0], float) else torch.stack(log).tolist()  # the latter: one sync
+
+    item_ops = profiling.op_stats(profiling.profile_steps(partial(step_logging_every_step, [])))
+    device_ops = profiling.op_stats(profiling.profile_steps(partial(step_logging_on_device, [])))
+    chain = ["aten::item", "aten::_local_scalar_dense", "cudaMemcpyAsync", "cudaStreamSynchronize"]
+    show_table(
+        ["host-side row (3 steps)", "calls", "self CPU ms/step", "CPU total ms/step"],
+        [
+            (name, op.calls, f"{op.self_cpu_ms / 3:.3f}", f"{op.cpu_total_ms / 3:.3f}")
+            for name in chain
+            if (op := item_ops.get((name, "cpu"))) is not None
+        ],
+    )
+    wait_ms = item_ops[("cudaStreamSynchronize", "cpu")].self_cpu_ms / 3
+    scalar_ms = item_ops[("aten::_local_scalar_dense", "cpu")].self_cpu_ms / 3
+    print(
+        f"GPU time of a step: {gpu_ms:.2f} ms; per step the CPU waits {wait_ms:.2f} ms in cudaStreamSynchronize"
+    )
+    assert item_ops[("aten::item", "cpu")].calls == 3 and ("aten::item", "cpu") not in device_ops
+    # At full size the GPU's step outlasts the CPU's launches (even with the profiler's overhead), so the CPU
+    # reaches .item() while the GPU is still busy. The small GPU step can finish before the launches do.
+    if not SMALL:
+        assert wait_ms > 0.5 * gpu_ms, (
+            f"the CPU waits for more than half of the GPU's step: {wait_ms:.2f} of {gpu_ms:.2f} ms"
+        )
+        assert wait_ms > 10 * scalar_ms, (
+            "the wait is cudaStreamSynchronize's self time, not _local_scalar_dense's"
+        )
 
     sync_fix = compare(
-        partial(ten_steps, step_logging_every_step),
-        partial(ten_steps, step_logging_on_device),
+        partial(twenty_steps, step_logging_every_step),
+        partial(twenty_steps, step_logging_on_device),
         names=(".item() every step", "losses kept on the GPU"),
+        warmup_ms=100,
+        rep_ms=1000,
     )
     print(sync_fix)
+    # Ideal: (host + GPU) / max(host + launch, GPU) = 2x when host = GPU >> launch time (full size).
+    if not SMALL:
+        assert sync_fix.speedup > 1.3, (
+            f"without a sync per step, host and GPU work overlap: {sync_fix.speedup:.2f}x"
+        )
+    RESULTS["profiling"] = RESULTS["profiling"] + f"; no .item() per step: {sync_fix.speedup:.2f}x faster"
+    del sync_block, sync_optimizer, gpu_step, sync_input, sync_target
 else:
     print("Skipped on CPU: CPU ops are synchronous, so .item() has nothing to wait for.")
 
 # %% [markdown]
-# How much a sync costs depends on how far ahead the CPU could otherwise run: for a step whose GPU time is
-# much longer than its launch time, the GPU stays busy anyway; for small, fast steps the loss is large.
+# The ratio depends on how the host's and the GPU's parts of a step compare. Here they are equal, the case
+# where overlap matters most. When the GPU's part is much longer, a sync costs only the launch time of one
+# step; when the host's part is much longer, the GPU idles either way and the fix is to make the host faster
+# (DataLoader workers, part 4).
 #
+# ### Activation memory of a transformer block, by formula
+#
+# Between the forward and the backward pass, a training step keeps alive what autograd saves to compute
+# gradients. Going through `TransformerBlock.forward` under bf16 autocast, per token, with d = d_model,
+# h heads, the MLP 4d wide, and p bytes per element of a 16-bit activation (p = 2; without autocast
+# everything is fp32 and p = 4):
+#
+# | saved by | what | bytes per token |
+# | --- | --- | --- |
+# | LayerNorm 1 and 2 | their inputs: the residual stream x and x + attention, fp32 | 2 × 4d |
+# | LayerNorm 1 and 2 | a mean and a 1/std per token, fp32 | 2 × 8 |
+# | qkv projection | its input, the normalised x cast to 16 bits | p d |
+# | attention (SDPA) | q, k, v (views of the qkv output) and its output | p (3d + d) |
+# | attention (SDPA) | the softmax's log-sum-exp, per head, fp32 | 4h |
+# | output projection | its input: a view of the attention's output, already counted | 0 |
+# | fc, GELU, fc_out | fc's input; fc's output = GELU's input; GELU's output | p (d + 4d + 4d) |
+#
+# Total, A = 8d + 14 p d + 4h + 16 bytes per token: 36d + 4h + 16 in bf16, 64d + 4h + 16 in fp32. The
+# sequence length is missing: fused attention (FlashAttention and its kin) saves no seq x seq matrix, it
+# recomputes the scores in the backward pass (unfused "math" attention would save at least h x seq more
+# elements per token). And bf16 saves less than half of fp32's bytes, not half: the residual stream stays fp32.
+# Autocast adds the 16-bit copies of the four weight matrices, 12 d² elements, which the backward needs too.
+#
+# The check, first on any device: a `saved_tensors_hooks` pack hook sees every tensor autograd saves; we
+# add up the bytes of their storages (each once, parameters left out). Then on a GPU, the allocator: a
+# forward pass allocates A per token, minus the block's input, which already exists, plus its output, 4d
+# bytes per token, which is new: A x tokens again, plus the weights' 16-bit copies.
+
+
+# %%
+def activation_bytes_per_token(d_model, n_heads, act_bytes, mlp_ratio=4):
+    """Bytes autograd saves per token in a TransformerBlock forward (fp32 residual stream, act_bytes the rest)."""
+    residual = 2 * 4 * d_model  # the inputs of the two LayerNorms
+    norm_stats = 2 * 2 * 4  # mean and 1/std of each LayerNorm
+    # norm1's output, q k v, attention's output, norm2's output, fc's output, GELU's output
+    low = (1 + 3 + 1 + 1 + 2 * mlp_ratio) * d_model * act_bytes
+    return residual + norm_stats + low + 4 * n_heads  # + the log-sum-exp per head
+
+
+def saved_by_autograd(block, x, autocast_dtype):
+    """block(x) under autocast (None: fp32): its output, and the bytes autograd saved, parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(
+            DEVICE, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+        ):
+            out = block(x)
+    return out, sum(storages.values())
+
+
+torch.manual_seed(0)
+act_block = TransformerBlock(D_MODEL, HEADS).to(DEVICE)
+act_tokens = BATCH_SIZE * SEQ_LEN
+rows = []
+for dtype, act_bytes in ((None, 4), (torch.bfloat16, 2)):
+    out, saved = saved_by_autograd(act_block, block_input, dtype)
+    weight_copies = 12 * D_MODEL**2 * act_bytes if dtype is not None else 0
+    predicted = activation_bytes_per_token(D_MODEL, HEADS, act_bytes) * act_tokens + weight_copies
+    rows.append(
+        (
+            "fp32" if dtype is None else "bf16 autocast",
+            activation_bytes_per_token(D_MODEL, HEADS, act_bytes),
+            f"{predicted / MiB:.2f}",
+            f"{saved / MiB:.2f}",
+            f"{saved / predicted - 1:+.2%}",
+        )
+    )
+    # Besides A x tokens, autograd saves a few tensors of a few bytes (e.g. the attention's RNG state).
+    assert abs(saved - predicted) <= 0.01 * predicted, (dtype, saved, predicted)
+    del out
+show_table(["forward", "A (bytes/token)", "predicted MiB", "saved MiB", "difference"], rows)
+
+if DEVICE == "cuda":
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = act_block(block_input)
+    forward_bytes = torch.cuda.memory_allocated() - before
+    predicted = activation_bytes_per_token(D_MODEL, HEADS, 2) * act_tokens + 12 * D_MODEL**2 * 2
+    print(
+        f"bf16 forward of {act_tokens} tokens: allocated {forward_bytes / MiB:.1f} MiB, "
+        f"formula {predicted / MiB:.1f} MiB"
+    )
+    # 2%: the allocator rounds every block up to a multiple of 512 bytes, and SDPA keeps a few small tensors.
+    assert abs(forward_bytes - predicted) <= 0.02 * predicted, (forward_bytes, predicted)
+    RESULTS["memory"] = (
+        f"activations {activation_bytes_per_token(D_MODEL, HEADS, 2)} B/token (formula = allocator within 2%)"
+    )
+    del out
+else:
+    print("Allocator check skipped on CPU: it reads the CUDA caching allocator's counters.")
+del act_block
+
+# %% [markdown]
 # ### Where the memory of a training step goes
 #
 # `torch.cuda.memory._record_memory_history` makes the caching allocator log every allocation and free with
@@ -1040,8 +1341,8 @@ if DEVICE == "cuda":
         summary.peak_delta_bytes,
         expected_peak,
     )
-    RESULTS["memory"] = (
-        f"block step: peak {summary.peak_delta_bytes / GiB:.2f} GiB above {base / GiB:.2f} GiB before the steps; "
+    RESULTS["memory"] += (
+        f"; block step: peak {summary.peak_delta_bytes / GiB:.2f} GiB above {base / GiB:.2f} GiB before the steps; "
         f"weights {params / GiB:.2f} GiB"
     )
     del block, block_optimizer, snapshot
@@ -1057,14 +1358,18 @@ else:
 #
 # ## Summary
 #
-# - Low precision needs range more than precision: fp16 flushes small gradients to zero; loss scaling
-#   (`torch.amp.GradScaler`) lifts them back, and bf16, with fp32's range, needs no scaler at all.
+# - Low precision needs range more than precision: fp16 flushes small gradients to zero, and not evenly (the
+#   targets' logit gradients survive, the others' do not), so training without a scaler diverges; loss
+#   scaling (`torch.amp.GradScaler`) lifts them back, and bf16, with fp32's range, needs no scaler at all.
 # - Tensor cores make a matmul-bound step several times faster in bf16 than in fp32, if shapes are multiples
-#   of 8; fp8 doubles the rate again, with per-tensor scales and ~10x the rounding error.
+#   of 8; fp8 doubles the peak rate again, with per-tensor scales and an order of magnitude more rounding
+#   error. `torch.compile` fuses what the matmuls leave: normalisations, activations, casts.
 # - Keep the GPU fed: worker processes for decoding and augmentation, pinned memory for copies, GPU decoding
 #   where the CPU can't keep up, and as little padding as possible.
 # - Profile before optimising: labelled ranges and op counts point at the bottleneck; a host-device sync in
-#   the loop and a per-sample Python loop are the usual suspects.
+#   the loop (it shows as `cudaStreamSynchronize`) and a per-sample Python loop are the usual suspects.
+# - Activation memory is what autograd saves: for this block 36d + 4h + 16 bytes per token in bf16, no
+#   seq x seq term with fused attention; checked against what the allocator hands out.
 
 # %% tags=["summary"]
 for key, line in RESULTS.items():

@@ -213,7 +213,8 @@ def _norm_bwd_kernel(
 #   pass 1, one program per row, reads the row in chunks and stores c1 and c2 (4-8 bytes per row);
 #   pass 2, a 2D grid of column blocks x row groups, computes dx for its columns from c1 and c2 and sums
 #   dy * xhat and dy over its rows for its columns only: a column block of dw, db per program.
-# x and dy are read twice (5 passes over M x N elements instead of 3), in exchange for nothing spilling.
+# x and dy are read twice (5 passes over M x N elements instead of 3), in exchange for nothing spilling:
+# 1.31x PyTorch at 4096 x 16384 bf16 on an H200 (benchmarks/results/nvidia-h200/kernels_layernorm.json).
 
 
 @triton.jit
