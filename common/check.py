@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from common.errors import EffdlError
@@ -55,12 +56,14 @@ def course_checks(out_dir: Path) -> list[Check]:
 
 
 def run_checks(checks: Sequence[Check], console: Console, title: str) -> int:
-    """Run each check in turn, print one table row per check; return how many failed."""
+    """Run each check in turn, print a line as each one ends (a log when piped, where a spinner shows
+    nothing), then one table row per check; return how many failed."""
     table = Table(title=title)
-    for column in ("week", "check", "result", "time", "detail"):
-        table.add_column(column)
+    for column in ("week", "check", "result", "time"):
+        table.add_column(column, overflow="fold")
+    table.add_column("detail", overflow="fold", ratio=1)  # long paths and messages wrap, never cut
     failures = 0
-    for check in checks:
+    for i, check in enumerate(checks, 1):
         start = time.perf_counter()
         with console.status(f"{check.name}: {check.kind}"):
             try:
@@ -68,16 +71,26 @@ def run_checks(checks: Sequence[Check], console: Console, title: str) -> int:
             except EffdlError as error:
                 detail, ok = str(error), False
         failures += not ok
+        took = f"{time.perf_counter() - start:.0f} s"
+        console.print(
+            f"[{i}/{len(checks)}] {check.name}, {check.kind}: {'ok' if ok else 'FAILED'} ({took})",
+            markup=False,
+        )
         result = "[green]ok[/green]" if ok else "[red]FAILED[/red]"
-        table.add_row(check.name, check.kind, result, f"{time.perf_counter() - start:.0f} s", detail)
+        table.add_row(escape(check.name), check.kind, result, took, escape(detail))
     console.print(table)
     return failures
 
 
 def check_course(out_dir: Path | None = None, console: Console | None = None) -> int:
-    """Run every check of the course here; return the exit status (0: all passed, 1: some failed)."""
+    """Run every check of the course here; return the exit status (0: all passed, 1: some failed).
+
+    Without out_dir the outputs go to a temporary folder that is removed at the end.
+    """
     console = console or Console()
-    out_dir = out_dir or Path(tempfile.mkdtemp(prefix="effdl-check-"))
-    checks = course_checks(out_dir)
-    failures = run_checks(checks, console, f"effdl check ({len(checks)} checks; outputs in {out_dir})")
+    with tempfile.TemporaryDirectory(prefix="effdl-check-") as scratch:
+        folder = out_dir or Path(scratch)
+        checks = course_checks(folder)
+        where = f"outputs in {folder}" if out_dir else "outputs removed; keep them with --out DIR"
+        failures = run_checks(checks, console, f"effdl check ({len(checks)} checks; {where})")
     return 1 if failures else 0

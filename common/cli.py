@@ -31,7 +31,7 @@ def results_dir(out: str | None) -> Path:
 # The course environment's packages (pyproject.toml's dependencies) by the names they are imported as. One of
 # them missing means the environment is not synced; any other ModuleNotFoundError is a bug, shown in full.
 COURSE_PACKAGES = frozenset({
-    "torch", "torchvision", "triton", "numpy", "matplotlib", "PIL", "rich",
+    "torch", "torchvision", "triton", "numpy", "matplotlib", "PIL", "rich", "packaging",
     "jupyterlab", "ipykernel", "jupytext", "nbclient", "nbformat",
     "pytest", "xdist", "pytest_timeout", "nbval", "hypothesis", "ruff",
 })  # fmt: skip
@@ -65,6 +65,8 @@ def cmd_seminar(args: argparse.Namespace) -> int:
     from common.environment import device_name
 
     week = get_week(args.week)
+    if not week.has_seminar:
+        raise EffdlError(f"{week.name} ({week.title}) has no seminar yet: it is planned, not written")
     small = args.small if args.small is not None else not torch.cuda.is_available()
     if args.record and small:
         raise EffdlError(
@@ -72,7 +74,14 @@ def cmd_seminar(args: argparse.Namespace) -> int:
         )
     console = Console()
     mode = "small" if small else "full"
+    notes = []
+    if not small and not torch.cuda.is_available():
+        notes.append(
+            "full sizes on a CPU: meant for a GPU, this can take very long, and timings compare nothing"
+        )
+        console.print(f"warning: {notes[-1]}", markup=False)
     console.print(f"Running {week.name} seminar ({mode} sizes, device: {device_name()})")
+    load_before = machine_load()
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -91,10 +100,22 @@ def cmd_seminar(args: argparse.Namespace) -> int:
     console.print(f"Executed notebook: {run.path.resolve()}  ({run.duration_s:.1f} s)", soft_wrap=True)
     if args.record:
         console.print(f"Recorded into {notebooks.record(run).relative_to(REPO_ROOT)}")
+    load = max(load_before, machine_load())
+    if load > (os.cpu_count() or 1):
+        notes.append(
+            f"the machine was busy (load average {load:.1f} on {os.cpu_count()} cores): timings are off"
+        )
     if run.summary:
         console.rule("key results")
         console.print(run.summary, markup=False, highlight=False, soft_wrap=True)
+        for note in notes:
+            console.print(f"note: {note}", markup=False, soft_wrap=True)
     return 0
+
+
+def machine_load() -> float:
+    """The 1-minute load average: above the core count, other work competed with what was timed."""
+    return os.getloadavg()[0]
 
 
 def cmd_slides(args: argparse.Namespace) -> int:
@@ -193,6 +214,29 @@ def cmd_bench_pipelines(args: argparse.Namespace) -> int:
 
     paths = run_pipeline_benchmarks(results_dir(args.out), quick=args.quick)
     print("\n".join(f"saved {path}" for path in paths))
+    return 0
+
+
+def cmd_wheelhouse(args: argparse.Namespace) -> int:
+    """Download the wheels uv.lock pins for an offline Linux runner (a cluster's GPU node), sha256-checked."""
+    from common import wheelhouse
+
+    wheels = wheelhouse.plan(REPO_ROOT / "uv.lock", args.python, args.glibc, args.skip or ())
+    total_mb = sum(w.size for w in wheels) / 2**20
+    print(
+        f"{len(wheels)} wheels for CPython {args.python}, Linux x86_64, glibc {args.glibc}: {total_mb:,.0f} MiB"
+    )
+    if args.dry_run:
+        print("\n".join(f"  {w.filename}  {w.size / 2**20:,.1f} MiB" for w in wheels))
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, wheel in enumerate(wheels, 1):
+        wheelhouse.download(wheel, out)
+        print(f"[{i}/{len(wheels)}] {wheel.filename}  {wheel.size / 2**20:,.1f} MiB", flush=True)
+    requirements = wheelhouse.write_requirements(wheels, out)
+    print(f"wrote {requirements}; on the runner, with no index:\n"
+          f"  pip install --no-index --no-deps --find-links {out} -r {requirements}")  # fmt: skip
     return 0
 
 
@@ -343,6 +387,28 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  effdl release --out ../effdl-student",
     )
     release.add_argument("--out", default=str(DEFAULT_BUILD_DIR / "release"), help="new or empty folder")
+
+    wheels = _add_command(
+        sub,
+        "wheelhouse",
+        cmd_wheelhouse,
+        epilog="examples:\n"
+        "  effdl wheelhouse --out wheels --python 3.12\n"
+        "  effdl wheelhouse --out wheels --python 3.12 --skip torch --skip triton --skip 'nvidia-*' --skip 'cuda-*'\n"
+        "  effdl wheelhouse --python 3.11 --dry-run          list the files and their size, download nothing\n\n"
+        'Offline runners: README.md, "GPU runners without internet".',
+    )
+    wheels.add_argument("--out", default=str(DEFAULT_BUILD_DIR / "wheelhouse"), help="folder for the wheels")
+    wheels.add_argument(
+        "--python", default="3.12", help="the runner's CPython, 3.12 or 3.12.3 (default 3.12)"
+    )
+    wheels.add_argument(
+        "--glibc", default="2.28", help="the runner's glibc version (default 2.28, as torch needs)"
+    )
+    wheels.add_argument(
+        "--skip", action="append", help="a package (or pattern) the runner already has; repeatable"
+    )
+    wheels.add_argument("--dry-run", action="store_true", help="list the wheels and their size only")
 
     bench = sub.add_parser("bench", help="benchmarks whose results the READMEs quote")
     bench_sub = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")

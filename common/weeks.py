@@ -77,8 +77,12 @@ def get_week(name: str) -> Week:
         number = week.name[len("week") : len("week") + 2]
         if key in (week.name, week.name[: len("week") + 2], number, number.lstrip("0")):
             return week
-    valid = ", ".join(week.name for week in ALL_WEEKS)
-    raise UnknownWeekError(f"unknown week {name!r}; valid weeks: {valid}")
+    written = ", ".join(week.name for week in ALL_WEEKS if week.dir.is_dir())
+    planned = ", ".join(week.name for week in ALL_WEEKS if not week.dir.is_dir())
+    raise UnknownWeekError(
+        f"unknown week {name!r}; valid weeks: {written}"
+        + (f" (planned, not written yet: {planned})" if planned else "")
+    )
 
 
 def weeks_with_seminar() -> list[Week]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -120,6 +121,43 @@ def test_record_refuses_a_small_run(capsys) -> None:
     assert "--full on a GPU" in capsys.readouterr().err
 
 
+def test_a_planned_week_says_so_before_anything_starts(capsys) -> None:
+    assert cli.main(["seminar", "week02"]) == 2
+    out, err = capsys.readouterr()
+    assert "Running" not in out
+    assert "week02_management_and_testing" in err and "has no seminar yet: it is planned, not written" in err
+
+
+def test_unknown_week_lists_written_weeks_apart_from_planned_ones() -> None:
+    with pytest.raises(UnknownWeekError) as error:
+        get_week("week42_magic")
+    written, planned = str(error.value).split(" (planned, not written yet: ")
+    assert "week01_intro" in written and "week02_management_and_testing" not in written
+    assert "week02_management_and_testing" in planned
+
+
+def test_key_results_are_flagged_on_a_busy_machine_or_full_sizes_on_a_cpu(
+    monkeypatch: pytest.MonkeyPatch, capsys, tmp_path
+) -> None:
+    import types
+
+    import torch
+
+    from common import notebooks
+
+    fake_run = types.SimpleNamespace(path=tmp_path / "run.ipynb", duration_s=1.0, summary="speedup: 2.0x")
+    monkeypatch.setattr(notebooks, "execute", lambda *args, **kwargs: fake_run)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cli, "machine_load", lambda: 4.0 * (os.cpu_count() or 1))
+    assert cli.main(["seminar", "week01_intro", "--full", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    warning = out.index("warning: full sizes on a CPU")
+    assert warning < out.index("Running week01_intro")
+    results = out.index("speedup: 2.0x")
+    assert out.index("note: full sizes on a CPU") > results
+    assert out.index("note: the machine was busy (load average") > results
+
+
 def test_env_reports_versions() -> None:
     result = run_effdl("env")
     assert result.returncode == 0, result.stderr
@@ -197,6 +235,42 @@ def test_check_table_shows_each_result_and_the_exit_status(monkeypatch: pytest.M
     table = out.getvalue()
     assert "effdl check (2 checks; outputs in" in table
     assert "12 slides" in table and "FAILED" in table and "expected 4" in table
+
+
+def test_check_piped_at_80_columns_logs_progress_wraps_and_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Piped (no terminal: no spinner) and 80 columns wide: a line per finished check, long paths and
+    messages wrapped rather than cut, student-looking markup printed as text, the scratch folder removed."""
+    import io
+
+    from rich.console import Console
+
+    from common import check
+    from common.errors import EffdlError
+
+    long_path = "/a/very/long/path/to/the/outputs/of/a/course/check/week03_fast_pipelines_seminar.ipynb"
+    scratch = []
+
+    def failing() -> str:
+        raise EffdlError("[bold]cell 7[/bold] failed: " + long_path)
+
+    def checks(out_dir):
+        scratch.append(out_dir)
+        assert out_dir.is_dir()
+        return [check.Check("week01_intro", "seminar (small)", lambda: long_path),
+                check.Check("week03_fast_pipelines", "slides", failing)]  # fmt: skip
+
+    monkeypatch.setattr(check, "course_checks", checks)
+    out = io.StringIO()
+    assert check.check_course(None, Console(file=out, width=80)) == 1
+    text = out.getvalue()
+    assert "[1/2] week01_intro, seminar (small): ok" in text
+    assert "[2/2] week03_fast_pipelines, slides: FAILED" in text
+    assert "…" not in text
+    unwrapped = "".join(line.strip(" │┃|") for line in text.splitlines())
+    assert long_path.replace("/", "") in unwrapped.replace("/", "").replace(" ", "")
+    assert "[bold]cell 7[/bold]" in text
+    assert "outputs removed; keep them with --out DIR" in text
+    assert not scratch[0].exists()
 
 
 def test_selftest_summary_says_what_was_proven_or_what_is_wrong() -> None:
