@@ -58,6 +58,7 @@ __all__ = [
     "Comparison",
     "bench",
     "compare",
+    "host_time_us",
     "measured_copy_bandwidth",
     "result_from_times",
     "save_results",
@@ -809,6 +810,47 @@ def compare(
 # ----------------------------------------------------------------------------------------------------
 
 _COPY_BANDWIDTH: dict[str, float] = {}
+
+
+# host_time_us: how many calls to time, and how long the GPU sleeps meanwhile (1e9 cycles: 0.5 s at 2 GHz),
+# long enough that even a slow host issues every call before the GPU wakes up.
+HOST_CALLS = 200
+HOST_SLEEP_CYCLES = 1_000_000_000
+
+
+def host_time_us(
+    fn: Callable[[], object], *, calls: int = HOST_CALLS, device: torch.device | str | int | None = None
+) -> float:
+    """Median time the host spends in one call of fn, in µs: the cost of issuing the work, not of doing it.
+
+    On a GPU the calls are made while a sleeping kernel holds the stream, so their launches queue behind
+    it and no call waits for the GPU. If the sleep ends before the last call returns (fn synchronises, or
+    the host is very slow), the times would include GPU work, and a BenchError says so. On a CPU, where
+    every call does its work before returning, it is the median wall time of a call.
+    """
+    dev = _resolve_device(device, cuda_graph=False)
+    fn()  # one-time costs (compiling, autotuning, caches) are not what this measures
+    asleep = None
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        with torch.cuda.device(dev):
+            torch.cuda._sleep(HOST_SLEEP_CYCLES)
+            asleep = torch.cuda.Event()
+            asleep.record()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    if asleep is not None:
+        woke_up = asleep.query()
+        torch.cuda.synchronize(dev)
+        if woke_up:
+            raise BenchError(
+                f"the GPU finished its sleep before {calls} calls were issued: the function waits for the GPU "
+                "(a .item(), .cpu() or synchronize inside?), so its host time cannot be separated"
+            )
+    return float(np.median(times) * 1e6)
 
 
 def measured_copy_bandwidth(device: torch.device | str | int | None = None) -> float:

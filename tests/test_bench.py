@@ -159,6 +159,20 @@ def test_json_round_trip(tmp_path: Path) -> None:
     assert loaded[2] == {"note": "anything JSON"}
 
 
+def test_host_time_on_cpu_is_the_median_wall_time_of_a_call() -> None:
+    """Every call sleeps at least 1 ms, and the first call (one-time costs) is not counted."""
+    import time
+
+    calls = []
+
+    def step() -> None:
+        calls.append(None)
+        time.sleep(0.001)
+
+    assert bench_module.host_time_us(step, calls=5, device="cpu") >= 1000
+    assert len(calls) == 6
+
+
 def test_measured_copy_bandwidth_cpu_is_cached() -> None:
     bw = measured_copy_bandwidth("cpu")
     assert bw > 0

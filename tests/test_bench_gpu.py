@@ -209,3 +209,21 @@ def test_graph_capture_failure_is_explained() -> None:
     assert re.search(
         r"(?s)^BenchError: .*raised during CUDA graph capture.*cuda_graph=False", child.stdout
     ), child.stdout + child.stderr
+
+
+def test_host_time_separates_issuing_work_from_doing_it() -> None:
+    """An 8192^3 bf16 matmul keeps the GPU busy for ~1 ms; issuing it costs the host tens of µs. Measured
+    behind a sleeping kernel, the host time must be far below the GPU time, not equal to it."""
+    from common.bench import host_time_us
+
+    a = torch.randn(8192, 8192, device=default_device(), dtype=torch.bfloat16)
+    gpu_ms = bench(lambda: a @ a).median_ms
+    assert host_time_us(lambda: a @ a, calls=50) < 0.1 * gpu_ms * 1e3
+
+
+def test_host_time_refuses_a_function_that_waits_for_the_gpu() -> None:
+    from common.bench import host_time_us
+
+    x = torch.ones(1024, device=default_device())
+    with pytest.raises(BenchError, match="waits for the GPU"):
+        host_time_us(lambda: x.sum().item(), calls=5)

@@ -35,7 +35,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from common.bench import BenchError, Comparison, compare, environment, measured_copy_bandwidth, save_results
+from common.bench import (
+    BenchError,
+    Comparison,
+    compare,
+    environment,
+    host_time_us,
+    measured_copy_bandwidth,
+    save_results,
+)
 from common.hardware import NoGPUError, default_device
 
 __all__ = [
@@ -52,7 +60,7 @@ __all__ = [
 ]
 
 # What a Goal can be about; each is a key of a case's row (see case_row).
-GOAL_METRICS = ("speedup", "frac_measured_bw", "frac_peak_flops", "memory_ratio")
+GOAL_METRICS = ("speedup", "frac_measured_bw", "frac_peak_flops", "memory_ratio", "host_us")
 
 # Kernel name (KernelCase.kernel, and what `effdl bench kernels --kernel NAME` takes) -> the module whose
 # benchmark_cases() yields its cases. Imported lazily, by name: importing a kernel module compiles nothing,
@@ -70,7 +78,7 @@ KERNEL_MODULES: dict[str, str] = {
 # triton.testing.do_bench. Quick: enough to see that everything runs and roughly how fast.
 TIMING_MS = {False: (25.0, 100.0), True: (5.0, 20.0)}
 # Columns of the console the tables are printed to, at least: every column fits without folding.
-TABLE_WIDTH = 160
+TABLE_WIDTH = 180
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,8 @@ class Goal:
     """A target a kernel is held to, e.g. Goal("speedup", ">=", 0.9, ">= 0.9x cuBLAS").
 
     metric: "speedup" (baseline time / ours), "frac_measured_bw" (our GB/s / measured copy bandwidth),
-    "frac_peak_flops" (our TFLOP/s / datasheet peak) or "memory_ratio" (our peak memory / baseline's).
+    "frac_peak_flops" (our TFLOP/s / datasheet peak), "memory_ratio" (our peak memory / baseline's) or
+    "host_us" (our host time per call, common.bench.host_time_us; the case must set measure_host).
     """
 
     metric: str
@@ -120,6 +129,7 @@ class KernelCase:
     bytes: float | None = None
     dtype: torch.dtype | None = None
     goals: tuple[Goal, ...] = ()
+    measure_host: bool = False  # also time what one call costs the host (both sides)
 
 
 def require_gpu(what: str) -> torch.device:
@@ -177,8 +187,11 @@ _SIDE_FIELDS = (
 )
 
 
-def case_row(case: KernelCase, comparison: Comparison) -> dict[str, Any]:
-    """Summarise one timed case: both sides' statistics, speedup, memory ratio and each goal's verdict.
+def case_row(
+    case: KernelCase, comparison: Comparison, host_us: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """Summarise one timed case: both sides' statistics, speedup, memory ratio, host time per call where
+    measured ({"ours": µs, "baseline": µs}) and each goal's verdict.
 
     Per-repetition times are left out of the row (the statistics summarise them) to keep the JSON readable.
     """
@@ -193,6 +206,7 @@ def case_row(case: KernelCase, comparison: Comparison) -> dict[str, Any]:
         "frac_measured_bw": ours.frac_measured_bw,
         "frac_peak_flops": ours.frac_peak_flops,
         "memory_ratio": memory_ratio,
+        "host_us": host_us["ours"] if host_us else None,
     }
     goals = [
         {
@@ -219,6 +233,7 @@ def case_row(case: KernelCase, comparison: Comparison) -> dict[str, Any]:
         "speedup_p20": comparison.speedup_p20,
         "speedup_p80": comparison.speedup_p80,
         "memory_ratio": memory_ratio,
+        "host_us": host_us,
         "goals": goals,
     }
 
@@ -237,7 +252,13 @@ def measure_case(case: KernelCase, *, quick: bool = False, device: torch.device 
         rep_ms=rep_ms,
         device=device,
     )
-    return case_row(case, comparison)
+    host_us = None
+    if case.measure_host:
+        host_us = {
+            "ours": host_time_us(case.ours, device=device),
+            "baseline": host_time_us(case.baseline, device=device),
+        }
+    return case_row(case, comparison, host_us)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,6 +296,7 @@ def kernel_table(kernel: str, rows: list[dict[str, Any]]) -> Table:
         ("% copy BW", "right"),
         ("ours vs baseline", "right"),
         ("mem ratio", "right"),
+        ("host µs ours/base", "right"),
         ("goals", "left"),
     ]:
         # fold, never truncate: in a narrow terminal a number breaks onto a second line instead of
@@ -292,6 +314,7 @@ def kernel_table(kernel: str, rows: list[dict[str, Any]]) -> Table:
             _pct(ours["frac_measured_bw"]),
             f"{row['speedup']:.2f}x",
             "-" if row["memory_ratio"] is None else f"{row['memory_ratio']:.2f}",
+            f"{row['host_us']['ours']:.0f}/{row['host_us']['baseline']:.0f}" if row.get("host_us") else "-",
             "\n".join(_goal_text(g) for g in row["goals"]) or "-",
         )
     return table

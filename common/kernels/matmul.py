@@ -467,7 +467,8 @@ def _tma_ok(a2: torch.Tensor, b: torch.Tensor) -> str | None:
 # inputs' geometry (which kernel, how many K-slices, the checks) is made once per geometry and kept in
 # _PLANS, and each kernel is launched through a LaunchCache (launch.py), which calls the compiled binary
 # directly after the first call. What is left per call: a dict lookup, the output allocation, the TMA
-# descriptors and the launch; 52-73 µs on the H200's host, still over the 20 µs aimed at (README).
+# descriptors and the launch: 35-66 µs on the H200's host in a probe, still over the 20 µs aimed at (README,
+# "Results on H200"; `effdl bench kernels` measures it as HOST_GOAL).
 
 
 @dataclass(frozen=True)
@@ -688,6 +689,9 @@ def matmul(
 LARGE_GOAL = Goal("speedup", ">=", 0.95, ">= 0.95x cuBLAS")
 MEDIUM_GOAL = Goal("speedup", ">=", 0.9, ">= 0.9x cuBLAS")
 DECODE_GOAL = Goal("speedup", ">=", 0.85, ">= 0.85x cuBLAS")
+# What one call costs the host (common.bench.host_time_us), measured on the host-bound sizes and the decode
+# shapes, where our Python launch path, not the GPU, can decide the time.
+HOST_GOAL = Goal("host_us", "<=", 20.0, "<= 20 µs of host time per call")
 
 
 def benchmark_cases(quick: bool = False) -> list[KernelCase]:
@@ -701,7 +705,7 @@ def benchmark_cases(quick: bool = False) -> list[KernelCase]:
 
     for size in [1024, 4096] if quick else [1024, 2048, 4096, 8192]:
         a, b = inputs(size, size, size)
-        goals = (LARGE_GOAL,) if size >= 4096 else (MEDIUM_GOAL,) if size == 2048 else ()
+        goals = (LARGE_GOAL,) if size >= 4096 else (MEDIUM_GOAL, HOST_GOAL) if size == 2048 else (HOST_GOAL,)
         cases.append(
             KernelCase(
                 kernel="matmul",
@@ -713,6 +717,7 @@ def benchmark_cases(quick: bool = False) -> list[KernelCase]:
                 flops=2.0 * size**3,
                 dtype=dtype,
                 goals=goals,
+                measure_host=size <= 2048,
             )
         )
         if size >= 4096:
@@ -754,7 +759,8 @@ def benchmark_cases(quick: bool = False) -> list[KernelCase]:
                 flops=2.0 * m * n * k,
                 bytes=(m * k + k * n + m * n) * 2,
                 dtype=dtype,
-                goals=(DECODE_GOAL,),
+                goals=(DECODE_GOAL, HOST_GOAL),
+                measure_host=True,
             )
         )
     return cases

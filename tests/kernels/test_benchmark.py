@@ -170,6 +170,27 @@ def test_case_row_from_known_times() -> None:
         assert expected in cells, expected
 
 
+def test_case_row_judges_host_time_where_it_was_measured() -> None:
+    case = KernelCase(
+        kernel="matmul",
+        label="1024x1024x1024 bf16",
+        x=1024,
+        ours=lambda: None,
+        baseline=lambda: None,
+        baseline_name="cuBLAS",
+        goals=(Goal("host_us", "<=", 20.0, "<= 20 µs of host time per call"),),
+        measure_host=True,
+    )
+    c = comparison([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], nbytes=None, measured_bw=None, mem=(1, 1))
+    row = case_row(case, c, {"ours": 39.3, "baseline": 13.1})
+    assert row["host_us"] == {"ours": 39.3, "baseline": 13.1}
+    assert [(g["measured"], g["met"]) for g in row["goals"]] == [(39.3, False)]
+    assert case_row(case, c)["goals"][0]["met"] is None  # not measured: not judged
+    console = Console(record=True, width=200)
+    console.print(kernel_table("matmul", [row]))
+    assert "39/13" in console.export_text()
+
+
 # ---------------------------------------------------------------------------------------------------
 # The whole loop on CPU closures: JSON and PNG per kernel
 # ---------------------------------------------------------------------------------------------------
