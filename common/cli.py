@@ -135,7 +135,8 @@ def cmd_grade(args: argparse.Namespace) -> int:
     gpus = None if args.gpus is None else [int(g) for g in args.gpus.split(",") if g.strip()]
     shard = Shard.parse(args.shard) if args.shard else None
     assignment = find_assignment(args.assignment)
-    grade(assignment, [Path(p) for p in args.submissions], Path(args.out), args.jobs, gpus, shard=shard)
+    paths = [Path(p) for p in args.submissions]
+    grade(assignment, paths, Path(args.out), args.jobs, gpus, shard=shard, sandboxed=not args.no_sandbox)
     return 0
 
 
@@ -312,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard",
         metavar="K/N",
         help="grade slice K of N of the batch (a cluster array task); see gradebook merge",
+    )
+    grade.add_argument(
+        "--no-sandbox",
+        action="store_true",
+        help="run submissions WITHOUT isolation where bubblewrap cannot run (every report says so)",
     )
 
     gradebook = sub.add_parser("gradebook", help="gradebooks of sharded grading runs")
