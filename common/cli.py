@@ -302,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  effdl grade week03 alice.zip bob/ --out grades --jobs 4 --gpus 0,1,2,3\n"
         "  effdl grade week03 subs/ --shard 2/8 --out grades/shard-2     slice 2 of 8, e.g. one Slurm array task\n\n"
         "Writes OUT/<submission>/results.json (Gradescope format), OUT/<submission>/grader.log (for TAs)\n"
-        "and OUT/gradebook.csv. Tasks that need a GPU show `needs GPU runner` on a machine without one.",
+        "and OUT/gradebook.csv. Tasks that need a GPU show `needs GPU runner` on a machine without one.\n"
+        "Submissions run in a bubblewrap sandbox (apt-get install bubblewrap); without it grading stops,\n"
+        "unless --no-sandbox is given (every report then says UNSANDBOXED).",
     )
     grade.add_argument("assignment", help="assignment folder name under assignments/ (or a unique prefix)")
     grade.add_argument("submissions", nargs="+", help="zips or folders, or a folder of them")
