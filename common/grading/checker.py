@@ -54,6 +54,7 @@ class CheckerConfig:
     threads: int = 1
     sandboxed: bool = True
     max_processes: int = 64
+    preload: list[str] = field(default_factory=list)  # the assignment's worker_preload
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self)))
@@ -106,13 +107,14 @@ class Checker:
 
     def __init__(self, config: CheckerConfig) -> None:
         self.config = config
-        self._report = open(config.report, "a")  # noqa: SIM115 (closed at the end of the session)
+        self._report = open(config.report, "a")  # closed at the end of the session
         spec = SandboxSpec(
             src=Path(config.src),
             scratch=Path(config.scratch),
             gpus=tuple(config.gpus),
             threads=config.threads,
             sandboxed=config.sandboxed,
+            preload=tuple(config.preload),
         )
         self.sandboxes = Sandboxes(lambda: Session(spec, config.max_processes), spec.tmp)
         self.runners = {

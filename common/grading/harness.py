@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,11 +23,11 @@ from pathlib import Path
 
 from common.errors import EffdlError
 from common.grading.checker import MESSAGE_CHARS, CheckerConfig
+from common.grading.forkserver import run_pytest
 from common.grading.manifest import Assignment, Task
 from common.grading.sandbox import ISOLATION, UNSANDBOXED, SandboxUnavailableError, probe
 from common.grading.session import START_TIMEOUT_S
 from common.grading.solutions import Transform, starter_source
-from common.weeks import REPO_ROOT
 
 OUTPUT_TAIL_CHARS = 64 * 1024  # of the checker's and the sandbox's output, in the TA's log
 CHECKER_MARGIN_S = 300.0  # the trusted side's own work (references, hypothesis) on top of the workers' time
@@ -145,41 +143,31 @@ class GradingContext:
             tasks=tasks,
             scratch=str(folder / "scratch"),
             sandboxed=self.sandboxed,
+            preload=list(self.assignment.worker_preload),
             **settings,
         )
 
     def run_checker(self, config: CheckerConfig, args: list[str], timeout_s: float) -> CheckerRun:
-        """pytest with the checker plugin on the hidden tests, in the assignment folder (trusted: no sandbox)."""
+        """pytest with the checker plugin on the hidden tests, in the assignment folder (trusted: no sandbox),
+        forked from the warm checker server."""
         report = Path(config.report)
         config_path = config.write(report.with_name("checker.json"))
         ini = report.with_name("pytest.ini")
         ini.write_text("[pytest]\n")
         env = {
             **os.environ,
-            "PYTHONPATH": str(REPO_ROOT),  # the course library; never the submission
-            "PYTHONDONTWRITEBYTECODE": "1",
             "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
             "CUDA_VISIBLE_DEVICES": ",".join(str(gpu) for gpu in config.gpus),
             "OMP_NUM_THREADS": str(config.threads),
         }
-        argv = [sys.executable, "-m", "pytest", "-p", "common.grading.checker", f"--grading-config={config_path}",
-                "-p", "no:cacheprovider", "-c", str(ini), "--rootdir", str(self.assignment.root),
-                "--assert=plain", "-q", "--no-header", "-rN", "-W", "ignore::pytest.PytestAssertRewriteWarning",
-                *args]  # fmt: skip
-        try:
-            done = subprocess.run(
-                argv,
-                cwd=self.assignment.root,
-                env=env,
-                capture_output=True,
-                timeout=timeout_s,
-                stdin=subprocess.DEVNULL,
-            )
-            returncode, output = done.returncode, done.stdout + done.stderr
-        except subprocess.TimeoutExpired as expired:
-            returncode, output = None, (expired.stdout or b"") + (expired.stderr or b"")
+        argv = ["-p", "common.grading.checker", f"--grading-config={config_path}", "-p", "no:cacheprovider",
+                "-c", str(ini), "--rootdir", str(self.assignment.root), "--assert=plain", "-q", "--no-header",
+                "-rN", "--tb=short", "-W", "ignore::pytest.PytestAssertRewriteWarning", *args]  # fmt: skip
+        output = report.with_name("checker.log")
+        returncode = run_pytest(argv, self.assignment.root, env, output, timeout_s)
         records = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
-        return CheckerRun(records, returncode, output.decode(errors="replace")[-OUTPUT_TAIL_CHARS:])
+        text = output.read_text(errors="replace") if output.exists() else ""
+        return CheckerRun(records, returncode, text[-OUTPUT_TAIL_CHARS:])
 
 
 def build_src(assignment: Assignment, dest: Path, transform: Transform) -> Path:

@@ -1,19 +1,19 @@
 """Running an assignment's public tests the way a student does: plain pytest, in process, on one `src/`.
 
 The release checks that each public test fails with `NotImplementedError` on the starter; the self-test also
-checks that each passes on the reference. Only instructors' code runs here (the reference, the starter), so
-there is no sandbox: submissions are never run through this module.
+checks that each passes on the reference. Only instructors' code runs here (the reference, the starter, the
+released starter), so there is no sandbox: submissions are never run through this module.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from pathlib import Path
+
+from common.grading.forkserver import run_pytest
 
 
 @dataclass(frozen=True)
@@ -26,16 +26,15 @@ class PublicCase:
 
 
 def run_public_tests(assignment_dir: Path, timeout_s: float = 900) -> list[PublicCase]:
-    """Run `assignment_dir/tests/public` against `assignment_dir/src`; one PublicCase per test."""
+    """Run `assignment_dir/tests/public` against `assignment_dir/src`; one PublicCase per test.
+
+    pytest is forked from the checker's warm server (the public tests' conftest puts `src/` on the path)."""
     with tempfile.TemporaryDirectory(prefix="effdl-public-") as tmp:
         junit = Path(tmp) / "public.xml"
-        env = {**os.environ, "PYTHONPATH": str(assignment_dir / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
         env.pop("PYTEST_ADDOPTS", None)
-        subprocess.run(
-            [sys.executable, "-m", "pytest", "tests/public", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-             "-p", "no:nbval", f"--junitxml={junit}", "-o", "addopts="],
-            cwd=assignment_dir, env=env, capture_output=True, timeout=timeout_s,
-        )  # fmt: skip
+        argv = ["tests/public", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", "-o", "addopts="]
+        run_pytest(argv, assignment_dir, env, Path(tmp) / "public.log", timeout_s)
         if not junit.exists():
             return []
         cases = []

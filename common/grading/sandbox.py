@@ -54,6 +54,7 @@ class SandboxSpec:
     threads: int = 1
     tmp_bytes: int = 1024 * 2**20
     sandboxed: bool = True
+    preload: tuple[str, ...] = ()  # modules the worker template imports before it forks workers
 
     @property
     def tmp(self) -> str:
@@ -127,6 +128,7 @@ def command(spec: SandboxSpec, channel_fd: int) -> list[str]:
     """The argv that starts the worker template for `spec` (inside bwrap unless `spec.sandboxed` is False);
     the template talks on the inherited socket `channel_fd`."""
     worker = [sys.executable, "-m", "common.grading.worker", "serve", f"--channel-fd={channel_fd}"]
+    worker += [f"--preload={module}" for module in spec.preload]
     env = _environment(spec)
     if not spec.sandboxed:
         return ["env", "-i", *(f"{k}={v}" for k, v in env.items()), *worker]

@@ -1,7 +1,8 @@
 """The untrusted side: the process that runs a submission's code, inside the sandbox, and returns data.
 
-`python -m common.grading.worker serve --channel-fd=N` is a *template*: it imports torch and the course
-library once, says "ready" on the channel (a socket the trusted checker holds the other end of) and then, for each task,
+`python -m common.grading.worker serve --channel-fd=N` is a *template*: it imports torch, the course library
+and the assignment's `worker_preload` modules once, says "ready" on the channel (a socket the trusted
+checker holds the other end of) and then, for each task,
 forks a worker. Forking a process that has imported torch costs milliseconds; importing torch costs seconds.
 No CUDA call happens in the template, so a worker may still start CUDA after the fork.
 
@@ -166,11 +167,10 @@ def _exit_status(status: int) -> str:
     return f"exit code {os.waitstatus_to_exitcode(status)}"
 
 
-def serve_template(channel: socket.socket, pid_namespace: bool) -> None:
+def serve_template(channel: socket.socket, pid_namespace: bool, preload: list[str]) -> None:
     """The template's loop: fork a worker per "spawn", wait for it, clean up, report."""
-    import torch  # noqa: F401  (the point of the template: imported once, shared by every fork)
-    import torch.optim  # noqa: F401  (an optimizer's first step imports much of torch; do it once here)
-
+    for module in ["torch", *preload]:  # the point of the template: imported once, shared by every fork
+        importlib.import_module(module)
     wire.send(channel, {"event": "template ready"})
     while True:
         try:
@@ -194,12 +194,12 @@ def serve_template(channel: socket.socket, pid_namespace: bool) -> None:
 
 def main(argv: list[str]) -> int:
     fds = [int(arg.split("=", 1)[1]) for arg in argv if arg.startswith("--channel-fd=")]
+    preload = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--preload=")]
     if argv[:1] != ["serve"] or len(fds) != 1:
-        print(
-            "usage: python -m common.grading.worker serve --channel-fd=N [--pid-namespace]", file=sys.stderr
-        )
+        usage = "usage: python -m common.grading.worker serve --channel-fd=N [--preload=MODULE]... [--pid-namespace]"
+        print(usage, file=sys.stderr)
         return 2
-    serve_template(socket.socket(fileno=fds[0]), pid_namespace="--pid-namespace" in argv)
+    serve_template(socket.socket(fileno=fds[0]), "--pid-namespace" in argv, preload)
     return 0
 
 
