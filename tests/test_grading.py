@@ -404,6 +404,20 @@ def test_a_sandbox_that_does_not_start_is_the_machines_fault(tmp_path: Path) -> 
         Session(SandboxSpec(src=tmp_path / "missing", scratch=tmp_path))
 
 
+def test_a_checker_run_past_its_deadline_is_killed(tmp_path: Path) -> None:
+    from common.grading.forkserver import run_pytest
+
+    (tmp_path / "test_slow.py").write_text(
+        "import time\n\n\ndef test_fast():\n    pass\n\n\ndef test_slow():\n    time.sleep(120)\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    argv = ["-q", "-p", "no:cacheprovider", "test_slow.py"]
+    assert run_pytest([*argv, "-k", "fast"], tmp_path, env, tmp_path / "fast.log", timeout_s=120) == 0
+    start = time.monotonic()
+    assert run_pytest(argv, tmp_path, env, tmp_path / "slow.log", timeout_s=2) is None
+    assert time.monotonic() - start < 60 and "1 passed" in (tmp_path / "fast.log").read_text()
+
+
 def test_without_bwrap_grading_stops_with_the_fix(
     toy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -28,12 +28,13 @@ class PublicCase:
 def run_public_tests(assignment_dir: Path, timeout_s: float = 900) -> list[PublicCase]:
     """Run `assignment_dir/tests/public` against `assignment_dir/src`; one PublicCase per test.
 
-    pytest is forked from the checker's warm server (the public tests' conftest puts `src/` on the path)."""
+    pytest is forked from the checker's warm server, with `src/` on its path as students have it."""
     with tempfile.TemporaryDirectory(prefix="effdl-public-") as tmp:
         junit = Path(tmp) / "public.xml"
         env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
         env.pop("PYTEST_ADDOPTS", None)
-        argv = ["tests/public", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", "-o", "addopts="]
+        argv = ["tests/public", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", "-o", "addopts=",
+                "-o", f"pythonpath={assignment_dir / 'src'}"]  # fmt: skip
         run_pytest(argv, assignment_dir, env, Path(tmp) / "public.log", timeout_s)
         if not junit.exists():
             return []
