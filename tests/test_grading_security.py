@@ -190,6 +190,10 @@ def _hostile_sources(root: Path, out_dir: Path, port: int) -> dict[str, tuple[st
             "    return a + b\n" + CORRECT_MUL,
             {"add": 2, "mul": 1},
         ),
+        "breaks_every_sandbox_at_import": (  # each call costs a new sandbox: charged to its own time limit
+            "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos._exit(1)\n" + WRONG_BOTH,
+            {"add": 0, "mul": 0},
+        ),
         "raises_address_in_use": (
             "import errno\n\n\ndef add(a, b):\n    raise OSError(errno.EADDRINUSE, 'Address already in use')\n\n\n"
             "def mul(a, b):\n    raise OSError(errno.EADDRINUSE, 'Address already in use')\n",
@@ -288,7 +292,7 @@ def _messages(result, task: str) -> list[str]:
      "forges_the_reporter_through_gc", "swaps_the_tests_code", "rewrites_the_test_wrapper_with_a_trace_hook",
      "returns_objects_equal_to_anything", "reads_hidden_tests", "leaks_hidden_tests_at_import",
      "leaks_hidden_tests_encoded", "reaches_the_hosts_loopback", "reads_the_tas_environment", "reads_etc_shadow",
-     "kills_its_template", "raises_address_in_use", "with_extra_files", "zip_slip", "zip_symlink", "folder_symlink"],
+     "kills_its_template", "breaks_every_sandbox_at_import", "raises_address_in_use", "with_extra_files", "zip_slip", "zip_symlink", "folder_symlink"],
 )  # fmt: skip
 def test_each_submission_gets_its_score(graded, name: str) -> None:
     results, expected, _, out_dir, *_ = graded

@@ -73,14 +73,18 @@ class Sandboxes:
                 return self._spawn(session, runner)
             except (WorkerEndedError, TimeLimitError, ProcessLimitError):
                 session.kill()  # the submission may have broken this template: try once in a fresh sandbox
-        if session is not None:
+        started, replacing = time.monotonic(), session is not None  # replacing: one this submission broke
+        if replacing:
             self.ended_outputs.append(session.output_tail())
         self.session = session = self._start()
         try:
-            return self._spawn(session, runner)
+            self._spawn(session, runner)
         except (WorkerEndedError, TimeLimitError, ProcessLimitError) as error:
             session.kill()  # no submission code had run in this sandbox: the machine's fault
             raise WorkerDidNotStartError(f"the worker did not start in a fresh sandbox: {error}") from None
+        if replacing:  # the time to restart a sandbox the submission broke counts against its task
+            runner.used_s += time.monotonic() - started
+        return session
 
     def _spawn(self, session: Session, runner: TaskRunner) -> Session:
         session.spawn(runner.limits, f"{self.tmp}/{runner.task_id}")
@@ -108,7 +112,7 @@ class TaskRunner:
     limits: WorkerLimits
     sandboxes: Sandboxes
     scenarios: Path  # the folder of the assignment's scenario modules
-    used_s: float = 0.0  # time spent waiting for the submission's calls
+    used_s: float = 0.0  # time spent on the submission's calls, and restarting sandboxes it broke
     generation: int = 0  # bumped at every fork of a new worker: handles of older workers are void
     stopped: SubmissionFault | None = None  # a time or process limit hit: every later call fails with it
     calls: int = 0

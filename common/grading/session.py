@@ -115,7 +115,8 @@ class Session:
 
     @property
     def alive(self) -> bool:
-        return not self._dead.is_set()
+        """Whether the sandbox runs (not killed, and its template has not ended it)."""
+        return not self._dead.is_set() and self.process.poll() is None
 
     # ------------------------------------------------------------------------------------------- channel
     def _send(self, message: dict[str, Any]) -> None:
