@@ -378,6 +378,14 @@ def test_the_sandbox_sees_nothing_of_the_machine(probe_src: Path) -> None:
     assert "home" not in seen["root"] and "etc" in seen["root"] and "assignments" not in seen["root"]
 
 
+def test_binds_below_tmp_land_on_top_of_the_sandboxs_tmpfs(tmp_path: Path) -> None:
+    """A checkout or environment under /tmp (CI's fresh clones) stays visible: /tmp is mounted first."""
+    from common.grading.sandbox import command
+
+    argv = command(SandboxSpec(src=tmp_path, scratch=tmp_path), channel_fd=3)
+    assert argv.index("--tmpfs") < min(i for i, arg in enumerate(argv) if arg in ("--ro-bind", "--symlink"))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the grading sandbox runs on Linux")
 def test_a_timeout_kills_processes_that_detach(probe_src: Path) -> None:
     marker = f"effdl-sandbox-test-{secrets.token_hex(4)}"

@@ -137,12 +137,13 @@ def command(spec: SandboxSpec, channel_fd: int) -> list[str]:
         "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
         "--die-with-parent", "--new-session", "--hostname", "sandbox",
     ]  # fmt: skip
+    # /tmp first: a bind below it (a checkout or an environment under /tmp) must land on top of the tmpfs.
+    argv += ["--size", str(spec.tmp_bytes), "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev"]
     _bind_system(argv)
     for tree in _python_trees():
         argv += ["--ro-bind", tree, tree]
     argv += ["--ro-bind", str(REPO_ROOT / "common"), f"{COURSE_MOUNT}/common"]
     argv += ["--ro-bind", str(spec.src), SRC_MOUNT]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(spec.tmp_bytes), "--tmpfs", "/tmp"]
     if spec.gpus:
         _bind_gpus(argv, spec.gpus)
     argv += ["--clearenv"]
