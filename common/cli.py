@@ -156,7 +156,8 @@ def cmd_grade(args: argparse.Namespace) -> int:
     gpus = None if args.gpus is None else [int(g) for g in args.gpus.split(",") if g.strip()]
     shard = Shard.parse(args.shard) if args.shard else None
     assignment = find_assignment(args.assignment)
-    grade(assignment, [Path(p) for p in args.submissions], Path(args.out), args.jobs, gpus, shard=shard)
+    paths = [Path(p) for p in args.submissions]
+    grade(assignment, paths, Path(args.out), args.jobs, gpus, shard=shard, sandboxed=not args.no_sandbox)
     return 0
 
 
@@ -345,7 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  effdl grade week03 alice.zip bob/ --out grades --jobs 4 --gpus 0,1,2,3\n"
         "  effdl grade week03 subs/ --shard 2/8 --out grades/shard-2     slice 2 of 8, e.g. one Slurm array task\n\n"
         "Writes OUT/<submission>/results.json (Gradescope format), OUT/<submission>/grader.log (for TAs)\n"
-        "and OUT/gradebook.csv. Tasks that need a GPU show `needs GPU runner` on a machine without one.",
+        "and OUT/gradebook.csv. Tasks that need a GPU show `needs GPU runner` on a machine without one.\n"
+        "Submissions run in a bubblewrap sandbox (apt-get install bubblewrap); without it grading stops,\n"
+        "unless --no-sandbox is given (every report then says UNSANDBOXED).",
     )
     grade.add_argument("assignment", help="assignment folder name under assignments/ (or a unique prefix)")
     grade.add_argument("submissions", nargs="+", help="zips or folders, or a folder of them")
@@ -356,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard",
         metavar="K/N",
         help="grade slice K of N of the batch (a cluster array task); see gradebook merge",
+    )
+    grade.add_argument(
+        "--no-sandbox",
+        action="store_true",
+        help="run submissions WITHOUT isolation where bubblewrap cannot run (every report says so)",
     )
 
     gradebook = sub.add_parser("gradebook", help="gradebooks of sharded grading runs")

@@ -1,7 +1,8 @@
 """A two-task toy assignment the grading tests build in a temporary folder (fast: no model, no GPU).
 
-Task `add` (2 points, proportional, 3 parametrized tests) and task `mul` (1 point, all-or-nothing, 2 tests);
-one public test; one mutant that breaks `add` only.
+Task `add` (2 points, proportional, 3 parametrized tests) and task `mul` (1 point, all-or-nothing, 3 tests,
+one of them on a tensor); one public test; one mutant that breaks `add` only. The hidden tests are written
+as every hidden test is: in the trusted checker, through the `submission` fixture.
 """
 
 from __future__ import annotations
@@ -52,24 +53,30 @@ def mul(a: int, b: int) -> int:
 
 HIDDEN_ADD = """\
 import pytest
-from toy.ops import add
 
 
 @pytest.mark.parametrize("left, right", [(1, 2), (30, 12), (-7, 7)])
-def test_add_matches_python(left, right):
-    assert add(left, right) == left + right, "the hidden addition check failed"
+def test_add_matches_python(submission, left, right):
+    total = submission.call("toy.ops:add", left, right, returns=int)
+    assert total == left + right, "the hidden addition check failed"
 """
 
 HIDDEN_MUL = """\
-from toy.ops import mul
+import torch
 
 
-def test_mul_small_numbers():
-    assert mul(3, 4) == 12
+def test_mul_small_numbers(submission):
+    assert submission.call("toy.ops:mul", 3, 4, returns=int) == 12, "mul(3, 4) must be 12"
 
 
-def test_mul_by_zero_gives_zero():
-    assert mul(0, 5) == 0
+def test_mul_by_zero_gives_zero(submission):
+    assert submission.call("toy.ops:mul", 0, 5, returns=int) == 0, "mul(0, 5) must be 0"
+
+
+def test_mul_scales_a_tensor(submission):
+    x = torch.arange(6.0).reshape(2, 3)
+    product = submission.call("toy.ops:mul", x, 2.0, returns=torch.Tensor)
+    assert torch.equal(product, x * 2), "mul(x, 2.0) must double every element of x"
 """
 
 PUBLIC = """\

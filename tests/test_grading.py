@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import math
+import re
 import secrets
 import subprocess
 import sys
@@ -11,14 +14,28 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from grading_toy import REFERENCE, write_toy_assignment
 
+from common.grading import wire
 from common.grading.batch import SubmissionResult
-from common.grading.harness import CaseOutcome, TaskResult
+from common.grading.checker import explain
+from common.grading.client import expect
+from common.grading.faults import (
+    GpuBusyError,
+    ProcessLimitError,
+    SubmissionRaised,
+    TimeLimitError,
+    WorkerDidNotStartError,
+    WrongTypeError,
+    parse_gpu_holders,
+)
+from common.grading.harness import CaseOutcome, GraderSetupError, GradingContext, TaskResult
 from common.grading.intake import SubmissionNotFoundError, read_submission
 from common.grading.manifest import ManifestError, UnknownAssignmentError, find_assignment, load_assignment
 from common.grading.reports import results_json, write_gradebook
-from common.grading.sandbox import JailSpec, Limits, run_in_sandbox
+from common.grading.sandbox import SandboxSpec
+from common.grading.session import Session, WorkerLimits
 from common.grading.solutions import (
     SolutionMarkerError,
     apply_mutant,
@@ -181,13 +198,12 @@ def test_an_unreadable_zip_refuses_that_submission_with_a_reason(toy, tmp_path: 
 
 def test_a_refused_submission_shows_needs_gpu_runner_like_the_others(tmp_path: Path) -> None:
     from common.grading.batch import grade_batch
-    from common.grading.harness import GradingContext
 
     root = write_toy_assignment(tmp_path / "course")
     manifest = root / "assignment.toml"
     manifest.write_text(manifest.read_text().replace('id = "mul"', 'id = "mul"\ngpus = 1'))
     assignment = load_assignment(root)
-    context = GradingContext(assignment, tmp_path, tmp_path, tmp_path, {}, frozenset(), gpu_count=0)
+    context = GradingContext(assignment, tmp_path, tmp_path, {}, gpu_count=0)
     refused = read_submission(_zip(tmp_path / "r.zip", {"/abs/ops.py": ""}), assignment)
     (result,) = grade_batch(context, [refused], gpus=[])
     by_task = {t.task.id: (t.status, t.score) for t in result.tasks}
@@ -243,55 +259,207 @@ def test_results_json_follows_gradescope_and_never_scores_an_ungraded_task(toy, 
     assert rows[1].startswith("s,1.3333,needs GPU runner,1.3333,2,")
 
 
-# ------------------------------------------------------------------------------------------------- sandbox
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the grading sandbox runs on Linux")
-def test_the_sandbox_kills_processes_that_detach_on_timeout(tmp_path: Path) -> None:
-    marker = f"effdl-sandbox-test-{secrets.token_hex(4)}"
-    script = f"import subprocess, time\nsubprocess.Popen(['setsid', 'sleep', '300', '{marker}'])\ntime.sleep(300)\n"
-    spec = JailSpec(
-        argv=["/bin/sh", "-c", f'exec {sys.executable} -c "$0"', script],
-        cwd=str(tmp_path),
-        env={"PATH": "/usr/bin:/bin"},
-        limits=Limits(time_limit_s=3),
-        read_paths=["/"],
-        write_paths=[str(tmp_path)],
-        token="t",
+# ------------------------------------------------------------------------------------------ wire, client
+def test_data_crosses_the_wire_with_its_exact_types() -> None:
+    value = {"ints": [1, -2, 2**70], "float": 0.5, "nan": math.nan, "flag": True, "none": None, "text": "é",
+             ("a", 1): (1.0, [2]), "t": torch.arange(6, dtype=torch.int16).reshape(2, 3),
+             "empty": torch.zeros(0, 4), "half": torch.tensor([1.5], dtype=torch.bfloat16)}  # fmt: skip
+    back = wire.decode(json.loads(json.dumps(wire.encode(value))))
+    assert back.keys() == value.keys() and back["ints"] == [1, -2, 2**70] and type(back["flag"]) is bool
+    assert type(back[("a", 1)]) is tuple and back[("a", 1)] == (1.0, [2]) and math.isnan(back["nan"])
+    for key in ("t", "empty", "half"):
+        assert type(back[key]) is torch.Tensor and back[key].dtype == value[key].dtype
+        assert torch.equal(back[key], value[key])
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize(
+    "value, kind",
+    [(object(), "builtins.object"), ([1, {2}], "builtins.set"), (torch.zeros(2).as_subclass(_Subclass), "_Subclass"),
+     (True.__class__.__mro__, "builtins.type"), (torch.zeros(2, dtype=torch.complex64), "complex64")],
+)  # fmt: skip
+def test_anything_but_data_is_refused_by_the_sender(value, kind: str) -> None:
+    with pytest.raises(wire.NotData, match=kind):
+        wire.encode(value)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [({"$pickle": "gASV"}, "unknown tag"), ({"a": 1, "b": 2}, "one-key tagged object"),
+     ({"$tensor": {"dtype": "float32", "shape": [2], "data": "AAAA"}}, "needs 8 bytes, got 3"),
+     ({"$tensor": {"dtype": "object", "shape": [1], "data": ""}}, "known dtype"),
+     ({"$handle": 3}, "unknown tag"), ({"$dict": [[[1], 2]]}, "not hashable")],
+)  # fmt: skip
+def test_malformed_data_is_refused_by_the_receiver(data, message: str) -> None:
+    with pytest.raises(wire.WireError, match=message):
+        wire.decode(data)
+
+
+def test_results_must_have_exactly_the_expected_type() -> None:
+    assert expect([[1, 2], []], list[list[int]], "f") == [[1, 2], []]
+    assert expect({"a": (1, 2.0)}, dict[str, tuple[int, float]], "f") == {"a": (1, 2.0)}
+    for value, spec, where in [
+        ([[1, True]], list[list[int]], "the result[0][1] is a bool, expected int"),
+        ([(1, 2)], list[list[int]], "the result[0] is a tuple, expected list"),
+        (1, float, "the result is a int, expected float"),
+        ({"a": None}, dict[str, int | float], "the result['a'] is None, expected int | float"),
+    ]:
+        with pytest.raises(WrongTypeError, match=re.escape(f"f returned a wrong type: {where}")):
+            expect(value, spec, "f")
+
+
+def test_only_what_the_checker_observes_is_an_infrastructure_fault() -> None:
+    assert explain(WorkerDidNotStartError("bwrap: cannot mount"))[1] == "bwrap: cannot mount"
+    assert "port in use" in explain(OSError(errno.EADDRINUSE, "Address already in use"))[1]
+    raised = SubmissionRaised("add", ["OSError", "Exception"], "OSError", "[Errno 98] Address already in use")
+    assert explain(raised) == ("add raised OSError: [Errno 98] Address already in use", None)
+    assert explain(AssertionError("x" * 5000))[0] == "x" * 600
+    assert (
+        explain(ExceptionGroup("two", [AssertionError("first"), GpuBusyError("GPU 1 is held")]))[1]
+        == "GPU 1 is held"
     )
+
+
+def test_gpu_holders_are_read_from_nvidia_smi() -> None:
+    gpus = "0, GPU-aaa\n1, GPU-bbb\n"
+    apps = "GPU-bbb, 4242, 30000\nGPU-aaa, 77, 300\nGPU-bbb, 99, [N/A]\n"
+    assert parse_gpu_holders(gpus, apps) == {0: [(77, 300)], 1: [(4242, 30000)]}
+
+
+# ------------------------------------------------------------------------------------------------- sandbox
+@pytest.fixture
+def probe_src(tmp_path: Path) -> Path:
+    """A package `probe` whose functions look around the sandbox and misbehave on request."""
+    (tmp_path / "src" / "probe").mkdir(parents=True)
+    (tmp_path / "src" / "probe" / "__init__.py").write_text(
+        "import os, subprocess, sys, time\n\n\n"
+        "def look():\n"
+        "    return {'uid': os.getuid(), 'env': sorted(os.environ), 'pids': sorted(p for p in os.listdir('/proc') if p.isdigit()),\n"
+        "            'root': sorted(os.listdir('/')), 'shadow': os.path.exists('/etc/shadow'),\n"
+        "            'net': sorted(os.listdir('/sys/class/net')) if os.path.exists('/sys/class/net') else None}\n\n\n"
+        "def detach_and_hang(marker):\n"
+        "    subprocess.Popen(['setsid', 'sleep', '300', marker])\n    time.sleep(300)\n\n\n"
+        "def fork(n):\n    for _ in range(n):\n        if os.fork() == 0:\n            time.sleep(60)\n            os._exit(0)\n"
+        "        time.sleep(0.002)\n    time.sleep(60)\n"
+    )
+    return tmp_path / "src"
+
+
+def _session(src: Path, max_processes: int = 64) -> Session:
+    session = Session(SandboxSpec(src=src, scratch=src.parent / "scratch"), max_processes=max_processes)
+    session.spawn(WorkerLimits(address_space_bytes=8 * 2**30), "/tmp/task")
+    return session
+
+
+def _call(session: Session, target: str, *args, timeout_s: float = 60) -> dict:
+    return session.exchange(
+        {"op": "call", "id": 1, "target": {"import": target}, "args": wire.encode(list(args))}, timeout_s
+    )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the grading sandbox runs on Linux")
+def test_the_sandbox_sees_nothing_of_the_machine(probe_src: Path) -> None:
+    session = _session(probe_src)
+    try:
+        seen = wire.decode(_call(session, "probe:look")["value"])
+    finally:
+        session.kill()
+    assert seen["uid"] == 65534 and seen["shadow"] is False
+    assert set(seen["env"]) <= {"PATH", "HOME", "TMPDIR", "USER", "LANG", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE",
+        "PYTHONHASHSEED", "PYTHONUNBUFFERED", "XDG_CACHE_HOME", "MPLCONFIGDIR", "MPLBACKEND", "TRITON_CACHE_DIR",
+        "TORCHINDUCTOR_CACHE_DIR", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_ARENA_MAX",
+        "CUDA_VISIBLE_DEVICES", "LC_CTYPE", "PWD"}  # fmt: skip
+    assert len(seen["pids"]) <= 4, (
+        f"the sandbox sees other processes: {seen['pids']}"
+    )  # init, template, worker
+    assert "home" not in seen["root"] and "etc" in seen["root"] and "assignments" not in seen["root"]
+
+
+def test_binds_below_tmp_land_on_top_of_the_sandboxs_tmpfs(tmp_path: Path) -> None:
+    """A checkout or environment under /tmp (CI's fresh clones) stays visible: /tmp is mounted first."""
+    from common.grading.sandbox import command
+
+    argv = command(SandboxSpec(src=tmp_path, scratch=tmp_path), channel_fd=3)
+    assert argv.index("--tmpfs") < min(i for i, arg in enumerate(argv) if arg in ("--ro-bind", "--symlink"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the grading sandbox runs on Linux")
+def test_a_timeout_kills_processes_that_detach(probe_src: Path) -> None:
+    marker = f"effdl-sandbox-test-{secrets.token_hex(4)}"
+    session = _session(probe_src)
     start = time.monotonic()
-    result = run_in_sandbox(spec)
-    assert result.timed_out and result.returncode == -9 and time.monotonic() - start < 60
-    assert result.leftovers_killed >= 2  # the sleeping child that left its session, and the parent
+    with pytest.raises(TimeLimitError):
+        _call(session, "probe:detach_and_hang", marker, timeout_s=3)
+    assert time.monotonic() - start < 60 and not session.alive
     alive = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.strip()
     assert alive == "", f"processes survived the sandbox: {alive}"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the grading sandbox runs on Linux")
-@pytest.mark.parametrize("cgroups", ["1", "0"], ids=["pids-cgroup", "watchdog"])
-def test_the_sandbox_stops_a_run_with_too_many_processes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cgroups: str
+def test_a_run_with_too_many_processes_is_stopped(probe_src: Path) -> None:
+    session = _session(probe_src, max_processes=32)
+    with pytest.raises(ProcessLimitError, match="more than 32 processes"):
+        _call(session, "probe:fork", 200, timeout_s=50)
+    assert session.process_limit_hit and not session.alive
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the grading sandbox runs on Linux")
+def test_a_sandbox_that_does_not_start_is_the_machines_fault(tmp_path: Path) -> None:
+    with pytest.raises(WorkerDidNotStartError, match="the sandbox did not start"):
+        Session(SandboxSpec(src=tmp_path / "missing", scratch=tmp_path))
+
+
+def test_a_checker_run_past_its_deadline_is_killed(tmp_path: Path) -> None:
+    from common.grading.forkserver import run_pytest
+
+    (tmp_path / "test_slow.py").write_text(
+        "import time\n\n\ndef test_fast():\n    pass\n\n\ndef test_slow():\n    time.sleep(120)\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    argv = ["-q", "-p", "no:cacheprovider", "test_slow.py"]
+    assert run_pytest([*argv, "-k", "fast"], tmp_path, env, tmp_path / "fast.log", timeout_s=120) == 0
+    start = time.monotonic()
+    assert run_pytest(argv, tmp_path, env, tmp_path / "slow.log", timeout_s=2) is None
+    assert time.monotonic() - start < 60 and "1 passed" in (tmp_path / "fast.log").read_text()
+
+
+def test_without_bwrap_grading_stops_with_the_fix(
+    toy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Both ways of capping processes hold: a pids cgroup (root, cgroup v1) and the supervisor's watchdog."""
-    monkeypatch.setenv("EFFDL_GRADER_CGROUPS", cgroups)
-    script = (
-        "import os, time\nfor _ in range(200):\n    if os.fork() == 0:\n        time.sleep(60)\n        os._exit(0)\n"
-        "    time.sleep(0.002)\ntime.sleep(60)\n"
+    from common.grading import sandbox
+
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    with pytest.raises(
+        GraderSetupError,
+        match=r"bubblewrap \(bwrap\) is not installed.*apt-get install bubblewrap.*--no-sandbox",
+    ):
+        GradingContext.prepare(toy, tmp_path / "work", gpu_count=0)
+
+
+def test_hidden_tests_that_import_the_submission_do_not_collect(toy, tmp_path: Path) -> None:
+    (toy.root / "tests" / "hidden" / "test_add.py").write_text(
+        "from toy.ops import add\n\n\ndef test_add():\n    assert add(1, 2) == 3\n"
     )
-    spec = JailSpec(
-        argv=[sys.executable, "-c", script],
-        cwd=str(tmp_path),
-        env={"PATH": "/usr/bin:/bin"},
-        limits=Limits(time_limit_s=30, max_processes=32),
-        read_paths=["/"],
-        write_paths=[str(tmp_path)],
-        token="t",
+    with pytest.raises(GraderSetupError, match="must not import the submission"):
+        GradingContext.prepare(toy, tmp_path / "work", gpu_count=0)
+
+
+@pytest.mark.slow
+def test_an_unsandboxed_grade_says_so_in_every_report(toy, tmp_path: Path) -> None:
+    from common.grading.grade import grade
+    from common.grading.sandbox import UNSANDBOXED
+
+    (tmp_path / "alice" / "toy").mkdir(parents=True)
+    (tmp_path / "alice" / "toy" / "ops.py").write_text(reference_source(REFERENCE, "ops.py"))
+    (result,) = grade(toy, [tmp_path / "alice"], tmp_path / "out", gpus=[], sandboxed=False)
+    assert result.score == 3
+    assert json.loads((tmp_path / "out" / "alice" / "results.json").read_text())["output"].startswith(
+        UNSANDBOXED
     )
-    result = run_in_sandbox(spec)
-    assert result.process_limit_hit and not result.timed_out, result
-    expected = "pids cgroup, at most 32" if cgroups == "1" else "watchdog, stops the run above 32 processes"
-    if cgroups == "1" and result.isolation["processes"].startswith("watchdog"):
-        pytest.skip("no writable cgroup-v1 pids controller here (CI has one, so both paths run there)")
-    assert result.isolation["processes"] == expected
-    assert 30 <= result.leftovers_killed <= 200  # the children alive when the run was stopped
+    assert UNSANDBOXED in (tmp_path / "out" / "gradebook.csv").read_text()
 
 
 # ------------------------------------------------------------------------------------------------- release

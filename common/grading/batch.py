@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.grading.harness import GradingContext, TaskResult, grade_task, needs_gpu_runner
+from common.grading.harness import GradingContext, TaskResult, grade_submission, needs_gpu_runner
 from common.grading.intake import Submission
 from common.grading.manifest import Task
 
@@ -92,15 +92,14 @@ def grade_batch(
                 if on_task_done:
                     on_task_done(submission.name, task_result)
             return result
-        for task in context.assignment.tasks:
-            taken = pool.acquire(task.gpus) if task.gpus <= len(gpus) else []
-            try:
-                task_result = grade_task(context, submission.files, task, taken, threads)
-            finally:
-                pool.release(taken)
-            result.tasks.append(task_result)
-            if on_task_done:
-                on_task_done(submission.name, task_result)
+        result.tasks = grade_submission(
+            context,
+            submission.files,
+            pool.acquire,
+            pool.release,
+            threads,
+            lambda task_result: on_task_done and on_task_done(submission.name, task_result),
+        )
         result.duration_s = time.monotonic() - start
         return result
 

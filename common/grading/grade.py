@@ -76,10 +76,12 @@ def grade(
     gpus: Sequence[int] | None = None,
     console: Console | None = None,
     shard: Shard | None = None,
+    sandboxed: bool = True,
 ) -> list[SubmissionResult]:
     """Grade submissions and write `out_dir/<name>/results.json`, `grader.log` and `out_dir/gradebook.csv`.
 
     shard: grade only that slice of the batch, and write `out_dir/shard.json` for `effdl gradebook merge`.
+    sandboxed: False runs submissions without isolation (`--no-sandbox`); every report then says so.
     """
     console = console or Console()
     paths = expand_submissions(paths, assignment)
@@ -90,8 +92,8 @@ def grade(
         raise EffdlError(f"nothing to grade: {'this shard of ' if shard else ''}the batch has no submissions")
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    with console.status(f"{assignment.name}: building the starter tree and collecting the hidden tests"):
-        context = GradingContext.prepare(assignment, out_dir / ".work")
+    with console.status(f"{assignment.name}: checking the sandbox and collecting the hidden tests"):
+        context = GradingContext.prepare(assignment, out_dir / ".work", sandboxed=sandboxed)
     try:
         total = len(submissions) * len(assignment.tasks)
         with task_progress(
@@ -110,7 +112,5 @@ def grade(
     console.print(
         f"Gradebook: {gradebook}  ({elapsed:.0f} s for {len(results)} submission(s))", soft_wrap=True
     )
-    isolation = next((t.isolation for r in results for t in r.tasks if t.isolation), None)
-    if isolation:
-        console.print(f"Sandbox isolation: {isolation}", soft_wrap=True)
+    console.print(f"Isolation: {context.isolation}", style=None if sandboxed else "bold red", soft_wrap=True)
     return results

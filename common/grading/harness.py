@@ -1,52 +1,40 @@
-"""Grading one submission: a fresh work tree per task, the hidden tests in the sandbox, a score per task.
+"""Grading one submission: the hidden tests in a trusted checker process, the submission in a sandboxed worker.
 
-`GradingContext.prepare` does the per-assignment work once per batch: it builds the starter tree (solution
-blocks stubbed, mutants left out) that every work tree is copied from, and asks pytest, on the reference
-solution, which hidden tests each task has. Those expected test ids are the ground truth: a test a submission
-prevents from running (by crashing, exiting, hanging or deselecting it) is a failed test, not a missing one.
+`GradingContext.prepare` does the per-assignment work once per batch: it checks that the sandbox works here,
+builds the starter `src/` that every submission's tree starts from (missing files are graded as the stub),
+and asks pytest which hidden tests each task has. Collection never involves a submission (the hidden tests
+do not import it), so those ids are fixed: a test the checker does not report is not a pass.
+
+`grade_submission` grades a submission's CPU tasks in one checker process, whose tasks share one sandbox
+(one worker per task, forked from a template that has imported torch once), and each GPU task in a checker
+process of its own, with a sandbox that sees only that task's GPUs. A task whose result is an infrastructure
+fault (seen by the checker, never claimed by the submission) is graded once more.
 """
 
 from __future__ import annotations
 
-import secrets
+import json
+import os
 import shutil
-import site
-import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import EffdlError
+from common.grading.checker import MESSAGE_CHARS, CheckerConfig
+from common.grading.forkserver import run_pytest
 from common.grading.manifest import Assignment, Task
-from common.grading.sandbox import GPU_MEMORY_ENV, JailSpec, Limits, RunResult, run_in_sandbox
-from common.grading.solutions import Transform, reference_source, starter_source
-from common.weeks import REPO_ROOT
+from common.grading.sandbox import ISOLATION, UNSANDBOXED, SandboxUnavailableError, probe
+from common.grading.session import START_TIMEOUT_S
+from common.grading.solutions import Transform, starter_source
 
-_SYSTEM_READ_PATHS = (
-    "/usr",
-    "/lib",
-    "/lib64",
-    "/lib32",
-    "/bin",
-    "/sbin",
-    "/etc",
-    "/proc",
-    "/sys",
-    "/opt",
-    "/run",
-)
-_PYTEST_INI = """\
-[pytest]
-markers =
-    gpu: needs a CUDA GPU
-    slow: takes more than a few seconds
-"""
-MESSAGE_CHARS = 600  # of a failure message in results.json: enough to debug, too little to dump a file
-MIN_REDACTED_LINE = 12  # shorter lines of a hidden test (`return x`, `)`) are too common to count as a leak
+OUTPUT_TAIL_CHARS = 64 * 1024  # of the checker's and the sandbox's output, in the TA's log
+CHECKER_MARGIN_S = 300.0  # the trusted side's own work (references, hypothesis) on top of the workers' time
 
 
 class GraderSetupError(EffdlError):
-    """The grader itself cannot run: hidden tests that do not collect on the reference, a missing tool."""
+    """The grader itself cannot run: hidden tests that do not collect, a sandbox that cannot start."""
 
 
 @dataclass
@@ -65,10 +53,22 @@ class TaskResult:
     score: float | None
     tests: list[CaseOutcome] = field(default_factory=list)
     detail: str = ""
-    duration_s: float = 0.0
+    duration_s: float = 0.0  # the submission's own time: its worker's, summed over the task's calls
     attempts: int = 1
     log: str = ""
-    isolation: dict[str, str] = field(default_factory=dict)  # what the sandbox could enforce on this machine
+    isolation: str = ""  # how the submission was isolated (UNSANDBOXED in every report if it was not)
+
+
+@dataclass
+class CheckerRun:
+    """What one checker process reported: its JSON lines, its exit status and its own output."""
+
+    records: list[dict]
+    returncode: int | None  # None: killed at its timeout
+    output: str
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [record for record in self.records if record.get("kind") == kind]
 
 
 @dataclass
@@ -77,129 +77,106 @@ class GradingContext:
 
     assignment: Assignment
     workdir: Path
-    starter: Path
-    lib: Path  # holds only a link to the course library, so `import common` works but `assignments/` stays unreadable
+    starter: Path  # the starter's src/ folder
     expected: dict[str, list[str]]  # task id -> hidden test ids
-    hidden_lines: frozenset[str]
     gpu_count: int
+    sandboxed: bool = True
 
     @classmethod
     def prepare(
-        cls, assignment: Assignment, workdir: Path | None = None, gpu_count: int | None = None
+        cls,
+        assignment: Assignment,
+        workdir: Path | None = None,
+        gpu_count: int | None = None,
+        sandboxed: bool = True,
     ) -> GradingContext:
+        """Check the sandbox, build the starter, collect the hidden tests; GraderSetupError if any fails."""
+        if sandboxed:
+            try:
+                probe()
+            except SandboxUnavailableError as error:
+                raise GraderSetupError(
+                    f"cannot sandbox submissions: {error}; or pass --no-sandbox to grade without isolation"
+                ) from None
         workdir = Path(workdir or tempfile.mkdtemp(prefix="effdl-grade-"))
         (workdir / "runs").mkdir(parents=True, exist_ok=True)
-        lib = workdir / "lib"
-        lib.mkdir(exist_ok=True)
-        if not (lib / "common").exists():
-            (lib / "common").symlink_to(REPO_ROOT / "common", target_is_directory=True)
-        starter = build_tree(assignment, workdir / "starter", starter_source)
-        hidden = assignment.root / "tests" / "hidden"
-        lines = {
-            line.strip()
-            for path in hidden.rglob("*.py")
-            for line in path.read_text().splitlines()
-            if len(line.strip()) >= MIN_REDACTED_LINE
-        }
+        starter = build_src(assignment, workdir / "starter" / "src", starter_source)
         if gpu_count is None:
             import torch
 
             gpu_count = torch.cuda.device_count()
-        context = cls(assignment, workdir, starter, lib, {}, frozenset(lines), gpu_count)
-        context.expected = context._collect_expected()
+        context = cls(assignment, workdir, starter, {}, gpu_count, sandboxed)
+        collected = context.collect([selection for task in assignment.tasks for selection in task.tests])
+        context.expected = {task.id: [n for n in collected if task.selects(n)] for task in assignment.tasks}
+        empty = [task_id for task_id, ids in context.expected.items() if not ids]
+        if empty:
+            raise GraderSetupError(f"{assignment.name}: tasks {empty} select no hidden tests")
         return context
 
-    def _collect_expected(self) -> dict[str, list[str]]:
-        collected = self.collect([sel for task in self.assignment.tasks for sel in task.tests])
-        expected = {task.id: [n for n in collected if task.selects(n)] for task in self.assignment.tasks}
-        empty = [task_id for task_id, ids in expected.items() if not ids]
-        if empty:
-            raise GraderSetupError(f"{self.assignment.name}: tasks {empty} select no hidden tests")
-        return expected
+    @property
+    def isolation(self) -> str:
+        return ISOLATION if self.sandboxed else UNSANDBOXED
 
     def collect(self, selections: list[str]) -> list[str]:
-        """The test ids pytest collects for `selections` on the reference solution."""
-        reference = self.workdir / "reference"
-        if not reference.exists():  # built once per batch, however many selections are collected
-            build_tree(self.assignment, reference, reference_source)
-        run = self.run_pytest(reference, ["--collect-only", *selections], Limits(time_limit_s=300))
-        collected = next((m["nodeids"] for m in run.messages if m["kind"] == "collected"), None)
-        errors = [m["message"] for m in run.messages if m["kind"] == "collect_error"]
-        if collected is None or errors:
-            detail = errors[0] if errors else (run.supervisor_error or run.output_tail[-2000:])
+        """The test ids pytest collects for `selections` (no submission is involved)."""
+        folder = Path(tempfile.mkdtemp(prefix="collect-", dir=self.workdir / "runs"))
+        try:
+            config = self.checker_config(folder, tasks=[])
+            run = self.run_checker(config, ["--collect-only", *selections], timeout_s=600)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        collected = run.of_kind("collected")
+        errors = [record["message"] for record in run.of_kind("collect_error")]
+        if not collected or errors:
+            detail = errors[0] if errors else run.output[-2000:]
             raise GraderSetupError(
-                f"{self.assignment.name}: {' '.join(selections)} do not collect on the reference solution:\n{detail}"
+                f"{self.assignment.name}: {' '.join(selections)} do not collect:\n{detail}"
             )
-        return collected
+        return collected[0]["nodeids"]
 
-    def run_pytest(
-        self,
-        tree: Path,
-        args: list[str],
-        limits: Limits,
-        gpus: list[int] = (),
-        gpu_memory: int = 0,
-        threads: int = 1,
-    ) -> RunResult:
-        """pytest with the grader plugin in `tree`, sandboxed; `gpus` are the physical GPUs it may see."""
-        home, tmp = tree / ".home", tree / ".tmp"
-        home.mkdir(exist_ok=True)
-        tmp.mkdir(exist_ok=True)
-        (tree / "pytest.ini").write_text(_PYTEST_INI)
-        env = {
-            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-            "HOME": str(home),
-            "TMPDIR": str(tmp),
-            "XDG_CACHE_HOME": str(home / ".cache"),
-            "MPLCONFIGDIR": str(home / ".matplotlib"),
-            "TRITON_CACHE_DIR": str(home / ".triton"),
-            "TORCHINDUCTOR_CACHE_DIR": str(home / ".inductor"),
-            "MPLBACKEND": "Agg",
-            "LANG": "C.UTF-8",
-            "PYTHONPATH": f"{tree / 'src'}:{self.lib}",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONHASHSEED": "0",
-            "PYTHONUNBUFFERED": "1",
-            "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
-            "OMP_NUM_THREADS": str(threads),  # parallel jobs share the cores instead of fighting over them
-            "MKL_NUM_THREADS": str(threads),
-            "OPENBLAS_NUM_THREADS": str(threads),
-            "MALLOC_ARENA_MAX": "2",  # glibc reserves 64 MB of address space per arena; keep RLIMIT_AS meaningful
-            "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus),
-        }
-        if gpu_memory:
-            env[GPU_MEMORY_ENV] = str(gpu_memory)
-        argv = [sys.executable, "-m", "pytest", "-p", "common.grading.plugin", "-p", "no:cacheprovider",
-                "-c", "pytest.ini", "--rootdir", str(tree), "-q", "--no-header", "-rN", *args]  # fmt: skip
-        python_trees = {sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages()}
-        spec = JailSpec(
-            argv=argv,
-            cwd=str(tree),
-            env=env,
-            limits=limits,
-            read_paths=[*_SYSTEM_READ_PATHS, *sorted(python_trees), str(self.lib), str(REPO_ROOT / "common")],
-            write_paths=[str(tree)],
-            token=secrets.token_hex(16),
+    def checker_config(self, folder: Path, tasks: list[Task], **settings) -> CheckerConfig:
+        """The settings of a checker process whose files go to `folder`."""
+        return CheckerConfig(
+            report=str(folder / "report.jsonl"),
+            package=self.assignment.package,
+            scenarios=str(self.assignment.root / "tests" / "hidden" / "scenarios"),
+            tasks=tasks,
+            scratch=str(folder / "scratch"),
+            sandboxed=self.sandboxed,
+            preload=list(self.assignment.worker_preload),
+            **settings,
         )
-        return run_in_sandbox(spec)
 
-    def redact(self, text: str) -> str:
-        """Remove any line that quotes the hidden tests' source (results are shown to students)."""
-        kept = []
-        for line in text.splitlines():
-            quoted = any(hidden in line for hidden in self.hidden_lines)
-            kept.append("[a line quoting the hidden tests was removed]" if quoted else line)
-        return "\n".join(kept)
+    def run_checker(self, config: CheckerConfig, args: list[str], timeout_s: float) -> CheckerRun:
+        """pytest with the checker plugin on the hidden tests, in the assignment folder (trusted: no sandbox),
+        forked from the warm checker server."""
+        report = Path(config.report)
+        config_path = config.write(report.with_name("checker.json"))
+        ini = report.with_name("pytest.ini")
+        ini.write_text("[pytest]\n")
+        env = {
+            **os.environ,
+            "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+            "CUDA_VISIBLE_DEVICES": ",".join(str(gpu) for gpu in config.gpus),
+            "OMP_NUM_THREADS": str(config.threads),
+        }
+        argv = ["-p", "common.grading.checker", f"--grading-config={config_path}", "-p", "no:cacheprovider",
+                "-c", str(ini), "--rootdir", str(self.assignment.root), "--assert=plain", "-q", "--no-header",
+                "-rN", "--tb=short", "-W", "ignore::pytest.PytestAssertRewriteWarning", *args]  # fmt: skip
+        output = report.with_name("checker.log")
+        returncode = run_pytest(argv, self.assignment.root, env, output, timeout_s)
+        records = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
+        text = output.read_text(errors="replace") if output.exists() else ""
+        return CheckerRun(records, returncode, text[-OUTPUT_TAIL_CHARS:])
 
 
-def build_tree(assignment: Assignment, dest: Path, transform: Transform) -> Path:
-    """A copy of the assignment without mutants, its `src/` files passed through `transform(text, where)`."""
+def build_src(assignment: Assignment, dest: Path, transform: Transform) -> Path:
+    """A copy of the assignment's `src/`, each file passed through `transform(text, where)`."""
     if dest.exists():
         shutil.rmtree(dest)
-    ignore = shutil.ignore_patterns("mutants", "__pycache__", "*.pyc", ".pytest_cache", ".hypothesis")
-    shutil.copytree(assignment.root, dest, ignore=ignore)
-    for path in (dest / "src").rglob("*.py"):
-        path.write_text(transform(path.read_text(), str(path.relative_to(dest))))
+    shutil.copytree(assignment.src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for path in dest.rglob("*.py"):
+        path.write_text(transform(path.read_text(), f"src/{path.relative_to(dest)}"))
     return dest
 
 
@@ -211,109 +188,99 @@ def needs_gpu_runner(task: Task, gpu_count: int) -> TaskResult | None:
     return TaskResult(task, "needs GPU runner", None, detail=f"needs {task.gpus} GPU(s); {have}")
 
 
-def grade_task(
-    context: GradingContext, files: dict[str, bytes], task: Task, gpus: list[int], threads: int
-) -> TaskResult:
-    """Run one task's hidden tests on the submitted files and score them; retried once on a machine fault."""
-    unrunnable = needs_gpu_runner(task, context.gpu_count)
-    if unrunnable is not None:
-        return unrunnable
-    result = None
-    for attempt in (1, 2):
-        result = _run_task_once(context, files, task, gpus, threads)
-        result.attempts = attempt
-        if result.status != "infrastructure error":
-            break
-    return result
-
-
-def _run_task_once(
-    context: GradingContext, files: dict[str, bytes], task: Task, gpus: list[int], threads: int
-) -> TaskResult:
-    tree = Path(tempfile.mkdtemp(prefix=f"{task.id}-", dir=context.workdir / "runs"))
+def grade_tasks(
+    context: GradingContext, files: dict[str, bytes], tasks: list[Task], gpus: list[int], threads: int
+) -> list[TaskResult]:
+    """Run `tasks`' hidden tests in one checker process (one sandbox) on the submitted files; a result each."""
+    folder = Path(tempfile.mkdtemp(prefix="submission-", dir=context.workdir / "runs"))
     try:
-        shutil.copytree(context.starter, tree, dirs_exist_ok=True)
+        src = folder / "src"
+        shutil.copytree(context.starter, src)
         for relative, data in files.items():
-            (tree / "src" / relative).write_bytes(data)
-        limits = Limits(
-            time_limit_s=task.time_limit_s,
-            address_space_bytes=None if task.gpus else task.memory_mb * 2**20,
-        )
-        gpu_memory = task.memory_mb * 2**20 if task.gpus else 0
-        run = context.run_pytest(
-            tree, list(task.tests), limits, gpus=gpus, gpu_memory=gpu_memory, threads=threads
-        )
+            (src / relative).write_bytes(data)
+        config = context.checker_config(folder, tasks, src=str(src), gpus=gpus, threads=threads)
+        timeout = sum(task.time_limit_s for task in tasks) + 2 * START_TIMEOUT_S + CHECKER_MARGIN_S
+        run = context.run_checker(config, [selection for task in tasks for selection in task.tests], timeout)
     finally:
-        shutil.rmtree(tree, ignore_errors=True)
-    return score_run(context, task, run)
+        shutil.rmtree(folder, ignore_errors=True)
+    return [score_task(context, task, run) for task in tasks]
 
 
-def score_run(context: GradingContext, task: Task, run: RunResult) -> TaskResult:
-    """Turn the sandbox's report into per-test outcomes and a score."""
-    log = f"[isolation: {run.isolation}]\n{run.output_tail}"
-    if run.supervisor_error:
-        return TaskResult(
-            task, "infrastructure error", None, detail=run.supervisor_error, log=log, isolation=run.isolation
-        )
-    reported = {m["nodeid"]: m for m in run.messages if m["kind"] == "result"}
-    started = [m["nodeid"] for m in run.messages if m["kind"] == "start"]
-    collect_errors = [m["message"] for m in run.messages if m["kind"] == "collect_error"]
-    finished = next((m for m in run.messages if m["kind"] == "finished"), None)
-    unfinished = next((n for n in reversed(started) if n not in reported), None)
-    if run.timed_out:
-        why = f"not run: the task's time limit of {task.time_limit_s:.0f} s ran out" + (
-            f" during {unfinished.split('::')[-1]}" if unfinished else ""
-        )
-    elif run.process_limit_hit:
-        why = "not run: the submission was stopped for starting too many processes"
-    elif collect_errors:
-        why = (
-            "not run: the tests could not import the submission: "
-            + collect_errors[0].strip().splitlines()[-1]
-        )
-    elif finished is None:
-        why = f"not run: the test process ended early (exit code {run.returncode})"
-    else:
-        why = f"not run: pytest stopped before this test (exit status {finished.get('exitstatus')})"
-    why = context.redact(why)[:MESSAGE_CHARS]
-    outcomes, infra = [], []
-    for nodeid in context.expected[task.id]:
-        message = reported.get(nodeid)
-        if message is None:
-            outcomes.append(CaseOutcome(nodeid, False, why))
-            continue
-        if message.get("infra"):
-            infra.append(f"{nodeid}: {message['infra']}")
-        text = context.redact(str(message.get("message", "")))[:MESSAGE_CHARS]
-        outcomes.append(CaseOutcome(nodeid, bool(message.get("passed")), text))
+def score_task(context: GradingContext, task: Task, run: CheckerRun) -> TaskResult:
+    """Turn the checker's report into per-test outcomes and a score for `task`."""
+    sandbox_output = "\n".join(record["text"] for record in run.of_kind("output"))
+    log = f"[isolation: {context.isolation}]\n-- checker --\n{run.output}\n-- sandbox --\n{sandbox_output}"
+    reported = {record["nodeid"]: record for record in run.of_kind("result")}
+    stats = next((r for r in run.of_kind("task") if r["id"] == task.id), {})
+    duration = stats.get("worker_s", 0.0)
+    missing = [nodeid for nodeid in context.expected[task.id] if nodeid not in reported]
+    infra = [
+        f"{n.split('::')[-1]}: {reported[n]['infra']}"
+        for n in context.expected[task.id]
+        if reported.get(n, {}).get("infra")
+    ]
+    if missing:  # the checker is ours: if it stopped early, the machine or the grader failed, not the student
+        status = "timed out" if run.returncode is None else f"exit code {run.returncode}"
+        infra.insert(0, f"the checker process ended ({status}) before reporting {len(missing)} test(s)")
+    outcomes = [
+        CaseOutcome(n, bool(reported[n]["passed"]), str(reported[n]["message"])[:MESSAGE_CHARS])
+        for n in context.expected[task.id]
+        if n in reported
+    ]
     if infra:
-        return TaskResult(
-            task,
-            "infrastructure error",
-            None,
-            outcomes,
-            detail=context.redact("; ".join(infra[:3])),
-            duration_s=run.duration_s,
-            log=log,
-            isolation=run.isolation,
-        )
+        return TaskResult(task, "infrastructure error", None, outcomes, detail="; ".join(infra[:3]),
+                          duration_s=duration, log=log, isolation=context.isolation)  # fmt: skip
     passed, total = sum(o.passed for o in outcomes), len(outcomes)
     if task.partial_credit == "all_or_nothing":
         score = task.points if passed == total else 0.0
     else:
         score = round(task.points * passed / total, 4)
     detail = f"{passed}/{total} tests passed"
-    if run.timed_out:
-        detail += f"; time limit {task.time_limit_s:.0f} s exceeded"
-    if run.forged_messages:
-        detail += f"; {run.forged_messages} forged result line(s) ignored"
-    return TaskResult(
-        task,
-        "graded",
-        score,
-        outcomes,
-        detail=detail,
-        duration_s=run.duration_s,
-        log=log,
-        isolation=run.isolation,
-    )
+    if stats.get("timed_out"):
+        detail += f"; time limit {task.time_limit_s:g} s exceeded"
+    if stats.get("process_limit_hit"):
+        detail += "; stopped for starting too many processes"
+    return TaskResult(task, "graded", score, outcomes, detail=detail, duration_s=duration, log=log,
+                      isolation=context.isolation)  # fmt: skip
+
+
+def grade_submission(
+    context: GradingContext,
+    files: dict[str, bytes],
+    acquire: Callable[[int], list[int]],
+    release: Callable[[list[int]], None],
+    threads: int,
+    on_task_done: Callable[[TaskResult], None] = lambda result: None,
+) -> list[TaskResult]:
+    """Every task of the assignment on `files`, in the manifest's order; GPUs from `acquire`/`release`."""
+    results: dict[str, TaskResult] = {}
+
+    def record(batch: list[TaskResult], attempt: int) -> None:
+        for result in batch:
+            result.attempts = attempt
+            results[result.task.id] = result
+            if result.status != "infrastructure error" or attempt == 2:
+                on_task_done(result)
+
+    def run(tasks: list[Task], gpus: int) -> None:
+        for attempt in (1, 2):
+            taken = acquire(gpus)
+            try:
+                record(grade_tasks(context, files, tasks, taken, threads), attempt)
+            finally:
+                release(taken)
+            tasks = [task for task in tasks if results[task.id].status == "infrastructure error"]
+            if not tasks:
+                return
+
+    cpu_tasks = [task for task in context.assignment.tasks if task.gpus == 0]
+    if cpu_tasks:
+        run(cpu_tasks, 0)
+    for task in context.assignment.tasks:
+        if task.gpus:
+            unrunnable = needs_gpu_runner(task, context.gpu_count)
+            if unrunnable is not None:
+                record([unrunnable], 1)
+            else:
+                run([task], task.gpus)
+    return [results[task.id] for task in context.assignment.tasks]

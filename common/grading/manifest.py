@@ -18,6 +18,7 @@ from common.weeks import REPO_ROOT
 ASSIGNMENTS_DIR = REPO_ROOT / "assignments"
 PARTIAL_CREDIT_RULES = ("proportional", "all_or_nothing")
 _ID = re.compile(r"^[a-z0-9_]+$")
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 class ManifestError(EffdlError):
@@ -85,6 +86,9 @@ class Assignment:
     tasks: tuple[Task, ...]
     mutants: tuple[Mutant, ...] = field(default=())
     max_file_kb: int = 256
+    worker_preload: tuple[
+        str, ...
+    ] = ()  # modules the worker template imports once per sandbox, besides torch
 
     @property
     def src(self) -> Path:
@@ -207,6 +211,11 @@ def load_assignment(root: Path) -> Assignment:
     mutants = tuple(
         _parse_mutant(path, submit, set(ids)) for path in sorted((root / "mutants").glob("*.toml"))
     )
+    preload = _get(head, "worker_preload", list, where, [])
+    if not all(isinstance(name, str) and _MODULE.match(name) for name in preload):
+        raise ManifestError(
+            f"{where}: field `worker_preload` must be a list of module names, got {preload!r}"
+        )
     return Assignment(
         name=root.name,
         root=root,
@@ -216,6 +225,7 @@ def load_assignment(root: Path) -> Assignment:
         tasks=tasks,
         mutants=mutants,
         max_file_kb=_get(head, "max_file_kb", int, where, 256),
+        worker_preload=tuple(preload),
     )
 
 

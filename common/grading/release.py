@@ -9,16 +9,13 @@ hidden test is present, and every public test fails with `NotImplementedError` (
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
-import tempfile
-import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from common.errors import EffdlError
+from common.grading.public import run_public_tests, starter_problems
 from common.grading.solutions import find_blocks, has_markers, starter_source
 from common.weeks import REPO_ROOT
 
@@ -155,35 +152,15 @@ def check_release(out_dir: Path, solution_windows: dict[tuple[str, ...], str], r
 
 def _check_public_tests(assignment_dir: Path) -> int:
     """Run the released public tests; each must fail with NotImplementedError. Returns how many there are."""
-    with tempfile.TemporaryDirectory(prefix="effdl-release-check-") as tmp:
-        junit = Path(tmp) / "public.xml"
-        env = {**os.environ, "PYTHONPATH": str(assignment_dir / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
-        env.pop("PYTEST_ADDOPTS", None)
-        subprocess.run(
-            [sys.executable, "-m", "pytest", "tests/public", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-             "-p", "no:nbval", f"--junitxml={junit}", "-o", "addopts="],
-            cwd=assignment_dir, env=env, capture_output=True, timeout=900,
-        )  # fmt: skip
-        if not junit.exists():
-            raise ReleaseError(f"{assignment_dir.name}: the public tests did not run at all")
-        cases = ElementTree.parse(junit).getroot().iter("testcase")
-        problems, count = [], 0
-        for case in cases:
-            count += 1
-            name = f"{case.get('classname')}.{case.get('name')}"
-            failure = case.find("failure")
-            if failure is None:
-                kind = (
-                    "errors at import or setup" if case.find("error") is not None else "passes or is skipped"
-                )
-                problems.append(f"{name} {kind}")
-            elif not (failure.get("message") or "").startswith("NotImplementedError"):
-                problems.append(f"{name} fails with {(failure.get('message') or '')[:120]!r}")
-    if count == 0:
-        raise ReleaseError(f"{assignment_dir.name}: no public tests were collected")
+    cases = run_public_tests(assignment_dir)
+    if not cases:
+        raise ReleaseError(
+            f"{assignment_dir.name}: no public tests were collected (or they did not run at all)"
+        )
+    problems = starter_problems(cases)
     if problems:
         raise ReleaseError(
             f"{assignment_dir.name}: released public tests must fail only with NotImplementedError:\n  "
             + "\n  ".join(problems[:10])
         )
-    return count
+    return len(cases)

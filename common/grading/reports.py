@@ -18,6 +18,7 @@ from rich.table import Table
 
 from common.grading.batch import SubmissionResult
 from common.grading.harness import TaskResult
+from common.grading.sandbox import UNSANDBOXED
 
 
 def _points(value: float) -> str:
@@ -49,6 +50,8 @@ def results_json(result: SubmissionResult) -> dict:
             entry["status"] = "passed" if task_result.score == task_result.task.points else "failed"
         tests.append(entry)
     notes = list(result.submission.notes)
+    if _unsandboxed(result):
+        notes.insert(0, UNSANDBOXED)
     if result.submission.refused:
         notes.insert(0, f"Submission {result.submission.refused}")
     ungraded = [t.task.id for t in result.tasks if t.score is None]
@@ -63,6 +66,10 @@ def results_json(result: SubmissionResult) -> dict:
         "tests": tests,
         "extra_data": {"max_score_graded": result.max_score, "ungraded_tasks": ungraded},
     }
+
+
+def _unsandboxed(result: SubmissionResult) -> bool:
+    return any(task.isolation == UNSANDBOXED for task in result.tasks)
 
 
 def write_submission(result: SubmissionResult, out_dir: Path) -> Path:
@@ -96,7 +103,10 @@ def write_gradebook(results: Sequence[SubmissionResult], path: Path) -> Path:
         )
         for result in results:
             cells = [_points(t.score) if t.score is not None else t.status for t in result.tasks]
-            notes = "; ".join(filter(None, [result.submission.refused, *result.submission.notes]))
+            unsandboxed = UNSANDBOXED if _unsandboxed(result) else None
+            notes = "; ".join(
+                filter(None, [unsandboxed, result.submission.refused, *result.submission.notes])
+            )
             writer.writerow([result.name, *cells, _points(result.score), _points(result.max_score), notes])
     return path
 
@@ -107,7 +117,11 @@ def print_table(results: Sequence[SubmissionResult], console: Console | None = N
     if not results:
         return
     tasks = [t.task for t in results[0].tasks]
-    table = Table(title=f"{len(results)} submission(s)")
+    unsandboxed = any(_unsandboxed(result) for result in results)
+    table = Table(
+        title=f"{len(results)} submission(s)"
+        + (f" [bold red]{UNSANDBOXED}[/bold red]" if unsandboxed else "")
+    )
     table.add_column("submission", no_wrap=True)
     for task in tasks:
         table.add_column(f"{task.id}\n/{task.points:g}", justify="right", no_wrap=True)
@@ -123,6 +137,8 @@ def print_table(results: Sequence[SubmissionResult], console: Console | None = N
                 colour = "green" if t.score == t.task.points else ("red" if t.score == 0 else "yellow")
                 cells.append(f"[{colour}]{t.score:g}[/{colour}]")
         notes = result.submission.refused or "; ".join(result.submission.notes)
+        if _unsandboxed(result):
+            notes = f"{UNSANDBOXED}; {notes}"
         # The name and the notes (file names) come from the student: plain text, never rich markup.
         table.add_row(
             escape(result.name),

@@ -1,362 +1,170 @@
-"""Run one untrusted command with limits, and always get control back.
+"""The sandbox a submission's worker runs in: bubblewrap (`bwrap`), as Flatpak uses it.
 
-Three processes take part:
+`command(spec)` is the command line that starts the worker template (`common.grading.worker serve`) in:
 
-    grader thread ──spawns──> supervisor (`python -m common.grading.sandbox supervise`, trusted)
-                                 └──spawns──> jail (`... sandbox jail`): applies the limits to itself, then
-                                              exec()s the untrusted command (pytest on student code)
+- new user, PID, network, IPC, UTS and cgroup namespaces: no network at all (not even the host's loopback),
+  no view of other processes (a fresh /proc shows only the sandbox's), no capabilities, uid 65534;
+- a new mount namespace built from nothing: read-only binds of /usr, the Python interpreter, the environment
+  and the course library (`common`, at /course/common), the submitted package (read-only, at /submission/src),
+  a size-capped tmpfs at /tmp (the worker's writable work tree and HOME); nothing else of /etc, /home, /root,
+  the course repository or the grader's files, so no hidden test, no reference and no secret is in view;
+- an empty environment plus the few variables the worker needs;
+- `--die-with-parent`: if the checker dies, so does the sandbox; killing `bwrap` kills everything inside.
 
-The supervisor is a *child subreaper*: every process the submission starts, even one that detaches with
-`setsid()` and double-forks, stays its descendant, so on exit or timeout it can kill them all. Where the grader
-runs as root it also puts the jail in a fresh `pids` cgroup, which caps the number of processes (a fork bomb
-stops at the cap) and lists every member for the final kill. Elsewhere (no cgroup v1 `pids`, or not root) a
-watchdog counts the supervisor's descendants a few times a second and stops the run when there are too many:
-`RLIMIT_NPROC` is no use here, as root ignores it and for other users it counts all their processes.
+Only GPU tasks see GPU device nodes, and only those of the GPUs they were given. The per-process limits
+(address space, file size, open files) are applied by the worker itself before any submission code runs; the
+checker owns the time limit and the process count (`session`).
 
-The jail limits itself before it runs any student code: address space (`RLIMIT_AS`, CPU tasks only: CUDA
-reserves huge address ranges, so GPU tasks get a GPU-memory fraction instead, set by the pytest plugin),
-file size, core dumps, open files, and a Landlock ruleset (read only what the tests need, write only in the
-work tree, signal no process outside the sandbox). Results come back through a pipe the supervisor created;
-each line must carry a random token the jail received through another pipe, so text a submission writes to
-stdout, or to files, is never mistaken for a result.
+`probe()` says whether bwrap works on this machine; where it does not, grading stops with that reason unless
+the TA passes `--no-sandbox`, which runs the same worker as a plain child process and is shown in every report.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import resource
-import selectors
-import signal
+import shutil
+import site
 import subprocess
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from common.grading import landlock
+from common.weeks import REPO_ROOT
 
-OUTPUT_TAIL_BYTES = 64 * 1024  # the TA's log keeps the end of the submission's output, not gigabytes of it
-MAX_CHANNEL_BYTES = 8 * 1024 * 1024  # results of a few hundred tests fit easily; more is an attack
-_PR_SET_CHILD_SUBREAPER = 36
-RESULT_FD_ENV, TOKEN_FD_ENV = "EFFDL_GRADER_RESULT_FD", "EFFDL_GRADER_TOKEN_FD"
-GPU_MEMORY_ENV = "EFFDL_GRADER_GPU_MEMORY_BYTES"  # the GPU-memory budget the plugin applies before any test
-_COURSE_ROOT = str(Path(__file__).resolve().parents[2])  # so the supervisor and the jail can import `common`
-
-
-@dataclass
-class Limits:
-    """What one sandboxed run may use."""
-
-    time_limit_s: float
-    address_space_bytes: int | None = None  # None: no RLIMIT_AS (GPU tasks)
-    max_processes: int = 256  # processes and threads together
-    max_file_bytes: int = 256 * 1024 * 1024
-    max_open_files: int = 1024
+UNSANDBOXED = "UNSANDBOXED (--no-sandbox): the submission ran without isolation"
+ISOLATION = "bubblewrap: no network, own PID/IPC/mount namespaces, uid 65534, read-only course files"
+INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap)"
+COURSE_MOUNT = "/course"
+SRC_MOUNT = "/submission/src"
+_SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
+_ETC = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d")
+_GPU_CONTROL = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
 
 
-@dataclass
-class JailSpec:
-    """Everything the supervisor needs to run a command in the jail."""
-
-    argv: list[str]
-    cwd: str
-    env: dict[str, str]
-    limits: Limits
-    read_paths: list[str]
-    write_paths: list[str]
-    token: str
+class SandboxUnavailableError(RuntimeError):
+    """bwrap is missing or cannot create namespaces here; the message names the fix."""
 
 
-@dataclass
-class RunResult:
-    """What happened to a sandboxed run, as seen by the supervisor."""
+@dataclass(frozen=True)
+class SandboxSpec:
+    """What one sandbox holds and may use."""
 
-    returncode: int | None  # negative: killed by that signal (-9 after a timeout); None: never started
-    timed_out: bool
-    duration_s: float
-    process_limit_hit: bool = False  # stopped because it tried to run more than max_processes at once
-    messages: list[dict] = field(default_factory=list)  # channel lines that carried the token
-    forged_messages: int = 0  # channel lines without the token: a submission writing to the channel
-    output_tail: str = ""
-    leftovers_killed: int = 0
-    isolation: dict[str, str] = field(default_factory=dict)
-    supervisor_error: str | None = None
+    src: Path  # the submission's src/ folder (the package the student wrote, starter files for the rest)
+    scratch: Path  # host folder for the unsandboxed mode's HOME and TMPDIR (unused inside bwrap)
+    gpus: tuple[int, ...] = ()  # physical GPU indices whose device nodes the sandbox sees
+    threads: int = 1
+    tmp_bytes: int = 1024 * 2**20
+    sandboxed: bool = True
+    preload: tuple[str, ...] = ()  # modules the worker template imports before it forks workers
 
-    @classmethod
-    def from_dict(cls, data: dict) -> RunResult:
-        return cls(**data)
+    @property
+    def tmp(self) -> str:
+        """The worker's writable folder, as the worker sees it."""
+        return "/tmp" if self.sandboxed else str(self.scratch / "tmp")
 
 
-# ----------------------------------------------------------------------------------------------- grader side
-def run_in_sandbox(spec: JailSpec) -> RunResult:
-    """Run `spec` under a supervisor process and return its report (called from the grader's threads)."""
-    repo_root = str(Path(__file__).resolve().parents[2])
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])),
+def _environment(spec: SandboxSpec) -> dict[str, str]:
+    """The worker's whole environment: nothing of the TA's."""
+    home = f"{spec.tmp}/home"
+    python_path = [COURSE_MOUNT, SRC_MOUNT] if spec.sandboxed else [str(REPO_ROOT), str(spec.src)]
+    threads = str(spec.threads)
+    return {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "HOME": home,
+        "TMPDIR": spec.tmp,
+        "USER": "student",
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": ":".join(python_path),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONHASHSEED": "0",
+        "PYTHONUNBUFFERED": "1",
+        "XDG_CACHE_HOME": f"{home}/.cache",
+        "MPLCONFIGDIR": f"{home}/.matplotlib",
+        "MPLBACKEND": "Agg",
+        "TRITON_CACHE_DIR": f"{home}/.triton",
+        "TORCHINDUCTOR_CACHE_DIR": f"{home}/.inductor",
+        "OMP_NUM_THREADS": threads,  # parallel jobs share the cores instead of fighting over them
+        "MKL_NUM_THREADS": threads,
+        "OPENBLAS_NUM_THREADS": threads,
+        "MALLOC_ARENA_MAX": "2",  # glibc reserves 64 MB of address space per arena; keep RLIMIT_AS meaningful
+        "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in spec.gpus),
     }
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "common.grading.sandbox", "supervise"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        start_new_session=True,
-    )
-    payload = json.dumps(asdict(spec)).encode()
+
+
+def _python_trees() -> list[str]:
+    """The interpreter and the environment: read-only, at the same paths (their scripts name them)."""
+    trees = {sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages()}
+    return sorted(t for t in trees if not any(t != o and t.startswith(o + "/") for o in trees))
+
+
+def _bind_system(argv: list[str]) -> None:
+    for path in _SYSTEM:
+        where = Path(path)
+        if where.is_symlink():  # merged /usr: /bin -> usr/bin
+            argv += ["--symlink", str(where.readlink()), path]
+        elif where.is_dir():
+            argv += ["--ro-bind", path, path]
+    for path in _ETC:
+        if Path(path).exists():
+            argv += ["--ro-bind", path, path]
+
+
+def _bind_gpus(argv: list[str], gpus: tuple[int, ...]) -> None:
+    nodes = [*_GPU_CONTROL, *(f"/dev/nvidia{index}" for index in gpus)]
+    for node in nodes:
+        if Path(node).exists():
+            argv += ["--dev-bind", node, node]
+    argv += ["--ro-bind", "/sys", "/sys"]  # the CUDA driver reads the GPUs' PCI topology there
+
+
+def bwrap_path() -> str:
+    """The bwrap executable, or SandboxUnavailableError naming the fix."""
+    path = shutil.which("bwrap")
+    if path is None:
+        raise SandboxUnavailableError(f"bubblewrap (bwrap) is not installed: {INSTALL_HINT}")
+    return path
+
+
+def command(spec: SandboxSpec, channel_fd: int) -> list[str]:
+    """The argv that starts the worker template for `spec` (inside bwrap unless `spec.sandboxed` is False);
+    the template talks on the inherited socket `channel_fd`."""
+    worker = [sys.executable, "-m", "common.grading.worker", "serve", f"--channel-fd={channel_fd}"]
+    worker += [f"--preload={module}" for module in spec.preload]
+    env = _environment(spec)
+    if not spec.sandboxed:
+        return ["env", "-i", *(f"{k}={v}" for k, v in env.items()), *worker]
+    argv = [
+        bwrap_path(),
+        "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
+        "--die-with-parent", "--new-session", "--hostname", "sandbox",
+    ]  # fmt: skip
+    # /tmp first: a bind below it (a checkout or an environment under /tmp) must land on top of the tmpfs.
+    argv += ["--size", str(spec.tmp_bytes), "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev"]
+    _bind_system(argv)
+    for tree in _python_trees():
+        argv += ["--ro-bind", tree, tree]
+    argv += ["--ro-bind", str(REPO_ROOT / "common"), f"{COURSE_MOUNT}/common"]
+    argv += ["--ro-bind", str(spec.src), SRC_MOUNT]
+    if spec.gpus:
+        _bind_gpus(argv, spec.gpus)
+    argv += ["--clearenv"]
+    for key, value in env.items():
+        argv += ["--setenv", key, value]
+    return [*argv, "--chdir", "/tmp", "--", *worker, "--pid-namespace"]
+
+
+def probe() -> None:
+    """Raise SandboxUnavailableError, with the reason and the fix, unless bwrap can sandbox here."""
+    argv = [bwrap_path(), "--unshare-all", "--unshare-user", "--die-with-parent"]
+    _bind_system(argv)
+    argv += ["--proc", "/proc", "--dev", "/dev", "--", "/bin/true"]
     try:
-        out, err = supervisor.communicate(payload, timeout=spec.limits.time_limit_s + 120)
-    except subprocess.TimeoutExpired:
-        os.killpg(supervisor.pid, signal.SIGKILL)
-        out, err = supervisor.communicate()
-    _remove_cgroup(_cgroup_dir(supervisor.pid), kill=True)  # only does work if the supervisor itself died
-    try:
-        return RunResult.from_dict(json.loads(out.decode().strip().splitlines()[-1]))
-    except (ValueError, IndexError, TypeError):
-        detail = err.decode(errors="replace").strip().splitlines()[-3:]
-        return RunResult(
-            returncode=supervisor.returncode,
-            timed_out=False,
-            duration_s=0.0,
-            supervisor_error=f"the sandbox supervisor failed (exit {supervisor.returncode}): {' | '.join(detail)}",
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise SandboxUnavailableError(f"bwrap could not run: {error}") from None
+    if run.returncode != 0:
+        reason = (run.stderr.strip().splitlines() or [f"exit code {run.returncode}"])[-1]
+        raise SandboxUnavailableError(
+            f"bwrap cannot create a sandbox here ({reason}): enable unprivileged user namespaces "
+            "(sysctl kernel.unprivileged_userns_clone=1, or on Ubuntu 24.04+ "
+            "kernel.apparmor_restrict_unprivileged_userns=0) or grade as root"
         )
-
-
-# ------------------------------------------------------------------------------------------ process limits
-def _pids_cgroup_base() -> Path | None:
-    """This process's cgroup-v1 `pids` folder, if this process may create cgroups in it (root).
-
-    `EFFDL_GRADER_CGROUPS=0` turns cgroups off (the user-namespace limit below is then used)."""
-    if (
-        os.geteuid() != 0
-        or not Path("/proc/self/cgroup").exists()
-        or os.environ.get("EFFDL_GRADER_CGROUPS") == "0"
-    ):
-        return None
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "pids" in controllers.split(","):
-            base = Path("/sys/fs/cgroup/pids") / path.lstrip("/")
-            return base if os.access(base, os.W_OK) else None
-    return None
-
-
-def _cgroup_dir(supervisor_pid: int) -> Path | None:
-    base = _pids_cgroup_base()
-    return base / f"effdl-grade-{supervisor_pid}" if base else None
-
-
-def _descendants(root_pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, stack = [], [root_pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def _kill_all(pids_of: Callable[[], list[int]]) -> int:
-    """SIGKILL every process `pids_of()` lists until none is left (a fork bomb may race the first rounds)."""
-    killed: set[int] = set()
-    for _ in range(200):
-        pids = [p for p in pids_of() if p != os.getpid()]
-        if not pids:
-            break
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-                killed.add(pid)
-        _reap()
-        time.sleep(0.01)
-    return len(killed)
-
-
-def _reap() -> None:
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass
-
-
-def _remove_cgroup(cgroup: Path | None, kill: bool = False) -> None:
-    if cgroup is None or not cgroup.exists():
-        return
-    procs = cgroup / "cgroup.procs"
-    if kill:
-        _kill_all(lambda: [int(p) for p in procs.read_text().split()] if procs.exists() else [])
-    for _ in range(100):
-        try:
-            cgroup.rmdir()
-            return
-        except OSError:
-            time.sleep(0.02)
-
-
-# ------------------------------------------------------------------------------------------------ supervisor
-def _supervise(spec: JailSpec) -> RunResult:
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    isolation = {}
-    abi = landlock.abi_version()
-    isolation["filesystem"] = f"Landlock ABI {abi}" if abi else "none: this kernel has no Landlock"
-    cgroup = _cgroup_dir(os.getpid())
-    if cgroup is not None:
-        cgroup.mkdir()
-        (cgroup / "pids.max").write_text(str(spec.limits.max_processes))
-        isolation["processes"] = f"pids cgroup, at most {spec.limits.max_processes}"
-    else:
-        isolation["processes"] = f"watchdog, stops the run above {spec.limits.max_processes} processes"
-
-    result_r, result_w = os.pipe()
-    token_r, token_w = os.pipe()
-    os.write(token_w, spec.token.encode())
-    os.close(token_w)
-    jail_config = {
-        "env": {**spec.env, RESULT_FD_ENV: str(result_w), TOKEN_FD_ENV: str(token_r)},
-        "limits": asdict(spec.limits),
-        "cgroup": str(cgroup) if cgroup else None,
-        "landlock": bool(abi),
-        "read": spec.read_paths,
-        "write": spec.write_paths,
-    }
-    start = time.monotonic()
-    child = subprocess.Popen(
-        [sys.executable, "-m", "common.grading.sandbox", "jail", json.dumps(jail_config), "--", *spec.argv],
-        cwd=spec.cwd,
-        env={"PYTHONPATH": _COURSE_ROOT, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        pass_fds=(result_w, token_r),
-        start_new_session=True,
-    )
-    os.close(result_w)
-    os.close(token_r)
-    if cgroup:
-        hit_limit = lambda: _process_limit_hit(cgroup)  # noqa: E731
-    else:
-        hit_limit = lambda: len(_descendants(os.getpid())) > spec.limits.max_processes  # noqa: E731
-    output, channel, timed_out, fork_bomb = _drain(
-        child, result_r, start + spec.limits.time_limit_s, hit_limit
-    )
-    duration = time.monotonic() - start
-    returncode = child.poll()  # None while it still runs (timeout, fork bomb): it is killed next
-    killed = _kill_all(lambda: _descendants(os.getpid()))
-    if cgroup is not None:
-        killed += _kill_all(lambda: [int(p) for p in (cgroup / "cgroup.procs").read_text().split()])
-        _remove_cgroup(cgroup)
-    if returncode is None:
-        returncode = -signal.SIGKILL
-    messages, forged = [], 0
-    for line in channel.decode(errors="replace").splitlines():
-        try:
-            message = json.loads(line)
-        except ValueError:
-            forged += 1
-            continue
-        if isinstance(message, dict) and message.pop("token", None) == spec.token:
-            messages.append(message)
-        else:
-            forged += 1
-    return RunResult(
-        returncode=returncode,
-        timed_out=timed_out,
-        process_limit_hit=fork_bomb,
-        duration_s=duration,
-        messages=messages,
-        forged_messages=forged,
-        output_tail=output[-OUTPUT_TAIL_BYTES:].decode(errors="replace"),
-        leftovers_killed=killed,
-        isolation=isolation,
-    )
-
-
-def _process_limit_hit(cgroup: Path) -> bool:
-    """Whether the cgroup refused a fork: a fork bomb, stopped at once rather than left to burn its time limit."""
-    with contextlib.suppress(OSError, ValueError):
-        return int((cgroup / "pids.events").read_text().split()[1]) > 0
-    return False
-
-
-def _drain(
-    child: subprocess.Popen, result_r: int, deadline: float, hit_limit: Callable[[], bool]
-) -> tuple[bytes, bytes, bool, bool]:
-    """Read the child's output and the result channel until it exits (plus a grace second) or the deadline.
-
-    Returns (output, channel, timed_out, process_limit_hit)."""
-    selector = selectors.DefaultSelector()
-    selector.register(child.stdout, selectors.EVENT_READ, "output")
-    selector.register(result_r, selectors.EVENT_READ, "channel")
-    output, channel = bytearray(), bytearray()
-    exited_at = None
-    next_limit_check = 0.0
-    while selector.get_map():
-        now = time.monotonic()
-        if now >= deadline:
-            return bytes(output), bytes(channel), True, False
-        if now >= next_limit_check:
-            next_limit_check = now + 0.1
-            if hit_limit():
-                return bytes(output), bytes(channel), False, True
-        if exited_at is None and child.poll() is not None:
-            exited_at = now
-        if exited_at is not None and now - exited_at > 1.0:  # a leftover grandchild holds the pipes open
-            break
-        for key, _ in selector.select(timeout=min(0.2, deadline - now)):
-            fd = key.fileobj if isinstance(key.fileobj, int) else key.fileobj.fileno()
-            data = os.read(fd, 65536)
-            if not data:
-                selector.unregister(key.fileobj)
-            elif key.data == "output":
-                output += data
-                del output[: max(0, len(output) - OUTPUT_TAIL_BYTES)]
-            elif len(channel) < MAX_CHANNEL_BYTES:
-                channel += data
-    while child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return bytes(output), bytes(channel), child.poll() is None, False
-
-
-# ---------------------------------------------------------------------------------------------------- jail
-def _enter_jail(config: dict, argv: list[str]) -> None:
-    """Apply the limits to this process, then become the untrusted command with its own environment."""
-    if config["cgroup"]:
-        Path(config["cgroup"], "cgroup.procs").write_text(str(os.getpid()))
-    limits = config["limits"]
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits["max_file_bytes"],) * 2)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limits["max_open_files"],) * 2)
-    if limits["address_space_bytes"]:
-        resource.setrlimit(resource.RLIMIT_AS, (limits["address_space_bytes"],) * 2)
-    if config["landlock"]:
-        landlock.restrict(read=config["read"], write=config["write"])
-    os.execve(argv[0], argv, config["env"])
-
-
-def main(argv: list[str]) -> int:
-    if argv[:1] == ["supervise"]:
-        raw = json.loads(sys.stdin.read())
-        spec = JailSpec(**{**raw, "limits": Limits(**raw["limits"])})
-        try:
-            result = _supervise(spec)
-        except Exception as error:  # report, never hang the grader: the grader turns this into an infra error
-            result = RunResult(None, False, 0.0, supervisor_error=f"{type(error).__name__}: {error}")
-        print(json.dumps(asdict(result)), flush=True)
-        return 0
-    if argv[:1] == ["jail"] and "--" in argv:
-        split = argv.index("--")
-        _enter_jail(json.loads(argv[1]), argv[split + 1 :])
-    print("usage: python -m common.grading.sandbox supervise < spec.json", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

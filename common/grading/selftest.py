@@ -8,13 +8,16 @@ A grader is only as good as what it rejects. Graded with the same harness as stu
 - every mutant must lose points on each task it targets, and keep full marks on the others.
 
 Tasks that need a GPU are checked only where a GPU is present (elsewhere they show `needs GPU runner`).
+The public tests run as students run them (`public`), on a copy of the assignment with the variant's `src/`.
 """
 
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -22,12 +25,11 @@ from rich.table import Table
 from common.errors import EffdlError
 from common.grading.batch import SubmissionResult, grade_batch
 from common.grading.grade import task_progress
-from common.grading.harness import GradingContext, TaskResult
+from common.grading.harness import GradingContext, TaskResult, build_src
 from common.grading.intake import Submission
 from common.grading.manifest import Assignment, Mutant, Task
+from common.grading.public import PublicCase, run_public_tests, starter_problems
 from common.grading.solutions import Transform, apply_mutant, reference_source, starter_source
-
-PUBLIC = Task(id="public", title="public tests", points=1.0, tests=("tests/public",), time_limit_s=300)
 
 
 class SelftestFailedError(EffdlError):
@@ -42,6 +44,7 @@ class Verdict:
     expectation: str
     result: SubmissionResult
     problems: list[str] = field(default_factory=list)
+    public: list[PublicCase] | None = None  # the public tests' outcomes (reference and starter only)
 
     @property
     def ok(self) -> bool:
@@ -57,40 +60,53 @@ def _submission(assignment: Assignment, name: str, files: dict[str, str]) -> Sub
     return Submission(name=name, source=assignment.root, files={p: t.encode() for p, t in files.items()})
 
 
-def _graded(result: SubmissionResult, task_ids: Sequence[str]) -> list[TaskResult]:
-    return [t for t in result.tasks if t.task.id in task_ids and t.score is not None]
+def _graded(result: SubmissionResult) -> list[TaskResult]:
+    return [t for t in result.tasks if t.score is not None]
 
 
-def _check_reference(result: SubmissionResult, task_ids: Sequence[str]) -> list[str]:
+def _check_reference(result: SubmissionResult, public: list[PublicCase] | None) -> list[str]:
     problems = []
-    for t in _graded(result, task_ids):
+    for t in _graded(result):
         if t.score != t.task.points:
             failed = [o for o in t.tests if not o.passed][:2]
             reasons = "; ".join(f"{o.nodeid.split('::')[-1]}: {o.message}" for o in failed)
             problems.append(f"{t.task.id}: {t.score:g}/{t.task.points:g} ({t.detail}) {reasons}")
+    if public is not None:
+        problems += [
+            f"public {c.name} {c.outcome}: {c.message[:200]}" for c in public if c.outcome != "passed"
+        ][:3]
+        problems += [] if public else ["no public test ran"]
     return problems
 
 
-def _check_starter(result: SubmissionResult, task_ids: Sequence[str]) -> list[str]:
+def _check_starter(result: SubmissionResult, public: list[PublicCase] | None) -> list[str]:
     problems = []
-    for t in _graded(result, task_ids):
-        if t.task.id == PUBLIC.id:
-            wrong = [o for o in t.tests if o.passed or not o.message.startswith("NotImplementedError")]
-            problems += [f"public {o.nodeid}: {'passes' if o.passed else o.message}" for o in wrong[:3]]
-        elif t.score != 0:
+    for t in _graded(result):
+        if t.score != 0:
             passing = [o.nodeid.split("::")[-1] for o in t.tests if o.passed][:3]
             problems.append(f"{t.task.id}: {t.score:g} points, passing {', '.join(passing)}")
+    if public is not None:
+        problems += [f"public {problem}" for problem in starter_problems(public)][:3]
+        problems += [] if public else ["no public test ran"]
     return problems
 
 
-def _check_mutant(mutant: Mutant, result: SubmissionResult, task_ids: Sequence[str]) -> list[str]:
+def _check_mutant(mutant: Mutant, result: SubmissionResult) -> list[str]:
     problems = []
-    for t in _graded(result, [task_id for task_id in task_ids if task_id != PUBLIC.id]):
+    for t in _graded(result):
         if t.task.id in mutant.targets and t.score == t.task.points:
             problems.append(f"not caught by {t.task.id} ({t.detail})")
         elif t.task.id not in mutant.targets and t.score != t.task.points:
             problems.append(f"also loses points on untargeted task {t.task.id} ({t.detail})")
     return problems
+
+
+def _public_outcomes(assignment: Assignment, transform: Transform, workdir: Path) -> list[PublicCase]:
+    """The public tests on a copy of the assignment (public tests and `src/` only) with `transform`ed sources."""
+    tree = Path(tempfile.mkdtemp(prefix="public-", dir=workdir))
+    shutil.copytree(assignment.root / "tests" / "public", tree / "tests" / "public")
+    build_src(assignment, tree / "src", transform)
+    return run_public_tests(tree)
 
 
 def selftest(
@@ -116,30 +132,30 @@ def selftest(
             (mutant.name, expectation, _submission(assignment, mutant.name, apply_mutant(reference, mutant)))
         )
 
-    with console.status(f"{assignment.name}: building the starter tree and collecting the hidden tests"):
-        context = GradingContext.prepare(assignment)
+    tasks = tuple(t for t in assignment.tasks if t.id in task_ids)
+    with console.status(f"{assignment.name}: checking the sandbox and collecting the hidden tests"):
+        context = GradingContext.prepare(replace(assignment, tasks=tasks))
     try:
-        tasks = [t for t in assignment.tasks if t.id in task_ids]
+        public = {}
         if not only_gpu_tasks:
-            context.expected[PUBLIC.id] = context.collect(list(PUBLIC.tests))
-            tasks.append(PUBLIC)
-        context.assignment = replace(assignment, tasks=tuple(tasks))
+            with console.status(f"{assignment.name}: the public tests on the reference and the starter"):
+                for name, transform in (("reference", reference_source), ("starter", starter_source)):
+                    public[name] = _public_outcomes(assignment, transform, context.workdir)
         label = f"self-test: {len(variants)} variants"
         with task_progress(console, len(variants) * len(tasks), label) as done:
             results = grade_batch(context, [v[2] for v in variants], jobs=jobs, gpus=gpus, on_task_done=done)
     finally:
         shutil.rmtree(context.workdir, ignore_errors=True)
-    checked = [t.id for t in tasks]
     verdicts = []
     for (name, expectation, _), result in zip(variants, results, strict=True):
         if name == "reference":
-            problems = _check_reference(result, checked)
+            problems = _check_reference(result, public.get(name))
         elif name == "starter":
-            problems = _check_starter(result, checked)
+            problems = _check_starter(result, public.get(name))
         else:
-            problems = _check_mutant(next(m for m in mutants if m.name == name), result, checked)
-        verdicts.append(Verdict(name, expectation, result, problems))
-    _print(verdicts, tasks, console)
+            problems = _check_mutant(next(m for m in mutants if m.name == name), result)
+        verdicts.append(Verdict(name, expectation, result, problems, public.get(name)))
+    _print(verdicts, list(tasks), console)
     return verdicts
 
 
@@ -148,9 +164,12 @@ def _print(verdicts: list[Verdict], tasks: list[Task], console: Console) -> None
     table.add_column("variant", no_wrap=True)
     for task in tasks:
         table.add_column(f"{task.id}\n/{task.points:g}", justify="right")
+    table.add_column("public\ntests", justify="right")
     table.add_column("verdict")
     for verdict in verdicts:
         cells = ["GPU runner" if t.score is None else f"{t.score:.3g}" for t in verdict.result.tasks]
+        public = verdict.public or []
+        cells.append(f"{sum(c.outcome == 'passed' for c in public)}/{len(public)} pass" if public else "-")
         outcome = "[green]ok[/green]" if verdict.ok else "[red]WRONG[/red]: " + "; ".join(verdict.problems)
         table.add_row(verdict.variant, *cells, f"{outcome} ({verdict.expectation})")
     console.print(table)

@@ -1,30 +1,36 @@
 """Hidden tests of `fastpipe.loss_scaling` (task loss_scaling): checked against torch.amp.GradScaler.
 
-Training runs here are synthetic: the "loss" is `sum(p * g)` over the parameters, so backpropagating
-`scaler.scale(loss)` gives each parameter exactly `scale * g`, and the tests choose the steps where `g` holds
-an inf, a NaN, or a finite value that overflows only once scaled (as fp16 gradients do). GradScaler runs on
-the CPU with the same gradients and the same optimizer; both runs must agree step by step.
+Training runs here are synthetic (`scenarios/loss_scaling.py`): the "loss" is `sum(p * g)` over the
+parameters, so backpropagating `scaler.scale(loss)` gives each parameter exactly `scale * g`, and the tests
+choose the steps where `g` holds an inf, a NaN, or a finite value that overflows only once scaled (as fp16
+gradients do). The same scenario function runs twice: with the student's scaler in its worker, and with
+GradScaler on the CPU here, in the checker, with the same gradients and the same optimizer. Both runs must
+agree step by step; whether a step was taken is read off the parameters, here.
 """
 
 from __future__ import annotations
 
 import ast
-import inspect
 import math
 from itertools import pairwise
+from typing import Any
 
 import pytest
 import torch
-from fastpipe import loss_scaling
-from fastpipe.loss_scaling import DynamicLossScaler, StaticLossScaler
+from scenarios import loss_scaling
+
+from common.grading.client import Remote, Submission
 
 SHAPES = [(7,), (3, 4)]
 OVERFLOW = 3e38  # finite in fp32 (max 3.4e38), inf once multiplied by any scale >= 2
+STATIC, DYNAMIC = "fastpipe.loss_scaling:StaticLossScaler", "fastpipe.loss_scaling:DynamicLossScaler"
+SCALERS = {"static": STATIC, "dynamic": DYNAMIC}
 
 # Params after the same number of steps differ between the two scalers only by how the gradients were
 # unscaled: GradScaler multiplies by fp32(1 / scale), a scaler that divides by the scale may round
 # differently (one ulp, ~6e-8 relative) on every step; 60 momentum-SGD steps accumulate well under 1e-5.
 PARAM_TOL = {"rtol": 1e-5, "atol": 1e-6}
+Record = tuple[float, list[torch.Tensor], float]  # scale before the step, params after it, scale after it
 
 
 def true_gradients(pattern: str, seed: int) -> list[list[torch.Tensor]]:
@@ -48,49 +54,41 @@ def random_pattern(steps: int, p_bad: float, seed: int) -> str:
     return "".join("ION"[k] if u < p_bad else "." for u, k in zip(draws, kinds, strict=True))
 
 
-def run(scaler, grads_per_step: list[list[torch.Tensor]], clip: float | None = None) -> list[dict]:
-    """Train with `scaler` on the given true gradients; record the scale, whether it stepped, and the params."""
-    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in SHAPES]
-    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
-    records = []
-    for grads in grads_per_step:
-        optimizer.zero_grad()
-        loss = sum((p * g).sum() for p, g in zip(params, grads, strict=True))
-        scale_before = scaler.get_scale()
-        scaler.scale(loss).backward()
-        before = [p.detach().clone() for p in params]
-        if clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        scaler.step(optimizer)
-        scaler.update()
-        records.append(
-            {
-                "scale_before": scale_before,
-                "stepped": any(not torch.equal(b, p) for b, p in zip(before, params, strict=True)),
-                "params": [p.detach().clone() for p in params],
-                "scale_after": scaler.get_scale(),
-            }
-        )
-    return records
-
-
-def assert_same_trajectory(ours: list[dict], reference: list[dict]) -> None:
-    for step, (mine, ref) in enumerate(zip(ours, reference, strict=True)):
-        # GradScaler keeps its scale in fp32: compare to fp32 precision.
-        assert mine["scale_before"] == pytest.approx(ref["scale_before"], rel=1e-6), (
-            f"scale before step {step}"
-        )
-        assert mine["stepped"] == ref["stepped"], (
-            f"step {step}: stepped={mine['stepped']}, GradScaler {ref['stepped']}"
-        )
-        for p_mine, p_ref in zip(mine["params"], ref["params"], strict=True):
-            torch.testing.assert_close(p_mine, p_ref, **PARAM_TOL, msg=f"params after step {step}")
-        assert mine["scale_after"] == pytest.approx(ref["scale_after"], rel=1e-6), f"scale after step {step}"
-
-
 def grad_scaler(**kwargs) -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cpu", **kwargs)
+
+
+def train(submission: Submission, scaler: Remote, grads: list[list[torch.Tensor]], clip=None) -> list[Record]:
+    """The training scenario with the student's scaler, in the worker."""
+    return submission.run(
+        loss_scaling.train, scaler, grads, clip, returns=list[tuple[float, list[torch.Tensor], float]]
+    )
+
+
+def stepped(records: list[Record]) -> list[bool]:
+    """Whether each step changed the parameters (they start at zero)."""
+    before = [[torch.zeros(shape) for shape in SHAPES]] + [params for _, params, _ in records[:-1]]
+    return [
+        any(not torch.equal(b, a) for b, a in zip(old, new, strict=True))
+        for old, (_, new, _) in zip(before, records, strict=True)
+    ]
+
+
+def assert_same_trajectory(ours: list[Record], reference: list[Record]) -> None:
+    assert len(ours) == len(reference), f"{len(ours)} steps recorded, {len(reference)} expected"
+    for step, ((mine_before, mine, mine_after), (ref_before, ref, ref_after), took, ref_took) in enumerate(
+        zip(ours, reference, stepped(ours), stepped(reference), strict=True)
+    ):
+        # GradScaler keeps its scale in fp32: compare to fp32 precision.
+        assert mine_before == pytest.approx(ref_before, rel=1e-6), (
+            f"scale before step {step}: {mine_before}, GradScaler {ref_before}"
+        )
+        assert took == ref_took, f"step {step}: stepped={took}, GradScaler {ref_took}"
+        for p_mine, p_ref in zip(mine, ref, strict=True):
+            torch.testing.assert_close(p_mine, p_ref, **PARAM_TOL, msg=f"params after step {step}")
+        assert mine_after == pytest.approx(ref_after, rel=1e-6), (
+            f"scale after step {step}: {mine_after}, GradScaler {ref_after}"
+        )
 
 
 DYNAMIC_CASES = {
@@ -106,180 +104,177 @@ DYNAMIC_CASES = {
 
 
 @pytest.mark.parametrize("case", list(DYNAMIC_CASES))
-def test_dynamic_scale_trajectory_matches_gradscaler(case: str) -> None:
+def test_dynamic_scale_trajectory_matches_gradscaler(submission: Submission, case: str) -> None:
     kwargs, pattern = DYNAMIC_CASES[case]
     grads = true_gradients(pattern, seed=len(pattern))
-    reference = run(grad_scaler(**kwargs), grads)
+    reference = loss_scaling.train(grad_scaler(**kwargs), grads)
     # The case must exercise both directions, or it could not tell a scaler that never grows or never backs off.
-    scales = [kwargs["init_scale"]] + [r["scale_after"] for r in reference]
-    assert any(b > a for a, b in pairwise(scales)), "the case never grows the scale"
-    assert any(b < a for a, b in pairwise(scales)), "the case never backs off"
-    assert_same_trajectory(run(DynamicLossScaler(**kwargs), grads), reference)
+    scales = [kwargs["init_scale"]] + [after for _, _, after in reference]
+    assert any(b > a for a, b in pairwise(scales)), "premise: the case must grow the scale"
+    assert any(b < a for a, b in pairwise(scales)), "premise: the case must back off"
+    assert_same_trajectory(train(submission, submission.new(DYNAMIC, **kwargs), grads), reference)
 
 
 @pytest.mark.parametrize("clip", [0.5, 100.0])
-def test_unscale_before_clipping_matches_gradscaler(clip: float) -> None:
+def test_unscale_before_clipping_matches_gradscaler(submission: Submission, clip: float) -> None:
     """unscale_() then clipping then step(): step must not unscale a second time."""
     kwargs = dict(init_scale=2.0**8, growth_interval=4)
     grads = true_gradients("...O.....N....", seed=11)
-    assert_same_trajectory(
-        run(DynamicLossScaler(**kwargs), grads, clip=clip), run(grad_scaler(**kwargs), grads, clip=clip)
-    )
+    reference = loss_scaling.train(grad_scaler(**kwargs), grads, clip)
+    assert_same_trajectory(train(submission, submission.new(DYNAMIC, **kwargs), grads, clip), reference)
 
 
-def test_two_optimizers_match_gradscaler() -> None:
+def test_two_optimizers_match_gradscaler(submission: Submission) -> None:
     """Each optimizer is checked and stepped on its own; update() backs off if either overflowed."""
     generator = torch.Generator().manual_seed(5)
     # Per step: which optimizer's gradients go bad ("a" SGD, "b" Adam) and how ("." not at all).
     pattern = "a. a. bI aO b. a. b. a. a. bO a. b. a. aI b. a.".split()
-
-    def train(scaler) -> list[tuple[float, list[torch.Tensor]]]:
-        first, second = torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(5))
-        optimizers = [torch.optim.SGD([first], lr=0.1), torch.optim.Adam([second], lr=0.1)]
-        history = []
-        for (which, kind), noise in zip(pattern, noises, strict=True):
-            for optimizer in optimizers:
-                optimizer.zero_grad()
-            grads = [noise[0].clone(), noise[1].clone()]
-            if kind != ".":
-                grads[0 if which == "a" else 1][2] = {"I": math.inf, "O": OVERFLOW}[kind]
-            loss = (first * grads[0]).sum() + (second * grads[1]).sum()
-            scaler.scale(loss).backward()
-            for optimizer in optimizers:
-                scaler.step(optimizer)
-            scaler.update()
-            history.append((scaler.get_scale(), [first.detach().clone(), second.detach().clone()]))
-        return history
-
-    noises = [(torch.randn(5, generator=generator), torch.randn(5, generator=generator)) for _ in pattern]
+    grads = []
+    for which, kind in pattern:
+        step = [torch.randn(5, generator=generator), torch.randn(5, generator=generator)]
+        if kind != ".":
+            step[0 if which == "a" else 1][2] = {"I": math.inf, "O": OVERFLOW}[kind]
+        grads.append(step)
     kwargs = dict(init_scale=2.0**6, growth_interval=2)
-    for step, ((scale, params), (ref_scale, ref_params)) in enumerate(
-        zip(train(DynamicLossScaler(**kwargs)), train(grad_scaler(**kwargs)), strict=True)
-    ):
-        assert scale == pytest.approx(ref_scale, rel=1e-6), f"scale after step {step}"
+    reference = loss_scaling.train_two_optimizers(grad_scaler(**kwargs), grads)
+    ours = submission.run(
+        loss_scaling.train_two_optimizers, submission.new(DYNAMIC, **kwargs), grads,
+        returns=list[tuple[float, list[torch.Tensor]]],
+    )  # fmt: skip
+    assert len(ours) == len(reference), f"{len(ours)} steps recorded, {len(reference)} expected"
+    for step, ((scale, params), (ref_scale, ref_params)) in enumerate(zip(ours, reference, strict=True)):
+        assert scale == pytest.approx(ref_scale, rel=1e-6), (
+            f"scale after step {step}: {scale}, GradScaler {ref_scale}"
+        )
         for p, ref in zip(params, ref_params, strict=True):
             torch.testing.assert_close(p, ref, **PARAM_TOL, msg=f"params after step {step}")
 
 
 @pytest.mark.parametrize("kind", ["I", "N", "O"])
-@pytest.mark.parametrize("make_scaler", [StaticLossScaler, DynamicLossScaler], ids=["static", "dynamic"])
-def test_step_with_nonfinite_gradients_is_skipped(make_scaler, kind: str) -> None:
-    scaler = make_scaler(2.0**8)
-    param = torch.nn.Parameter(torch.ones(4))
-    optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9)
+@pytest.mark.parametrize("scaler", list(SCALERS))
+def test_step_with_nonfinite_gradients_is_skipped(submission: Submission, scaler: str, kind: str) -> None:
     grad = torch.tensor([0.5, -1.0, 2.0, 0.25])
     grad[1] = {"I": -math.inf, "N": math.nan, "O": OVERFLOW}[kind]
-    scaler.scale((param * grad).sum()).backward()
-    assert scaler.step(optimizer) is False
-    torch.testing.assert_close(param.detach(), torch.ones(4), rtol=0, atol=0)
-    assert optimizer.state[param] == {}, (
-        "the optimizer's state (momentum) must not be touched by a skipped step"
-    )
-    scaler.update()
-    expected = 2.0**8 if make_scaler is StaticLossScaler else 2.0**7  # static never changes; dynamic halves
-    assert scaler.get_scale() == expected
+    took, param, state, scale = submission.run(
+        loss_scaling.skip_step, submission.new(SCALERS[scaler], 2.0**8), grad,
+        returns=tuple[bool, torch.Tensor, int, float],
+    )  # fmt: skip
+    assert took is False, "step() must return False when it skips"
+    assert torch.equal(param, torch.ones(4)), "a skipped step must not change the parameters"
+    assert state == 0, "the optimizer's state (momentum) must not be touched by a skipped step"
+    expected = 2.0**8 if scaler == "static" else 2.0**7  # static never changes; dynamic halves
+    assert scale == expected, f"the scale after update() is {scale}, expected {expected}"
 
 
-def test_static_scaler_keeps_its_scale_and_steps_on_true_gradients() -> None:
+def test_static_scaler_keeps_its_scale_and_steps_on_true_gradients(submission: Submission) -> None:
     """Reference: plain SGD on the true gradients of the steps without inf/NaN."""
     pattern = "..O...I.N....O.."
     grads = true_gradients(pattern, seed=2)
-    records = run(StaticLossScaler(2.0**12), grads)
+    records = train(submission, submission.new(STATIC, 2.0**12), grads)
     params = [torch.nn.Parameter(torch.zeros(shape)) for shape in SHAPES]
     optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
-    for step, (kind, step_grads, record) in enumerate(zip(pattern, grads, records, strict=True)):
+    took = stepped(records)
+    assert len(records) == len(pattern), f"{len(records)} steps recorded, {len(pattern)} expected"
+    for step, (kind, step_grads, (before, mine, after)) in enumerate(
+        zip(pattern, grads, records, strict=True)
+    ):
         if kind == ".":
             for p, g in zip(params, step_grads, strict=True):
                 p.grad = g.clone()
             optimizer.step()
-        assert record["stepped"] == (kind == "."), f"step {step} ({kind!r})"
-        assert record["scale_before"] == record["scale_after"] == 2.0**12
-        for p_mine, p_ref in zip(record["params"], params, strict=True):
-            torch.testing.assert_close(p_mine, p_ref.detach(), **PARAM_TOL)
+        assert took[step] == (kind == "."), f"step {step} ({kind!r}): stepped={took[step]}"
+        assert before == after == 2.0**12, f"step {step}: the static scale changed to {after}"
+        for p_mine, p_ref in zip(mine, params, strict=True):
+            torch.testing.assert_close(p_mine, p_ref.detach(), **PARAM_TOL, msg=f"params after step {step}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("make_scaler", [StaticLossScaler, DynamicLossScaler], ids=["static", "dynamic"])
-def test_scale_multiplies_the_loss(make_scaler, dtype: torch.dtype) -> None:
-    scaler = make_scaler(2.0**10)
-    weight = torch.nn.Parameter(torch.tensor([0.5, -2.0, 3.0]))
-    loss = (weight.to(dtype) * torch.tensor([1.0, 2.0, 4.0], dtype=dtype)).sum()
-    value = loss.item()
-    scaled = scaler.scale(loss)
-    assert scaled.dtype == dtype
-    assert scaled.item() == value * 2.0**10  # exact: a power of two, and 8.5 * 1024 fits fp16
-    assert loss.item() == value, "scale() must not modify the loss in place"
-    scaled.backward()
-    torch.testing.assert_close(weight.grad, torch.tensor([1.0, 2.0, 4.0]) * 2.0**10, rtol=0, atol=0)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("scaler", list(SCALERS))
+def test_scale_multiplies_the_loss(submission: Submission, scaler: str, dtype: str) -> None:
+    seen = submission.run(
+        loss_scaling.scale_loss,
+        submission.new(SCALERS[scaler], 2.0**10),
+        dtype,
+        returns=dict[str, torch.Tensor],
+    )
+    value = 0.5 * 1.0 - 2.0 * 2.0 + 3.0 * 4.0  # exact in fp16 too
+    assert seen["scaled"].dtype == getattr(torch, dtype), (
+        f"the scaled loss is {seen['scaled'].dtype}, not {dtype}"
+    )
+    assert seen["scaled"].item() == value * 2.0**10, (
+        "scale() must multiply the loss by the scale"
+    )  # a power of two
+    assert seen["loss"].item() == value, "scale() must not modify the loss in place"
+    expected = torch.tensor([1.0, 2.0, 4.0]) * 2.0**10
+    torch.testing.assert_close(seen["grad"], expected, rtol=0, atol=0, msg="gradients of the scaled loss")
 
 
-def test_unscale_divides_gradients_and_reports_finiteness() -> None:
-    scaler = DynamicLossScaler(init_scale=2.0**5)
-    used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
-    optimizer = torch.optim.SGD([used, unused], lr=1.0)
-    scaler.scale((used * torch.tensor([1.0, -3.0, 0.125])).sum()).backward()
-    assert scaler.unscale_(optimizer) is True
-    torch.testing.assert_close(used.grad, torch.tensor([1.0, -3.0, 0.125]), rtol=0, atol=0)
-    assert unused.grad is None, "parameters without a gradient are skipped"
-    assert scaler.step(optimizer) is True
-    scaler.update()
-    optimizer.zero_grad()
-    scaler.scale((used * torch.tensor([1.0, math.nan, 0.0])).sum()).backward()
-    assert scaler.unscale_(optimizer) is False
+def test_unscale_divides_gradients_and_reports_finiteness(submission: Submission) -> None:
+    seen = submission.run(
+        loss_scaling.unscale, submission.new(DYNAMIC, init_scale=2.0**5), returns=dict[str, Any]
+    )
+    assert seen["finite"] is True, "unscale_() must return True when every gradient is finite"
+    assert type(seen["grad"]) is torch.Tensor, "the gradient after unscale_() must be a tensor"
+    torch.testing.assert_close(
+        seen["grad"], torch.tensor([1.0, -3.0, 0.125]), rtol=0, atol=0, msg="unscaled gradient"
+    )
+    assert seen["unused_grad"] is None, "parameters without a gradient are skipped"
+    assert seen["stepped"] is True, "step() must return True when it steps"
+    assert seen["finite_with_nan"] is False, "unscale_() must return False when a gradient is NaN"
 
 
-def test_unscale_twice_in_one_iteration_raises() -> None:
-    scaler = StaticLossScaler(2.0**4)
-    param = torch.nn.Parameter(torch.ones(2))
-    optimizer = torch.optim.SGD([param], lr=1.0)
-    scaler.scale(param.sum()).backward()
-    scaler.unscale_(optimizer)
-    with pytest.raises(RuntimeError, match="already") as error:
-        scaler.unscale_(optimizer)
-    assert not isinstance(error.value, NotImplementedError)
-    torch.testing.assert_close(param.grad, torch.ones(2), rtol=0, atol=0, msg="gradients divided twice")
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad()
-    scaler.scale(param.sum()).backward()
-    assert scaler.unscale_(optimizer) is True, "update() must allow unscale_ again in the next iteration"
+def assert_raised_runtime_error(error: Any, word: str, action: str) -> None:
+    assert error is not None, f"{action} must raise RuntimeError"
+    classes = error["classes"]
+    assert "RuntimeError" in classes and "NotImplementedError" not in classes, f"{action} raised {classes[0]}"
+    assert word in error["message"], f"the error of {action} must say {word!r}: {error['message'][:120]!r}"
 
 
-@pytest.mark.parametrize("make_scaler", [StaticLossScaler, DynamicLossScaler], ids=["static", "dynamic"])
-def test_update_without_step_raises(make_scaler) -> None:
-    scaler = make_scaler(2.0**4)
-    param = torch.nn.Parameter(torch.ones(2))
-    optimizer = torch.optim.SGD([param], lr=1.0)
-    scaler.scale(param.sum()).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    with pytest.raises(RuntimeError, match="step") as error:
-        scaler.update()
-    assert not isinstance(error.value, NotImplementedError)
-    assert scaler.get_scale() == 2.0**4, "a refused update() must not change the scale"
+def test_unscale_twice_in_one_iteration_raises(submission: Submission) -> None:
+    seen = submission.run(loss_scaling.unscale_twice, submission.new(STATIC, 2.0**4), returns=dict[str, Any])
+    assert_raised_runtime_error(seen["second"], "already", "a second unscale_() in one iteration")
+    assert type(seen["grad"]) is torch.Tensor and torch.equal(seen["grad"], torch.ones(2)), (
+        "gradients divided twice"
+    )
+    assert seen["next_iteration"] is True, "update() must allow unscale_ again in the next iteration"
 
 
-FORBIDDEN = ("GradScaler", "_amp_foreach_non_finite_check_and_unscale_", "_amp_update_scale_")
+@pytest.mark.parametrize("scaler", list(SCALERS))
+def test_update_without_step_raises(submission: Submission, scaler: str) -> None:
+    seen = submission.run(
+        loss_scaling.update_twice, submission.new(SCALERS[scaler], 2.0**4), returns=dict[str, Any]
+    )
+    assert_raised_runtime_error(seen["second"], "step", "update() without a step since the last update()")
+    assert seen["scale"] == 2.0**4 and type(seen["scale"]) is float, (
+        "a refused update() must not change the scale"
+    )
 
 
-def test_scaler_is_written_from_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The submission must not call GradScaler or its private kernels (by name, or through torch at run time)."""
-    tree = ast.parse(inspect.getsource(loss_scaling))
+def names_used(source: str) -> set[str]:
+    tree = ast.parse(source)
     names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
     names |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
     names |= {
         alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names
     }
-    used = sorted(name for name in names if name in FORBIDDEN)
+    names |= {
+        const.value
+        for const in ast.walk(tree)
+        if isinstance(const, ast.Constant) and type(const.value) is str
+    }
+    return names
+
+
+def test_scaler_is_written_from_scratch(submission: Submission) -> None:
+    """The submission must not name GradScaler or its private kernels, nor call them at run time."""
+    used = sorted(names_used(submission.source("fastpipe/loss_scaling.py")) & set(loss_scaling.FORBIDDEN))
     assert not used, f"loss_scaling.py uses {used}: write the scaler yourself"
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("the scaler called a GradScaler function")
-
-    for module, name in [(torch.amp, "GradScaler"), (torch.amp.grad_scaler, "GradScaler")]:
-        monkeypatch.setattr(module, name, forbidden)
-    for name in FORBIDDEN[1:]:
-        monkeypatch.setattr(torch, name, forbidden)
     pattern = "..O..."
-    records = run(DynamicLossScaler(init_scale=2.0**6, growth_interval=2), true_gradients(pattern, seed=1))
-    assert [r["stepped"] for r in records] == [kind == "." for kind in pattern]
+    records, calls = submission.run(
+        loss_scaling.train_watching_for_grad_scaler,
+        submission.new(DYNAMIC, init_scale=2.0**6, growth_interval=2),
+        true_gradients(pattern, seed=1),
+        returns=tuple[list[tuple[float, list[torch.Tensor], float]], list[str]],
+    )
+    assert not calls, f"the scaler called {sorted(set(calls))}: write the scaler yourself"
+    assert stepped(records) == [kind == "." for kind in pattern], "steps with an overflow must be skipped"

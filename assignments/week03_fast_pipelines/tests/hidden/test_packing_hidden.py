@@ -4,6 +4,7 @@ The strongest check is the end-to-end one: attention over a packed row, with the
 must give every document exactly what attending over that document alone gives, and a tiny language model's
 per-token losses on the packed batch must equal its losses on each document alone. The rows and the mask are
 also compared element by element with references written here from the docstrings, on random documents.
+The submission packs and masks in its worker; the attention and the language model run here, on its tensors.
 """
 
 from __future__ import annotations
@@ -11,20 +12,44 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fastpipe.batching import IGNORE_INDEX, PAD_DOCUMENT, document_attention_mask, pack_documents
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scenarios import packed_batch
+
+from common.grading.client import Submission, raises
 
 # Derandomised: every run draws the same examples. No deadline and no "too slow" health check: graders
-# run two jobs at once on two cores, so the time an example takes says nothing about the code.
+# run two jobs at once on two cores, so the time an example takes says nothing about the code. The
+# `submission` fixture is a handle on the worker, the same for every example.
 SETTINGS = settings(
     database=None,
     deadline=None,
     max_examples=50,
     derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 VOCAB = 50
+IGNORE_INDEX, PAD_DOCUMENT = -100, -1  # fastpipe.batching's constants, as its docstrings specify them
+MASK = "fastpipe.batching:document_attention_mask"
+
+
+def pack_documents(
+    submission: Submission,
+    documents: list[torch.Tensor],
+    bins: list[list[int]],
+    seq_len: int,
+    pad_id: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The submission's PackedBatch as {field: tensor}."""
+    return submission.run(
+        packed_batch.pack, documents, bins, seq_len, pad_id, returns=dict[str, torch.Tensor]
+    )
+
+
+def document_attention_mask(
+    submission: Submission, document_ids: torch.Tensor, causal: bool = True
+) -> torch.Tensor:
+    return submission.call(MASK, document_ids, causal=causal, returns=torch.Tensor)
 
 
 @st.composite
@@ -87,24 +112,26 @@ def reference_mask(document_ids: torch.Tensor, causal: bool) -> torch.Tensor:
 
 @SETTINGS
 @given(packings(), st.integers(-1, 3))
-def test_packed_rows_match_the_definition(packing, pad_id: int) -> None:
+def test_packed_rows_match_the_definition(submission: Submission, packing, pad_id: int) -> None:
     documents, bins, seq_len = packing
-    batch = pack_documents(documents, bins, seq_len, pad_id=pad_id)
+    batch = pack_documents(submission, documents, bins, seq_len, pad_id=pad_id)
     expected = reference_rows(documents, bins, seq_len, pad_id)
     for key, value in expected.items():
-        got = getattr(batch, key)
-        assert got.dtype == torch.long, f"{key} must be int64"
+        got = batch[key]
+        assert got.dtype == torch.long, f"{key} must be int64, got {got.dtype}"
+        assert got.shape == value.shape, f"{key} has shape {tuple(got.shape)}, expected {tuple(value.shape)}"
         assert torch.equal(got, value), f"{key} differs from the definition"
 
 
 @SETTINGS
 @given(packings(max_seq_len=16), st.booleans())
-def test_mask_matches_the_definition(packing, causal: bool) -> None:
+def test_mask_matches_the_definition(submission: Submission, packing, causal: bool) -> None:
     documents, bins, seq_len = packing
-    document_ids = pack_documents(documents, bins, seq_len).document_ids
-    mask = document_attention_mask(document_ids, causal=causal)
-    assert mask.dtype == torch.bool and mask.shape == (len(bins), seq_len, seq_len)
-    assert torch.equal(mask, reference_mask(document_ids, causal))
+    document_ids = reference_rows(documents, bins, seq_len, pad_id=0)["document_ids"]
+    mask = document_attention_mask(submission, document_ids, causal=causal)
+    assert mask.dtype == torch.bool, f"the mask must be bool, got {mask.dtype}"
+    assert mask.shape == (len(bins), seq_len, seq_len), f"the mask has shape {tuple(mask.shape)}"
+    assert torch.equal(mask, reference_mask(document_ids, causal)), "the mask differs from the definition"
 
 
 def random_documents(lengths: list[int], seed: int) -> list[torch.Tensor]:
@@ -117,10 +144,15 @@ LENGTHS = [9, 20, 11, 7, 32, 16, 5, 1, 12, 14]  # rows of 32, 31, 32 and 32 toke
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_attention_over_a_packed_row_equals_attention_per_document(causal: bool) -> None:
+def test_attention_over_a_packed_row_equals_attention_per_document(
+    submission: Submission, causal: bool
+) -> None:
     documents = random_documents(LENGTHS, seed=0)
-    batch = pack_documents(documents, BINS, seq_len=32)
-    mask = document_attention_mask(batch.document_ids, causal=causal)
+    batch = pack_documents(submission, documents, BINS, seq_len=32)
+    mask = document_attention_mask(submission, batch["document_ids"], causal=causal)
+    assert mask.dtype == torch.bool and mask.shape == (len(BINS), 32, 32), (
+        "the mask must be (rows, 32, 32) bool"
+    )
     generator = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(len(BINS), 2, 32, 8, generator=generator, dtype=torch.float64) for _ in range(3))
     packed = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
@@ -133,7 +165,9 @@ def test_attention_over_a_packed_row_equals_attention_per_document(causal: bool)
                 q[row, :, start:end], k[row, :, start:end], v[row, :, start:end], is_causal=causal
             )
             # float64 and the same operations: only the order of the sums may differ.
-            torch.testing.assert_close(packed[row, :, start:end], alone, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(
+                packed[row, :, start:end], alone, rtol=1e-10, atol=1e-12, msg=f"document {index} in row {row}"
+            )
             start = end
 
 
@@ -159,33 +193,42 @@ class TinyLM(torch.nn.Module):
         return self.head(x)  # (rows, seq, vocab)
 
 
-def test_language_model_losses_on_a_packed_batch_equal_per_document_losses() -> None:
+def test_language_model_losses_on_a_packed_batch_equal_per_document_losses(submission: Submission) -> None:
     torch.manual_seed(0)
     model = TinyLM().double()
     documents = random_documents(LENGTHS, seed=2)
-    batch = pack_documents(documents, BINS, seq_len=32, pad_id=3)
-    mask = document_attention_mask(batch.document_ids, causal=True)
-    logits = model(batch.input_ids, batch.position_ids, mask)
-    packed_losses = F.cross_entropy(logits.transpose(1, 2), batch.labels, reduction="none")
+    batch = pack_documents(submission, documents, BINS, seq_len=32, pad_id=3)
+    mask = document_attention_mask(submission, batch["document_ids"], causal=True)
+    for name, tensor in [*batch.items(), ("mask", mask)]:
+        assert tensor.dtype == (torch.bool if name == "mask" else torch.long), (
+            f"{name} has dtype {tensor.dtype}"
+        )
+        assert tensor.shape[:2] == (len(BINS), 32), f"{name} has shape {tuple(tensor.shape)}"
+    logits = model(batch["input_ids"], batch["position_ids"], mask)
+    packed_losses = F.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")
     expected = []
     for document in documents:
         if len(document) < 2:
             continue
         alone = model(document[None], torch.arange(len(document))[None], None)[0]
         expected.append(F.cross_entropy(alone[:-1], document[1:], reduction="none"))
-    counted = batch.labels != IGNORE_INDEX
-    assert int(counted.sum()) == sum(len(d) - 1 for d in documents if len(d) >= 1)
-    torch.testing.assert_close(packed_losses[counted].sort().values, torch.cat(expected).sort().values)
+    counted = batch["labels"] != IGNORE_INDEX
+    assert int(counted.sum()) == sum(len(d) - 1 for d in documents if len(d) >= 1), "wrong number of labels"
+    torch.testing.assert_close(
+        packed_losses[counted].sort().values, torch.cat(expected).sort().values, msg="packed losses differ"
+    )
 
 
-def test_empty_bins_and_empty_documents() -> None:
-    batch = pack_documents([torch.tensor([4, 5]), torch.tensor([], dtype=torch.long)], [], seq_len=6)
-    for tensor in (batch.input_ids, batch.labels, batch.position_ids, batch.document_ids):
-        assert tensor.shape == (0, 6)
-    assert document_attention_mask(batch.document_ids).shape == (0, 6, 6)
-    batch = pack_documents([torch.tensor([4, 5]), torch.tensor([], dtype=torch.long)], [[1, 0]], seq_len=3)
-    assert batch.input_ids.tolist() == [[4, 5, 0]]
-    assert batch.document_ids.tolist() == [[0, 0, PAD_DOCUMENT]]
+def test_empty_bins_and_empty_documents(submission: Submission) -> None:
+    documents = [torch.tensor([4, 5]), torch.tensor([], dtype=torch.long)]
+    batch = pack_documents(submission, documents, [], seq_len=6)
+    for name, tensor in batch.items():
+        assert tensor.shape == (0, 6), f"no bins: {name} must have shape (0, 6), got {tuple(tensor.shape)}"
+    mask = document_attention_mask(submission, torch.zeros(0, 6, dtype=torch.long))
+    assert mask.shape == (0, 6, 6), f"the mask of no rows must have shape (0, 6, 6), got {tuple(mask.shape)}"
+    batch = pack_documents(submission, documents, [[1, 0]], seq_len=3)
+    assert batch["input_ids"].tolist() == [[4, 5, 0]], "an empty document takes no room"
+    assert batch["document_ids"].tolist() == [[0, 0, PAD_DOCUMENT]], "an empty document takes no room"
 
 
 @pytest.mark.parametrize(
@@ -198,6 +241,8 @@ def test_empty_bins_and_empty_documents() -> None:
         ([3], [[0]], 0),  # no room at all
     ],
 )
-def test_bad_packings_raise_value_error(lengths: list[int], bins: list[list[int]], seq_len: int) -> None:
-    with pytest.raises(ValueError):
-        pack_documents(random_documents(lengths, seed=0), bins, seq_len)
+def test_bad_packings_raise_value_error(
+    submission: Submission, lengths: list[int], bins: list[list[int]], seq_len: int
+) -> None:
+    with raises("ValueError"):
+        pack_documents(submission, random_documents(lengths, seed=0), bins, seq_len)

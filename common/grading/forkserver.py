@@ -1,0 +1,157 @@
+"""The trusted checker's start-up, paid once per batch: pytest runs forked from a warm server process.
+
+A checker process imports torch, torch._dynamo (an optimizer's first step and torch.profiler pull it in),
+pytest and hypothesis: seconds of CPU before the first test, for every submission. Instead, a server
+(`python -m common.grading.forkserver`, started on first use) imports them once; each checker run is a
+fork of it that changes to the assignment folder, takes the environment it is given, writes its output to a
+file and runs `pytest.main`. The server reports each run's exit code, and kills a run at its deadline.
+Only trusted code runs here (the hidden tests and the checker), never a submission. Nothing in the server
+touches CUDA, so a forked checker may still use the GPU it is given.
+
+Protocol: one JSON object per line. Grader -> server: {"id", "argv", "cwd", "env", "output", "timeout_s"}.
+Server -> grader: {"ready": true} once, then {"id", "code"} per run (code null: killed at its deadline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import itertools
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from common.weeks import REPO_ROOT
+
+PRELOAD = ("torch", "torch._dynamo", "pytest", "hypothesis", "common.grading.checker")
+
+
+# ------------------------------------------------------------------------------------------------ server
+def _child(request: dict[str, Any]) -> None:
+    """A forked checker: pytest.main(argv) in `cwd` with exactly `env`, its output into `output`."""
+    code = 70
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        descriptor = os.open(request["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(descriptor, 1)
+        os.dup2(descriptor, 2)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.dont_write_bytecode = True  # the hidden tests' folder stays free of __pycache__
+        import pytest
+
+        code = int(pytest.main(request["argv"]))
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def serve() -> None:
+    """Preload, then fork a checker per request until the grader closes stdin (running checkers die too)."""
+    for module in PRELOAD:
+        importlib.import_module(module)
+    running: dict[int, tuple[Any, float]] = {}  # pid -> (request id, deadline)
+
+    def reply(message: dict[str, Any]) -> None:
+        os.write(1, (json.dumps(message) + "\n").encode())
+
+    reply({"ready": True})
+    pending = b""
+    while True:
+        readable, _, _ = select.select([0], [], [], 0.05)
+        if readable:
+            chunk = os.read(0, 1 << 16)
+            if not chunk:
+                break
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                request = json.loads(line)
+                pid = os.fork()
+                if pid == 0:
+                    _child(request)
+                running[pid] = (request["id"], time.monotonic() + request["timeout_s"])
+        with contextlib.suppress(ChildProcessError):
+            while (found := os.waitpid(-1, os.WNOHANG))[0]:
+                pid, status = found
+                request_id, deadline = running.pop(pid)
+                code = None if time.monotonic() >= deadline else os.waitstatus_to_exitcode(status)
+                reply({"id": request_id, "code": code})
+        for pid, (_, deadline) in running.items():
+            if time.monotonic() >= deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    for pid in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------------ client
+class CheckerServer:
+    """The grader's handle on the server: thread-safe, one pending Future per run."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "common.grading.forkserver"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        if json.loads(self.process.stdout.readline() or "{}").get("ready") is not True:
+            raise RuntimeError(f"the checker fork server did not start (exit code {self.process.poll()})")
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._waiting: dict[int, Future] = {}
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            message = json.loads(line)
+            self._waiting.pop(message["id"]).set_result(message["code"])
+        for future in self._waiting.values():  # the server died: every pending run failed
+            future.set_result(None)
+
+    def run(
+        self, argv: list[str], cwd: Path, env: dict[str, str], output: Path, timeout_s: float
+    ) -> int | None:
+        """pytest's exit code, or None if it ran past `timeout_s` (it is then killed, and its sandboxes)."""
+        future: Future = Future()
+        with self._lock:
+            request_id = next(self._ids)
+            self._waiting[request_id] = future
+            request = {"id": request_id, "argv": argv, "cwd": str(cwd), "env": env, "output": str(output),
+                       "timeout_s": timeout_s}  # fmt: skip
+            try:
+                self.process.stdin.write((json.dumps(request) + "\n").encode())
+                self.process.stdin.flush()
+            except BrokenPipeError:  # the server died: this run did not happen
+                return None
+        return future.result()
+
+
+_SERVER: CheckerServer | None = None
+_SERVER_LOCK = threading.Lock()
+
+
+def run_pytest(argv: list[str], cwd: Path, env: dict[str, str], output: Path, timeout_s: float) -> int | None:
+    """Run pytest with `argv` as a fork of the warm server (started on first use); see CheckerServer.run."""
+    global _SERVER
+    with _SERVER_LOCK:
+        if _SERVER is None or _SERVER.process.poll() is not None:
+            _SERVER = CheckerServer()
+    return _SERVER.run(argv, cwd, env, output, timeout_s)
+
+
+if __name__ == "__main__":
+    serve()
