@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from common.distributed import collectives
+from common.distributed.cost_model import halving_doubling_cost, ring_cost
 from common.distributed.ddp import UnusedParameterError, apply_ddp
 from common.distributed.launch import RankError, RankTimeoutError, launch, under_torchrun
 from common.errors import EffdlError
@@ -283,6 +284,37 @@ def test_uneven_reduce_scatter_and_all_gather_round_trip(no_process_left_behind)
     assert launch(round_trip, 3) == {0: True, 1: True, 2: True}
 
 
+def sent_per_rank() -> dict[str, tuple[int, int]]:
+    """Messages and bytes each all-reduce sends from this rank, counted where they are posted."""
+    counts = {}
+    batch_isend_irecv = dist.batch_isend_irecv
+    for name, all_reduce in ALL_REDUCES.items():
+        sent = [0, 0]
+
+        def counting(ops, _sent=sent):
+            for op in ops:
+                if op.op is dist.isend:
+                    _sent[0] += 1
+                    _sent[1] += op.tensor.numel() * op.tensor.element_size()
+            return batch_isend_irecv(ops)
+
+        dist.batch_isend_irecv = counting
+        try:
+            all_reduce(torch.zeros(1024), dist.ReduceOp.SUM)  # 4 KiB: one segment per ring chunk
+        finally:
+            dist.batch_isend_irecv = batch_isend_irecv
+        counts[name] = tuple(sent)
+    return counts
+
+
+def test_collectives_send_what_the_cost_model_counts(no_process_left_behind) -> None:
+    nbytes, p = 4096, 4
+    for counts in launch(sent_per_rank, p).values():
+        assert counts["ring"] == (ring_cost(nbytes, p).steps, ring_cost(nbytes, p).bytes)
+        hd = halving_doubling_cost(nbytes, p)
+        assert counts["halving_doubling"] == (hd.steps, hd.bytes)
+
+
 def test_collectives_refuse_what_they_would_get_wrong() -> None:
     with pytest.raises(ValueError, match="contiguous"):
         collectives._flat(torch.zeros(4, 4).t())
@@ -422,3 +454,24 @@ def test_ddp_names_unused_parameters(ddp_reports) -> None:
         assert report["unused_error"].startswith(
             "2 parameter(s) got no gradient in this backward: unused.weight, unused.bias"
         )
+
+
+def test_benchmarks_run_and_save_their_results(tmp_path, no_process_left_behind) -> None:
+    """`effdl bench allreduce` and `effdl bench ddp`, quick: they run and save what the READMEs quote.
+
+    Their numbers are not judged here: timings on a shared CI machine are noise. The committed results are.
+    """
+    import json
+
+    from common.distributed.benchmark import run_all_reduce_benchmark, run_ddp_benchmark
+
+    json_path, png_path = run_all_reduce_benchmark(tmp_path, quick=True)
+    record = json.loads(json_path.read_text())
+    assert png_path.stat().st_size > 0
+    assert set(record["measured_s"]["4"]) == {"gloo", "ring (ours)", "halving-doubling (ours)"}
+    assert record["fit"]["2"]["alpha_s"] > 0 and len(record["relative_error"]["4"]) == len(
+        record["sizes_bytes"]
+    )
+    (ddp_path,) = run_ddp_benchmark(tmp_path, quick=True, world=2)
+    record = json.loads(ddp_path.read_text())
+    assert record["ratio"] > 0 and len(record["speedup_per_rank"]) == 2 and "environment" in record
