@@ -117,14 +117,16 @@ class Reducer:
         kinds = {(p.dtype, p.device) for p in self.params}
         if len(kinds) > 1:
             raise EffdlError(
-                f"apply_ddp buckets parameters of one dtype on one device, but this model has {sorted(map(str, kinds))}; "
-                "cast the model to one dtype (model.float()), or use torch's DistributedDataParallel"
+                "apply_ddp buckets parameters of one dtype on one device, but this model has "
+                f"{sorted(map(str, kinds))}; cast the model to one dtype (model.float()), or use torch's "
+                "DistributedDataParallel"
             )
         self.limits = [int(first_bucket_mb * MIB), int(bucket_cap_mb * MIB)]
         self.require_sync = True
         self.ready_order: list[int] | None = None  # the order of the first synchronised backward's hooks
         self._in_backward = False
-        self._next_bucket = 0
+        self._fired: list[int] = []  # parameter indices, in the order their hooks fired in this backward
+        self._next_bucket = 0  # the first bucket whose all-reduce is not launched yet
         broadcast_module_states(model, group)
         # First backward: one bucket in registration order, since the ready order is not known yet.
         self._build_buckets(list(range(len(self.params))), [sys.maxsize])
@@ -168,7 +170,7 @@ class Reducer:
         if not self._in_backward:  # the first hook of a backward
             self._in_backward = True
             self._next_bucket = 0
-            self._fired: list[int] = []
+            self._fired = []
             for bucket in self.buckets:
                 bucket.waiting_for, bucket.work = len(bucket.params), None
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)

@@ -221,7 +221,8 @@ def _run_rank(setup: _RankSetup, fn: Callable[..., Any], args: tuple, conn) -> N
         )
         _join_process_group(setup.backend, setup.rank, setup.world_size, setup.timeout_s, store)
         message = ("ok", pickle.dumps(fn(*args)))
-        dist.destroy_process_group()
+        if dist.is_initialized():  # fn may have ended the group itself
+            dist.destroy_process_group()
     except BaseException:
         message = ("error", traceback.format_exc(), time.time())
     conn.send(message)
@@ -257,12 +258,16 @@ def _stacks_of(ranks: Sequence[int], processes, stack_files: Sequence[Path]) -> 
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + STACK_DUMP_WAIT_S
-    while time.monotonic() < deadline and not all(stack_files[r].stat().st_size for r in ranks):
+    while time.monotonic() < deadline and not all(_read(stack_files[r]) for r in ranks):
         time.sleep(0.05)
     return "\n".join(
-        f"--- rank {r} ---\n{stack_files[r].read_text().strip() or '(no stack: the rank did not answer)'}"
-        for r in ranks
+        f"--- rank {r} ---\n{_read(stack_files[r]) or '(no stack: the rank did not answer)'}" for r in ranks
     )
+
+
+def _read(path: Path) -> str:
+    """The stack a rank wrote, or "" (a rank that never got going has not created its file)."""
+    return path.read_text().strip() if path.exists() else ""
 
 
 def _wait_for_ranks(processes, connections, timeout_s: float, stack_files: Sequence[Path]) -> dict[int, Any]:
