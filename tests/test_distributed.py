@@ -24,7 +24,7 @@ from torch import nn
 from common.distributed import collectives
 from common.distributed.cost_model import halving_doubling_cost, ring_cost
 from common.distributed.ddp import UnusedParameterError, apply_ddp
-from common.distributed.launch import RankError, RankTimeoutError, launch, under_torchrun
+from common.distributed.launch import RankError, RankTimeoutError, launch, rank_device, under_torchrun
 from common.errors import EffdlError
 from common.hardware import NoGPUError
 
@@ -204,14 +204,14 @@ def all_ranks_equal(t: torch.Tensor) -> bool:
 
 def check_collectives() -> list[str]:
     """Every collective against torch.distributed's; returns a description of each mismatch."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world, device = dist.get_rank(), dist.get_world_size(), rank_device()  # CPU on gloo, GPU on NCCL
     problems = []
     for dtype in DTYPES:
         for n in SIZES:
             g = torch.Generator().manual_seed(1000 * rank + n)
             # Small integers: every partial sum is exact in every dtype (|sum| <= 4 x 8 < 256, bf16's limit of
             # exact integers), so any order of additions gives the same bits and equality is the right test.
-            x = torch.randint(-8, 9, (n,), generator=g).to(dtype)
+            x = torch.randint(-8, 9, (n,), generator=g).to(device, dtype)
             for op_name, op in OPS.items():
                 if op_name == "avg" and not dtype.is_floating_point:
                     continue
@@ -226,14 +226,14 @@ def check_collectives() -> list[str]:
             if (
                 n % world == 0
             ):  # torch's tensor versions need equal chunks; the round-trip test covers uneven ones
-                expected = torch.empty(n // world, dtype=dtype)
+                expected = torch.empty(n // world, dtype=dtype, device=device)
                 dist.reduce_scatter_tensor(expected, x.clone())
                 if not torch.equal(
                     collectives.ring_reduce_scatter(x.clone(), segment_bytes=SEGMENT_BYTES), expected
                 ):
                     problems.append(f"reduce_scatter {dtype} n={n}")
                 own = x.tensor_split(world)[rank]
-                expected = torch.empty(n, dtype=dtype)
+                expected = torch.empty(n, dtype=dtype, device=device)
                 dist.all_gather_into_tensor(expected, own.contiguous())
                 mine = torch.zeros_like(x)
                 mine.tensor_split(world)[rank].copy_(own)
@@ -248,7 +248,7 @@ def check_collectives() -> list[str]:
     # p-1 additions of a sum rounds by at most eps relative to the running |sum| <= sum|x_i|, on both sides:
     # |ours - gloo's| <= 2 (p-1) eps sum_i |x_i|, elementwise.
     for dtype in (torch.float32, torch.float64):
-        x = torch.randn(10_007, generator=torch.Generator().manual_seed(rank), dtype=dtype)
+        x = torch.randn(10_007, generator=torch.Generator().manual_seed(rank), dtype=dtype).to(device)
         expected, magnitude = x.clone(), x.abs()
         dist.all_reduce(expected)
         dist.all_reduce(magnitude)
@@ -269,6 +269,12 @@ def collective_problems(request) -> dict[int, list[str]]:
 
 def test_collectives_equal_torch_distributed(collective_problems) -> None:
     assert collective_problems == dict.fromkeys(collective_problems, [])
+
+
+@pytest.mark.gpu
+def test_collectives_equal_nccls_on_every_gpu() -> None:
+    problems = launch(check_collectives, min(torch.cuda.device_count(), 4), backend="nccl", timeout_s=300)
+    assert problems == dict.fromkeys(problems, [])
 
 
 def test_uneven_reduce_scatter_and_all_gather_round_trip(no_process_left_behind) -> None:
