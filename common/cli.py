@@ -18,11 +18,11 @@ from common.weeks import REPO_ROOT, get_week
 
 DEFAULT_BUILD_DIR = REPO_ROOT / "build"
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-OUT_HELP = "folder for the results (default: benchmarks/results/<this GPU>, e.g. .../nvidia-h200)"
+OUT_HELP = "folder for the results (default: benchmarks/results/<this machine>, e.g. .../nvidia-h200)"
 
 
 def results_dir(out: str | None) -> Path:
-    """--out, or this GPU's own folder under benchmarks/results: results of different GPUs side by side."""
+    """--out, or this machine's own folder under benchmarks/results (its GPU, or its CPU without one)."""
     from common.environment import device_folder
 
     return Path(out) if out else RESULTS_DIR / device_folder()
@@ -214,6 +214,24 @@ def cmd_bench_pipelines(args: argparse.Namespace) -> int:
     from common.bench_pipelines import run_pipeline_benchmarks
 
     paths = run_pipeline_benchmarks(results_dir(args.out), quick=args.quick)
+    print("\n".join(f"saved {path}" for path in paths))
+    return 0
+
+
+def cmd_bench_allreduce(args: argparse.Namespace) -> int:
+    """Week 4: gloo's and our all-reduces from 64 KiB to 256 MiB on 2 and 4 CPU ranks, against the fitted model."""
+    from common.distributed.benchmark import run_all_reduce_benchmark
+
+    paths = run_all_reduce_benchmark(results_dir(args.out), quick=args.quick)
+    print("\n".join(f"saved {path}" for path in paths))
+    return 0
+
+
+def cmd_bench_ddp(args: argparse.Namespace) -> int:
+    """Week 4: step time of our DDP (common.distributed.ddp) against torch DDP on CPU ranks (gloo)."""
+    from common.distributed.benchmark import run_ddp_benchmark
+
+    paths = run_ddp_benchmark(results_dir(args.out), quick=args.quick, world=args.ranks)
     print("\n".join(f"saved {path}" for path in paths))
     return 0
 
@@ -436,6 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipelines.add_argument("--quick", action="store_true", help="small sizes, to check that everything runs")
     pipelines.add_argument("--out", help=OUT_HELP)
+    allreduce = _add_command(
+        bench_sub, "allreduce", cmd_bench_allreduce, epilog="example:\n  effdl bench allreduce --quick"
+    )
+    allreduce.add_argument("--quick", action="store_true", help="two sizes, to check that everything runs")
+    allreduce.add_argument("--out", help=OUT_HELP)
+    ddp = _add_command(bench_sub, "ddp", cmd_bench_ddp, epilog="example:\n  effdl bench ddp --ranks 4")
+    ddp.add_argument("--ranks", type=int, default=4, help="number of CPU ranks (default 4)")
+    ddp.add_argument("--quick", action="store_true", help="a tiny model, to check that everything runs")
+    ddp.add_argument("--out", help=OUT_HELP)
 
     test = _add_command(
         sub,

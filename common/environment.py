@@ -91,7 +91,14 @@ def lock_mismatches(recorded: dict[str, Any], lock_file: Path | None = None) -> 
 
 
 def device_folder(name: str | None = None) -> str:
-    """A folder name for results of this device: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    """A folder name for results of this device: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3".
+
+    Without a GPU the machine is its CPU model and core count ("cpu-amd-epyc-2-cores"): CPU results, such as
+    week 4's gloo benchmarks, depend on both.
+    """
+    if name is None and not torch.cuda.is_available():
+        static = _static_environment()
+        name = f"cpu {static['cpu'] or ''} {static['cpu_count']} cores"
     return re.sub(r"[^a-z0-9]+", "-", (name or device_name()).lower()).strip("-")
 
 

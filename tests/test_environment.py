@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -112,3 +113,11 @@ def test_each_gpu_gets_its_own_results_folder() -> None:
     assert device_folder("NVIDIA H200") == "nvidia-h200"
     assert results_dir(None) == RESULTS_DIR / device_folder()
     assert results_dir("elsewhere") == Path("elsewhere")
+
+
+def test_without_a_gpu_the_results_folder_names_the_cpu(monkeypatch) -> None:
+    from common.environment import device_folder
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    folder = device_folder()
+    assert folder.startswith("cpu-") and folder.endswith(f"-{os.cpu_count()}-cores"), folder

@@ -14,6 +14,7 @@ from common.weeks import ALL_WEEKS, UnknownWeekError, get_week
 SUBCOMMANDS = [
     ["env"], ["seminar"], ["slides"], ["check"], ["bench"], ["bench", "timers"], ["test"],
     ["grade"], ["selftest"], ["release"], ["bench", "kernels"], ["bench", "pipelines"],
+    ["bench", "allreduce"], ["bench", "ddp"],
 ]  # fmt: skip
 
 

@@ -1,0 +1,9 @@
+"""Distributed training from its parts (weeks 4-6), each module one technique, applied to a plain model.
+
+- launch: run a function on N processes (gloo on CPU, NCCL on GPUs), or as one rank under torchrun.
+- collectives: all-reduce, reduce-scatter, all-gather and broadcast built from point-to-point messages.
+- cost_model: the alpha-beta model of those algorithms, fitted to measurements, for what can't be measured.
+- ddp: data parallelism from scratch: gradient buckets, all-reduce overlapped with backward, no_sync().
+
+README.md in this folder says what each module teaches and how to run it on one machine or a cluster.
+"""
