@@ -2,8 +2,9 @@
 
 A `Session` starts the worker template in the sandbox (`sandbox.command`) with one end of a socket pair as
 its channel. Its output (stdout and stderr of everything inside) is drained into a capped tail for the TA's
-log. A watchdog thread counts the sandbox's processes a few times a second and kills the whole sandbox when
-there are more than the limit. Time limits are waits on the channel: a reply that does not come in time
+log. A watchdog thread counts the sandbox's processes five times a second and kills the whole sandbox when
+there are more than the limit (so a fork bomb runs for at most a fifth of a second; where the grader is
+root, RLIMIT_NPROC cannot cap it, since the sandbox's uid maps to root's, which the kernel exempts). Time limits are waits on the channel: a reply that does not come in time
 kills the sandbox too. Killing is final: every process of the tree gets SIGKILL (inside bwrap, the PID
 namespace then takes every process with it).
 
