@@ -24,10 +24,11 @@ Measured results are reported as nccl-tests does (its PERFORMANCE.md): algorithm
 and bus bandwidth busbw = algbw * 2(p-1)/p for all-reduce ((p-1)/p for reduce-scatter and all-gather, 1
 for broadcast), the rate each link runs at, comparable across p and with the link's bandwidth.
 
-Not modelled: the reduction's own arithmetic (on a CPU it is part of the fitted beta), congestion and
-contention between flows, NCCL's protocols (LL, LL128, Simple) and channels, in-network reduction (SHARP,
-NVLS). The fit to gloo on one CPU machine is within 25% from 64 KiB to 256 MiB (benchmarks/results/);
-at scale, treat predictions as the shape of the answer rather than its third digit.
+Not modelled: the reduction's own arithmetic (on a CPU it is part of the fitted beta), caches (on a CPU a
+message that fits in them moves faster than one that doesn't, so no single beta fits every size exactly),
+congestion and contention between flows, NCCL's protocols (LL, LL128, Simple) and channels, in-network
+reduction (SHARP, NVLS). How far the fit to gloo misses on one CPU machine, size by size, is in
+common/distributed/README.md; at scale, treat predictions as the shape of the answer, not its third digit.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ What you will learn here is what a launcher owes its user, because `torchrun` an
   RankError naming the rank. The other ranks are then killed: they would wait forever in a collective for
   the rank that died. Ranks of a failed peer usually fail too (gloo: "connection closed by peer"); the
   error names the first rank that failed, by the time it failed.
-- Hangs. A rank that has not returned after `timeout_s` is a hung rank: launch prints where each hung
-  rank's Python code was (faulthandler), kills every rank and raises RankTimeoutError naming them. Ranks
+- Hangs. A rank that has not returned after `timeout_s` is a hung rank: launch asks each hung rank where
+  its Python code is (faulthandler), kills every rank and raises RankTimeoutError naming them, with those
+  stacks. Ranks
   that wait in a collective for a hung peer are hung too, and are named with it.
 - Nothing left running. Each rank leads its own process group, so whatever it started dies with it, and
   the Linux kernel kills the ranks if this process dies first (PR_SET_PDEATHSIG). Every exit path of
@@ -39,7 +40,7 @@ a clear error, not a hang.
 
 Under torchrun (or Slurm running torchrun), RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
 are set: then launch starts nothing, joins the process group torchrun describes, runs fn as this rank and
-returns {rank: result}. The same script runs on a laptop (`python script.py` spawns its ranks) and on a
+returns {rank: result}. The same script runs on a laptop (`python script.py` starts its ranks) and on a
 cluster (`torchrun --nnodes 2 --nproc-per-node 8 ... script.py`); README.md in this folder has both, and
 the Slurm `srun` version.
 """
