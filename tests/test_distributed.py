@@ -158,15 +158,18 @@ def test_under_torchrun_launch_runs_this_process_as_its_rank(tmp_path) -> None:
     script = tmp_path / "job.py"
     script.write_text(
         textwrap.dedent(
-            """
-            import torch.distributed as dist
+            f"""
+            import os
+            from pathlib import Path
             from common.distributed.launch import launch
             from tests.test_distributed import sum_of_ranks
-            print("result", launch(sum_of_ranks), flush=True)
+            lines = [repr(launch(sum_of_ranks))]
             try:
                 launch(sum_of_ranks, 4)
             except Exception as error:
-                print("error", error, flush=True)
+                lines.append(str(error))
+            # One file per rank: the ranks share torchrun's stdout, where their lines can interleave.
+            Path({str(tmp_path)!r}, "rank" + os.environ["RANK"]).write_text("\\n".join(lines))
             """
         )
     )
@@ -176,9 +179,10 @@ def test_under_torchrun_launch_runs_this_process_as_its_rank(tmp_path) -> None:
         capture_output=True, text=True, env=env, timeout=300, cwd=REPO_ROOT,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "result {0: {'sum': 1.0, 'world': 2, 'env_rank': 0, 'threads': 1}}" in run.stdout
-    assert "result {1: {'sum': 1.0, 'world': 2, 'env_rank': 1, 'threads': 1}}" in run.stdout
-    assert "launch(nprocs=4) under torchrun, which started WORLD_SIZE=2 ranks" in run.stdout
+    for rank in (0, 1):
+        result, error = (tmp_path / f"rank{rank}").read_text().split("\n")
+        assert result == repr({rank: {"sum": 1.0, "world": 2, "env_rank": rank, "threads": 1}})
+        assert error.startswith("launch(nprocs=4) under torchrun, which started WORLD_SIZE=2 ranks")
     assert not under_torchrun()
 
 
