@@ -943,8 +943,10 @@ del x, views
 # computes its offsets with `tl.arange`, masks the ragged end, loads, adds and stores.
 #
 # It does 1 FLOP per 12 bytes, so it is as memory-bound as a kernel can be, and its yardstick is a copy:
-# `measured_copy_bandwidth()` is the speed of a large device-to-device copy, the most a kernel that reads and
-# writes memory can reach. Without a GPU the kernel runs in Triton's CPU interpreter (`common.kernels`
+# `measured_copy_bandwidth()` is the speed of a large device-to-device copy, one byte read per byte written.
+# It is a yardstick, not a hard roof: a kernel that reads two bytes per byte it writes, like this one, may beat
+# it by a few percent (DRAM loses a little time whenever it turns its bus around from reading to writing, and
+# a read-heavy mix turns it around less often). Without a GPU the kernel runs in Triton's CPU interpreter (`common.kernels`
 # switches it on), which is slow but exact, so on a CPU we check it on a small vector and time nothing.
 
 # %%
@@ -973,7 +975,9 @@ if DEVICE == "cuda":
     )
     print(f"measured copy bandwidth: {copy_bw / 1e9:.0f} GB/s")
     triton_add = adds[0]
-    assert triton_add.gbps * 1e9 > 0.6 * copy_bw, "a vector add should stream at close to copy speed"
+    torch_add = adds[1]
+    assert triton_add.gbps * 1e9 > 0.9 * copy_bw, "a vector add streams at the speed of a copy"
+    assert triton_add.median_ms < 1.1 * torch_add.median_ms, "as fast as PyTorch's own add"
     RESULTS["Triton vector add"] = (
         f"{n // 2**20} Mi floats: {triton_add.gbps:.0f} GB/s, {triton_add.gbps * 1e9 / copy_bw:.0%} of a copy"
     )
@@ -982,9 +986,9 @@ else:
 del x, y, z
 
 # %% [markdown]
-# A few lines of Triton move bytes at close to the speed of a copy (the assert checks more than 60% of the
-# measured copy bandwidth; the table sets PyTorch's own add beside it). For a kernel like this one that is the
-# whole story: no amount of cleverness inside it can beat the memory roof. The speedups of later weeks come from kernels that do more
+# A few lines of Triton move bytes at the speed of a copy, as fast as PyTorch's own add (the asserts check at
+# least 90% of the measured copy bandwidth, and within 10% of `torch.add`'s time). For a kernel like this one
+# that is the whole story: no amount of cleverness inside it can beat the memory roof. The speedups of later weeks come from kernels that do more
 # per byte (fusing several ops into one pass) or move fewer bytes.
 
 # %% [markdown]
