@@ -16,7 +16,8 @@ Three kernels, one entry point (matmul() picks):
   unit (no address arithmetic in the kernel, out-of-bounds handled by the hardware) and a persistent
   grid of one program per SM walks the tiles, so the epilogue of one tile overlaps the loads of the next.
 - _matmul_split_k_kernel: few output tiles and a long K (decode: M = 1..64 tokens). Each program
-  multiplies one K-slice; a second kernel adds the slices up (no atomics: deterministic).
+  multiplies one K-slice; the last slice of each tile to finish adds them up, in slice order
+  (deterministic), in the same launch.
 
 Precision (see PRECISION POLICY below): fp16/bf16 inputs, fp32 accumulation, output in the input dtype.
 fp32 inputs follow torch.get_float32_matmul_precision(), like torch.matmul.
@@ -27,6 +28,7 @@ fp32 inputs follow torch.get_float32_matmul_precision(), like torch.matmul.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,11 +37,16 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+# The context variable behind triton.set_allocator: set around our launches only, so that an allocator the
+# caller set for their own kernels is left as it was.
+from triton.runtime._allocation import _allocator as triton_allocator
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from common.kernels import INTERPRETED, check_input, sm_count
 from common.kernels.benchmark import Goal, KernelCase, require_gpu
 from common.kernels.launch import LaunchCache, tensor_key
+from common.kernels.workspace import StreamWorkspace, current_raw_stream
 
 __all__ = [
     "ACTIVATIONS",
@@ -207,58 +214,81 @@ def _matmul_kernel(
 # 4. Hopper: TMA descriptors and a persistent grid
 # ----------------------------------------------------------------------------------------------------
 #
-# A TensorDescriptor tells the TMA unit a tensor's base, shape, strides and the block to move; `desc.load`
+# A tensor descriptor tells the TMA unit a tensor's base, shape, strides and the block to move; `desc.load`
 # then copies a whole tile into shared memory asynchronously, with no per-thread address math, and fills
 # out-of-bounds elements with 0 (stores past the edge are dropped). The price: row strides must be
 # multiples of 16 bytes and the last dim contiguous, so this path takes fp16/bf16 with K and N multiples
 # of 8. The grid is persistent (one program per SM, looping over tiles in grouped order); with
 # `flatten=True` the compiler pipelines the two loops as one, prefetching the next tile's first slabs
-# during this tile's epilogue. Block shapes are chosen by the autotuner, so a pre-hook writes them into the
-# descriptors before every launch. Shared memory sets the depth of the pipeline: 128x256x64 in bf16 takes
+# during this tile's epilogue. Shared memory sets the depth of the pipeline: 128x256x64 in bf16 takes
 # 48 KB of A and B slabs per stage plus 64 KB to stage y for the TMA store, so 3 stages (208 KB) fit in an
 # H100's 227 KB per block and 4 would not; 128x128x64 affords 4.
+#
+# Where the descriptors are made is a trade between host and GPU time:
+# - on the host (TensorDescriptor), passed to the kernel as launch parameters: ~13 µs of Python to build
+#   four, and Triton's launcher encodes each one with the driver on every call. In a probe on an H200 a
+#   1024^3 call cost 39 µs of host time this way, 19 µs with descriptors made on the GPU. Block shapes
+#   are chosen by the autotuner, so a pre-hook writes them into the descriptors before every launch.
+# - on the GPU (tl.make_tensor_descriptor, DEVICE_DESCRIPTORS=True): each program writes its descriptors
+#   into global scratch memory that Triton asks our allocator for (a reused workspace, workspace.py). No
+#   host cost, but the kernel is slower: 0.93x cuBLAS against 0.98-1.0x at 2048^3, 0.97x against 0.99x
+#   at 4096^3, equal at 8192^3 (same probe).
+# So small GEMMs, whose GPU time (~11 µs at 1024^3) is less than the host's, make them on the GPU, and
+# large ones, where the host is far ahead of the GPU, on the host (DEVICE_DESCRIPTOR_MAX_WORK).
 
 
 def _set_tma_block_shapes(nargs: dict) -> None:
-    """Autotuner pre-hook: give the descriptors the block shapes of the config about to run."""
+    """Autotuner pre-hook: give host-side descriptors the block shapes of the config about to run."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    nargs["a_desc"].block_shape = [bm, bk]
-    nargs["b_desc"].block_shape = [bk, bn]
-    nargs["y_desc"].block_shape = [bm, bn]
-    nargs["z_desc"].block_shape = [bm, bn]
+    nargs["a"].block_shape = [bm, bk]
+    nargs["b"].block_shape = [bk, bn]
+    nargs["y"].block_shape = [bm, bn]
+    nargs["z"].block_shape = [bm, bn]
 
 
-TMA_INTERPRETER_CONFIG = _config(32, 32, 16, 4, 1, group_m=2, pre_hook=_set_tma_block_shapes)
-TMA_CONFIGS = [
-    _config(bm, bn, bk, warps, stages, pre_hook=_set_tma_block_shapes)
-    for bm, bn, bk, warps, stages in [
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 64, 4, 4),
-        (128, 128, 128, 8, 3),
+def _tma_configs(pre_hook: Callable | None) -> list[triton.Config]:
+    if INTERPRETED:
+        return [_config(32, 32, 16, 4, 1, group_m=2, pre_hook=pre_hook)]
+    return [
+        _config(bm, bn, bk, warps, stages, pre_hook=pre_hook)
+        for bm, bn, bk, warps, stages in [
+            (128, 256, 64, 8, 3),
+            (256, 128, 64, 8, 3),
+            (128, 128, 64, 8, 4),
+            (128, 128, 64, 4, 4),
+            (128, 128, 128, 8, 3),
+        ]
     ]
-]
 
 
-@triton.autotune(configs=[TMA_INTERPRETER_CONFIG] if INTERPRETED else TMA_CONFIGS, key=["M", "N", "K"])
 @triton.jit
 def _matmul_tma_kernel(
-    a_desc,
-    b_desc,
-    y_desc,
-    z_desc,
+    a,
+    b,
+    y,
+    z,
     M,
     N,
     K,
+    stride_am,
+    stride_bk,
+    stride_ym,
     ACTIVATION: tl.constexpr,
     STORE_Z: tl.constexpr,
     NUM_SMS: tl.constexpr,
+    DEVICE_DESCRIPTORS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    # a, b, y, z are host-made descriptors, or (DEVICE_DESCRIPTORS) pointers to make them from here.
+    if DEVICE_DESCRIPTORS:
+        a = tl.make_tensor_descriptor(a, [M, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
+        b = tl.make_tensor_descriptor(b, [K, N], [stride_bk, 1], [BLOCK_K, BLOCK_N])
+        y = tl.make_tensor_descriptor(y, [M, N], [stride_ym, 1], [BLOCK_M, BLOCK_N])
+        if STORE_Z:
+            z = tl.make_tensor_descriptor(z, [M, N], [stride_ym, 1], [BLOCK_M, BLOCK_N])
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
@@ -266,12 +296,20 @@ def _matmul_tma_kernel(
         off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(k_tiles):
-            a = a_desc.load([off_m, k * BLOCK_K])
-            b = b_desc.load([k * BLOCK_K, off_n])
-            acc = tl.dot(a, b, acc)
+            a_tile = a.load([off_m, k * BLOCK_K])
+            b_tile = b.load([k * BLOCK_K, off_n])
+            acc = tl.dot(a_tile, b_tile, acc)
         if STORE_Z:
-            z_desc.store([off_m, off_n], acc.to(z_desc.dtype))
-        y_desc.store([off_m, off_n], _activation(acc, ACTIVATION).to(y_desc.dtype))
+            z.store([off_m, off_n], acc.to(z.dtype))
+        y.store([off_m, off_n], _activation(acc, ACTIVATION).to(y.dtype))
+
+
+# One kernel, autotuned twice: host-made descriptors need the pre-hook before every launch, device-made
+# ones must not pay for it.
+_matmul_tma_host_descriptors = triton.autotune(_tma_configs(_set_tma_block_shapes), key=["M", "N", "K"])(
+    _matmul_tma_kernel
+)
+_matmul_tma_device_descriptors = triton.autotune(_tma_configs(None), key=["M", "N", "K"])(_matmul_tma_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,11 +319,20 @@ def _matmul_tma_kernel(
 # Decode multiplies a handful of token rows by a weight: M = 16, N = 4096, K = 14336 makes 32 tiles of
 # 16 x 128, for 132 SMs: three quarters of the GPU would idle while each program walks all of K. Split-K
 # gives each tile SPLIT_K programs, one per K-slice (about two programs per SM in all, so that each SM has
-# two streams of the weight in flight), and writes their fp32 partial tiles to a
-# (SPLIT_K, M, N) buffer; _split_k_reduce_kernel sums the slices, applies the activation and casts. The
+# two streams of the weight in flight). Each writes its fp32 partial tile to a (SPLIT_K, M, N) buffer; the
 # extra traffic (SPLIT_K x M x N x 4 bytes, written and read once) is small next to reading the K x N
-# weight, which is what a skinny GEMM's time is made of. Atomics onto y would save the second kernel but
-# make the float sum's order (so the result) vary from run to run.
+# weight, which is what a skinny GEMM's time is made of.
+#
+# Who adds the slices up? A second kernel would cost a second launch: ~10 µs of host time, as much as the
+# GPU work of a small decode GEMM. Atomic adds onto y would make the float sum's order, so the result, vary
+# from run to run. Instead each program, once its partial is written, takes a ticket from a per-tile
+# counter (an atomic add); the program that draws the last ticket knows every slice is in memory, sums
+# them in slice order (deterministic, whoever finishes last), applies the activation and writes y. It then
+# puts the counter back to 0, so the counters (a zeroed workspace, reused across calls) are ready for the
+# next launch. The ordering that makes this correct: a barrier, so that all of the program's threads have
+# stored their part of the partial before the ticket is taken; the ticket taken with release-acquire
+# semantics at GPU scope, so that the last program sees the other programs' stores; and the partials read
+# back from L2 (".cg"), not from a possibly stale L1.
 
 SPLIT_K_INTERPRETER_CONFIG = _config(32, 32, 16, 4, 1, group_m=None)
 # A skinny product streams the weight: the configs differ in how much of it each program keeps in flight
@@ -323,7 +370,10 @@ def _prune_split_k_configs(configs: list[triton.Config], named_args: dict, **kwa
 def _matmul_split_k_kernel(
     a_ptr,
     b_ptr,
+    y_ptr,
+    z_ptr,
     partial_ptr,
+    tickets_ptr,
     M,
     N,
     K,
@@ -332,6 +382,8 @@ def _matmul_split_k_kernel(
     stride_ak,
     stride_bk,
     stride_bn,
+    ACTIVATION: tl.constexpr,
+    STORE_Z: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -359,29 +411,24 @@ def _matmul_split_k_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     # Every slice writes its tile, zeros if it got no K steps, so the buffer needs no zero-fill.
-    out = partial_ptr + pid_k.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
+    mask = m_mask[:, None] & n_mask[None, :]
+    tile_offsets = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(partial_ptr + pid_k.to(tl.int64) * M * N + tile_offsets, acc, mask=mask)
 
-
-@triton.jit
-def _split_k_reduce_kernel(
-    partial_ptr,
-    y_ptr,
-    z_ptr,
-    n_elements,
-    SPLIT_K,
-    ACTIVATION: tl.constexpr,
-    STORE_Z: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLIT_K):
-        acc += tl.load(partial_ptr + s * n_elements + offs, mask=mask, other=0.0)
-    if STORE_Z:
-        tl.store(z_ptr + offs, acc.to(z_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + offs, _activation(acc, ACTIVATION).to(y_ptr.dtype.element_ty), mask=mask)
+    # The last slice to finish sums them all, in slice order.
+    tl.debug_barrier()
+    ticket_ptr = tickets_ptr + pid_m * tl.num_programs(1) + pid_n
+    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        part_ptrs = partial_ptr + tile_offsets
+        for _ in tl.range(SPLIT_K, num_stages=3):  # pipelined: the next slices load during this add
+            total += tl.load(part_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+            part_ptrs += M * N
+        out = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        if STORE_Z:
+            tl.store(z_ptr + out, total.to(z_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + out, _activation(total, ACTIVATION).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(ticket_ptr, 0)  # ready for the next launch
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -408,7 +455,6 @@ SPLIT_K_TILE = (64, 128)  # the tile size the auto rule assumes, close to what t
 SPLIT_K_WAVES = 2
 MIN_SPLIT_K_SLICE = 512
 MAX_SPLIT_K = 16
-REDUCE_BLOCK = 1024
 
 
 def fp32_input_precision() -> str:
@@ -464,11 +510,17 @@ def _tma_ok(a2: torch.Tensor, b: torch.Tensor) -> str | None:
 
 # Host time. Triton's Python launch path (autotuner key, argument binding and specialisation, grid) costs
 # ~150 µs per call; a 1024³ GEMM takes ~11 µs on the GPU. So every decision that depends only on the
-# inputs' geometry (which kernel, how many K-slices, the checks) is made once per geometry and kept in
-# _PLANS, and each kernel is launched through a LaunchCache (launch.py), which calls the compiled binary
-# directly after the first call. What is left per call: a dict lookup, the output allocation, the TMA
-# descriptors and the launch: 35-66 µs on the H200's host in a probe, still over the 20 µs aimed at (README,
-# "Results on H200"; `effdl bench kernels` measures it as HOST_GOAL).
+# inputs' geometry (which kernel, how many K-slices, where TMA descriptors are made, the checks) is made
+# once per geometry and kept in _PLANS, and each kernel is launched through a LaunchCache (launch.py),
+# which calls the compiled binary directly after the first call. What is left per call: the key and its
+# lookup (~3 µs in a probe on an H200's host), the output allocation (~4 µs), and one launch, of which
+# Triton's own launcher takes ~12 µs (it queries the driver about every pointer argument); scratch memory
+# comes from per-stream workspaces (workspace.py) instead of an allocation per call. torch.matmul costs
+# ~16 µs there in all. `effdl bench kernels --kernel matmul` measures ours (HOST_GOAL,
+# common/kernels/README.md "Results on H200").
+
+# Below this many multiply-adds (M·N·K) the TMA kernel makes its descriptors on the GPU (section 4).
+DEVICE_DESCRIPTOR_MAX_WORK = 2048**3
 
 
 @dataclass(frozen=True)
@@ -479,23 +531,29 @@ class _Plan:
     activation: str
     precision: str
     splits: int
+    device_descriptors: bool  # the TMA path: descriptors made on the GPU (no host cost) or on the host
+    tickets: int  # the split-K path: per-tile counters needed by the config with the most tiles
 
 
 _PLANS: dict[tuple, _Plan] = {}
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _PORTABLE = LaunchCache(_matmul_kernel)
-_TMA = LaunchCache(_matmul_tma_kernel)
+_TMA_HOST_DESCRIPTORS = LaunchCache(_matmul_tma_host_descriptors)
+_TMA_DEVICE_DESCRIPTORS = LaunchCache(_matmul_tma_device_descriptors)
 _SPLIT_K = LaunchCache(_matmul_split_k_kernel)
-_REDUCE = LaunchCache(_split_k_reduce_kernel)
+_PARTIALS = StreamWorkspace(torch.float32)
+_TICKETS = StreamWorkspace(torch.int32, zeroed=True)
+_DESCRIPTOR_SCRATCH = StreamWorkspace(torch.uint8)
 
 
 def _plan_key(a: object, b: object, *options: object) -> tuple | None:
-    """Everything a plan and a compiled kernel depend on; None (no caching) unless both are plain tensors
-    (a subclass may change what shape, strides or data_ptr report)."""
+    """Everything a plan and a compiled kernel depend on (tensor_key's geometry of a and b, their devices,
+    the fp32 matmul setting, the options); None (no caching) unless both are plain tensors (a subclass may
+    change what shape, strides or data_ptr report)."""
     if type(a) not in _PLAIN_TENSORS or type(b) not in _PLAIN_TENSORS:
         return None
     fp32_setting = torch.get_float32_matmul_precision() if a.dtype == torch.float32 else None
-    return (*tensor_key(a, b), a.device, b.device, fp32_setting, *options)
+    return (*tensor_key(a, b), a.get_device(), b.get_device(), fp32_setting, *options)
 
 
 def _make_plan(a, b, activation, split_k, use_tma, input_precision) -> _Plan:
@@ -511,21 +569,28 @@ def _make_plan(a, b, activation, split_k, use_tma, input_precision) -> _Plan:
     (m, k), n = a2.shape, b.shape[1]
     act = activation or "none"
     precision = (input_precision or fp32_input_precision()) if a.dtype == torch.float32 else "tf32"
+    plan = functools.partial(_Plan, activation=act, precision=precision, device_descriptors=False, tickets=0)
     if m == 0 or n == 0 or k == 0:
-        return _Plan("empty", act, precision, 1)
+        return plan("empty", splits=1)
     splits = split_k if split_k is not None else 1 if use_tma else _auto_split_k(m, n, k, a.device)
     if splits > 1:
-        return _Plan("split_k", act, precision, splits)
+        configs = _matmul_split_k_kernel.configs
+        tiles = max(
+            triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"]) for c in configs
+        )
+        return plan("split_k", splits=splits, tickets=tiles)
     tma_problem = _tma_ok(a2, b) if use_tma is not False else "not asked for"
     if use_tma and tma_problem is not None:
         raise ValueError(f"use_tma=True, but {tma_problem}; pass use_tma=None to let matmul choose")
     if use_tma or (use_tma is None and not INTERPRETED and tma_problem is None):
-        return _Plan("tma", act, precision, 1)
-    return _Plan("portable", act, precision, 1)
+        return plan("tma", splits=1, device_descriptors=m * n * k <= DEVICE_DESCRIPTOR_MAX_WORK)
+    return plan("portable", splits=1)
 
 
 def _rows(a: torch.Tensor, k: int) -> torch.Tensor:
     """a as (rows, K) without a copy, or a clear error."""
+    if a.dim() == 2:
+        return a
     try:
         return a.view(math.prod(a.shape[:-1]), k)  # (..., M, K) -> (rows, K)
     except RuntimeError as err:
@@ -539,18 +604,17 @@ def _launch_split_k(key, a2, b, y, z, plan: _Plan) -> None:
     m, k = a2.shape
     n = b.shape[1]
     splits = plan.splits
-    partial = torch.empty(splits, m, n, dtype=torch.float32, device=a2.device)
+    stream = current_raw_stream(a2.device) if a2.is_cuda else 0
+    partials = _PARTIALS.get(splits * m * n, a2.device, stream)
+    tickets = _TICKETS.get(plan.tickets, a2.device, stream)
 
     def grid(meta: dict) -> tuple[int, int, int]:
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), splits
 
     _SPLIT_K.launch(
-        key, grid, a2, b, partial, m, n, k, splits, a2.stride(0), a2.stride(1), b.stride(0), b.stride(1),
-        PRECISION=plan.precision,
-    )  # fmt: skip
-    _REDUCE.launch(
-        key, (triton.cdiv(m * n, REDUCE_BLOCK),), partial, y, z, m * n, splits,
-        ACTIVATION=plan.activation, STORE_Z=z is not y, BLOCK=REDUCE_BLOCK,
+        key, grid, a2, b, y, z, partials, tickets, m, n, k, splits,
+        a2.stride(0), a2.stride(1), b.stride(0), b.stride(1),
+        ACTIVATION=plan.activation, STORE_Z=z is not y, PRECISION=plan.precision,
     )  # fmt: skip
 
 
@@ -558,15 +622,26 @@ def _launch_tma(key, a2, b, y, z, plan: _Plan) -> None:
     m, k = a2.shape
     n = b.shape[1]
     num_sms = sm_count(a2.device)
-    # The block shapes given here are placeholders: the chosen config's pre-hook sets them.
-    descriptors = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (a2, b, y, z)]
 
     def grid(meta: dict) -> tuple[int]:
         return (min(num_sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
 
-    _TMA.launch(
-        key, grid, *descriptors, m, n, k, ACTIVATION=plan.activation, STORE_Z=z is not y, NUM_SMS=num_sms
-    )
+    strides = (a2.stride(0), b.stride(0), y.stride(0))
+    constexprs = {"ACTIVATION": plan.activation, "STORE_Z": z is not y, "NUM_SMS": num_sms}
+    if plan.device_descriptors:
+        token = triton_allocator.set(_DESCRIPTOR_SCRATCH.allocator)
+        try:
+            _TMA_DEVICE_DESCRIPTORS.launch(
+                key, grid, a2, b, y, z, m, n, k, *strides, DEVICE_DESCRIPTORS=True, **constexprs
+            )
+        finally:
+            triton_allocator.reset(token)
+    else:
+        # The block shapes given here are placeholders: the chosen config's pre-hook sets them.
+        descriptors = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (a2, b, y, z)]
+        _TMA_HOST_DESCRIPTORS.launch(
+            key, grid, *descriptors, m, n, k, *strides, DEVICE_DESCRIPTORS=False, **constexprs
+        )
 
 
 def _launch_portable(key, a2, b, y, z, plan: _Plan) -> None:
@@ -614,16 +689,17 @@ def matmul_forward(
             _PLANS[key] = plan
     k, n = b.shape
     a2 = _rows(a, k)
-    y = torch.empty(a2.shape[0], n, dtype=a.dtype, device=a.device)
+    y = a2.new_empty((a2.shape[0], n))
     # Without store_preactivation, z aliases y and the kernels skip storing it (STORE_Z = z is not y).
     z = torch.empty_like(y) if store_preactivation else y
-    out_shape = (*a.shape[:-1], n)
     if plan.path == "empty":
         y.zero_()  # an empty sum is 0, and every activation here maps 0 to 0
         z.zero_()
     else:
         _LAUNCHERS[plan.path](key, a2, b, y, z, plan)
-    return y.view(out_shape), z.view(out_shape) if store_preactivation else None
+    if a.dim() != 2:  # rows back to a's leading dims
+        y, z = y.view(*a.shape[:-1], n), z.view(*a.shape[:-1], n)
+    return y, z if store_preactivation else None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -110,6 +110,16 @@ def test_tma_kernel_matches_float64(activation: str | None) -> None:
     assert_close(z, reference64(a, b), torch.float16, 48)
 
 
+def test_tma_kernel_with_host_descriptors(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Large products make their TMA descriptors on the host; force that path on the small shape.
+    monkeypatch.setattr(matmul_module, "DEVICE_DESCRIPTOR_MAX_WORK", 0)
+    monkeypatch.setattr(matmul_module, "_PLANS", {})
+    a, b = inputs(40, 72, 48, torch.float16, seed=1)
+    y, z = matmul_forward(a, b, "silu", split_k=1, use_tma=True, store_preactivation=True)
+    assert_close(y, reference64(a, b, "silu"), torch.float16, 48)
+    assert_close(z, reference64(a, b), torch.float16, 48)
+
+
 def test_batched_and_transposed_inputs() -> None:
     # Leading dims of a are rows; transposed views are read through their strides, without copies.
     gen = torch.Generator().manual_seed(4)
@@ -250,6 +260,35 @@ def test_gpu_split_k_decode_shapes(m: int, split_k: int | None) -> None:
 
 
 @pytest.mark.gpu
+def test_gpu_split_k_is_deterministic_and_leaves_its_tickets_at_zero() -> None:
+    """The last slice of each tile sums all slices in slice order: bit-identical results, whichever
+    finishes last; and it resets the tile's counter, so the reused counters are zero between calls."""
+    a, b = inputs(16, 4096, 14336, torch.bfloat16, seed=3)
+    first, _ = matmul_forward(a, b, split_k=8)
+    for _ in range(20):
+        again, _ = matmul_forward(a, b, split_k=8)
+        assert torch.equal(again, first)
+    torch.cuda.synchronize()
+    tickets = matmul_module._TICKETS._buffers.values()
+    assert tickets and all(int(t.abs().sum()) == 0 for t in tickets)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("device_descriptors", [False, True])
+def test_gpu_tma_descriptors_made_on_host_or_device(
+    device_descriptors: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs a Hopper (sm_90) or newer GPU")
+    monkeypatch.setattr(matmul_module, "DEVICE_DESCRIPTOR_MAX_WORK", 2**62 if device_descriptors else 0)
+    monkeypatch.setattr(matmul_module, "_PLANS", {})
+    a, b = inputs(1000, 1032, 1024, torch.bfloat16, seed=2)
+    y, z = matmul_forward(a, b, "gelu_tanh", use_tma=True, store_preactivation=True)
+    assert_close(y, reference64(a, b, "gelu_tanh"), torch.bfloat16, 1024)
+    assert_close(z, reference64(a, b), torch.bfloat16, 1024)
+
+
+@pytest.mark.gpu
 def test_gpu_fp32_ieee_and_tf32() -> None:
     a, b = inputs(512, 384, 1024, torch.float32)
     y64 = reference64(a, b)
@@ -305,6 +344,11 @@ def test_gpu_cached_launches_compute_each_calls_inputs(mnk: tuple[int, int, int]
         assert shifted.data_ptr() % 16 != 0
         y, _ = matmul_forward(shifted, b, activation, **kwargs)
         assert_close(y, reference64(shifted, b, activation), torch.bfloat16, k)
-    path = {"tma": matmul_module._TMA, "portable": matmul_module._PORTABLE, "split_k": matmul_module._SPLIT_K}
+    # The TMA case is small enough to make its descriptors on the GPU (DEVICE_DESCRIPTOR_MAX_WORK).
+    path = {
+        "tma": matmul_module._TMA_DEVICE_DESCRIPTORS,
+        "portable": matmul_module._PORTABLE,
+        "split_k": matmul_module._SPLIT_K,
+    }
     launches = path["tma" if kwargs.get("use_tma") else "split_k" if "split_k" in kwargs else "portable"]
     assert launches.entries, "the calls after the first should have gone through the launch cache"
