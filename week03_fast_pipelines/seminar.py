@@ -1088,8 +1088,10 @@ if DEVICE == "cuda":
 RESULTS["profiling"] = (
     f"per-image augmentation: {augment_share:.0%} of the step's CPU time; batched: step {fix.speedup:.1f}x faster"
 )
-print(f"traces for https://ui.perfetto.dev: {(WORK / 'slow_step.json').relative_to(REPO_ROOT)}, "
-      f"{(WORK / 'fast_step.json').relative_to(REPO_ROOT)}")
+print(
+    f"traces for https://ui.perfetto.dev: {(WORK / 'slow_step.json').relative_to(REPO_ROOT)}, "
+    f"{(WORK / 'fast_step.json').relative_to(REPO_ROOT)}"
+)
 
 # %% [markdown]
 # ### A host-device sync in the loop
