@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import re
 import secrets
 import subprocess
@@ -28,6 +29,7 @@ from common.grading.faults import (
     TimeLimitError,
     WorkerDidNotStartError,
     WrongTypeError,
+    grading_run_pids,
     parse_gpu_holders,
 )
 from common.grading.harness import CaseOutcome, GraderSetupError, GradingContext, TaskResult
@@ -327,6 +329,18 @@ def test_gpu_holders_are_read_from_nvidia_smi() -> None:
     gpus = "0, GPU-aaa\n1, GPU-bbb\n"
     apps = "GPU-bbb, 4242, 30000\nGPU-aaa, 77, 300\nGPU-bbb, 99, [N/A]\n"
     assert parse_gpu_holders(gpus, apps) == {0: [(77, 300)], 1: [(4242, 30000)]}
+
+
+def test_the_grading_run_itself_never_counts_as_another_gpu_holder() -> None:
+    # The checker and the processes that started it (a TA's pytest that used the GPU before grading, as
+    # `pytest -m gpu` does) are the grading run; a sibling or a stranger is not.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        pids = grading_run_pids()
+        assert {os.getpid(), os.getppid()} <= pids and child.pid not in pids and 1 not in pids
+    finally:
+        child.kill()
+        child.wait()
 
 
 # ------------------------------------------------------------------------------------------------- sandbox

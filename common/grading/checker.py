@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import importlib.abc
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from common.grading.faults import (
     SubmissionFault,
     SubmissionRaised,
     gpu_held_by_others,
+    grading_run_pids,
 )
 from common.grading.manifest import Task
 from common.grading.sandbox import SandboxSpec
@@ -150,7 +150,7 @@ class Checker:
         task = self.task_of(request.node.nodeid)
         runner = self.runners[task.id]
         if task.gpus and runner.calls == 0:
-            busy = gpu_held_by_others(tuple(self.config.gpus), {os.getpid()})
+            busy = gpu_held_by_others(tuple(self.config.gpus), grading_run_pids())
             if busy:
                 raise GpuBusyError(busy)
         return Submission(runner, Path(self.config.src))
@@ -191,7 +191,7 @@ class Checker:
             return None
         session = self.sandboxes.session
         return gpu_held_by_others(
-            tuple(self.config.gpus), {os.getpid(), *(session.pids() if session else ())}
+            tuple(self.config.gpus), {*grading_run_pids(), *(session.pids() if session else ())}
         )
 
     def pytest_runtest_logfinish(self, nodeid: str) -> None:

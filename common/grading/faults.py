@@ -9,7 +9,9 @@ exceptions arrive as `SubmissionRaised` with a capped excerpt, never re-raised a
 
 from __future__ import annotations
 
+import os
 import subprocess
+from pathlib import Path
 
 GPU_BUSY_MIB = 512  # another process holding more than this of a task's GPU makes the task unfair to grade
 
@@ -77,6 +79,24 @@ def parse_gpu_holders(gpus_csv: str, apps_csv: str) -> dict[int, list[tuple[int,
         if uuid in index_of and used.isdigit():
             holders[index_of[uuid]].append((int(pid), int(used)))
     return holders
+
+
+def grading_run_pids() -> set[int]:
+    """This process and the processes that started it: the grading run itself, never "another process".
+
+    A TA may grade from a process that already holds the GPU (`pytest -m gpu` runs the selftest in the same
+    process as the GPU tests before it; a notebook may have touched CUDA): its memory is the TA's own choice,
+    not a competing job.
+    """
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:  # no /proc (not Linux), or the parent ended: what we have is what there is
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state; the name may hold spaces
+    return pids
 
 
 def gpu_held_by_others(gpus: tuple[int, ...], ours: set[int]) -> str | None:
