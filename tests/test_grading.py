@@ -33,7 +33,7 @@ from common.grading.faults import (
     parse_gpu_holders,
 )
 from common.grading.harness import CaseOutcome, GraderSetupError, GradingContext, TaskResult
-from common.grading.intake import SubmissionNotFoundError, read_submission
+from common.grading.intake import Submission, SubmissionNotFoundError, read_submission
 from common.grading.manifest import ManifestError, UnknownAssignmentError, find_assignment, load_assignment
 from common.grading.reports import results_json, write_gradebook
 from common.grading.sandbox import SandboxSpec
@@ -225,6 +225,46 @@ def test_student_text_is_printed_as_text_not_markup(toy, tmp_path: Path) -> None
     print_table([result], console)
     text = console.export_text()
     assert name in text and "[red]notes[/x].md" in text
+
+
+def test_tables_stay_readable_at_80_columns(tmp_path: Path) -> None:
+    # A TA's terminal, or any pipe (rich assumes 80 columns there): every total, task and note must show
+    # in full, on lines that fit.
+    from rich.console import Console
+
+    from common.grading.reports import print_table
+    from common.grading.selftest import Verdict, _print
+
+    week03 = find_assignment("week03_fast_pipelines")
+    note = "refused: zip entry 'x/../../etc/passwd' escapes the submission folder"
+    results = []
+    for name, refused in (("a_student_with_a_rather_long_submission_folder_name", None), ("bob", note)):
+        tasks = [
+            TaskResult(t, "needs GPU runner", None) if t.gpus else TaskResult(t, "graded", t.points / 2)
+            for t in week03.tasks
+        ]
+        results.append(SubmissionResult(Submission(name, tmp_path, refused=refused), tasks, duration_s=23.4))
+    console = Console(record=True, width=80)
+    print_table(results, console)
+    _print(
+        [Verdict("scaler_steps_on_inf", "loses points on loss_scaling", results[0])],
+        list(week03.tasks),
+        console,
+    )
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    rows = [line.split("│")[1:-1] for line in text.splitlines() if line.startswith("│")]
+    submission_rows, selftest_rows = rows[:-3], rows[-3:]  # the verdict wraps onto 3 lines
+
+    def column(rows: list[list[str]], index: int, joiner: str = " ") -> str:
+        return joiner.join(row[index].strip() for row in rows if row[index].strip())
+
+    assert column(submission_rows, 0, "") == "a_student_with_a_rather_long_submission_folder_namebob"
+    assert column(submission_rows, -2) == "4.5/9 4.5/9" and column(submission_rows, -1) == "23 s 23 s"
+    assert column(selftest_rows, -1) == "ok (loses points on loss_scaling)"
+    flat = " ".join(text.split())
+    assert f"bob: {note}" in flat and "GPU: needs a GPU runner" in flat
+    assert all(f"{n} {t.id}" in flat for n, t in enumerate(week03.tasks, 1))
 
 
 def test_a_missing_file_is_graded_as_the_stub_and_noted(toy, tmp_path: Path) -> None:

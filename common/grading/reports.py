@@ -18,6 +18,7 @@ from rich.table import Table
 
 from common.grading.batch import SubmissionResult
 from common.grading.harness import TaskResult
+from common.grading.manifest import Task
 from common.grading.sandbox import UNSANDBOXED
 
 
@@ -111,8 +112,38 @@ def write_gradebook(results: Sequence[SubmissionResult], path: Path) -> Path:
     return path
 
 
+# Terminal tables must stay readable at 80 columns and when piped (rich then assumes 80): task columns are
+# numbered, with a legend below; statuses are abbreviated; notes go under the table, not into a column.
+STATUS_SHORT = {"needs GPU runner": "GPU", "infrastructure error": "infra"}
+STATUS_LEGEND = {"GPU": "needs a GPU runner, not graded here", "infra": "infrastructure error, not scored"}
+
+
+def add_task_columns(table: Table, tasks: Sequence[Task]) -> None:
+    """One narrow, right-aligned column per task, headed by its number and points ("3 /1.5")."""
+    for number, task in enumerate(tasks, 1):
+        table.add_column(f"{number}\n/{task.points:g}", justify="right", no_wrap=True)
+
+
+def task_cell(result: TaskResult) -> str:
+    """A task's points, coloured (full green, zero red, partial yellow), or its short status."""
+    if result.score is None:
+        return f"[yellow]{STATUS_SHORT.get(result.status, result.status)}[/yellow]"
+    colour = "green" if result.score == result.task.points else ("red" if result.score == 0 else "yellow")
+    return f"[{colour}]{result.score:.3g}[/{colour}]"
+
+
+def print_legend(console: Console, tasks: Sequence[Task], results: Sequence[Sequence[TaskResult]]) -> None:
+    """What the numbered columns and the short statuses mean."""
+    console.print(
+        "tasks: " + ", ".join(f"{n} {escape(t.id)}" for n, t in enumerate(tasks, 1)), soft_wrap=False
+    )
+    shown = {STATUS_SHORT[t.status] for row in results for t in row if t.status in STATUS_SHORT}
+    for short in sorted(shown):
+        console.print(f"{short}: {STATUS_LEGEND[short]}")
+
+
 def print_table(results: Sequence[SubmissionResult], console: Console | None = None) -> None:
-    """The batch at a glance: a row per submission, a column per task."""
+    """The batch at a glance: a row per submission, a column per task; notes below."""
     console = console or Console()
     if not results:
         return
@@ -122,29 +153,27 @@ def print_table(results: Sequence[SubmissionResult], console: Console | None = N
         title=f"{len(results)} submission(s)"
         + (f" [bold red]{UNSANDBOXED}[/bold red]" if unsandboxed else "")
     )
-    table.add_column("submission", no_wrap=True)
-    for task in tasks:
-        table.add_column(f"{task.id}\n/{task.points:g}", justify="right", no_wrap=True)
+    table.add_column("submission", overflow="fold")
+    add_task_columns(table, tasks)
     table.add_column("total", justify="right", no_wrap=True)
     table.add_column("time", justify="right", no_wrap=True)
-    table.add_column("notes", overflow="fold")
+    notes = []
     for result in results:
-        cells = []
-        for t in result.tasks:
-            if t.score is None:
-                cells.append(f"[yellow]{t.status}[/yellow]")
-            else:
-                colour = "green" if t.score == t.task.points else ("red" if t.score == 0 else "yellow")
-                cells.append(f"[{colour}]{t.score:g}[/{colour}]")
-        notes = result.submission.refused or "; ".join(result.submission.notes)
-        if _unsandboxed(result):
-            notes = f"{UNSANDBOXED}; {notes}"
         # The name and the notes (file names) come from the student: plain text, never rich markup.
         table.add_row(
             escape(result.name),
-            *cells,
+            *(task_cell(t) for t in result.tasks),
             f"{result.score:g}/{result.max_score:g}",
             f"{result.duration_s:.0f} s",
-            escape(notes),
         )
+        note = result.submission.refused or "; ".join(result.submission.notes)
+        if _unsandboxed(result):
+            note = f"{UNSANDBOXED}; {note}"
+        if note:
+            notes.append(f"{escape(result.name)}: {escape(note)}")
     console.print(table)
+    print_legend(console, tasks, [r.tasks for r in results])
+    if notes:
+        console.print("notes:")
+        for note in notes:
+            console.print(f"  {note}")

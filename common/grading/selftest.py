@@ -29,6 +29,7 @@ from common.grading.harness import GradingContext, TaskResult, build_src
 from common.grading.intake import Submission
 from common.grading.manifest import Assignment, Mutant, Task
 from common.grading.public import PublicCase, run_public_tests, starter_problems
+from common.grading.reports import add_task_columns, print_legend, task_cell
 from common.grading.solutions import Transform, apply_mutant, reference_source, starter_source
 
 
@@ -161,18 +162,18 @@ def selftest(
 
 def _print(verdicts: list[Verdict], tasks: list[Task], console: Console) -> None:
     table = Table(title="grader self-test (points per task)")
-    table.add_column("variant", no_wrap=True)
-    for task in tasks:
-        table.add_column(f"{task.id}\n/{task.points:g}", justify="right")
-    table.add_column("public\ntests", justify="right")
-    table.add_column("verdict")
+    table.add_column("variant", overflow="fold")
+    add_task_columns(table, tasks)
+    table.add_column("public\ntests", justify="right", no_wrap=True)
+    table.add_column("verdict", overflow="fold")
     for verdict in verdicts:
-        cells = ["GPU runner" if t.score is None else f"{t.score:.3g}" for t in verdict.result.tasks]
         public = verdict.public or []
-        cells.append(f"{sum(c.outcome == 'passed' for c in public)}/{len(public)} pass" if public else "-")
+        passed = f"{sum(c.outcome == 'passed' for c in public)}/{len(public)}" if public else "-"
         outcome = "[green]ok[/green]" if verdict.ok else "[red]WRONG[/red]: " + "; ".join(verdict.problems)
-        table.add_row(verdict.variant, *cells, f"{outcome} ({verdict.expectation})")
+        cells = [task_cell(t) for t in verdict.result.tasks]
+        table.add_row(verdict.variant, *cells, passed, f"{outcome} ({verdict.expectation})")
     console.print(table)
+    print_legend(console, tasks, [v.result.tasks for v in verdicts])
 
 
 def summary(verdicts: Sequence[Verdict]) -> str:
