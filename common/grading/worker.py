@@ -31,6 +31,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import importlib
+import linecache
 import os
 import resource
 import signal
@@ -107,12 +108,21 @@ class Worker:
     def scenario(self, name: str, source: str) -> types.ModuleType:
         """A scenario module from its source (sent by the trusted side), executed once per worker."""
         if name not in self.scenarios:
-            module = types.ModuleType(f"scenarios.{name}")
-            module.__file__ = f"<scenario {name}>"
-            sys.modules[module.__name__] = module  # dataclasses and pickling look modules up here
-            exec(compile(source, module.__file__, "exec"), module.__dict__)
-            self.scenarios[name] = module
+            self.scenarios[name] = load_scenario(name, source)
         return self.scenarios[name]
+
+
+def load_scenario(name: str, source: str) -> types.ModuleType:
+    """Execute a scenario's source as the module `scenarios.<name>`.
+
+    The source is registered with linecache, so tracebacks show its lines and a spawned rank
+    (`common.grading.ranks`) can be sent the same source."""
+    module = types.ModuleType(f"scenarios.{name}")
+    module.__file__ = f"<scenario {name}>"
+    linecache.cache[module.__file__] = (len(source), None, source.splitlines(keepends=True), module.__file__)
+    sys.modules[module.__name__] = module  # dataclasses and pickling look modules up here
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module
 
 
 def _apply_limits(spawn: dict[str, Any]) -> None:
