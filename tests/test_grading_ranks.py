@@ -51,7 +51,9 @@ def every_collective() -> dict[str, torch.Tensor]:
     seen["reduce_scatter"] = torch.zeros(2)
     dist.reduce_scatter_tensor(seen["reduce_scatter"], torch.arange(2.0 * world) + rank)
     seen["scatter"] = torch.zeros(2)
-    dist.scatter(seen["scatter"], [torch.full((2,), float(r)) for r in range(world)] if rank == 0 else None, src=0)
+    dist.scatter(
+        seen["scatter"], [torch.full((2,), float(r)) for r in range(world)] if rank == 0 else None, src=0
+    )
     pair = dist.new_group([0, 2])
     if rank in (0, 2):
         seen["subgroup"] = x.clone()
@@ -80,7 +82,9 @@ def test_collectives_compute_what_gloo_computes_and_are_logged() -> None:
         torch.testing.assert_close(seen[rank]["reduce"], x[0] + x[1] + x[2] if rank == 2 else x[rank])
         torch.testing.assert_close(seen[rank]["all_gather"], torch.stack(x))
         torch.testing.assert_close(seen[rank]["into_tensor"], torch.cat(x))
-        torch.testing.assert_close(seen[rank]["reduce_scatter"], 3 * torch.arange(2.0 * rank, 2.0 * rank + 2) + 3)
+        torch.testing.assert_close(
+            seen[rank]["reduce_scatter"], 3 * torch.arange(2.0 * rank, 2.0 * rank + 2) + 3
+        )
         torch.testing.assert_close(seen[rank]["scatter"], torch.full((2,), float(rank)))
         torch.testing.assert_close(seen[rank]["async"], x[0] + x[1] + x[2])
     torch.testing.assert_close(seen[0]["subgroup"], x[0] + x[2])
@@ -117,7 +121,9 @@ def test_a_collective_some_ranks_skip_is_reported_at_once() -> None:
     start = time.monotonic()
     run = ranks(only_rank_0_reduces_twice, 2, timeout_s=60)
     assert time.monotonic() - start < 10, "a hang must be found, not waited out"
-    assert run.hang is not None and "rank 0 waits in all_reduce on ranks [0, 1] (its collective #2)" in run.hang
+    assert (
+        run.hang is not None and "rank 0 waits in all_reduce on ranks [0, 1] (its collective #2)" in run.hang
+    )
     assert "rank 1 has finished" in run.hang
     with pytest.raises(AssertionError, match="can never finish"):
         run.returned(None)
@@ -184,7 +190,9 @@ def prints(synchronised: bool, flush: bool) -> None:
     [(True, True, [0, 1, 2, 3]), (False, True, [3, 2, 1, 0]), (True, False, [3, 2, 1, 0])],
     ids=["barriers and flush", "no barriers", "no flush"],
 )
-def test_output_that_relies_on_luck_comes_out_reversed(synchronised: bool, flush: bool, order: list[int]) -> None:
+def test_output_that_relies_on_luck_comes_out_reversed(
+    synchronised: bool, flush: bool, order: list[int]
+) -> None:
     for _ in range(3):  # not by chance: every time
         run = ranks(prints, 4, synchronised, flush)
         assert run.stdout == "".join(f"line of rank {r}\n" for r in order)

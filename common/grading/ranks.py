@@ -23,9 +23,13 @@ code can unwrap any wrapper and reset any counter), so here the count is a by-pr
   means, its ranks' own sockets or files: writing a transport, not calling torch.distributed.
 - The hub is trusted only because no student code ever ran in its process: `run_ranks` refuses to start if
   the student's package was imported into the worker (a hidden test of a distributed task reaches the
-  submission only through ranks). It makes itself non-dumpable, so a rank can neither ptrace it nor write its
-  memory through /proc, and each rank closes every socket but its own link (the checker's channel too) before
-  any scenario or student code runs.
+  submission only through ranks). It is non-dumpable, as the worker template it was forked from, so a rank can
+  neither ptrace it nor write its memory through /proc; no folder on its sys.path is writable (`sandbox`); and
+  each rank closes every socket but its own link (the checker's channel too) before any scenario or student
+  code runs.
+- What it cannot see: the ranks share the sandbox's /tmp and loopback network, so a submission that writes its
+  own transport (a socket or a file between its ranks) moves data the hub never carries. That is deliberate
+  work, visible in the submitted source, and not a collective call too many; the statement forbids it.
 - The schedule is adversarial, so that output which relies on luck fails every time: ranks start one at a
   time, highest rank first, each running until its first collective or its end, and leave one at a time,
   highest first. Text that a rank printed without synchronising, or without flushing, comes out reversed.
@@ -67,7 +71,7 @@ from torch.futures import Future
 
 from common.grading import wire
 from common.grading.client import expect
-from common.grading.worker import load_scenario, summarize_exception
+from common.grading.worker import load_scenario, make_undumpable, summarize_exception
 
 __all__ = ["HUB_BACKEND", "Collective", "RankRun", "run_ranks"]
 
@@ -286,11 +290,6 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
 
 
-def _undumpable() -> None:
-    """PR_SET_DUMPABLE 0: processes of the same user may no longer ptrace this one or open its /proc files."""
-    ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)
-
-
 def _fork_rank(
     setup: _RankSetup, fn: Callable[..., Any], args: tuple, stdout_fd: int
 ) -> tuple[int, socket.socket]:
@@ -324,6 +323,7 @@ def _spawn_rank(
     ours, theirs = socket.socketpair()
     command = [
         sys.executable,
+        "-P",  # no current directory (writable) on sys.path
         "-c",
         f"from common.grading.ranks import spawned_main; spawned_main({theirs.fileno()})",
     ]
@@ -528,7 +528,7 @@ class _Hub:
             return
         try:
             outputs = _carry_out(posts)
-        except (HubError, RuntimeError, IndexError) as error:
+        except Exception as error:  # what the ranks posted cannot be carried out: every member is told why
             for p in posts:
                 self._reply(p, None, f"{post.describe()}: {error}")
             return
@@ -711,7 +711,7 @@ def run_ranks(
     world_size = len(rank_args)
     if world_size < 1:
         raise ValueError("run_ranks needs at least one rank")
-    _undumpable()
+    make_undumpable()  # the template already is; a hub outside the sandbox (tests) must be too
     sys.stdout.flush()  # a fork copies what is still buffered: it must not reach the ranks' output
     store = os.path.join(os.getcwd(), f".ranks-store-{os.getpid()}-{time.monotonic_ns()}")
     start = _spawn_rank if (torch.cuda.is_initialized() if spawn is None else spawn) else _fork_rank
@@ -777,7 +777,8 @@ class RankRun:
     def returned(self, returns: Any) -> list[Any]:
         """Every rank's value, each checked against `returns`; AssertionError if a rank failed or hung."""
         problem = self.failure()
-        assert problem is None, problem
+        if problem is not None:
+            raise AssertionError(problem)
         return [expect(value, returns, f"rank {rank}") for rank, value in enumerate(self.values)]
 
     def count(self, rank: int, kinds: Sequence[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import ctypes
 import importlib
 import linecache
 import os
@@ -177,8 +178,17 @@ def _exit_status(status: int) -> str:
     return f"exit code {os.waitstatus_to_exitcode(status)}"
 
 
+def make_undumpable() -> None:
+    """PR_SET_DUMPABLE 0, inherited by forks: processes of the same user can no longer ptrace this one or open
+    its /proc/PID/mem. The template is shared by the tasks of a submission, so code that one task's worker
+    started must not be able to rewrite it (and every later task's worker with it)."""
+    pr_set_dumpable = 4
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
+
+
 def serve_template(channel: socket.socket, pid_namespace: bool, preload: list[str]) -> None:
     """The template's loop: fork a worker per "spawn", wait for it, clean up, report."""
+    make_undumpable()
     for module in ["torch", *preload]:  # the point of the template: imported once, shared by every fork
         importlib.import_module(module)
     wire.send(channel, {"event": "template ready"})
