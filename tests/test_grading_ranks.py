@@ -13,13 +13,17 @@ import socket
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from common.grading import wire
 from common.grading.client import WrongTypeError
 from common.grading.ranks import Collective, RankRun, run_ranks
+from common.grading.sandbox import SandboxSpec
+from common.grading.session import Session, WorkerLimits
 from common.grading.worker import load_scenario
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the hub forks Linux processes")
@@ -225,6 +229,44 @@ def test_a_rank_holds_only_its_own_link_and_the_hub_is_not_dumpable() -> None:
     )
 
 
+HUB_PROBE = """
+import ctypes, os
+from common.grading.ranks import run_ranks
+
+
+def _reach_the_hub():
+    try:
+        open(f"/proc/{os.getppid()}/mem", "rb").close()
+        memory = "opened"
+    except OSError as error:
+        memory = type(error).__name__
+    ptrace_attach, ptrace_detach = 16, 17
+    libc = ctypes.CDLL(None, use_errno=True)
+    attached = libc.ptrace(ptrace_attach, os.getppid(), 0, 0) == 0
+    if attached:
+        os.waitpid(os.getppid(), 0)  # the hub stops on attach; let it go again
+        libc.ptrace(ptrace_detach, os.getppid(), 0, 0)
+    return {"memory": memory, "attached": attached, "uid": os.getuid()}
+
+
+def reach_the_hub():
+    return run_ranks(_reach_the_hub, [(), ()], package="probe")
+"""
+
+
+def test_in_the_sandbox_a_rank_can_neither_ptrace_the_hub_nor_read_its_memory(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    session = Session(SandboxSpec(src=tmp_path / "src", scratch=tmp_path / "scratch"))
+    try:
+        session.spawn(WorkerLimits(address_space_bytes=8 * 2**30), "/tmp/task")
+        target = {"scenario": "hub_probe", "source": HUB_PROBE, "function": "reach_the_hub"}
+        reply = session.exchange({"op": "call", "id": 1, "target": target, "args": wire.encode([])}, 120)
+    finally:
+        session.kill()
+    seen = RankRun.from_data(wire.decode(reply["value"])).returned(dict)
+    assert seen == [{"memory": "PermissionError", "attached": False, "uid": 65534}] * 2
+
+
 def test_the_hub_refuses_a_process_that_imported_the_submission(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, PACKAGE, sys)
     with pytest.raises(RuntimeError, match="must never run the submission's code"):
@@ -258,3 +300,15 @@ def test_spawned_ranks_on_a_real_backend_run_a_scenario_from_its_source() -> Non
     run = RankRun.from_data(data)
     assert run.returned(list) == [["gloo", [3.0, 3.0, 3.0]]] * 2
     assert run.collectives == [[], []], "nothing is counted on a real backend"
+
+
+def all_to_all_single() -> None:
+    dist.all_to_all_single(torch.zeros(2), torch.ones(2))
+
+
+def test_an_unsupported_operation_says_what_to_use_instead() -> None:
+    run = ranks(all_to_all_single, 2)
+    assert run.failure() == (
+        "rank 0 of 2 raised HubError: the grader's process group has no all_to_all_single: use all_to_all with "
+        "tensor lists"
+    )

@@ -50,7 +50,7 @@ def run(submission: Submission, world_size: int, micro: int, steps: int, rows: i
 def test_steps_equal_one_process_on_the_global_batch(
     submission: Submission, world_size: int, micro: int, steps: int, rows: int
 ) -> None:
-    ran, per_rank = run(submission, world_size, micro, steps, rows, seed=world_size + micro)
+    _, per_rank = run(submission, world_size, micro, steps, rows, seed=world_size + micro)
     expected = reference_params(world_size, micro, steps, rows, seed=world_size + micro)
     for rank, seen in enumerate(per_rank):
         flags = [(call + 1) % micro == 0 for call in range(steps * micro)]
