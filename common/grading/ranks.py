@@ -77,7 +77,7 @@ __all__ = ["HUB_BACKEND", "Collective", "RankRun", "run_ranks"]
 
 HUB_BACKEND = "effdl_hub"
 STDOUT_BYTES = 1 << 20  # of the ranks' output kept: enough for any test, too little to exhaust the worker
-EXIT_WAIT_S = 10.0  # for a rank to exit once told to, before it is killed
+EXIT_WAIT_S = 10.0  # for a rank to exit once told to, or to finish a message it began, before it is killed
 _REDUCE_OPS = ("SUM", "AVG", "PRODUCT", "MIN", "MAX", "BAND", "BOR", "BXOR")
 _REDUCERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "sum": torch.add, "avg": torch.add, "product": torch.mul, "min": torch.minimum, "max": torch.maximum,
@@ -407,6 +407,7 @@ class _Hub:
         self.hang: str | None = None
         self.selector = selectors.DefaultSelector()
         for number, rank in enumerate(ranks):
+            rank.sock.settimeout(EXIT_WAIT_S)  # a rank that sends half a message must not stall the hub
             self.selector.register(rank.sock, selectors.EVENT_READ, number)
         os.set_blocking(stdout_fd, False)
         self.selector.register(stdout_fd, selectors.EVENT_READ, "stdout")
