@@ -397,7 +397,15 @@ def probe_src(tmp_path: Path) -> Path:
         "def detach_and_hang(marker):\n"
         "    subprocess.Popen(['setsid', 'sleep', '300', marker])\n    time.sleep(300)\n\n\n"
         "def fork(n):\n    for _ in range(n):\n        if os.fork() == 0:\n            time.sleep(60)\n            os._exit(0)\n"
-        "        time.sleep(0.002)\n    time.sleep(60)\n"
+        "        time.sleep(0.002)\n    time.sleep(60)\n\n\n"
+        "def reach_the_template():\n"
+        "    try:\n        open(f'/proc/{os.getppid()}/mem', 'rb').close()\n        mem = 'opened'\n"
+        "    except OSError as error:\n        mem = type(error).__name__\n"
+        "    planted = []\n"
+        "    for folder in sys.path:\n"
+        "        try:\n            open(os.path.join(folder or '.', 'planted.py'), 'w').close()\n            planted.append(folder)\n"
+        "        except OSError:\n            pass\n"
+        "    return {'mem': mem, 'planted': planted}\n"
     )
     return tmp_path / "src"
 
@@ -430,6 +438,17 @@ def test_the_sandbox_sees_nothing_of_the_machine(probe_src: Path) -> None:
         f"the sandbox sees other processes: {seen['pids']}"
     )  # init, template, worker
     assert "home" not in seen["root"] and "etc" in seen["root"] and "assignments" not in seen["root"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the grading sandbox runs on Linux")
+def test_a_worker_can_neither_rewrite_the_template_nor_plant_a_module(probe_src: Path) -> None:
+    """The template outlives every task of a submission, and hosts the hub of distributed tasks' workers."""
+    session = _session(probe_src)
+    try:
+        seen = wire.decode(_call(session, "probe:reach_the_template")["value"])
+    finally:
+        session.kill()
+    assert seen == {"mem": "PermissionError", "planted": []}, seen
 
 
 def test_binds_below_tmp_land_on_top_of_the_sandboxs_tmpfs(tmp_path: Path) -> None:

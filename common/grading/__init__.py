@@ -17,6 +17,8 @@ How the pieces fit (each module has one job):
 - `sandbox`    the bubblewrap command line (namespaces, read-only binds, empty environment);
 - `worker`     the untrusted side: a template that has imported torch, forked into one worker per task;
 - `wire`       the data-only format both sides speak (JSON and raw tensor bytes; nothing runs on load);
+- `ranks`      distributed code under test: N ranks in the worker, every collective carried out and logged
+               by a hub the submission's code never runs in;
 - `batch`      grades many submissions in parallel and assigns GPUs;
 - `reports`    the terminal table, Gradescope `results.json` and the CSV gradebook;
 - `public`     runs the public tests as students do (the self-test and the release use it);

@@ -6,8 +6,10 @@
   no view of other processes (a fresh /proc shows only the sandbox's), no capabilities, uid 65534;
 - a new mount namespace built from nothing: read-only binds of /usr, the Python interpreter, the environment
   and the course library (`common`, at /course/common), the submitted package (read-only, at /submission/src),
-  a size-capped tmpfs at /tmp (the worker's writable work tree and HOME); nothing else of /etc, /home, /root,
-  the course repository or the grader's files, so no hidden test, no reference and no secret is in view;
+  a size-capped tmpfs at /tmp (the worker's writable work tree and HOME), on a root remounted read-only;
+  nothing else of /etc, /home, /root, the course repository or the grader's files, so no hidden test, no
+  reference and no secret is in view, and no folder on sys.path is writable (Python runs with -P, so the
+  current directory is not on it: a task cannot plant a module that a later task's worker would import);
 - an empty environment plus the few variables the worker needs;
 - `--die-with-parent`: if the checker dies, so does the sandbox; killing `bwrap` kills everything inside.
 
@@ -127,7 +129,9 @@ def bwrap_path() -> str:
 def command(spec: SandboxSpec, channel_fd: int) -> list[str]:
     """The argv that starts the worker template for `spec` (inside bwrap unless `spec.sandboxed` is False);
     the template talks on the inherited socket `channel_fd`."""
-    worker = [sys.executable, "-m", "common.grading.worker", "serve", f"--channel-fd={channel_fd}"]
+    # -P: no current directory on sys.path; the worker's is the writable /tmp, where a file the submission
+    # left would shadow a module imported later.
+    worker = [sys.executable, "-P", "-m", "common.grading.worker", "serve", f"--channel-fd={channel_fd}"]
     worker += [f"--preload={module}" for module in spec.preload]
     env = _environment(spec)
     if not spec.sandboxed:
@@ -146,7 +150,9 @@ def command(spec: SandboxSpec, channel_fd: int) -> list[str]:
     argv += ["--ro-bind", str(spec.src), SRC_MOUNT]
     if spec.gpus:
         _bind_gpus(argv, spec.gpus)
-    argv += ["--clearenv"]
+    # The root is a tmpfs whose folders bwrap made for the binds (/course, the parents of the environment): on
+    # sys.path, and writable until remounted. Only /tmp stays writable.
+    argv += ["--remount-ro", "/", "--clearenv"]
     for key, value in env.items():
         argv += ["--setenv", key, value]
     return [*argv, "--chdir", "/tmp", "--", *worker, "--pid-namespace"]

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import ctypes
 import importlib
+import linecache
 import os
 import resource
 import signal
@@ -107,12 +109,21 @@ class Worker:
     def scenario(self, name: str, source: str) -> types.ModuleType:
         """A scenario module from its source (sent by the trusted side), executed once per worker."""
         if name not in self.scenarios:
-            module = types.ModuleType(f"scenarios.{name}")
-            module.__file__ = f"<scenario {name}>"
-            sys.modules[module.__name__] = module  # dataclasses and pickling look modules up here
-            exec(compile(source, module.__file__, "exec"), module.__dict__)
-            self.scenarios[name] = module
+            self.scenarios[name] = load_scenario(name, source)
         return self.scenarios[name]
+
+
+def load_scenario(name: str, source: str) -> types.ModuleType:
+    """Execute a scenario's source as the module `scenarios.<name>`.
+
+    The source is registered with linecache, so tracebacks show its lines and a spawned rank
+    (`common.grading.ranks`) can be sent the same source."""
+    module = types.ModuleType(f"scenarios.{name}")
+    module.__file__ = f"<scenario {name}>"
+    linecache.cache[module.__file__] = (len(source), None, source.splitlines(keepends=True), module.__file__)
+    sys.modules[module.__name__] = module  # dataclasses and pickling look modules up here
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module
 
 
 def _apply_limits(spawn: dict[str, Any]) -> None:
@@ -167,8 +178,17 @@ def _exit_status(status: int) -> str:
     return f"exit code {os.waitstatus_to_exitcode(status)}"
 
 
+def make_undumpable() -> None:
+    """PR_SET_DUMPABLE 0, inherited by forks: processes of the same user can no longer ptrace this one or open
+    its /proc/PID/mem. The template is shared by the tasks of a submission, so code that one task's worker
+    started must not be able to rewrite it (and every later task's worker with it)."""
+    pr_set_dumpable = 4
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
+
+
 def serve_template(channel: socket.socket, pid_namespace: bool, preload: list[str]) -> None:
     """The template's loop: fork a worker per "spawn", wait for it, clean up, report."""
+    make_undumpable()
     for module in ["torch", *preload]:  # the point of the template: imported once, shared by every fork
         importlib.import_module(module)
     wire.send(channel, {"event": "template ready"})
