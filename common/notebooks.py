@@ -61,10 +61,17 @@ def source_hash(nb: NotebookNode) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
+def with_jupytext_header(nb: NotebookNode) -> NotebookNode:
+    """nb with exactly the committed jupytext header (JUPYTEXT_METADATA). jupytext.read adds the text
+    representation of the file it read, which JupyterLab's save drops again: stored, it would make a
+    student's first save change the committed notebook."""
+    nb.metadata["jupytext"] = dict(JUPYTEXT_METADATA)
+    return nb
+
+
 def sync(week: Week) -> Path:
     """Write `seminar.ipynb` from `seminar.py`, keeping stored outputs and metadata where cells are unchanged."""
-    source = read_source(week)
-    source.metadata.setdefault("jupytext", {}).update(JUPYTEXT_METADATA)
+    source = with_jupytext_header(read_source(week))
     if week.seminar_ipynb.is_file():
         stored = nbformat.read(week.seminar_ipynb, as_version=4)
         source = combine_inputs_with_outputs(source, stored, fmt="ipynb")
@@ -192,7 +199,7 @@ def record(run: SeminarRun) -> Path:
             f"the committed notebook must hold a full-size GPU run, but this run was "
             f"{'small' if run.small else 'full'} on {device}; rerun with --full on a GPU"
         )
-    nbformat.write(run.notebook, run.week.seminar_ipynb)
+    nbformat.write(with_jupytext_header(run.notebook), run.week.seminar_ipynb)
     return run.week.seminar_ipynb
 
 

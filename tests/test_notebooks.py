@@ -174,8 +174,11 @@ def test_staleness_rejects_outputs_recorded_with_other_versions(tiny_week: Week,
 
 def test_sync_keeps_outputs_of_unchanged_cells(tiny_week: Week, tmp_path) -> None:
     notebooks.record(pretend_full_gpu_run(notebooks.execute(tiny_week, small=True, out_dir=tmp_path)))
+    recorded = nbformat.read(tiny_week.seminar_ipynb, as_version=4)
     notebooks.sync(tiny_week)
     stored = nbformat.read(tiny_week.seminar_ipynb, as_version=4)
+    # Both write exactly the committed jupytext header: no text representation, which a save would drop.
+    assert recorded.metadata["jupytext"] == stored.metadata["jupytext"] == notebooks.JUPYTEXT_METADATA
     assert notebooks.summary_text(stored) == "n = 10, total = 45"
     assert stored.metadata["effdl"]["device"] == "NVIDIA H100 80GB HBM3"
 
