@@ -8,6 +8,7 @@ import math
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -69,6 +70,7 @@ def test_the_toy_manifest_parses(toy) -> None:
         (('partial_credit = "all_or_nothing"', 'partial_credit = "most"'), "field `partial_credit` must be one of"),
         (("points = 2\n", "points = -1\n"), "field `points` must be > 0"),
         (('tests = ["tests/hidden/test_add.py"]', 'tests = ["tests/public/test_public.py"]'), "not a path under tests/hidden/"),
+        (('tests = ["tests/hidden/test_add.py"]', 'tests = ["tests/hidden/test_addition.py"]'), "not a path under tests/hidden/"),
         (('submit = ["toy/ops.py"]', 'submit = ["toy/missing.py"]'), "field `submit` entry 'toy/missing.py'"),
         (("points = 2\n", 'points = "two"\n'), "field `points` must be int or float"),
     ],
@@ -90,6 +92,29 @@ def test_a_mutant_with_an_unknown_target_is_refused(tmp_path: Path) -> None:
         ManifestError, match=r"add_off_by_one.toml: field `targets` names unknown tasks \['div'\]"
     ):
         load_assignment(root)
+
+
+def test_without_hidden_tests_the_manifest_loads_and_grading_refuses_in_one_line(toy, tmp_path: Path) -> None:
+    # The student repository: manifests are released, hidden tests and mutants are not.
+    from common.grading.grade import grade
+    from common.grading.manifest import InstructorOnlyError
+    from common.grading.selftest import selftest
+
+    shutil.rmtree(toy.root / "tests" / "hidden")
+    shutil.rmtree(toy.root / "mutants")
+    released = load_assignment(toy.root)
+    assert not released.has_hidden_tests and released.tasks == toy.tasks and released.mutants == ()
+    for command, run in (
+        ("grade", lambda: grade(released, [tmp_path], tmp_path / "out")),
+        ("selftest", lambda: selftest(released)),
+    ):
+        with pytest.raises(InstructorOnlyError) as error:
+            run()
+        assert str(error.value) == (
+            f"`effdl {command}` is for the instructor repository: toy_assignment has no hidden tests here "
+            "(tests/hidden/ is not released to students)"
+        )
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_unknown_assignment_lists_the_known_ones(tmp_path: Path) -> None:
