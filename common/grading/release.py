@@ -5,9 +5,9 @@ The release is every file of the course that git tracks (or would track), except
 solution block in `assignments/*/src/` replaced by its `NotImplementedError` stub and every instructors-only
 block of a Markdown file dropped (the README's TA and instructor sections), so that the student README and
 the release's own test suite hold there. It starts a fresh git history, so nothing of the instructors'
-commits travels. Then it checks its own output: no marker and no run of three lines from a solution
-survives, nothing withheld is present, and every public test fails with `NotImplementedError` (never with
-an import error).
+commits travels. Then it checks its own output: no solution marker and no run of three lines from a
+solution survives, nothing withheld is present, and every public test fails with `NotImplementedError`
+(never with an import error).
 """
 
 from __future__ import annotations
@@ -195,10 +195,6 @@ def check_release(out_dir: Path, solution_windows: dict[tuple[str, ...], str], r
             continue
         if _is_solution_source(relative) and has_markers(text):
             problems.append(f"{relative}: a solution marker survived")
-        if relative.suffix == ".md" and {BEGIN_INSTRUCTORS, END_INSTRUCTORS} & {
-            line.strip() for line in text.splitlines()
-        }:
-            problems.append(f"{relative}: an instructors-only marker survived")
         sizes = {len(w) for w in solution_windows}
         found = set().union(*(_windows(text, size) for size in sizes)) if sizes else set()
         leaked = sorted({solution_windows[w] for w in found & solution_windows.keys()})
