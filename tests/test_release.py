@@ -9,6 +9,7 @@ command in the release before publishing it; README, "For instructors"):
 - its READMEs have no TA or instructor section; the `effdl` commands of its README exist there and none needs
   the graders; the repository tests of the README (tests/test_repo.py: quickstart, CI command, links) pass;
 - each assignment's public tests, run as the README says, fail with `NotImplementedError` and nothing else;
+- its CI's lint (`ruff check .`) passes on the stubbed sources;
 - the commands that need the graders answer in one line that they are for the instructor repository.
 """
 
@@ -143,6 +144,13 @@ def test_the_student_readme_shows_only_effdl_commands_that_work_in_the_release(
 def test_the_readme_promises_hold_in_the_release(release: ReleaseReport) -> None:
     """tests/test_repo.py in the release: quickstart of two commands, CI runs the test command, links exist."""
     result = run_in(release, "-m", "pytest", "tests/test_repo.py", "-q", "-p", "no:cacheprovider")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_the_release_passes_the_lint_of_its_ci(release: ReleaseReport) -> None:
+    """.ci/run lints before it tests; the stubs must not leave, say, the solution's imports flagged."""
+    result = run_in(release, "-m", "ruff", "check", ".", "--no-cache")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
