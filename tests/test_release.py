@@ -5,7 +5,7 @@ than CI can spend twice, so CI checks here what can break only in the release (i
 command in the release before publishing it; README, "For instructors"):
 
 - nothing of the instructors' is left: hidden tests, mutants, solution code, the tests that need them, history;
-- every test file it ships imports: its own test command, collected but not run;
+- every test file it ships imports, and no public test is among them: its own test command, collected;
 - its READMEs have no TA or instructor section; the `effdl` commands of its README exist there and none needs
   the graders; the repository tests of the README (tests/test_repo.py: quickstart, CI command, links) pass;
 - each assignment's public tests, run as the README says, fail with `NotImplementedError` and nothing else;
@@ -114,6 +114,8 @@ def test_every_test_file_the_release_ships_imports(release: ReleaseReport) -> No
     shipped = sorted(path.relative_to(release.out_dir) for path in release.out_dir.glob("tests/test_*.py"))
     assert shipped, "the release ships no tests"
     assert not [path for path in shipped if f"{path.as_posix()}::" not in result.stdout]
+    # The public tests fail there by design: students run them per assignment, the suite leaves them out.
+    assert "assignments/" not in result.stdout, "the release's test command collects public tests"
 
 
 @pytest.mark.slow
