@@ -172,7 +172,7 @@ def cmd_gradebook_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    """Build the student repository: solutions stubbed, hidden tests and mutants left out, fresh history."""
+    """Build the student repository: solutions stubbed, graders left out, a student README, fresh history."""
     from common.grading.release import build_release
 
     report = build_release(Path(args.out))

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ from common.grading.faults import (
 from common.grading.harness import CaseOutcome, GraderSetupError, GradingContext, TaskResult
 from common.grading.intake import Submission, SubmissionNotFoundError, read_submission
 from common.grading.manifest import ManifestError, UnknownAssignmentError, find_assignment, load_assignment
+from common.grading.release import BEGIN_INSTRUCTORS, END_INSTRUCTORS
 from common.grading.reports import results_json, write_gradebook
 from common.grading.sandbox import SandboxSpec
 from common.grading.session import Session, WorkerLimits
@@ -69,6 +71,7 @@ def test_the_toy_manifest_parses(toy) -> None:
         (('partial_credit = "all_or_nothing"', 'partial_credit = "most"'), "field `partial_credit` must be one of"),
         (("points = 2\n", "points = -1\n"), "field `points` must be > 0"),
         (('tests = ["tests/hidden/test_add.py"]', 'tests = ["tests/public/test_public.py"]'), "not a path under tests/hidden/"),
+        (('tests = ["tests/hidden/test_add.py"]', 'tests = ["tests/hidden/test_addition.py"]'), "not a path under tests/hidden/"),
         (('submit = ["toy/ops.py"]', 'submit = ["toy/missing.py"]'), "field `submit` entry 'toy/missing.py'"),
         (("points = 2\n", 'points = "two"\n'), "field `points` must be int or float"),
     ],
@@ -90,6 +93,29 @@ def test_a_mutant_with_an_unknown_target_is_refused(tmp_path: Path) -> None:
         ManifestError, match=r"add_off_by_one.toml: field `targets` names unknown tasks \['div'\]"
     ):
         load_assignment(root)
+
+
+def test_without_hidden_tests_the_manifest_loads_and_grading_refuses_in_one_line(toy, tmp_path: Path) -> None:
+    # The student repository: manifests are released, hidden tests and mutants are not.
+    from common.grading.grade import grade
+    from common.grading.manifest import InstructorOnlyError
+    from common.grading.selftest import selftest
+
+    shutil.rmtree(toy.root / "tests" / "hidden")
+    shutil.rmtree(toy.root / "mutants")
+    released = load_assignment(toy.root)
+    assert not released.has_hidden_tests and released.tasks == toy.tasks and released.mutants == ()
+    for command, run in (
+        ("grade", lambda: grade(released, [tmp_path], tmp_path / "out")),
+        ("selftest", lambda: selftest(released)),
+    ):
+        with pytest.raises(InstructorOnlyError) as error:
+            run()
+        assert str(error.value) == (
+            f"`effdl {command}` is for the instructor repository: toy_assignment has no hidden tests here "
+            "(tests/hidden/ is not released to students)"
+        )
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_unknown_assignment_lists_the_known_ones(tmp_path: Path) -> None:
@@ -539,7 +565,9 @@ def test_an_unsandboxed_grade_says_so_in_every_report(toy, tmp_path: Path) -> No
 def _toy_course(root: Path) -> Path:
     """A course repository holding only the toy assignment, committed to git as `effdl release` expects."""
     write_toy_assignment(root / "assignments")
-    (root / "README.md").write_text("# Toy course\n")
+    (root / "README.md").write_text(
+        f"# Toy course\n\n{BEGIN_INSTRUCTORS}\nGrade with care.\n{END_INSTRUCTORS}\n\nHi.\n"
+    )
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     return root
 
@@ -552,6 +580,36 @@ def test_release_stubs_the_toy_and_its_public_test_fails_with_not_implemented(tm
     assert report.stubs == 2 and report.public_tests == {"toy_assignment": 1}
     assert not (released / "tests" / "hidden").exists() and not (released / "mutants").exists()
     assert "raise NotImplementedError" in (released / "src" / "toy" / "ops.py").read_text()
+    assert (tmp_path / "out" / "README.md").read_text() == "# Toy course\n\nHi.\n"
+
+
+def test_the_student_markdown_drops_instructor_blocks_and_refuses_unpaired_markers() -> None:
+    from common.grading.release import ReleaseError, student_markdown
+
+    text = (
+        f"# Course\n\nFor all.\n\n{BEGIN_INSTRUCTORS}\n## For TAs\n\nGrade.\n{END_INSTRUCTORS}\n\n## Layout\n"
+    )
+    assert student_markdown(text, "README.md") == "# Course\n\nFor all.\n\n## Layout\n"
+    indented = f"1. Run it.\n   {BEGIN_INSTRUCTORS}\n   Here it passes.\n   {END_INSTRUCTORS}\n2. Submit.\n"
+    assert student_markdown(indented, "README.md") == "1. Run it.\n2. Submit.\n"
+    for broken, message in (
+        (f"x\n{BEGIN_INSTRUCTORS}\ny\n", "README.md:2: .* is never closed by"),
+        (f"x\n{END_INSTRUCTORS}\n", "README.md:2: .* without a"),
+        (f"{BEGIN_INSTRUCTORS}\n{BEGIN_INSTRUCTORS}\n", "README.md:2: .* inside the block opened at line 1"),
+    ):
+        with pytest.raises(ReleaseError, match=message):
+            student_markdown(broken, "README.md")
+
+
+def test_a_course_without_hidden_tests_is_not_released_again(tmp_path: Path) -> None:
+    from common.grading.manifest import InstructorOnlyError
+    from common.grading.release import build_release
+
+    course = _toy_course(tmp_path / "course")
+    shutil.rmtree(course / "assignments" / "toy_assignment" / "tests" / "hidden")
+    with pytest.raises(InstructorOnlyError, match="^`effdl release` is for the instructor repository: "):
+        build_release(tmp_path / "out", root=course)
+    assert not (tmp_path / "out").exists()
 
 
 def test_release_refuses_solution_code_copied_elsewhere(tmp_path: Path) -> None:

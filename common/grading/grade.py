@@ -15,7 +15,7 @@ from common.errors import EffdlError
 from common.grading.batch import SubmissionResult, grade_batch, unique_names
 from common.grading.harness import GradingContext, TaskResult
 from common.grading.intake import Submission, SubmissionNotFoundError, read_submission
-from common.grading.manifest import Assignment
+from common.grading.manifest import Assignment, require_hidden_tests
 from common.grading.reports import print_table, write_gradebook, write_submission
 from common.grading.shard import Shard, write_record
 
@@ -83,6 +83,7 @@ def grade(
     shard: grade only that slice of the batch, and write `out_dir/shard.json` for `effdl gradebook merge`.
     sandboxed: False runs submissions without isolation (`--no-sandbox`); every report then says so.
     """
+    require_hidden_tests(assignment, "effdl grade")
     console = console or Console()
     paths = expand_submissions(paths, assignment)
     batch = list(zip(paths, unique_names(paths), strict=True))  # names unique over the whole batch

@@ -1,7 +1,8 @@
 """`assignment.toml` and `mutants/*.toml`: what an assignment asks for and how it is graded.
 
 A malformed manifest is an instructor's mistake found before any student is graded, so every problem is
-reported with the file and the field that is wrong.
+reported with the file and the field that is wrong. The student repository ships the manifests without
+`tests/hidden/`: there they load (students read `submit`), and the commands that grade refuse in one line.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ class ManifestError(EffdlError):
 
 class UnknownAssignmentError(EffdlError):
     """An assignment name that matches no folder under `assignments/`."""
+
+
+class InstructorOnlyError(EffdlError):
+    """A command that needs an assignment's grader (`tests/hidden/`), which the student repository lacks."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,15 @@ class Assignment:
         return self.root / "src"
 
     @property
+    def hidden_tests(self) -> Path:
+        """The grader's tests: in the instructor repository only (`effdl release` leaves them out)."""
+        return self.root / "tests" / "hidden"
+
+    @property
+    def has_hidden_tests(self) -> bool:
+        return self.hidden_tests.is_dir()
+
+    @property
     def max_points(self) -> float:
         return sum(task.points for task in self.tasks)
 
@@ -150,9 +164,10 @@ def _parse_task(raw: dict[str, Any], where: str, root: Path) -> Task:
         raise ManifestError(
             f"{where}: field `partial_credit` must be one of {PARTIAL_CREDIT_RULES}, got {task.partial_credit!r}"
         )
+    released = not (root / "tests" / "hidden").is_dir()  # a student repository: no grader to point into
     for selection in task.tests:
         path = selection.split("::", 1)[0]
-        if not path.startswith("tests/hidden") or not (root / path).exists():
+        if not path.startswith("tests/hidden") or not (released or (root / path).exists()):
             raise ManifestError(
                 f"{where}: field `tests` entry {selection!r} is not a path under tests/hidden/"
             )
@@ -227,6 +242,15 @@ def load_assignment(root: Path) -> Assignment:
         max_file_kb=_get(head, "max_file_kb", int, where, 256),
         worker_preload=tuple(preload),
     )
+
+
+def require_hidden_tests(assignment: Assignment, command: str) -> None:
+    """Raise InstructorOnlyError, in one line, where `command` cannot run: the assignment has no grader here."""
+    if not assignment.has_hidden_tests:
+        raise InstructorOnlyError(
+            f"`{command}` is for the instructor repository: {assignment.name} has no hidden tests here "
+            "(tests/hidden/ is not released to students)"
+        )
 
 
 def assignment_names(assignments_dir: Path = ASSIGNMENTS_DIR) -> list[str]:

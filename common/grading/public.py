@@ -36,20 +36,25 @@ def run_public_tests(assignment_dir: Path, timeout_s: float = 900) -> list[Publi
         argv = ["tests/public", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", "-o", "addopts=",
                 "-o", f"pythonpath={assignment_dir / 'src'}"]  # fmt: skip
         run_pytest(argv, assignment_dir, env, Path(tmp) / "public.log", timeout_s)
-        if not junit.exists():
-            return []
-        cases = []
-        for case in ElementTree.parse(junit).getroot().iter("testcase"):
-            name = f"{case.get('classname')}.{case.get('name')}"
-            for outcome in ("failure", "error", "skipped"):
-                element = case.find(outcome)
-                if element is not None:
-                    kind = {"failure": "failed", "error": "error", "skipped": "skipped"}[outcome]
-                    cases.append(PublicCase(name, kind, element.get("message") or ""))
-                    break
-            else:
-                cases.append(PublicCase(name, "passed"))
-        return cases
+        return read_junit(junit)
+
+
+def read_junit(junit: Path) -> list[PublicCase]:
+    """One PublicCase per test case of a pytest `--junitxml` report; none if pytest wrote no report."""
+    if not junit.exists():
+        return []
+    cases = []
+    for case in ElementTree.parse(junit).getroot().iter("testcase"):
+        name = f"{case.get('classname')}.{case.get('name')}"
+        for outcome in ("failure", "error", "skipped"):
+            element = case.find(outcome)
+            if element is not None:
+                kind = {"failure": "failed", "error": "error", "skipped": "skipped"}[outcome]
+                cases.append(PublicCase(name, kind, element.get("message") or ""))
+                break
+        else:
+            cases.append(PublicCase(name, "passed"))
+    return cases
 
 
 def starter_problems(cases: list[PublicCase]) -> list[str]:

@@ -1,10 +1,13 @@
 """`effdl release`: the student repository, built from the instructors' one and checked before it ships.
 
 The release is every file of the course that git tracks (or would track), except each assignment's
-`tests/hidden/` and `mutants/`, with every solution block in `assignments/*/src/` replaced by its
-`NotImplementedError` stub. It starts a fresh git history, so nothing of the instructors' commits travels.
-Then it checks its own output: no solution marker and no run of three lines from a solution survives, no
-hidden test is present, and every public test fails with `NotImplementedError` (never with an import error).
+`tests/hidden/` and `mutants/` and the repository tests that need them (INSTRUCTOR_TESTS), with every
+solution block in `assignments/*/src/` replaced by its `NotImplementedError` stub and every instructors-only
+block of a Markdown file dropped (the README's TA and instructor sections), so that the student README and
+the release's own test suite hold there. It starts a fresh git history, so nothing of the instructors'
+commits travels. Then it checks its own output: no solution marker and no run of three lines from a
+solution survives, nothing withheld is present, and every public test fails with `NotImplementedError`
+(never with an import error).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from common.errors import EffdlError
+from common.grading.manifest import assignment_names, load_assignment, require_hidden_tests
 from common.grading.public import run_public_tests, starter_problems
 from common.grading.solutions import find_blocks, has_markers, starter_source
 from common.weeks import REPO_ROOT
@@ -34,7 +38,19 @@ class ReleaseReport:
     )  # assignment -> public tests failing as they must
 
 
+# The repository's own tests that need what the release leaves out (hidden tests, mutants, the reference):
+# the graders' self-tests and the checks of the release itself. The rest is the student repository's suite.
+INSTRUCTOR_TESTS = frozenset({"tests/test_assignments.py", "tests/test_release.py"})
+
+# Markdown between these lines (each alone on its line) is for TAs and instructors: the release drops it.
+BEGIN_INSTRUCTORS = "<!-- BEGIN INSTRUCTORS ONLY -->"
+END_INSTRUCTORS = "<!-- END INSTRUCTORS ONLY -->"
+
+
 def _withheld(path: PurePosixPath) -> bool:
+    """Whether a course file stays in the instructor repository: a grader, a mutant, a test that needs them."""
+    if str(path) in INSTRUCTOR_TESTS:
+        return True
     parts = path.parts
     if len(parts) < 3 or parts[0] != "assignments":
         return False
@@ -64,6 +80,35 @@ def course_files(root: Path) -> list[PurePosixPath]:
     )
 
 
+def student_markdown(text: str, where: str) -> str:
+    """A Markdown file as students get it: each instructors-only block dropped with its marker lines, and
+    with it one blank line of the two around it. Unpaired markers raise ReleaseError naming the line."""
+    out: list[str] = []
+    opened = 0  # the line number of the open block's BEGIN marker; 0 outside a block
+    after_block = False
+    for number, line in enumerate(text.splitlines(keepends=True), start=1):
+        stripped = line.strip()
+        if stripped == BEGIN_INSTRUCTORS:
+            if opened:
+                raise ReleaseError(
+                    f"{where}:{number}: {BEGIN_INSTRUCTORS} inside the block opened at line {opened}"
+                )
+            opened = number
+        elif stripped == END_INSTRUCTORS:
+            if not opened:
+                raise ReleaseError(
+                    f"{where}:{number}: {END_INSTRUCTORS} without a {BEGIN_INSTRUCTORS} before it"
+                )
+            opened, after_block = 0, not out or not out[-1].strip()
+        elif not opened:
+            if stripped or not after_block:
+                out.append(line)
+            after_block = False
+    if opened:
+        raise ReleaseError(f"{where}:{opened}: {BEGIN_INSTRUCTORS} is never closed by {END_INSTRUCTORS}")
+    return "".join(out)
+
+
 WINDOW = 3  # consecutive lines: one line (`return total`) can recur by chance, three in a row from a solution do not
 
 
@@ -91,25 +136,35 @@ def build_release(out_dir: Path, root: Path = REPO_ROOT, check: bool = True) -> 
     """Write the student repository to `out_dir` (which must be new or empty) and check it."""
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ReleaseError(f"{out_dir} exists and is not empty; give --out a new folder")
+    for name in assignment_names(root / "assignments"):  # a student repository has no grader to withhold
+        require_hidden_tests(load_assignment(root / "assignments" / name), "effdl release")
     files = course_files(root)
+    released = [path for path in files if not _withheld(path)]
     stubs = 0
-    for path in files:
-        if _withheld(path):
-            continue
-        target = out_dir / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if _is_solution_source(path):
-            text = (root / path).read_text()
-            stubs += len(find_blocks(text, str(path)))
-            target.write_text(starter_source(text, str(path)))
-            shutil.copymode(root / path, target)
-        else:
-            shutil.copy2(root / path, target)
+    for path in released:
+        (out_dir / path).parent.mkdir(parents=True, exist_ok=True)
+        stubs += _write_released(root / path, out_dir / path, path)
     _fresh_history(out_dir)
-    report = ReleaseReport(out_dir, sum(1 for p in files if not _withheld(p)), stubs)
+    report = ReleaseReport(out_dir, len(released), stubs)
     if check:
         check_release(out_dir, _solution_windows(root, files), report)
     return report
+
+
+def _write_released(source: Path, target: Path, path: PurePosixPath) -> int:
+    """Write one course file as students get it; return how many solution blocks it stubbed."""
+    if _is_solution_source(path):
+        text = source.read_text()
+        target.write_text(starter_source(text, str(path)))
+        blocks = len(find_blocks(text, str(path)))
+    elif path.suffix == ".md":
+        target.write_text(student_markdown(source.read_text(), str(path)))
+        blocks = 0
+    else:
+        shutil.copy2(source, target)
+        return 0
+    shutil.copymode(source, target)
+    return blocks
 
 
 def _fresh_history(out_dir: Path) -> None:
@@ -132,7 +187,7 @@ def check_release(out_dir: Path, solution_windows: dict[tuple[str, ...], str], r
     ):
         relative = PurePosixPath(path.relative_to(out_dir).as_posix())
         if _withheld(relative):
-            problems.append(f"{relative}: hidden tests or mutants must not be released")
+            problems.append(f"{relative}: for instructors only (a grader, a mutant or their tests)")
             continue
         try:
             text = path.read_text()

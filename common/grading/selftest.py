@@ -27,7 +27,7 @@ from common.grading.batch import SubmissionResult, grade_batch
 from common.grading.grade import task_progress
 from common.grading.harness import GradingContext, TaskResult, build_src
 from common.grading.intake import Submission
-from common.grading.manifest import Assignment, Mutant, Task
+from common.grading.manifest import Assignment, Mutant, Task, require_hidden_tests
 from common.grading.public import PublicCase, run_public_tests, starter_problems
 from common.grading.reports import add_task_columns, print_legend, task_cell
 from common.grading.solutions import Transform, apply_mutant, reference_source, starter_source
@@ -118,6 +118,7 @@ def selftest(
     console: Console | None = None,
 ) -> list[Verdict]:
     """Grade the reference, the starter and every mutant; print a table; return the verdicts."""
+    require_hidden_tests(assignment, "effdl selftest")
     console = console or Console()
     task_ids = [t.id for t in assignment.tasks if t.gpus or not only_gpu_tasks]
     reference = variant_files(assignment, reference_source)
