@@ -70,12 +70,12 @@ def cmd_seminar(args: argparse.Namespace) -> int:
     small = args.small if args.small is not None else not torch.cuda.is_available()
     if args.record and small:
         raise EffdlError(
-            "--record stores a full-size GPU run in the committed notebook; use it with --full on a GPU"
+            f"--record stores {week.full_run} in the committed notebook; use it with --full {week.full_run_place}"
         )
     console = Console()
     mode = "small" if small else "full"
     notes = []
-    if not small and not torch.cuda.is_available():
+    if not small and not torch.cuda.is_available() and not week.full_on_cpu:
         notes.append(
             "full sizes on a CPU: meant for a GPU, this can take very long, and timings compare nothing"
         )
@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     seminar.add_argument(
         "--record",
         action="store_true",
-        help="store the outputs in the committed seminar.ipynb (full GPU run only)",
+        help="store the outputs in the committed seminar.ipynb (full runs only: on a GPU, or on a CPU for "
+        "week 4, whose full size is 4 CPU ranks)",
     )
     seminar.add_argument("--timeout", type=int, default=1800, help="seconds one cell may run (default 1800)")
 
