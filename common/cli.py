@@ -100,7 +100,9 @@ def cmd_seminar(args: argparse.Namespace) -> int:
     console.print(f"Executed notebook: {run.path.resolve()}  ({run.duration_s:.1f} s)", soft_wrap=True)
     if args.record:
         console.print(f"Recorded into {notebooks.record(run).relative_to(REPO_ROOT)}")
-    load = max(load_before, machine_load())
+    # A full run of a week meant for a CPU loads the cores with its own ranks (week 4: 4 of them), so the load
+    # after it says nothing about other work: only the load before it does.
+    load = load_before if week.full_on_cpu and not small else max(load_before, machine_load())
     if load > (os.cpu_count() or 1):
         notes.append(
             f"the machine was busy (load average {load:.1f} on {os.cpu_count()} cores): timings are off"

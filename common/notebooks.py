@@ -124,6 +124,9 @@ def execute(
 
     nb = read_source(week)
     nb.metadata.setdefault("jupytext", {}).update(JUPYTEXT_METADATA)
+    # jupytext.read adds where the source came from; the filter above keeps it out of a saved pair, so a
+    # recorded notebook must not carry it either (JupyterLab would drop it on the first save).
+    nb.metadata["jupytext"].pop("text_representation", None)
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / f"{week.name}_seminar.ipynb"
     n_code_cells = sum(cell.cell_type == "code" for cell in nb.cells)

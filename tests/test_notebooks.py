@@ -145,6 +145,13 @@ def test_a_full_cpu_run_is_recorded_and_fresh_where_the_week_runs_full_on_a_cpu(
     assert notebooks.staleness_problems(cpu_full_week) == []
 
 
+def test_a_recorded_notebook_is_what_jupyterlab_would_save(tiny_week: Week, tmp_path) -> None:
+    """No jupytext.text_representation in a recorded notebook: the pair's metadata filter keeps it out."""
+    notebooks.record(pretend_full_gpu_run(notebooks.execute(tiny_week, small=True, out_dir=tmp_path)))
+    stored = nbformat.read(tiny_week.seminar_ipynb, as_version=4)
+    assert stored.metadata["jupytext"] == notebooks.JUPYTEXT_METADATA
+
+
 def test_a_small_run_is_refused_even_where_the_week_runs_full_on_a_cpu(cpu_full_week: Week, tmp_path) -> None:
     run = notebooks.execute(cpu_full_week, small=True, out_dir=tmp_path)
     with pytest.raises(

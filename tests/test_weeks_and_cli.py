@@ -162,7 +162,8 @@ def test_key_results_are_flagged_on_a_busy_machine_or_full_sizes_on_a_cpu(
 def test_full_sizes_on_a_cpu_are_no_warning_for_a_week_meant_for_a_cpu(
     monkeypatch: pytest.MonkeyPatch, capsys, tmp_path
 ) -> None:
-    """Week 4's full size is 4 gloo ranks on a CPU: a real run, so no warning, and --record is allowed."""
+    """Week 4's full size is 4 gloo ranks on a CPU: a real run, so no warning, --record is allowed, and the
+    load its own ranks leave behind is not taken for other work."""
     import types
 
     import torch
@@ -174,7 +175,8 @@ def test_full_sizes_on_a_cpu_are_no_warning_for_a_week_meant_for_a_cpu(
     monkeypatch.setattr(notebooks, "execute", lambda week, **kwargs: fake_run)
     monkeypatch.setattr(notebooks, "record", lambda run: recorded.append(run) or tmp_path / "seminar.ipynb")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(cli, "machine_load", lambda: 0.0)
+    loads = iter([0.0, 4.0 * (os.cpu_count() or 1)])  # idle before; after, the load of the run's own ranks
+    monkeypatch.setattr(cli, "machine_load", lambda: next(loads))
     monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)
     assert cli.main(["seminar", "week04", "--full", "--record", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
