@@ -70,12 +70,12 @@ def cmd_seminar(args: argparse.Namespace) -> int:
     small = args.small if args.small is not None else not torch.cuda.is_available()
     if args.record and small:
         raise EffdlError(
-            "--record stores a full-size GPU run in the committed notebook; use it with --full on a GPU"
+            f"--record stores {week.full_run} in the committed notebook; use it with --full {week.full_run_place}"
         )
     console = Console()
     mode = "small" if small else "full"
     notes = []
-    if not small and not torch.cuda.is_available():
+    if not small and not torch.cuda.is_available() and not week.full_on_cpu:
         notes.append(
             "full sizes on a CPU: meant for a GPU, this can take very long, and timings compare nothing"
         )
@@ -100,7 +100,9 @@ def cmd_seminar(args: argparse.Namespace) -> int:
     console.print(f"Executed notebook: {run.path.resolve()}  ({run.duration_s:.1f} s)", soft_wrap=True)
     if args.record:
         console.print(f"Recorded into {notebooks.record(run).relative_to(REPO_ROOT)}")
-    load = max(load_before, machine_load())
+    # A full run of a week meant for a CPU loads the cores with its own ranks (week 4: 4 of them), so the load
+    # after it says nothing about other work: only the load before it does.
+    load = load_before if week.full_on_cpu and not small else max(load_before, machine_load())
     if load > (os.cpu_count() or 1):
         notes.append(
             f"the machine was busy (load average {load:.1f} on {os.cpu_count()} cores): timings are off"
@@ -338,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     seminar.add_argument(
         "--record",
         action="store_true",
-        help="store the outputs in the committed seminar.ipynb (full GPU run only)",
+        help="store the outputs in the committed seminar.ipynb (full runs only: on a GPU, or on a CPU for "
+        "week 4, whose full size is 4 CPU ranks)",
     )
     seminar.add_argument("--timeout", type=int, default=1800, help="seconds one cell may run (default 1800)")
 

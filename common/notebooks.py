@@ -3,7 +3,8 @@
 - `sync` writes the notebook from the source, keeping the outputs of cells that did not change.
 - `execute` runs a seminar headless, small (CPU, CI) or full (GPU), and writes the executed notebook.
 - `record` stores a full-size GPU run in the committed `seminar.ipynb`, with metadata that ties the outputs to
-  the exact source (a hash of its cells), the GPU and the library versions.
+  the exact source (a hash of its cells), the GPU and the library versions. A week whose full size is meant for
+  a CPU too (`Week.full_on_cpu`, week 4's gloo ranks) may store a full-size CPU run.
 - `staleness_problems` says why a committed notebook no longer belongs to its source; a test asserts none.
 """
 
@@ -128,8 +129,7 @@ def execute(
 
     from common.environment import device_name, library_versions
 
-    nb = read_source(week)
-    nb.metadata.setdefault("jupytext", {}).update(JUPYTEXT_METADATA)
+    nb = with_jupytext_header(read_source(week))
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / f"{week.name}_seminar.ipynb"
     n_code_cells = sum(cell.cell_type == "code" for cell in nb.cells)
@@ -191,15 +191,20 @@ def execute(
     return SeminarRun(week=week, notebook=nb, path=out_path, small=small, duration_s=duration)
 
 
+def _is_full_run(week: Week, small: bool, device: str) -> bool:
+    """Whether a run may stand as the committed notebook: full size, on a GPU or (week.full_on_cpu) a CPU."""
+    return not small and (device != "cpu" or week.full_on_cpu)
+
+
 def record(run: SeminarRun) -> Path:
-    """Store a full-size GPU run as the week's committed `seminar.ipynb`."""
+    """Store a full-size run (on a GPU, or on a CPU where the week allows it) as the committed `seminar.ipynb`."""
     device = run.notebook.metadata[METADATA_KEY]["device"]
-    if run.small or device == "cpu":
+    if not _is_full_run(run.week, run.small, device):
         raise SeminarError(
-            f"the committed notebook must hold a full-size GPU run, but this run was "
-            f"{'small' if run.small else 'full'} on {device}; rerun with --full on a GPU"
+            f"the committed notebook must hold {run.week.full_run}, but this run was "
+            f"{'small' if run.small else 'full'} on {device}; rerun with --full {run.week.full_run_place}"
         )
-    nbformat.write(with_jupytext_header(run.notebook), run.week.seminar_ipynb)
+    nbformat.write(run.notebook, run.week.seminar_ipynb)
     return run.week.seminar_ipynb
 
 
@@ -210,7 +215,8 @@ def staleness_problems(week: Week) -> list[str]:
 
     if not week.seminar_ipynb.is_file():
         return [
-            f"{week.seminar_ipynb.name} is missing: run `effdl seminar {week.name} --full --record` on a GPU"
+            f"{week.seminar_ipynb.name} is missing: run `effdl seminar {week.name} --full --record` "
+            f"{week.full_run_place}"
         ]
     source = read_source(week)
     stored = nbformat.read(week.seminar_ipynb, as_version=4)
@@ -228,10 +234,10 @@ def staleness_problems(week: Week) -> list[str]:
     if meta.get("source_sha256") != source_hash(source):
         problems.append(
             f"{week.name}: the stored outputs come from an older seminar.py; "
-            f"rerun `effdl seminar {week.name} --full --record` on a GPU"
+            f"rerun `effdl seminar {week.name} --full --record` {week.full_run_place}"
         )
-    if meta.get("small", True) or meta.get("device", "cpu") == "cpu":
-        problems.append(f"{week.name}: the stored outputs are not from a full-size GPU run")
+    if not _is_full_run(week, meta.get("small", True), meta.get("device", "cpu")):
+        problems.append(f"{week.name}: the stored outputs are not from {week.full_run}")
     unexecuted = [
         index
         for index, cell in enumerate(stored.cells)

@@ -21,6 +21,11 @@ SYLLABUS: tuple[tuple[str, str], ...] = (
     ("week09_inference_algorithms", "Speculative decoding, quantization, Triton matmul"),
 )
 
+# Weeks whose full size is meant for a CPU as well as a GPU. Week 4 runs its ranks as CPU processes that talk
+# through gloo (4 of them at full size), so a full run on a CPU is a real run: `effdl seminar --full` does not
+# warn about it, and its outputs may be recorded in the committed notebook until a multi-GPU run replaces them.
+FULL_ON_CPU: frozenset[str] = frozenset({"week04_data_parallel"})
+
 
 class UnknownWeekError(EffdlError):
     """A week name that is not in the syllabus."""
@@ -57,6 +62,21 @@ class Week:
     @property
     def assignment_dir(self) -> Path:
         return self.root / "assignments" / self.name
+
+    @property
+    def full_on_cpu(self) -> bool:
+        """Whether a full-size run on a CPU is a real run of this week's seminar (see FULL_ON_CPU)."""
+        return self.name in FULL_ON_CPU
+
+    @property
+    def full_run(self) -> str:
+        """What the committed notebook must hold, in words, for messages."""
+        return "a full-size run (CPU or GPU)" if self.full_on_cpu else "a full-size GPU run"
+
+    @property
+    def full_run_place(self) -> str:
+        """Where to make that run, in words, for messages: "on a GPU" or "on a CPU or a GPU"."""
+        return "on a CPU or a GPU" if self.full_on_cpu else "on a GPU"
 
     @property
     def has_seminar(self) -> bool:

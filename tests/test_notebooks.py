@@ -126,6 +126,44 @@ def test_record_refuses_small_or_cpu_runs(tiny_week: Week, tmp_path) -> None:
     assert not tiny_week.seminar_ipynb.exists()
 
 
+@pytest.fixture
+def cpu_full_week(tmp_path) -> Week:
+    """A stand-in for week 4, whose full size runs on a CPU (4 gloo ranks): a full CPU run is a real run."""
+    week = Week("week04_data_parallel", "a tiny stand-in", root=tmp_path)
+    week.dir.mkdir()
+    week.seminar_py.write_text(TINY_SEMINAR)
+    assert week.full_on_cpu
+    return week
+
+
+def test_a_full_cpu_run_is_recorded_and_fresh_where_the_week_runs_full_on_a_cpu(
+    cpu_full_week: Week, tmp_path
+) -> None:
+    run = notebooks.execute(cpu_full_week, small=False, out_dir=tmp_path)
+    run.notebook.metadata["effdl"]["device"] = "cpu"  # as on a machine without a GPU
+    notebooks.record(run)
+    assert notebooks.staleness_problems(cpu_full_week) == []
+
+
+def test_a_recorded_notebook_is_what_jupyterlab_would_save(tiny_week: Week, tmp_path) -> None:
+    """No jupytext.text_representation in a recorded notebook: the pair's metadata filter keeps it out."""
+    notebooks.record(pretend_full_gpu_run(notebooks.execute(tiny_week, small=True, out_dir=tmp_path)))
+    stored = nbformat.read(tiny_week.seminar_ipynb, as_version=4)
+    assert stored.metadata["jupytext"] == notebooks.JUPYTEXT_METADATA
+
+
+def test_a_small_run_is_refused_even_where_the_week_runs_full_on_a_cpu(cpu_full_week: Week, tmp_path) -> None:
+    run = notebooks.execute(cpu_full_week, small=True, out_dir=tmp_path)
+    with pytest.raises(
+        SeminarError, match=r"a full-size run \(CPU or GPU\).*rerun with --full on a CPU or a GPU"
+    ):
+        notebooks.record(run)
+    nbformat.write(run.notebook, cpu_full_week.seminar_ipynb)  # bypassing record()
+    assert notebooks.staleness_problems(cpu_full_week) == [
+        "week04_data_parallel: the stored outputs are not from a full-size run (CPU or GPU)"
+    ]
+
+
 def test_staleness_detects_edits_on_either_side(tiny_week: Week, tmp_path) -> None:
     assert "is missing" in notebooks.staleness_problems(tiny_week)[0]
     notebooks.record(pretend_full_gpu_run(notebooks.execute(tiny_week, small=True, out_dir=tmp_path)))

@@ -159,6 +159,32 @@ def test_key_results_are_flagged_on_a_busy_machine_or_full_sizes_on_a_cpu(
     assert out.index("note: the machine was busy (load average") > results
 
 
+def test_full_sizes_on_a_cpu_are_no_warning_for_a_week_meant_for_a_cpu(
+    monkeypatch: pytest.MonkeyPatch, capsys, tmp_path
+) -> None:
+    """Week 4's full size is 4 gloo ranks on a CPU: a real run, so no warning, --record is allowed, and the
+    load its own ranks leave behind is not taken for other work."""
+    import types
+
+    import torch
+
+    from common import notebooks
+
+    fake_run = types.SimpleNamespace(path=tmp_path / "run.ipynb", duration_s=1.0, summary="ranks: 4")
+    recorded = []
+    monkeypatch.setattr(notebooks, "execute", lambda week, **kwargs: fake_run)
+    monkeypatch.setattr(notebooks, "record", lambda run: recorded.append(run) or tmp_path / "seminar.ipynb")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    loads = iter([0.0, 4.0 * (os.cpu_count() or 1)])  # idle before; after, the load of the run's own ranks
+    monkeypatch.setattr(cli, "machine_load", lambda: next(loads))
+    monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)
+    assert cli.main(["seminar", "week04", "--full", "--record", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "warning" not in out and "note:" not in out and recorded == [fake_run]
+    assert cli.main(["seminar", "week04", "--small", "--record"]) == 2
+    assert "use it with --full on a CPU or a GPU" in capsys.readouterr().err
+
+
 def test_env_reports_versions() -> None:
     result = run_effdl("env")
     assert result.returncode == 0, result.stderr

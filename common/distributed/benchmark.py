@@ -34,7 +34,7 @@ from common.distributed.ddp import apply_ddp
 from common.distributed.launch import launch
 from common.tables import format_table
 
-__all__ = ["run_all_reduce_benchmark", "run_ddp_benchmark"]
+__all__ = ["IMPLEMENTATIONS", "mlp", "run_all_reduce_benchmark", "run_ddp_benchmark", "time_all_reduces"]
 
 KIB, MIB = 1 << 10, 1 << 20
 SIZES = tuple(64 * KIB * 4**k for k in range(7))  # 64 KiB .. 256 MiB
@@ -62,8 +62,14 @@ def _slowest_rank(value: float) -> float:
     return t.item()
 
 
-def _time_all_reduces(sizes: tuple[int, ...], rounds: int) -> dict[str, dict[str, list[float]]]:
-    """On every rank: seconds of each implementation at each size, as the slowest rank saw them.
+def time_all_reduces(
+    sizes: tuple[int, ...],
+    rounds: int,
+    implementations: dict[str, Callable[[torch.Tensor], object]] = IMPLEMENTATIONS,
+) -> dict[str, dict[str, list[float]]]:
+    """On every rank, through launch: each all-reduce's seconds at each size, as the slowest rank saw them.
+
+    Returns {statistic: {implementation: [seconds per size]}}, the same on every rank.
 
     The sizes take turns, round after round, so that a burst of other work on a shared machine lands on a
     few rounds of every size instead of on all the calls of one size. Three statistics per size: the median
@@ -73,11 +79,11 @@ def _time_all_reduces(sizes: tuple[int, ...], rounds: int) -> dict[str, dict[str
     """
     buffers = {nbytes: torch.zeros(nbytes // 4) for nbytes in sizes}  # zeros stay zeros however often summed
     rounds_ms: dict[str, dict[int, list[list[float]]]] = {
-        name: {n: [] for n in sizes} for name in IMPLEMENTATIONS
+        name: {n: [] for n in sizes} for name in implementations
     }
     for _ in range(rounds):
         for nbytes, x in buffers.items():
-            for name, all_reduce in IMPLEMENTATIONS.items():
+            for name, all_reduce in implementations.items():
                 n = _reps(nbytes)
                 result = bench(
                     partial(all_reduce, x),
@@ -165,7 +171,7 @@ def run_all_reduce_benchmark(out_dir: Path, quick: bool = False) -> list[Path]:
     sizes, rounds = (QUICK_SIZES, 1) if quick else (SIZES, ROUNDS)
     load_before = os.getloadavg()[0]
     timings = {
-        world: launch(_time_all_reduces, world, args=(sizes, rounds), backend="gloo", timeout_s=1800)[0]
+        world: launch(time_all_reduces, world, args=(sizes, rounds), backend="gloo", timeout_s=1800)[0]
         for world in WORLD_SIZES
     }
     measured = {world: timing["typical"] for world, timing in timings.items()}
@@ -245,17 +251,18 @@ def run_all_reduce_benchmark(out_dir: Path, quick: bool = False) -> list[Path]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _mlp(width: int, depth: int) -> nn.Module:
+def mlp(width: int, depth: int, classes: int = 10) -> nn.Sequential:
+    """depth x (Linear(width, width), GELU), then Linear(width, classes): the MLP of week 4's DDP runs."""
     layers: list[nn.Module] = []
     for _ in range(depth):
         layers += [nn.Linear(width, width), nn.GELU()]
-    return nn.Sequential(*layers, nn.Linear(width, 10))
+    return nn.Sequential(*layers, nn.Linear(width, classes))
 
 
 def _compare_ddp(width: int, depth: int, batch: int, reps: int) -> dict[str, Any]:
     """On every rank: torch DDP and apply_ddp on copies of one model, steps timed interleaved."""
     torch.manual_seed(0)
-    theirs_model = _mlp(width, depth)
+    theirs_model = mlp(width, depth)
     ours_model = copy.deepcopy(theirs_model)
     theirs = nn.parallel.DistributedDataParallel(theirs_model)
     apply_ddp(ours_model)
@@ -286,7 +293,7 @@ def run_ddp_benchmark(out_dir: Path, quick: bool = False, world: int = 4) -> lis
     load_before = os.getloadavg()[0]
     result = launch(_compare_ddp, world, args=(width, depth, batch, reps), backend="gloo", timeout_s=1800)[0]
     ratio = 1 / result["comparison"]["speedup"]  # ours / torch's, median of the per-pair ratios
-    n_params = sum(p.numel() for p in _mlp(width, depth).parameters())
+    n_params = sum(p.numel() for p in mlp(width, depth).parameters())
     record = {
         "benchmark": "ddp_step",
         "description": f"forward + backward of an MLP ({n_params / 1e6:.1f} M fp32 parameters), {world} CPU ranks on gloo: "
