@@ -98,6 +98,11 @@ def _python_trees() -> list[str]:
     return sorted(t for t in trees if not any(t != o and t.startswith(o + "/") for o in trees))
 
 
+def _top_folders_below_tmp(paths: list[str]) -> list[str]:
+    """The folders right below /tmp that hold any of `paths` (/tmp/ci for /tmp/ci/.venv)."""
+    return sorted({"/tmp/" + path.split("/")[2] for path in paths if path.startswith("/tmp/")})
+
+
 def _bind_system(argv: list[str]) -> None:
     for path in _SYSTEM:
         where = Path(path)
@@ -143,6 +148,11 @@ def command(spec: SandboxSpec, channel_fd: int) -> list[str]:
     ]  # fmt: skip
     # /tmp first: a bind below it (a checkout or an environment under /tmp) must land on top of the tmpfs.
     argv += ["--size", str(spec.tmp_bytes), "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev"]
+    # The folders bwrap makes for such a bind would be writable parts of /tmp, and one may be on sys.path (an
+    # editable install names its checkout): each gets a tmpfs of its own, made read-only below.
+    below_tmp = _top_folders_below_tmp(_python_trees())
+    for folder in below_tmp:
+        argv += ["--tmpfs", folder]
     _bind_system(argv)
     for tree in _python_trees():
         argv += ["--ro-bind", tree, tree]
@@ -152,7 +162,10 @@ def command(spec: SandboxSpec, channel_fd: int) -> list[str]:
         _bind_gpus(argv, spec.gpus)
     # The root is a tmpfs whose folders bwrap made for the binds (/course, the parents of the environment): on
     # sys.path, and writable until remounted. Only /tmp stays writable.
-    argv += ["--remount-ro", "/", "--clearenv"]
+    argv += ["--remount-ro", "/"]
+    for folder in below_tmp:
+        argv += ["--remount-ro", folder]
+    argv += ["--clearenv"]
     for key, value in env.items():
         argv += ["--setenv", key, value]
     return [*argv, "--chdir", "/tmp", "--", *worker, "--pid-namespace"]
