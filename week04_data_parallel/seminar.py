@@ -54,7 +54,6 @@ DEVICE = "cpu"
 # %%
 import contextlib
 import json
-import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -76,6 +75,7 @@ from common.distributed.launch import RankError, launch
 from common.environment import environment
 from common.profiling import profile_steps
 from common.tables import show_table
+from common.weeks import REPO_ROOT
 
 BACKEND = "gloo"
 ALL_REDUCE = f"{BACKEND}:all_reduce"  # what the profiler calls an all-reduce
@@ -84,12 +84,14 @@ CORES = os.cpu_count() or 1
 CROWDED = CORES <= NPROCS  # no core to spare beside the ranks' main threads: some timings depend on it
 KiB, MiB = 2**10, 2**20
 RESULTS: dict[str, str] = {}  # one line per key result; the summary cell at the end prints them
-WORK = Path(tempfile.mkdtemp(prefix="week04_"))  # profiler traces go here
+# Profiler traces go to build/ (ignored by git), printed relative to the repository.
+WORK = REPO_ROOT / "build" / "week04_data_parallel"
+WORK.mkdir(parents=True, exist_ok=True)
 machine = environment("cpu")
 print(
     f"{NPROCS} ranks on {BACKEND}, sizes: {'small' if SMALL else 'full'}; "
     f"CPU: {machine['cpu']}, {CORES} cores{' (no core to spare)' if CROWDED else ''}; "
-    f"torch {torch.__version__}; scratch: {WORK}"
+    f"torch {torch.__version__}; scratch: {WORK.relative_to(REPO_ROOT)}"
 )
 
 # %% [markdown]
@@ -846,7 +848,7 @@ show_table(
 )  # fmt: skip
 end_spread = max(last_end.values()) - min(last_end.values())
 print(f"ms since the first forward began; the last all-reduces end within {end_spread:.1f} ms of each other")
-print(f"Chrome traces for Perfetto: {WORK}/ddp_step_rank*.json")
+print(f"Chrome traces for Perfetto: {WORK.relative_to(REPO_ROOT)}/ddp_step_rank*.json")
 assert all(len(spans["all-reduces"]) == len(buckets) for spans in traces.values()), "one per bucket"
 if not SMALL:  # at small size, backward can be over before a gloo thread gets to the first bucket
     assert all(f > 0 for f in overlap.values()), "on every rank, all-reduces run while backward computes"
