@@ -181,7 +181,7 @@ class _RankSetup:
     stack_file: str
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Ask the Linux kernel to kill this process when its parent dies (a no-op elsewhere)."""
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
@@ -199,7 +199,7 @@ def _join_process_group(backend: Backend, rank: int, world_size: int, timeout_s:
 def _run_rank(setup: _RankSetup, fn: Callable[..., Any], args: tuple, conn) -> None:
     """The body of one child: join the group, run fn, send back ("ok", result) or ("error", traceback)."""
     os.setpgrp()  # lead a process group of our own: killing it kills whatever fn started, too
-    _die_with_parent()
+    die_with_parent()
     stack_file = open(setup.stack_file, "w")  # open for the life of the rank
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
     store_port = conn.recv()  # the launcher opens the store once every rank has started

@@ -91,9 +91,8 @@ class Assignment:
     tasks: tuple[Task, ...]
     mutants: tuple[Mutant, ...] = field(default=())
     max_file_kb: int = 256
-    worker_preload: tuple[
-        str, ...
-    ] = ()  # modules the worker template imports once per sandbox, besides torch
+    # Modules the worker template imports once per sandbox, besides torch.
+    worker_preload: tuple[str, ...] = ()
 
     @property
     def src(self) -> Path:

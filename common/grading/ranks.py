@@ -48,7 +48,6 @@ everything the ranks wrote to stdout in the order it arrived, and a hang report 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import functools
 import linecache
@@ -69,6 +68,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import _create_work_from_future
 from torch.futures import Future
 
+from common.distributed.launch import die_with_parent
 from common.grading import wire
 from common.grading.client import expect
 from common.grading.worker import load_scenario, make_undumpable, summarize_exception
@@ -293,11 +293,6 @@ def _close_inherited(keep: set[int]) -> None:
                 os.close(fd)
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this process when the hub dies (PR_SET_PDEATHSIG)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-
-
 def _fork_rank(
     setup: _RankSetup, fn: Callable[..., Any], args: tuple, stdout_fd: int
 ) -> tuple[int, socket.socket]:
@@ -307,7 +302,7 @@ def _fork_rank(
         try:
             ours.close()
             os.setsid()
-            _die_with_parent()
+            die_with_parent()
             os.dup2(stdout_fd, 1)
             # A fresh sys.stdout on the pipe, buffered as a process's stdout into a pipe is (the hub's own,
             # flushed before the fork, may be a test runner's capture).
@@ -347,7 +342,7 @@ def _spawn_rank(
 def spawned_main(link_fd: int) -> None:
     """The body of a spawned rank (its link to the hub is `link_fd`): get the setup, then run as a forked one."""
     sock = socket.socket(fileno=link_fd)
-    _die_with_parent()
+    die_with_parent()
     spec = wire.receive(sock)
     module = load_scenario(spec["module"].removeprefix("scenarios."), spec["source"])
     fn = functools.reduce(getattr, spec["function"].split("."), module)

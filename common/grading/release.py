@@ -33,9 +33,8 @@ class ReleaseReport:
     out_dir: Path
     files: int
     stubs: int
-    public_tests: dict[str, int] = field(
-        default_factory=dict
-    )  # assignment -> public tests failing as they must
+    # assignment -> public tests failing as they must
+    public_tests: dict[str, int] = field(default_factory=dict)
 
 
 # The repository's own tests that need what the release leaves out (hidden tests, mutants, the reference):

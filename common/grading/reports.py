@@ -114,8 +114,11 @@ def write_gradebook(results: Sequence[SubmissionResult], path: Path) -> Path:
 
 # Terminal tables must stay readable at 80 columns and when piped (rich then assumes 80): task columns are
 # numbered, with a legend below; statuses are abbreviated; notes go under the table, not into a column.
-STATUS_SHORT = {"needs GPU runner": "GPU", "infrastructure error": "infra"}
-STATUS_LEGEND = {"GPU": "needs a GPU runner, not graded here", "infra": "infrastructure error, not scored"}
+# status -> (what its cell shows, what the legend says of it)
+STATUS_SHORT = {
+    "needs GPU runner": ("GPU", "needs a GPU runner, not graded here"),
+    "infrastructure error": ("infra", "infrastructure error, not scored"),
+}
 
 
 def add_task_columns(table: Table, tasks: Sequence[Task]) -> None:
@@ -127,7 +130,8 @@ def add_task_columns(table: Table, tasks: Sequence[Task]) -> None:
 def task_cell(result: TaskResult) -> str:
     """A task's points, coloured (full green, zero red, partial yellow), or its short status."""
     if result.score is None:
-        return f"[yellow]{STATUS_SHORT.get(result.status, result.status)}[/yellow]"
+        short = STATUS_SHORT[result.status][0] if result.status in STATUS_SHORT else result.status
+        return f"[yellow]{short}[/yellow]"
     colour = "green" if result.score == result.task.points else ("red" if result.score == 0 else "yellow")
     return f"[{colour}]{result.score:.3g}[/{colour}]"
 
@@ -138,8 +142,8 @@ def print_legend(console: Console, tasks: Sequence[Task], results: Sequence[Sequ
         "tasks: " + ", ".join(f"{n} {escape(t.id)}" for n, t in enumerate(tasks, 1)), soft_wrap=False
     )
     shown = {STATUS_SHORT[t.status] for row in results for t in row if t.status in STATUS_SHORT}
-    for short in sorted(shown):
-        console.print(f"{short}: {STATUS_LEGEND[short]}")
+    for short, meaning in sorted(shown):
+        console.print(f"{short}: {meaning}")
 
 
 def print_table(results: Sequence[SubmissionResult], console: Console | None = None) -> None:

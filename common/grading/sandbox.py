@@ -150,11 +150,12 @@ def command(spec: SandboxSpec, channel_fd: int) -> list[str]:
     argv += ["--size", str(spec.tmp_bytes), "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev"]
     # The folders bwrap makes for such a bind would be writable parts of /tmp, and one may be on sys.path (an
     # editable install names its checkout): each gets a tmpfs of its own, made read-only below.
-    below_tmp = _top_folders_below_tmp(_python_trees())
+    trees = _python_trees()
+    below_tmp = _top_folders_below_tmp(trees)
     for folder in below_tmp:
         argv += ["--tmpfs", folder]
     _bind_system(argv)
-    for tree in _python_trees():
+    for tree in trees:
         argv += ["--ro-bind", tree, tree]
     argv += ["--ro-bind", str(REPO_ROOT / "common"), f"{COURSE_MOUNT}/common"]
     argv += ["--ro-bind", str(spec.src), SRC_MOUNT]

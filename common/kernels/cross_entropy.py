@@ -27,7 +27,7 @@ the loss backward writes a dense gradient, the log-softmax backward reads two te
 two gradient matmuls read dz: about 9 N V elements, 18 GiB here. Fused: the matmul writes a chunk, one
 Triton kernel reads it twice and overwrites it with dz, the gradient matmuls read dz: 6 N V elements, a
 third less, and never more than one chunk of them alive. The matmuls (3 of 2 N V H FLOPs each, as in
-eager: 26 TFLOP here) dominate the time either way; the goal is the memory at no more than 1.1x eager's time.
+eager: 26 TFLOP here) dominate the time either way; the goal is the memory at no more than 1.05x eager's time.
 
 Why gradients in the forward? dz needs the log-sum-exp of each row, which needs the whole row of logits. If
 the forward kept only the loss, the backward would recompute every chunk of logits: a fourth matmul, 33%
@@ -385,7 +385,7 @@ def linear_cross_entropy(
 # Each side's closure runs the forward and the backward (torch.autograd.grad, so the gradients are returned
 # and freed, not accumulated into .grad); its peak memory is what it allocates beyond the inputs. The
 # headline case is the issue's: 8192 tokens, V = 131072, H = 4096, bf16, where eager peaks at about 6 GiB
-# above the inputs and we aim at a quarter of that within 1.1x of eager's time. Both sides do the same three
+# above the inputs and we aim at a quarter of that within 1.05x of eager's time. Both sides do the same three
 # matmuls (6 N V H FLOPs), so TFLOP/s compares directly. Expect the time ratio near 1: the fused version
 # drops eager's [N, V] elementwise passes (several ms at this size) but pays for the dW accumulation
 # (N / C passes over dW) and the in-place scaling in the backward.
