@@ -6,8 +6,8 @@ The GPU nodes of a cluster usually have no internet. On a connected machine,
 
 reads uv.lock, follows the course's dependencies under the runner's environment markers (Python version,
 Linux), picks for each pinned package the one wheel file of the lock that the runner can install, downloads
-it from the URL in the lock and checks it against the lock's sha256. It writes `requirements.txt` beside the
-wheels. On the runner, with no index at all:
+it from the URL in the lock and checks it against the lock's sha256. A package with no wheel at all comes as
+its source archive, checked the same way and built into a wheel here (`uv build`). It writes `requirements.txt` beside the wheels. On the runner, with no index at all:
 
     python3.12 -m venv .venv
     .venv/bin/pip install --no-index --no-deps --find-links wheels -r wheels/requirements.txt
@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
 import tomllib
 import urllib.request
 from collections.abc import Iterable
@@ -42,7 +46,9 @@ class WheelhouseError(EffdlError):
 
 @dataclass(frozen=True)
 class Wheel:
-    """One file of the lock: a package's wheel for the target machine."""
+    """One file of the lock: a package's wheel for the target machine, or its source archive where the lock
+    has no wheel at all (antlr4-python3-runtime, which Hydra needs, ships only an sdist): `download` builds
+    that into a wheel on the connected machine, so the runner installs wheels only."""
 
     name: str
     version: str
@@ -53,6 +59,10 @@ class Wheel:
     @property
     def filename(self) -> str:
         return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def is_source(self) -> bool:
+        return not self.filename.endswith(".whl")
 
 
 def target_environment(python: str) -> dict[str, str]:
@@ -141,6 +151,8 @@ def pick_wheel(package: dict[str, Any], accepted: list[tags.Tag]) -> Wheel:
         score = min((rank[t] for t in wheel_tags if t in rank), default=None)
         if score is not None and (best is None or score < best[0]):
             best = (score, wheel)
+    if best is None and package.get("sdist") and not package.get("wheels"):
+        best = (0, package["sdist"])  # no wheel for any machine: pure source, built by pip on the runner
     if best is None:
         raise WheelhouseError(
             f"uv.lock has no wheel of {package['name']} {package['version']} for this runner "
@@ -175,7 +187,41 @@ def _sha256(path: Path) -> str:
 
 
 def download(wheel: Wheel, out_dir: Path) -> Path:
-    """Fetch one wheel into out_dir (kept if already there and intact); refuse it if size or sha256 differ."""
+    """Fetch one wheel into out_dir (kept if already there and intact); refuse it if size or sha256 differ.
+    A source archive is fetched into out_dir/sources the same way, then built into a wheel in out_dir."""
+    if not wheel.is_source:
+        return _fetch(wheel, out_dir)
+    prefix = f"{canonicalize_name(wheel.name).replace('-', '_')}-{wheel.version}-"
+    built = [p for p in out_dir.glob("*.whl") if p.name.lower().startswith(prefix)]
+    if built:
+        return built[0]
+    (out_dir / "sources").mkdir(exist_ok=True)
+    return build_wheel(_fetch(wheel, out_dir / "sources"), out_dir)
+
+
+def build_wheel(sdist: Path, out_dir: Path) -> Path:
+    """Build a checked source archive into a pure-Python wheel in out_dir with `uv build` (which fetches the
+    build backend: this runs on the connected machine); refuse a wheel that only fits this machine."""
+    uv = os.environ.get("UV") or shutil.which("uv")  # `uv run` names itself in UV
+    if uv is None:
+        raise WheelhouseError(f"{sdist.name} has no wheel in uv.lock; building one needs uv on PATH")
+    with tempfile.TemporaryDirectory() as scratch:
+        run = subprocess.run(
+            [uv, "build", "--wheel", "--no-config", "--out-dir", scratch, str(sdist)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if run.returncode != 0:
+            reason = (run.stderr.strip().splitlines() or [f"exit code {run.returncode}"])[-1]
+            raise WheelhouseError(f"building a wheel from {sdist.name} failed: {reason}")
+        (wheel,) = Path(scratch).glob("*.whl")
+        if not wheel.name.endswith("-py3-none-any.whl"):
+            raise WheelhouseError(
+                f"{sdist.name} built {wheel.name}, which only fits this machine, not the runner"
+            )
+        return Path(shutil.move(wheel, out_dir / wheel.name))
+
+
+def _fetch(wheel: Wheel, out_dir: Path) -> Path:
     path = out_dir / wheel.filename
     if path.is_file() and path.stat().st_size == wheel.size and _sha256(path) == wheel.sha256:
         return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 from rich.console import Console
 
 from common.grading.manifest import assignment_names, find_assignment
@@ -36,9 +37,40 @@ def test_selftest_of_gpu_tasks(name: str) -> None:
     assignment = find_assignment(name)
     if not any(task.gpus for task in assignment.tasks):
         pytest.skip(f"{name} has no GPU task")
+    needed, have = max(task.gpus for task in assignment.tasks), torch.cuda.device_count()
+    if have < needed:
+        pytest.skip(f"{name} has a task for {needed} GPUs; this machine has {have}")
     verdicts = selftest(assignment, jobs=1, only_gpu_tasks=True, console=Console(quiet=True))
     _verdicts_ok(verdicts)
     graded = [t for v in verdicts for t in v.result.tasks if t.task.gpus]
     assert graded and all(t.status == "graded" for t in graded), [
         (t.task.id, t.status, t.detail) for t in graded
     ]
+
+
+def test_gpu_only_selftest_without_enough_gpus_stops_with_one_line() -> None:
+    """A TA checking a runner must not be told "ok" when no GPU task ran (issue: every task "infra", exit 0)."""
+    from common.grading.harness import GraderSetupError
+
+    name = next(n for n in ASSIGNMENTS if any(t.gpus for t in find_assignment(n).tasks))
+    with pytest.raises(GraderSetupError, match=r"GPU tasks need up to \d GPU\(s\) and this machine has none"):
+        selftest(find_assignment(name), gpus=[], only_gpu_tasks=True, console=Console(quiet=True))
+
+
+def test_a_task_the_selftest_could_not_score_is_a_problem() -> None:
+    """An infrastructure error proves nothing about the grader; a GPU task left to a runner is fine on a CPU
+    but not when the GPU tasks are what the self-test was asked to check."""
+    from common.grading.batch import SubmissionResult
+    from common.grading.harness import TaskResult
+    from common.grading.manifest import Task
+    from common.grading.selftest import _unscored
+
+    cpu, gpu = Task("cpu_task", "", 1.0, ("t",)), Task("gpu_task", "", 1.0, ("t",), gpus=1)
+    result = SubmissionResult(submission=None, tasks=[
+        TaskResult(cpu, "infrastructure error", None, detail="the sandbox died"),
+        TaskResult(gpu, "needs GPU runner", None, detail="needs 1 GPU(s); this machine has none"),
+    ])  # fmt: skip
+    assert _unscored(result, only_gpu_tasks=False) == ["cpu_task: infrastructure error (the sandbox died)"]
+    assert len(_unscored(result, only_gpu_tasks=True)) == 2
+    result.tasks[0] = TaskResult(cpu, "graded", 1.0)
+    assert _unscored(result, only_gpu_tasks=False) == []

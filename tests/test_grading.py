@@ -485,6 +485,22 @@ def test_binds_below_tmp_land_on_top_of_the_sandboxs_tmpfs(tmp_path: Path) -> No
     assert argv.index("--tmpfs") < min(i for i, arg in enumerate(argv) if arg in ("--ro-bind", "--symlink"))
 
 
+def test_folders_that_pth_files_add_are_bound_but_never_the_repository(tmp_path: Path) -> None:
+    """A runner's PyTorch linked in by a .pth file must be visible in the sandbox; the course repository (an
+    editable install's .pth, or a folder holding it) must not, or the hidden tests would be in view."""
+    from common.grading.sandbox import _pth_folders
+    from common.weeks import REPO_ROOT
+
+    runner_torch = tmp_path / "runner" / "site-packages"
+    runner_torch.mkdir(parents=True)
+    site_dir = tmp_path / "venv-site"
+    site_dir.mkdir()
+    lines = [str(runner_torch), str(REPO_ROOT), str(REPO_ROOT.parent), str(REPO_ROOT / "common"),
+             "import os; os.environ", "# a comment", str(tmp_path / "missing"), ""]  # fmt: skip
+    (site_dir / "links.pth").write_text("\n".join(lines) + "\n")
+    assert _pth_folders([str(site_dir), str(tmp_path / "no-such-site")]) == {str(runner_torch.resolve())}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the grading sandbox runs on Linux")
 def test_a_timeout_kills_processes_that_detach(probe_src: Path) -> None:
     marker = f"effdl-sandbox-test-{secrets.token_hex(4)}"

@@ -88,6 +88,9 @@ def test_the_real_lock_resolves_for_each_supported_python() -> None:
         assert by_name["torch"].filename.endswith(f"-cp{python.replace('.', '')}-manylinux_2_28_x86_64.whl")
         assert {"numpy", "triton", "jupytext", "pytest"} <= by_name.keys()
         assert "pywin32" not in by_name and "appnope" not in by_name  # other platforms' packages
+        # Hydra's parser runtime has no wheel anywhere: its sdist comes, to be built into one.
+        assert by_name["antlr4-python3-runtime"].filename.endswith(".tar.gz")
+        assert [w.name for w in wheels if w.is_source] == ["antlr4-python3-runtime"]
 
 
 def test_skipped_packages_are_left_out() -> None:
@@ -118,8 +121,9 @@ def test_download_checks_size_and_sha256(tmp_path: Path) -> None:
 
 
 def test_offline_install_from_a_wheelhouse(tmp_path: Path) -> None:
-    """Two locked wheels downloaded from their index, then installed into a fresh venv with no index."""
-    wanted = {"iniconfig", "pluggy"}
+    """Locked wheels downloaded from their index, then installed into a fresh venv with no index; the one
+    source-only package comes as a wheel built from its checked sdist on the connected machine."""
+    wanted = {"iniconfig", "pluggy", "antlr4-python3-runtime"}
     wheels = [w for w in wheelhouse.plan(LOCK, f"{sys.version_info.major}.{sys.version_info.minor}")
               if w.name in wanted]  # fmt: skip
     assert {w.name for w in wheels} == wanted
@@ -151,7 +155,8 @@ def test_offline_install_from_a_wheelhouse(tmp_path: Path) -> None:
         check=True,
     )
     versions = subprocess.run(
-        [python, "-c", "import importlib.metadata as m; print(m.version('iniconfig'), m.version('pluggy'))"],
+        [python, "-c", "import importlib.metadata as m; "
+         "print(*(m.version(n) for n in ('antlr4-python3-runtime', 'iniconfig', 'pluggy')))"],
         check=True, capture_output=True, text=True,
     ).stdout.split()  # fmt: skip
     assert versions == [w.version for w in sorted(wheels, key=lambda w: w.name)]

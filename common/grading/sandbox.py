@@ -92,9 +92,30 @@ def _environment(spec: SandboxSpec) -> dict[str, str]:
     }
 
 
+def _pth_folders(site_dirs: list[str]) -> set[str]:
+    """The folders that the .pth files in `site_dirs` put on sys.path, outside the course repository.
+
+    A runner whose PyTorch lives in another environment is linked to it by a .pth file (the README's offline
+    install); the sandbox must show that folder too. The repository itself (an editable install's .pth names
+    it) stays out: the course library is bound on its own, and the hidden tests must not be in view.
+    """
+    repo = str(REPO_ROOT)
+    folders = set()
+    for pth in sorted(p for d in site_dirs if Path(d).is_dir() for p in Path(d).glob("*.pth")):
+        for line in pth.read_text(errors="replace").splitlines():
+            folder = line.strip()
+            if not folder or folder.startswith(("#", "import ")) or not Path(folder).is_dir():
+                continue
+            folder = str(Path(folder).resolve())
+            if not (folder == repo or folder.startswith(repo + "/") or repo.startswith(folder + "/")):
+                folders.add(folder)
+    return folders
+
+
 def _python_trees() -> list[str]:
     """The interpreter and the environment: read-only, at the same paths (their scripts name them)."""
-    trees = {sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages()}
+    site_dirs = site.getsitepackages()
+    trees = {sys.prefix, sys.base_prefix, sys.exec_prefix, *site_dirs, *_pth_folders(site_dirs)}
     return sorted(t for t in trees if not any(t != o and t.startswith(o + "/") for o in trees))
 
 

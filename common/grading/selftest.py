@@ -7,7 +7,9 @@ A grader is only as good as what it rejects. Graded with the same harness as stu
   `NotImplementedError`, never an import error;
 - every mutant must lose points on each task it targets, and keep full marks on the others.
 
-Tasks that need a GPU are checked only where a GPU is present (elsewhere they show `needs GPU runner`).
+Tasks that need a GPU are checked only where a GPU is present (elsewhere they show `needs GPU runner`);
+with `--gpu-only` a GPU task that could not run is a failure, and so is an infrastructure error anywhere:
+a self-test that scored nothing has proven nothing.
 The public tests run as students run them (`public`), on a copy of the assignment with the variant's `src/`.
 """
 
@@ -25,7 +27,7 @@ from rich.table import Table
 from common.errors import EffdlError
 from common.grading.batch import SubmissionResult, grade_batch
 from common.grading.grade import task_progress
-from common.grading.harness import GradingContext, TaskResult, build_src
+from common.grading.harness import GraderSetupError, GradingContext, TaskResult, build_src
 from common.grading.intake import Submission
 from common.grading.manifest import Assignment, Mutant, Task, require_hidden_tests
 from common.grading.public import PublicCase, run_public_tests, starter_problems
@@ -65,6 +67,16 @@ def _graded(result: SubmissionResult) -> list[TaskResult]:
     return [t for t in result.tasks if t.score is not None]
 
 
+def _unscored(result: SubmissionResult, only_gpu_tasks: bool) -> list[str]:
+    """Tasks the self-test could not score: an infrastructure error proves nothing about the grader; a GPU
+    task left to a GPU runner is fine on a CPU, but not when the GPU tasks are what was asked for."""
+    return [
+        f"{t.task.id}: {t.status} ({t.detail})"
+        for t in result.tasks
+        if t.status == "infrastructure error" or (only_gpu_tasks and t.score is None)
+    ]
+
+
 def _check_reference(result: SubmissionResult, public: list[PublicCase] | None) -> list[str]:
     problems = []
     for t in _graded(result):
@@ -102,6 +114,21 @@ def _check_mutant(mutant: Mutant, result: SubmissionResult) -> list[str]:
     return problems
 
 
+def _require_gpus(assignment: Assignment, gpus: Sequence[int] | None) -> None:
+    """Stop before grading anything when the GPU tasks cannot run here (`--gpu-only` on too small a machine)."""
+    import torch
+
+    needed = max((t.gpus for t in assignment.tasks), default=0)
+    have = torch.cuda.device_count() if gpus is None else len(gpus)
+    if needed == 0:
+        raise GraderSetupError(f"{assignment.name} has no GPU task: run the self-test without --gpu-only")
+    if have < needed:
+        raise GraderSetupError(
+            f"{assignment.name}: its GPU tasks need up to {needed} GPU(s) and this machine has {have or 'none'}; "
+            "run the --gpu-only self-test on a GPU runner"
+        )
+
+
 def _public_outcomes(assignment: Assignment, transform: Transform, workdir: Path) -> list[PublicCase]:
     """The public tests on a copy of the assignment (public tests and `src/` only) with `transform`ed sources."""
     tree = Path(tempfile.mkdtemp(prefix="public-", dir=workdir))
@@ -121,6 +148,8 @@ def selftest(
     require_hidden_tests(assignment, "effdl selftest")
     console = console or Console()
     task_ids = [t.id for t in assignment.tasks if t.gpus or not only_gpu_tasks]
+    if only_gpu_tasks:
+        _require_gpus(assignment, gpus)
     reference = variant_files(assignment, reference_source)
     variants = [
         ("reference", "full marks, public tests pass", _submission(assignment, "reference", reference)),
@@ -156,6 +185,7 @@ def selftest(
             problems = _check_starter(result, public.get(name))
         else:
             problems = _check_mutant(next(m for m in mutants if m.name == name), result)
+        problems = _unscored(result, only_gpu_tasks) + problems
         verdicts.append(Verdict(name, expectation, result, problems, public.get(name)))
     _print(verdicts, list(tasks), console)
     return verdicts
