@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,10 +150,7 @@ def remote_references(html: str) -> list[str]:
 
 
 def _run_marp(source: Path, output: Path, *extra: str) -> None:
-    env = dict(os.environ)
     chromium = chromium_executable()
-    if chromium:
-        env["CHROME_PATH"] = chromium
     command = [
         str(marp_executable()),
         "--no-stdin",
@@ -162,7 +160,11 @@ def _run_marp(source: Path, output: Path, *extra: str) -> None:
         "-o",
         str(output),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    # Marp leaves behind the browser profile it renders PDF and PNG with (/tmp/marp-cli-*): give it a
+    # temporary folder of its own, removed with everything in it.
+    with tempfile.TemporaryDirectory(prefix="effdl-marp-") as scratch:
+        env = {**os.environ, "TMPDIR": scratch, **({"CHROME_PATH": chromium} if chromium else {})}
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     if result.returncode != 0 or not output.exists():
         detail = (result.stderr or result.stdout).strip().splitlines()
         raise SlideBuildError(f"Marp failed on {source}: {detail[-1] if detail else 'no output'}")

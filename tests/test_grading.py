@@ -11,6 +11,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -560,6 +561,18 @@ def test_hidden_tests_that_import_the_submission_do_not_collect(toy, tmp_path: P
     )
     with pytest.raises(GraderSetupError, match="must not import the submission"):
         GradingContext.prepare(toy, tmp_path / "work", gpu_count=0)
+
+
+def test_a_setup_that_fails_leaves_no_temporary_folder(
+    toy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (toy.root / "tests" / "hidden" / "test_add.py").write_text("import toy.ops\n")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with pytest.raises(GraderSetupError):
+        GradingContext.prepare(toy, gpu_count=0)
+    assert list(scratch.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -93,10 +96,20 @@ def test_deck_builds_offline_with_every_slide(week: Week, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("week", DECKS, ids=lambda week: week.name)
-def test_deck_builds_to_pdf(week: Week, tmp_path) -> None:
+def test_deck_builds_to_pdf_and_leaves_no_temporary_files(
+    week: Week, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     needs_chromium()
-    built = slides.build(week, tmp_path, pdf=True)
-    assert built.pdf is not None and built.pdf.read_bytes().startswith(b"%PDF")
+    # Short: Chromium's socket path below it must fit in 108 bytes, which pytest's tmp_path does not.
+    scratch = Path(tempfile.mkdtemp(prefix="effdl-test-", dir="/tmp"))
+    monkeypatch.setenv("TMPDIR", str(scratch))  # where Marp's browser profile would stay behind
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    try:
+        built = slides.build(week, tmp_path, pdf=True)
+        assert built.pdf is not None and built.pdf.read_bytes().startswith(b"%PDF")
+        assert list(scratch.iterdir()) == []
+    finally:
+        shutil.rmtree(scratch)
 
 
 @pytest.mark.parametrize("week", DECKS[:1], ids=lambda week: week.name)

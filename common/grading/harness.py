@@ -98,19 +98,25 @@ class GradingContext:
                 raise GraderSetupError(
                     f"cannot sandbox submissions: {error}; or pass --no-sandbox to grade without isolation"
                 ) from None
+        own_workdir = workdir is None
         workdir = Path(workdir or tempfile.mkdtemp(prefix="effdl-grade-"))
-        (workdir / "runs").mkdir(parents=True, exist_ok=True)
-        starter = build_src(assignment, workdir / "starter" / "src", starter_source)
-        if gpu_count is None:
-            import torch
+        try:
+            (workdir / "runs").mkdir(parents=True, exist_ok=True)
+            starter = build_src(assignment, workdir / "starter" / "src", starter_source)
+            if gpu_count is None:
+                import torch
 
-            gpu_count = torch.cuda.device_count()
-        context = cls(assignment, workdir, starter, {}, gpu_count, sandboxed)
-        collected = context.collect([selection for task in assignment.tasks for selection in task.tests])
-        context.expected = {task.id: [n for n in collected if task.selects(n)] for task in assignment.tasks}
-        empty = [task_id for task_id, ids in context.expected.items() if not ids]
-        if empty:
-            raise GraderSetupError(f"{assignment.name}: tasks {empty} select no hidden tests")
+                gpu_count = torch.cuda.device_count()
+            context = cls(assignment, workdir, starter, {}, gpu_count, sandboxed)
+            collected = context.collect([selection for task in assignment.tasks for selection in task.tests])
+            context.expected = {t.id: [n for n in collected if t.selects(n)] for t in assignment.tasks}
+            empty = [task_id for task_id, ids in context.expected.items() if not ids]
+            if empty:
+                raise GraderSetupError(f"{assignment.name}: tasks {empty} select no hidden tests")
+        except BaseException:
+            if own_workdir:  # a setup that failed leaves no temporary folder behind
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
         return context
 
     @property
