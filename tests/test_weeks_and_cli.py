@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from common import cli, slides
-from common.weeks import ALL_WEEKS, UnknownWeekError, get_week
+from common.weeks import ALL_WEEKS, SYLLABUS, UnknownWeekError, get_week
 
 SUBCOMMANDS = [
     ["env"], ["seminar"], ["slides"], ["check"], ["bench"], ["bench", "timers"], ["test"],
@@ -122,19 +122,23 @@ def test_record_refuses_a_small_run(capsys) -> None:
     assert "--full on a GPU" in capsys.readouterr().err
 
 
+# The first week of the syllabus that has no seminar yet: the later weeks are written one by one.
+PLANNED = next(name for name, _ in SYLLABUS if not get_week(name).has_seminar)
+
+
 def test_a_planned_week_says_so_before_anything_starts(capsys) -> None:
-    assert cli.main(["seminar", "week02"]) == 2
+    assert cli.main(["seminar", PLANNED[:6]]) == 2
     out, err = capsys.readouterr()
     assert "Running" not in out
-    assert "week02_management_and_testing" in err and "has no seminar yet: it is planned, not written" in err
+    assert PLANNED in err and "has no seminar yet: it is planned, not written" in err
 
 
 def test_unknown_week_lists_written_weeks_apart_from_planned_ones() -> None:
     with pytest.raises(UnknownWeekError) as error:
         get_week("week42_magic")
     written, planned = str(error.value).split(" (planned, not written yet: ")
-    assert "week01_intro" in written and "week02_management_and_testing" not in written
-    assert "week02_management_and_testing" in planned
+    assert "week01_intro" in written and PLANNED not in written
+    assert PLANNED in planned
 
 
 def test_key_results_are_flagged_on_a_busy_machine_or_full_sizes_on_a_cpu(
