@@ -197,3 +197,14 @@ def test_a_tree_path_outside_the_tree_is_refused(settings: IsolatedSettings) -> 
     for path in ("../escape.py", "/etc/passwd", "a/../../b"):
         with pytest.raises(TreeError):
             run_isolated({path: b""}, ["true"], 10, settings)
+
+
+@linux
+def test_without_the_sandbox_a_run_works_in_its_own_folders(tmp_path: Path) -> None:
+    """`effdl grade --no-sandbox`: the same placeholders name host folders, and the run starts in its own tmp."""
+    settings = IsolatedSettings(workdir=tmp_path / "runs", sandboxed=False)
+    script = "import os, sys; open(sys.argv[2] + '/where', 'w').write(os.getcwd() + ' ' + open(sys.argv[1] + '/a').read())"
+    run = run_isolated({"a": b"tree"}, [sys.executable, "-c", script, "{src}", "{outbox}"], 60, settings)
+    cwd, content = run.files["where"].decode().split()
+    assert run.returncode == 0 and content == "tree" and cwd.startswith(str(tmp_path / "runs"))
+    assert not list((tmp_path / "runs").iterdir()), "each run's folder is removed after it"

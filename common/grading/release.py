@@ -36,6 +36,8 @@ class ReleaseReport:
     stubs: int
     # assignment -> public tests failing as they must
     public_tests: dict[str, int] = field(default_factory=dict)
+    # assignment -> what they fail with (NotImplementedError from stubs, AssertionError in a bug hunt)
+    public_failures: dict[str, str] = field(default_factory=dict)
 
 
 # The repository's own tests that need what the release leaves out (hidden tests, mutants, the reference):
@@ -204,7 +206,9 @@ def check_release(out_dir: Path, solution_windows: dict[tuple[str, ...], str], r
     if problems:
         raise ReleaseError("the release is not safe to publish:\n  " + "\n  ".join(problems[:20]))
     for public in sorted(out_dir.glob("assignments/*/tests/public")):
-        report.public_tests[public.parent.parent.name] = _check_public_tests(public.parent.parent)
+        name = public.parent.parent.name
+        report.public_tests[name] = _check_public_tests(public.parent.parent)
+        report.public_failures[name] = load_assignment(public.parent.parent).starter_failure
 
 
 def _check_public_tests(assignment_dir: Path) -> int:
