@@ -33,7 +33,8 @@ def results_dir(out: str | None) -> Path:
 COURSE_PACKAGES = frozenset({
     "torch", "torchvision", "triton", "numpy", "matplotlib", "PIL", "rich", "packaging",
     "jupyterlab", "ipykernel", "jupytext", "nbclient", "nbformat",
-    "pytest", "xdist", "pytest_timeout", "nbval", "hypothesis", "ruff",
+    "pytest", "xdist", "pytest_timeout", "nbval", "hypothesis", "ruff", "pytest_cov",
+    "wandb", "dvc", "hydra",
 })  # fmt: skip
 
 MAIN_EPILOG = """\
@@ -180,7 +181,8 @@ def cmd_release(args: argparse.Namespace) -> int:
     report = build_release(Path(args.out))
     print(f"Released {report.files} files to {report.out_dir} ({report.stubs} solution blocks stubbed).")
     for name, count in report.public_tests.items():
-        print(f"  {name}: {count} public tests, each failing with NotImplementedError as it must")
+        failure = report.public_failures.get(name, "NotImplementedError")
+        print(f"  {name}: {count} public tests, each failing with {failure} as it must")
     return 0
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from common.grading.manifest import assignment_names
+from common.grading.manifest import assignment_names, load_assignment
 from common.grading.public import read_junit, starter_problems
 from common.grading.release import (
     BEGIN_INSTRUCTORS,
@@ -158,16 +158,18 @@ def test_the_release_passes_the_lint_of_its_ci(release: ReleaseReport) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ASSIGNMENTS)
-def test_public_tests_run_as_students_do_fail_only_with_not_implemented(
+def test_public_tests_run_as_students_do_fail_as_the_starter_must(
     release: ReleaseReport, name: str, tmp_path: Path
 ) -> None:
-    """The students' command from the repository root (README, "For students"), with the release's config."""
+    """The students' command from the repository root (README, "For students"), with the release's config:
+    `NotImplementedError` from the stubs, or, in a bug hunt, `AssertionError` from the planted bugs."""
     junit = tmp_path / "public.xml"
     public = f"assignments/{name}/tests/public"
     result = run_in(release, "-m", "pytest", public, "-p", "no:cacheprovider", f"--junitxml={junit}")
     cases = read_junit(junit)
     assert result.returncode == 1 and cases, result.stdout[-3000:] + result.stderr[-3000:]
-    assert starter_problems(cases) == []
+    failure = load_assignment(release.out_dir / "assignments" / name).starter_failure
+    assert starter_problems(cases, failure) == []
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ two exchange data only (`wire`), and every verdict is decided on the trusted sid
 How the pieces fit (each module has one job):
 
 - `manifest`   reads `assignments/<name>/assignment.toml` and the mutants beside it;
-- `solutions`  strips `# BEGIN SOLUTION` blocks into stubs and applies mutants;
+- `solutions`  strips `# BEGIN SOLUTION` blocks into stubs (or a bug hunt's starter text), plants bugs back,
+               and applies mutants;
 - `intake`     reads a submission (folder or zip) and refuses anything that is not a declared file;
 - `harness`    grades one submission: a checker process per group of tasks, results into scores;
 - `checker`    the pytest plugin of the trusted process: the `submission` fixture, verdicts to a report file;
@@ -17,6 +18,8 @@ How the pieces fit (each module has one job):
 - `sandbox`    the bubblewrap command line (namespaces, read-only binds, empty environment);
 - `worker`     the untrusted side: a template that has imported torch, forked into one worker per task;
 - `wire`       the data-only format both sides speak (JSON and raw tensor bytes; nothing runs on load);
+- `suites`     a command (a student's test suite, a pipeline) run once in a fresh sandbox on a tree the checker
+               chose, judged by the exit status the checker observed (`launcher` applies its limits inside);
 - `ranks`      distributed code under test: N ranks in the worker, every collective carried out and logged
                by a hub the submission's code never runs in;
 - `batch`      grades many submissions in parallel and assigns GPUs;

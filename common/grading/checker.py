@@ -36,6 +36,7 @@ from common.grading.faults import (
 from common.grading.manifest import Task
 from common.grading.sandbox import SandboxSpec
 from common.grading.session import Session, WorkerLimits
+from common.grading.suites import IsolatedSettings
 
 MESSAGE_CHARS = 600  # of a failure message in results.json: enough to debug, too little to dump a file
 
@@ -55,6 +56,7 @@ class CheckerConfig:
     sandboxed: bool = True
     max_processes: int = 64
     preload: list[str] = field(default_factory=list)  # the assignment's worker_preload
+    cache: str = ""  # the batch's cache of isolated runs (`suites`); "" for none
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self)))
@@ -127,6 +129,14 @@ class Checker:
                 ),
                 self.sandboxes,
                 Path(config.scenarios),
+                isolated=IsolatedSettings(
+                    workdir=Path(config.scratch) / "isolated",
+                    sandboxed=config.sandboxed,
+                    threads=config.threads,
+                    max_processes=config.max_processes,
+                    address_space_bytes=(8192 if task.gpus else task.memory_mb) * 2**20,
+                    cache=Path(config.cache) if config.cache else None,
+                ),
             )
             for task in config.tasks
         }

@@ -9,6 +9,7 @@ The hidden tests run in the trusted checker and never import the submission. The
     with raises("ValueError") as raised:
         submission.call("fastpipe.batching:first_fit_decreasing", [3, 12], 10)
     source = submission.source("fastpipe/loss_scaling.py")     # the submitted text, for static checks
+    run = submission.run_isolated(tree, [python, "-m", "pytest", ...], time_limit_s=60)   # a fresh sandbox
 
 `call` runs a function or class of the submission in the worker and returns its result as data (see `wire`);
 `returns=` states the exact type the test accepts (no subclasses, `bool` is not an `int`), and anything else
@@ -18,6 +19,11 @@ fails the test with a message saying what came back. `new` keeps the result in t
 student's scaler, hooks on a model) and returns raw observations, never a verdict. Its source is sent to the
 worker; it holds no expected values and does not import the submission at module level, so the checker can
 import it too and run the same function on a reference. Every expected value is computed here.
+
+`run_isolated` runs a command (a student's test suite, a pipeline) once in a fresh sandbox of its own, on a
+source tree the test chose (`tree()` is the submission's; a test may swap in a reference with a bug planted
+back), and returns what the harness observed: the exit status, which limit stopped it, the files it left in
+its outbox (`suites.IsolatedRun`). Its time counts against the task's limit too.
 
 Each task has its own worker, forked when the task's first test calls it and forked again after it dies. The
 time the worker spends on a task's calls counts against the task's time limit; when it runs out, or the
@@ -33,7 +39,7 @@ import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from common.grading import wire
@@ -48,6 +54,7 @@ from common.grading.faults import (
     WrongTypeError,
 )
 from common.grading.session import Session, WorkerLimits
+from common.grading.suites import IsolatedRun, IsolatedSettings, run_isolated
 
 
 class Sandboxes:
@@ -116,6 +123,7 @@ class TaskRunner:
     generation: int = 0  # bumped at every fork of a new worker: handles of older workers are void
     stopped: SubmissionFault | None = None  # a time or process limit hit: every later call fails with it
     calls: int = 0
+    isolated: IsolatedSettings | None = None  # how `run_isolated` runs commands (None: it cannot here)
 
     @property
     def timed_out(self) -> bool:
@@ -153,6 +161,26 @@ class TaskRunner:
         finally:
             self.used_s += time.monotonic() - start
         return self._reply(what, reply)
+
+    def run_isolated(
+        self, what: str, tree: dict[str, bytes], argv: list[str], time_limit_s: float, env: dict[str, str]
+    ) -> IsolatedRun:
+        """`suites.run_isolated` within what is left of the task's time; a run cut short by the task's own
+        limit stops the task like a call would."""
+        if self.stopped is not None:
+            raise type(self.stopped)(f"not run: {self.stopped}")
+        if self.isolated is None:
+            raise RuntimeError("this checker was not configured for isolated runs")
+        left = self.time_limit_s - self.used_s
+        run = run_isolated(tree, argv, min(time_limit_s, max(left, 0.001)), self.isolated, env)
+        self.calls += 1
+        self.used_s += 0.0 if run.cached else run.duration_s
+        if run.stopped == "time limit" and left <= time_limit_s:
+            self.stopped = TimeLimitError(
+                f"the task's time limit of {self.time_limit_s:g} s ran out during {what}"
+            )
+            raise self.stopped
+        return run
 
     def _encode(self, value: Any) -> Any:
         try:
@@ -247,6 +275,25 @@ class Submission:
     def source(self, path: str) -> str:
         """The text of a file the student submitted (or the starter's, if it was missing), read here."""
         return (self._src / path).read_text(errors="replace")
+
+    def tree(self) -> dict[str, bytes]:
+        """Every file of the `src/` folder this submission is graded on (its files over the starter's), read
+        here as bytes: never imported, only handed to `run_isolated`."""
+        return {
+            path.relative_to(self._src).as_posix(): path.read_bytes()
+            for path in sorted(self._src.rglob("*"))
+            if path.is_file() and not path.is_symlink() and "__pycache__" not in path.parts
+        }
+
+    def run_isolated(
+        self, tree: dict[str, bytes], argv: list[str], time_limit_s: float, env: dict[str, str] | None = None
+    ) -> IsolatedRun:
+        """Run `argv` once in a fresh sandbox whose /submission/src is `tree` (see `common.grading.suites`).
+
+        What comes back is what the harness observed (exit status, limits hit, the outbox's files): a verdict
+        drawn from it is decided here, never reported by the code that ran."""
+        what = PurePosixPath(argv[0]).name if argv else "a command"
+        return self._runner.run_isolated(what, tree, argv, time_limit_s, env or {})
 
 
 @contextmanager

@@ -27,7 +27,7 @@ from common.grading.forkserver import run_pytest
 from common.grading.manifest import Assignment, Task
 from common.grading.sandbox import ISOLATION, UNSANDBOXED, SandboxUnavailableError, probe
 from common.grading.session import START_TIMEOUT_S
-from common.grading.solutions import Transform, starter_source
+from common.grading.solutions import SOLUTION_SUFFIXES, Transform, starter_source
 
 OUTPUT_TAIL_CHARS = 64 * 1024  # of the checker's and the sandbox's output, in the TA's log
 CHECKER_MARGIN_S = 300.0  # the trusted side's own work (references, hypothesis) on top of the workers' time
@@ -150,6 +150,7 @@ class GradingContext:
             scratch=str(folder / "scratch"),
             sandboxed=self.sandboxed,
             preload=list(self.assignment.worker_preload),
+            cache=str(self.workdir / "isolated-runs"),
             **settings,
         )
 
@@ -181,8 +182,9 @@ def build_src(assignment: Assignment, dest: Path, transform: Transform) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(assignment.src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for path in dest.rglob("*.py"):
-        path.write_text(transform(path.read_text(), f"src/{path.relative_to(dest)}"))
+    for path in sorted(dest.rglob("*")):
+        if path.suffix in SOLUTION_SUFFIXES and path.is_file():
+            path.write_text(transform(path.read_text(), f"src/{path.relative_to(dest)}"))
     return dest
 
 

@@ -18,6 +18,8 @@ from common.weeks import REPO_ROOT
 
 ASSIGNMENTS_DIR = REPO_ROOT / "assignments"
 PARTIAL_CREDIT_RULES = ("proportional", "all_or_nothing")
+# What the student's starter is: stubs that raise NotImplementedError, or a working program with planted bugs.
+STARTER_KINDS = {"stubs": "NotImplementedError", "bugs": "AssertionError"}
 _ID = re.compile(r"^[a-z0-9_]+$")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -93,6 +95,12 @@ class Assignment:
     max_file_kb: int = 256
     # Modules the worker template imports once per sandbox, besides torch.
     worker_preload: tuple[str, ...] = ()
+    starter: str = "stubs"  # a key of STARTER_KINDS
+
+    @property
+    def starter_failure(self) -> str:
+        """The exception each public test must fail with on the starter."""
+        return STARTER_KINDS[self.starter]
 
     @property
     def src(self) -> Path:
@@ -230,6 +238,11 @@ def load_assignment(root: Path) -> Assignment:
         raise ManifestError(
             f"{where}: field `worker_preload` must be a list of module names, got {preload!r}"
         )
+    starter = _get(head, "starter", str, where, "stubs")
+    if starter not in STARTER_KINDS:
+        raise ManifestError(
+            f"{where}: field `starter` must be one of {sorted(STARTER_KINDS)}, got {starter!r}"
+        )
     return Assignment(
         name=root.name,
         root=root,
@@ -240,6 +253,7 @@ def load_assignment(root: Path) -> Assignment:
         mutants=mutants,
         max_file_kb=_get(head, "max_file_kb", int, where, 256),
         worker_preload=tuple(preload),
+        starter=starter,
     )
 
 

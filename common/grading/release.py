@@ -2,7 +2,8 @@
 
 The release is every file of the course that git tracks (or would track), except each assignment's
 `tests/hidden/` and `mutants/` and the repository tests that need them (INSTRUCTOR_TESTS), with every
-solution block in `assignments/*/src/` replaced by its `NotImplementedError` stub and every instructors-only
+solution block in `assignments/*/src/` replaced by its `NotImplementedError` stub (or by its starter text, in a
+bug hunt, without the block's hint) and every instructors-only
 block of a Markdown file dropped (the README's TA and instructor sections), so that the student README and
 the release's own test suite hold there. It starts a fresh git history, so nothing of the instructors'
 commits travels. Then it checks its own output: no solution marker and no run of three lines from a
@@ -20,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from common.errors import EffdlError
 from common.grading.manifest import assignment_names, load_assignment, require_hidden_tests
 from common.grading.public import run_public_tests, starter_problems
-from common.grading.solutions import find_blocks, has_markers, starter_source
+from common.grading.solutions import SOLUTION_SUFFIXES, find_blocks, has_markers, starter_source
 from common.weeks import REPO_ROOT
 
 
@@ -35,6 +36,8 @@ class ReleaseReport:
     stubs: int
     # assignment -> public tests failing as they must
     public_tests: dict[str, int] = field(default_factory=dict)
+    # assignment -> what they fail with (NotImplementedError from stubs, AssertionError in a bug hunt)
+    public_failures: dict[str, str] = field(default_factory=dict)
 
 
 # The repository's own tests that need what the release leaves out (hidden tests, mutants, the reference):
@@ -61,7 +64,7 @@ def _is_solution_source(path: PurePosixPath) -> bool:
         len(path.parts) > 3
         and path.parts[0] == "assignments"
         and path.parts[2] == "src"
-        and path.suffix == ".py"
+        and path.suffix in SOLUTION_SUFFIXES
     )
 
 
@@ -119,14 +122,16 @@ def _windows(text: str, size: int) -> set[tuple[str, ...]]:
 def _solution_windows(root: Path, files: list[PurePosixPath]) -> dict[tuple[str, ...], str]:
     """Runs of WINDOW non-blank lines inside solution blocks (the whole block if it is shorter), with origins.
 
-    One-line blocks are left out: a single line is too likely to recur elsewhere by chance."""
+    One-line blocks are left out: a single line is too likely to recur elsewhere by chance. A block that ships
+    starter text leaves out the runs the starter has too (a bug fix keeps most of the lines around it)."""
     windows: dict[tuple[str, ...], str] = {}
     for path in filter(_is_solution_source, files):
         text = (root / path).read_text()
         for block in find_blocks(text, str(path)):
             body = "\n".join(block.body)
             size = min(WINDOW, sum(1 for line in block.body if line.strip()))
-            for window in _windows(body, size) if size >= 2 else ():
+            shipped = _windows("\n".join(block.starter or ()), size)
+            for window in _windows(body, size) - shipped if size >= 2 else ():
                 windows.setdefault(window, f"{path}:{block.begin_line}")
     return windows
 
@@ -201,20 +206,24 @@ def check_release(out_dir: Path, solution_windows: dict[tuple[str, ...], str], r
     if problems:
         raise ReleaseError("the release is not safe to publish:\n  " + "\n  ".join(problems[:20]))
     for public in sorted(out_dir.glob("assignments/*/tests/public")):
-        report.public_tests[public.parent.parent.name] = _check_public_tests(public.parent.parent)
+        name = public.parent.parent.name
+        report.public_tests[name] = _check_public_tests(public.parent.parent)
+        report.public_failures[name] = load_assignment(public.parent.parent).starter_failure
 
 
 def _check_public_tests(assignment_dir: Path) -> int:
-    """Run the released public tests; each must fail with NotImplementedError. Returns how many there are."""
+    """Run the released public tests; each must fail as the starter's tests must (`NotImplementedError` for
+    stubs, `AssertionError` for a bug hunt's starter). Returns how many there are."""
     cases = run_public_tests(assignment_dir)
     if not cases:
         raise ReleaseError(
             f"{assignment_dir.name}: no public tests were collected (or they did not run at all)"
         )
-    problems = starter_problems(cases)
+    failure = load_assignment(assignment_dir).starter_failure
+    problems = starter_problems(cases, failure)
     if problems:
         raise ReleaseError(
-            f"{assignment_dir.name}: released public tests must fail only with NotImplementedError:\n  "
+            f"{assignment_dir.name}: released public tests must fail only with {failure}:\n  "
             + "\n  ".join(problems[:10])
         )
     return len(cases)

@@ -17,6 +17,10 @@ Only GPU tasks see GPU device nodes, and only those of the GPUs they were given.
 (address space, file size, open files) are applied by the worker itself before any submission code runs; the
 checker owns the time limit and the process count (`session`).
 
+`wrap(spec, argv)` is the same sandbox around any command: `common.grading.suites` runs a submitted test suite
+or a pipeline that way, in a fresh sandbox per run, with one writable folder bound at /outbox for what the run
+leaves behind.
+
 `probe()` says whether bwrap works on this machine; where it does not, grading stops with that reason unless
 the TA passes `--no-sandbox`, which runs the same worker as a plain child process and is shown in every report.
 """
@@ -37,6 +41,7 @@ ISOLATION = "bubblewrap: no network, own PID/IPC/mount namespaces, uid 65534, re
 INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap)"
 COURSE_MOUNT = "/course"
 SRC_MOUNT = "/submission/src"
+OUTBOX_MOUNT = "/outbox"
 _SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
 _ETC = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d")
 _GPU_CONTROL = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
@@ -57,6 +62,7 @@ class SandboxSpec:
     tmp_bytes: int = 1024 * 2**20
     sandboxed: bool = True
     preload: tuple[str, ...] = ()  # modules the worker template imports before it forks workers
+    outbox: Path | None = None  # a host folder the sandbox may write, at OUTBOX_MOUNT (suites only)
 
     @property
     def tmp(self) -> str:
@@ -159,38 +165,50 @@ def command(spec: SandboxSpec, channel_fd: int) -> list[str]:
     # left would shadow a module imported later.
     worker = [sys.executable, "-P", "-m", "common.grading.worker", "serve", f"--channel-fd={channel_fd}"]
     worker += [f"--preload={module}" for module in spec.preload]
-    env = _environment(spec)
+    return wrap(spec, worker) + (["--pid-namespace"] if spec.sandboxed else [])
+
+
+def outbox_path(spec: SandboxSpec) -> str:
+    """Where the sandboxed command sees `spec.outbox`."""
+    return OUTBOX_MOUNT if spec.sandboxed else str(spec.outbox)
+
+
+def wrap(spec: SandboxSpec, argv: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """`argv` run inside the sandbox `spec` describes, with the sandbox's environment plus `env`."""
+    env = {**_environment(spec), **(env or {})}
     if not spec.sandboxed:
-        return ["env", "-i", *(f"{k}={v}" for k, v in env.items()), *worker]
-    argv = [
+        return ["env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv]
+    argv_ = [
         bwrap_path(),
         "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
         "--die-with-parent", "--new-session", "--hostname", "sandbox",
     ]  # fmt: skip
     # /tmp first: a bind below it (a checkout or an environment under /tmp) must land on top of the tmpfs.
-    argv += ["--size", str(spec.tmp_bytes), "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev"]
+    argv_ += ["--size", str(spec.tmp_bytes), "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev"]
     # The folders bwrap makes for such a bind would be writable parts of /tmp, and one may be on sys.path (an
     # editable install names its checkout): each gets a tmpfs of its own, made read-only below.
     trees = _python_trees()
     below_tmp = _top_folders_below_tmp(trees)
     for folder in below_tmp:
-        argv += ["--tmpfs", folder]
-    _bind_system(argv)
+        argv_ += ["--tmpfs", folder]
+    _bind_system(argv_)
     for tree in trees:
-        argv += ["--ro-bind", tree, tree]
-    argv += ["--ro-bind", str(REPO_ROOT / "common"), f"{COURSE_MOUNT}/common"]
-    argv += ["--ro-bind", str(spec.src), SRC_MOUNT]
+        argv_ += ["--ro-bind", tree, tree]
+    argv_ += ["--ro-bind", str(REPO_ROOT / "common"), f"{COURSE_MOUNT}/common"]
+    argv_ += ["--ro-bind", str(spec.src), SRC_MOUNT]
+    if spec.outbox is not None:
+        argv_ += ["--bind", str(spec.outbox), OUTBOX_MOUNT]
     if spec.gpus:
-        _bind_gpus(argv, spec.gpus)
+        _bind_gpus(argv_, spec.gpus)
     # The root is a tmpfs whose folders bwrap made for the binds (/course, the parents of the environment): on
-    # sys.path, and writable until remounted. Only /tmp stays writable.
-    argv += ["--remount-ro", "/"]
+    # sys.path, and writable until remounted. Only /tmp (and the outbox) stay writable.
+    argv_ += ["--remount-ro", "/"]
     for folder in below_tmp:
-        argv += ["--remount-ro", folder]
-    argv += ["--clearenv"]
+        argv_ += ["--remount-ro", folder]
+    argv_ += ["--clearenv"]
     for key, value in env.items():
-        argv += ["--setenv", key, value]
-    return [*argv, "--chdir", "/tmp", "--", *worker, "--pid-namespace"]
+        argv_ += ["--setenv", key, value]
+    return [*argv_, "--chdir", "/tmp", "--", *argv]
 
 
 def probe() -> None:

@@ -4,7 +4,8 @@ A grader is only as good as what it rejects. Graded with the same harness as stu
 
 - the reference solution must score full marks on every task and pass every public test;
 - the starter (solution blocks stubbed) must score zero, and each public test must fail with the stub's
-  `NotImplementedError`, never an import error;
+  `NotImplementedError`, never an import error (in a bug hunt, whose starter is the program with its planted
+  bugs, with an `AssertionError`);
 - every mutant must lose points on each task it targets, and keep full marks on the others.
 
 Tasks that need a GPU are checked only where a GPU is present (elsewhere they show `needs GPU runner`);
@@ -92,14 +93,14 @@ def _check_reference(result: SubmissionResult, public: list[PublicCase] | None) 
     return problems
 
 
-def _check_starter(result: SubmissionResult, public: list[PublicCase] | None) -> list[str]:
+def _check_starter(result: SubmissionResult, public: list[PublicCase] | None, failure: str) -> list[str]:
     problems = []
     for t in _graded(result):
         if t.score != 0:
             passing = [o.nodeid.split("::")[-1] for o in t.tests if o.passed][:3]
             problems.append(f"{t.task.id}: {t.score:g} points, passing {', '.join(passing)}")
     if public is not None:
-        problems += [f"public {problem}" for problem in starter_problems(public)][:3]
+        problems += [f"public {problem}" for problem in starter_problems(public, failure)][:3]
         problems += [] if public else ["no public test ran"]
     return problems
 
@@ -153,7 +154,7 @@ def selftest(
     reference = variant_files(assignment, reference_source)
     variants = [
         ("reference", "full marks, public tests pass", _submission(assignment, "reference", reference)),
-        ("starter", "zero; public tests fail with NotImplementedError",
+        ("starter", f"zero; public tests fail with {assignment.starter_failure}",
          _submission(assignment, "starter", variant_files(assignment, starter_source))),
     ]  # fmt: skip
     mutants = [m for m in assignment.mutants if set(m.targets) & set(task_ids)]
@@ -182,7 +183,7 @@ def selftest(
         if name == "reference":
             problems = _check_reference(result, public.get(name))
         elif name == "starter":
-            problems = _check_starter(result, public.get(name))
+            problems = _check_starter(result, public.get(name), assignment.starter_failure)
         else:
             problems = _check_mutant(next(m for m in mutants if m.name == name), result)
         problems = _unscored(result, only_gpu_tasks) + problems

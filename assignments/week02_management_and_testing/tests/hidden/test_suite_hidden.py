@@ -1,0 +1,33 @@
+"""Task test_suite: your tests pass on your own code and cover at least 80% of the training module's lines.
+
+Your tests run as plain pytest in a fresh sandbox on the files you submitted (`planted.run_suite`); the exit
+status pytest returns there is the verdict, and the coverage comes from pytest-cov's report in that run.
+"""
+
+from __future__ import annotations
+
+import planted
+
+from common.grading.client import Submission
+
+
+def test_your_tests_pass_on_your_code(submission: Submission) -> None:
+    planted.check_suite_source(submission)
+    run = planted.run_suite(submission, submission.tree())
+    assert planted.outcome(run) == "passed", (
+        f"your tests on your code: {planted.outcome(run)}; {planted.tail(run)}"
+    )
+
+
+def test_your_tests_cover_the_training_module(submission: Submission) -> None:
+    planted.check_suite_source(submission)
+    run = planted.run_suite(submission, submission.tree())  # the same run: the batch's cache answers
+    assert planted.outcome(run) == "passed", (
+        f"coverage counts only for a suite that passes; it {planted.outcome(run)}"
+    )
+    percent = planted.coverage_percent(run)
+    assert percent is not None, "the run left no coverage report"
+    assert percent >= planted.MIN_COVERAGE, (
+        f"your tests cover {percent:.1f}% of the lines of {planted.TRAINING_MODULE}; at least "
+        f"{planted.MIN_COVERAGE:g}% is required"
+    )
