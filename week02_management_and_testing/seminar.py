@@ -93,8 +93,8 @@ print(f"sizes: {size}; the project's copy: {PROJECT.relative_to(REPO_ROOT)}; tor
 # %% [markdown]
 # ## 1. The project
 #
-# Each module does one job and fits on a screen: you can read the project in one sitting, and each part can
-# be tested on its own.
+# Each module does one job and fits on a screen or two: you can read the project in one sitting, and each
+# part can be tested on its own.
 
 # %%
 for path in sorted(SOURCE.rglob("*")):
@@ -228,7 +228,7 @@ sh("dvc push")
 shutil.rmtree(PROJECT / "outputs/data")
 (PROJECT / "outputs/model.pt").unlink()
 shutil.rmtree(PROJECT / ".dvc/cache")  # as on a fresh clone: no data, no model, no cache
-print("deleted:", *(path.relative_to(REPO_ROOT) for path in outs), ".dvc/cache", sep="\n  ")
+print("deleted:", *(path.relative_to(REPO_ROOT) for path in [*outs, PROJECT / ".dvc/cache"]), sep="\n  ")
 sh("dvc pull")
 assert [md5(path) for path in outs] == before, "pull restores the very same bytes"
 print("restored, byte for byte:", *(path.relative_to(REPO_ROOT) for path in outs), sep="\n  ")
@@ -292,7 +292,7 @@ assert "Would sync 1 run" in synced
 # - **parametrisation**: one test body over shapes, probabilities, devices;
 # - **properties** with hypothesis: instead of three hand-picked inputs, a rule that must hold for *any*
 #   input ("accuracy is the trace of the confusion matrix over n"; "a crop is a shift of at most `padding`
-#   pixels"), checked on a hundred generated ones, with a failing input shrunk to the smallest;
+#   pixels"), checked on 50 generated ones per test, with a failing input shrunk to the smallest;
 # - **a seeded run that overfits one batch**: a model that can learn must memorise 16 images; if the loss
 #   does not go to zero, something between the data and the optimizer is broken.
 #
@@ -352,8 +352,8 @@ assert off / sigma > 6
 RESULTS["tolerances"] = f"a 1σ tolerance fails {fails_1:.0%} of seeds, 5σ none of 400"
 
 # %% [markdown]
-# With 1σ, about a third of the seeds fail a correct flip: a flaky test, which teaches everyone to rerun
-# red CI until it is green. With 5σ, the chance is below one in a million, and a real bug still fails it:
+# With 1σ, 38% of the seeds fail a correct flip (the normal approximation says 32%): a flaky test, which
+# teaches everyone to rerun red CI until it is green. With 5σ, the chance is below one in a million, and a real bug still fails it:
 # a flip with probability 0.4 instead of 0.5 is 100 flips short at n = 1000, more than 6σ. A larger n
 # separates smaller bugs, since σ grows only as √n.
 #
