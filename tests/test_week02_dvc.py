@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import configparser
 import hashlib
+import json
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 from week02_project import PROJECT, copy_project, dvc, run_offline
 
 STAGES = ("prepare", "train", "evaluate")
@@ -34,10 +36,27 @@ def md5(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def story(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def story(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict[str, object]:
+    """The story, played once per test session even where pytest-xdist spreads this module's tests over
+    several workers (without --dist loadfile): the first worker plays it, the others read its results."""
+    if worker_id == "master":  # no xdist
+        result = play_story(tmp_path_factory.mktemp("dvc"))
+    else:
+        shared = tmp_path_factory.getbasetemp().parent  # this session's folder, common to all its workers
+        with FileLock(shared / "week02_dvc_story.lock"):
+            saved = shared / "week02_dvc_story.json"
+            if not saved.is_file():
+                saved.write_text(json.dumps(play_story(shared / "week02_dvc")))
+            result = json.loads(saved.read_text())
+    result["project"] = Path(result["project"])
+    return result
+
+
+def play_story(folder: Path) -> dict[str, object]:
     """repro; repro again; change train.epochs and repro; push; delete outputs and cache; pull."""
-    project = copy_project(tmp_path_factory.mktemp("project"))
-    remote = tmp_path_factory.mktemp("remote")
+    project = copy_project(folder / "project")
+    remote = folder / "remote"
+    remote.mkdir(parents=True)
 
     def run(*args: str, wandb_mode: str = "disabled") -> str:
         done = run_offline(dvc(*args), cwd=project, WANDB_MODE=wandb_mode)
@@ -51,7 +70,7 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     # The remote for this copy, in the file that `dvc remote add --local` writes (one dvc process less).
     (project / ".dvc" / "config.local").write_text(f"['remote \"local\"']\n    url = {remote}\n")
 
-    result: dict[str, object] = {"project": project}
+    result: dict[str, object] = {"project": str(project)}
     result["first"] = run("repro", wandb_mode="offline")  # the W&B runs of train and evaluate: tests below
     result["hashes"] = {out: md5(project / out) for out in OUTS}
     result["second"] = run("repro")

@@ -51,9 +51,10 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item() * len(index)  # note: .item() syncs with the GPU, once per step
+        value = loss.item()  # note: a host-device sync on a GPU, once per step
+        total_loss += value * len(index)
         correct += int((logits.argmax(dim=1) == y).sum())
-        on_step(loss.item())
+        on_step(value)
     return total_loss / len(labels), correct / len(labels)
 
 
