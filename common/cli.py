@@ -33,7 +33,8 @@ def results_dir(out: str | None) -> Path:
 COURSE_PACKAGES = frozenset({
     "torch", "torchvision", "triton", "numpy", "matplotlib", "PIL", "rich", "packaging",
     "jupyterlab", "ipykernel", "jupytext", "nbclient", "nbformat",
-    "pytest", "xdist", "pytest_timeout", "nbval", "hypothesis", "ruff",
+    "pytest", "xdist", "pytest_timeout", "nbval", "hypothesis", "ruff", "pytest_cov",
+    "wandb", "dvc", "hydra",
 })  # fmt: skip
 
 MAIN_EPILOG = """\
