@@ -58,10 +58,20 @@ SOURCE = REPO_ROOT / "week02_management_and_testing" / "example_project"
 # and every run of the notebook starts from nothing, as a new clone would.
 PROJECT = REPO_ROOT / "build" / "week02_management_and_testing" / "example_project"
 shutil.rmtree(PROJECT.parent, ignore_errors=True)
-shutil.copytree(
+shutil.copytree(  # the sources only: nothing that running the project or its tests makes
     SOURCE,
     PROJECT,
-    ignore=shutil.ignore_patterns("outputs", "dvc-remote", "__pycache__", ".coverage", "dvc.lock"),
+    ignore=shutil.ignore_patterns(
+        "outputs",
+        "dvc-remote",
+        "dvc.lock",
+        "__pycache__",
+        ".coverage",
+        ".hypothesis",
+        ".pytest_cache",
+        "tmp",
+        "cache",
+    ),
 )
 sys.path.insert(0, str(PROJECT))  # the project's modules, for the cells that call its functions
 
@@ -262,8 +272,9 @@ sample = next(runs[-2].glob("files/media/images/samples/*.png"))
 display(Image(filename=sample))
 
 # %% [markdown]
-# Above: the first 16 training images, as logged by `train` (16×16 pixels, enlarged 4 times). Below: the
-# table of predictions that `evaluate` logged, read back from its offline files.
+# Above: the first 16 training images as `train` logged them, augmented as the model sees them (16×16
+# pixels shifted by up to 2, black where they moved in; enlarged 4 times). Below: the table of predictions
+# that `evaluate` logged, read back from its offline files.
 
 # %%
 table = json.loads(next(runs[-1].glob("files/media/table/test/*.table.json")).read_text())

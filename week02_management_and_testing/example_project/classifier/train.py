@@ -71,7 +71,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
         return augment(batch, hflip=cfg.data.hflip, crop_padding=cfg.train.crop_padding, generator=generator)
 
     run = tracking.start_run(cfg, job_type="train")
-    run.log({"samples/train": tracking.image_grid(split["images"][: cfg.wandb.num_samples])})
+    # The first images as the model sees them, augmented (by a generator of their own, so that logging
+    # them does not change the training run's randomness).
+    shown = augment(
+        split["images"][: cfg.wandb.num_samples],
+        hflip=cfg.data.hflip,
+        crop_padding=cfg.train.crop_padding,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    run.log({"samples/train": tracking.image_grid(shown)})
     started = time.perf_counter()
     for epoch in range(1, cfg.train.epochs + 1):
         loss, acc = train_epoch(
