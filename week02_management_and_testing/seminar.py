@@ -273,8 +273,10 @@ display(Image(filename=sample))
 
 # %% [markdown]
 # Above: the first 16 training images as `train` logged them, augmented as the model sees them (16×16
-# pixels shifted by up to 2, black where they moved in; enlarged 4 times). Below: the table of predictions
-# that `evaluate` logged, read back from its offline files.
+# pixels shifted by up to 2, black where they moved in; enlarged 4 times). The noise is strong on purpose,
+# so that two epochs do not already reach 100%: the gratings are hard to see by eye, and the model's test
+# accuracy above says how hard they are for it. Below: the table of predictions that `evaluate` logged, read
+# back from its offline files.
 
 # %%
 table = json.loads(next(runs[-1].glob("files/media/table/test/*.table.json")).read_text())

@@ -49,8 +49,10 @@ def finish(run: wandb.Run) -> Path | None:
 
 def image_grid(images: torch.Tensor, columns: int = 8, scale: int = 4) -> wandb.Image:
     """uint8 (N, C, H, W) images as one picture, `columns` wide, each enlarged `scale` times to stay visible."""
+    images = images.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    images = torch.nn.functional.pad(images, (1, 1, 1, 1), value=255)  # a white line between images
     n, c, h, w = images.shape
     rows = -(-n // columns)
-    padded = torch.cat([images, images.new_zeros(rows * columns - n, c, h, w)])  # fill the last row
+    padded = torch.cat([images, images.new_full((rows * columns - n, c, h, w), 255)])  # fill the last row
     grid = padded.view(rows, columns, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, c)
-    return wandb.Image(grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy())
+    return wandb.Image(grid.numpy())
