@@ -313,17 +313,15 @@ assert "Would sync 1 run" in synced
 # pixel (the unbiased standard deviation of one value divides by zero). The suite, with a coverage report:
 
 # %%
-# CI (small): one fast file, so coverage is partial and its threshold is off.
-selection = "tests/test_metrics.py --cov-fail-under=0" if SMALL else ""
-report = sh(f"python -m pytest -q -p no:cacheprovider {selection}", show=False)
-print(report[report.index("Name") :].rstrip())
-passed = int(re.search(r"(\d+) passed", report).group(1))
-coverage = int(re.search(r"^TOTAL\s.*?(\d+)%$", report, re.MULTILINE).group(1))
-if not SMALL:
+if SMALL:  # CI: the course's tests/test_week02_project.py runs this suite already; here it would cost ~20 s
+    print("(small size: the suite runs at full size, and in the course's tests/test_week02_project.py)")
+else:
+    report = sh("python -m pytest -q -p no:cacheprovider", show=False)
+    print(report[report.index("Name") :].rstrip())
+    passed = int(re.search(r"(\d+) passed", report).group(1))
+    coverage = int(re.search(r"^TOTAL\s.*?(\d+)%$", report, re.MULTILINE).group(1))
     assert coverage == 100, "every line and branch of classifier/ runs in some test"
-RESULTS["tests"] = (
-    f"{passed} passed, coverage {coverage}% of classifier/ ({'part' if SMALL else 'all'} of the suite)"
-)
+    RESULTS["tests"] = f"{passed} passed, coverage {coverage}% of classifier/"
 
 # %% [markdown]
 # ### Testing random code
