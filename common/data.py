@@ -29,7 +29,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torchvision.io
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
@@ -364,6 +363,8 @@ class JpegDataset(Dataset):
         if self.decoder == "pil":
             image = decode_jpeg_pil(path.read_bytes())
         else:
+            import torchvision.io  # here, not at the top: importing torchvision takes seconds
+
             image = torchvision.io.decode_jpeg(
                 torchvision.io.read_file(str(path)), mode=torchvision.io.ImageReadMode.RGB
             )

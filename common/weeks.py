@@ -24,7 +24,8 @@ SYLLABUS: tuple[tuple[str, str], ...] = (
 # Weeks whose full size is meant for a CPU as well as a GPU. Week 4 runs its ranks as CPU processes that talk
 # through gloo (4 of them at full size), so a full run on a CPU is a real run: `effdl seminar --full` does not
 # warn about it, and its outputs may be recorded in the committed notebook until a multi-GPU run replaces them.
-FULL_ON_CPU: frozenset[str] = frozenset({"week04_data_parallel"})
+# Week 2 (tracking, pipelines, tests) has no GPU part at all: its full run is a CPU run.
+FULL_ON_CPU: frozenset[str] = frozenset({"week02_management_and_testing", "week04_data_parallel"})
 
 
 class UnknownWeekError(EffdlError):
