@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import hydra
@@ -55,8 +54,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         image = split["images"][i].permute(1, 2, 0).numpy()
         table.add_data(wandb.Image(image), int(labels[i]), int(predictions[i]), float(probs[i].max()))
     run.log({"test/predictions": table, "test/per_class_accuracy": wandb.Histogram(per_class)})
-    Path(cfg.paths.metrics).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.paths.metrics) / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    tracking.save_metrics(cfg, "eval", metrics)
     tracking.finish(run)
     return metrics
 

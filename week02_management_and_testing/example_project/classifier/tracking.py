@@ -6,6 +6,7 @@ network; `wandb sync FOLDER` uploads it later. `wandb.mode=disabled` turns every
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -45,6 +46,14 @@ def finish(run: wandb.Run) -> Path | None:
     if offline and folder is not None:
         print(f"W&B run saved offline in {folder}; upload it later with: wandb sync {folder}")
     return folder
+
+
+def save_metrics(cfg: DictConfig, stage: str, metrics: dict[str, float]) -> Path:
+    """Write a stage's metrics to paths.metrics/STAGE.json, the file dvc.yaml declares as its metrics."""
+    path = Path(cfg.paths.metrics) / f"{stage}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return path
 
 
 def image_grid(images: torch.Tensor, columns: int = 8, scale: int = 4) -> wandb.Image:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable
@@ -100,8 +99,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     Path(cfg.paths.model).parent.mkdir(parents=True, exist_ok=True)
     checkpoint = {"model": model.state_dict(), "mean": mean, "std": std}
     torch.save(checkpoint, cfg.paths.model)
-    Path(cfg.paths.metrics).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.paths.metrics) / "train.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    tracking.save_metrics(cfg, "train", metrics)
     tracking.finish(run)
     return metrics
 
