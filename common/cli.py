@@ -255,8 +255,8 @@ def cmd_wheelhouse(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, wheel in enumerate(wheels, 1):
-        wheelhouse.download(wheel, out)
-        print(f"[{i}/{len(wheels)}] {wheel.filename}  {wheel.size / 2**20:,.1f} MiB", flush=True)
+        path = wheelhouse.download(wheel, out)  # a source archive comes back built into a wheel
+        print(f"[{i}/{len(wheels)}] {path.name}  {wheel.size / 2**20:,.1f} MiB", flush=True)
     requirements = wheelhouse.write_requirements(wheels, out)
     print(f"wrote {requirements}; on the runner, with no index:\n"
           f"  pip install --no-index --no-deps --find-links {out} -r {requirements}")  # fmt: skip

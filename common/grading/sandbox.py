@@ -27,10 +27,12 @@ the TA passes `--no-sandbox`, which runs the same worker as a plain child proces
 
 from __future__ import annotations
 
+import functools
 import shutil
 import site
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,14 +120,16 @@ def _pth_folders(site_dirs: list[str]) -> set[str]:
     return folders
 
 
-def _python_trees() -> list[str]:
-    """The interpreter and the environment: read-only, at the same paths (their scripts name them)."""
+@functools.cache
+def _python_trees() -> tuple[str, ...]:
+    """The interpreter and the environment: read-only, at the same paths (their scripts name them). Read once
+    per process: every sandbox of a batch binds the same folders."""
     site_dirs = site.getsitepackages()
     trees = {sys.prefix, sys.base_prefix, sys.exec_prefix, *site_dirs, *_pth_folders(site_dirs)}
-    return sorted(t for t in trees if not any(t != o and t.startswith(o + "/") for o in trees))
+    return tuple(sorted(t for t in trees if not any(t != o and t.startswith(o + "/") for o in trees)))
 
 
-def _top_folders_below_tmp(paths: list[str]) -> list[str]:
+def _top_folders_below_tmp(paths: Sequence[str]) -> list[str]:
     """The folders right below /tmp that hold any of `paths` (/tmp/ci for /tmp/ci/.venv)."""
     return sorted({"/tmp/" + path.split("/")[2] for path in paths if path.startswith("/tmp/")})
 
@@ -178,37 +182,37 @@ def wrap(spec: SandboxSpec, argv: list[str], env: dict[str, str] | None = None) 
     env = {**_environment(spec), **(env or {})}
     if not spec.sandboxed:
         return ["env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv]
-    argv_ = [
+    sandbox = [
         bwrap_path(),
         "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
         "--die-with-parent", "--new-session", "--hostname", "sandbox",
     ]  # fmt: skip
     # /tmp first: a bind below it (a checkout or an environment under /tmp) must land on top of the tmpfs.
-    argv_ += ["--size", str(spec.tmp_bytes), "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev"]
+    sandbox += ["--size", str(spec.tmp_bytes), "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev"]
     # The folders bwrap makes for such a bind would be writable parts of /tmp, and one may be on sys.path (an
     # editable install names its checkout): each gets a tmpfs of its own, made read-only below.
     trees = _python_trees()
     below_tmp = _top_folders_below_tmp(trees)
     for folder in below_tmp:
-        argv_ += ["--tmpfs", folder]
-    _bind_system(argv_)
+        sandbox += ["--tmpfs", folder]
+    _bind_system(sandbox)
     for tree in trees:
-        argv_ += ["--ro-bind", tree, tree]
-    argv_ += ["--ro-bind", str(REPO_ROOT / "common"), f"{COURSE_MOUNT}/common"]
-    argv_ += ["--ro-bind", str(spec.src), SRC_MOUNT]
+        sandbox += ["--ro-bind", tree, tree]
+    sandbox += ["--ro-bind", str(REPO_ROOT / "common"), f"{COURSE_MOUNT}/common"]
+    sandbox += ["--ro-bind", str(spec.src), SRC_MOUNT]
     if spec.outbox is not None:
-        argv_ += ["--bind", str(spec.outbox), OUTBOX_MOUNT]
+        sandbox += ["--bind", str(spec.outbox), OUTBOX_MOUNT]
     if spec.gpus:
-        _bind_gpus(argv_, spec.gpus)
+        _bind_gpus(sandbox, spec.gpus)
     # The root is a tmpfs whose folders bwrap made for the binds (/course, the parents of the environment): on
     # sys.path, and writable until remounted. Only /tmp (and the outbox) stay writable.
-    argv_ += ["--remount-ro", "/"]
+    sandbox += ["--remount-ro", "/"]
     for folder in below_tmp:
-        argv_ += ["--remount-ro", folder]
-    argv_ += ["--clearenv"]
+        sandbox += ["--remount-ro", folder]
+    sandbox += ["--clearenv"]
     for key, value in env.items():
-        argv_ += ["--setenv", key, value]
-    return [*argv_, "--chdir", "/tmp", "--", *argv]
+        sandbox += ["--setenv", key, value]
+    return [*sandbox, "--chdir", "/tmp", "--", *argv]
 
 
 def probe() -> None:
