@@ -72,7 +72,7 @@ def test_crop_is_a_shift_of_at_most_padding_pixels(images: torch.Tensor, padding
 # 2. Statistically: over n independent draws, the count of flipped images is Binomial(n, p), with standard
 #    deviation sqrt(n p (1 - p)). A tolerance of 5 standard deviations fails a correct transform with
 #    probability below 1e-6 whatever the seed, so the seed can change without the test turning flaky, while a
-#    wrong p (say, flipping with 1 - p) misses by far more than 5 sigma at this n.
+#    wrong p (say, 1 - p where p is 0.1 or 0.9) misses by far more than 5 sigma at this n.
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_hflip_flips_a_fraction_p_within_binomial_tolerance(p: float) -> None:
     n = 4000
