@@ -1,7 +1,9 @@
 """Task test_suite: your tests pass on your own code and cover at least 80% of the training module's lines.
 
-Your tests run as plain pytest in a fresh sandbox on the files you submitted (`planted.run_suite`); the exit
-status pytest returns there is the verdict, and the coverage comes from pytest-cov's report in that run.
+Your tests run as plain pytest in a fresh sandbox (`planted.run_suite`); the exit status pytest returns there is
+the verdict. Coverage is measured on the reference's training module, in the run the mutation task makes
+anyway: only your test files (which `check_suite_source` scans) run beside it there, so code of your
+`train.py` cannot write the coverage report.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ def test_your_tests_pass_on_your_code(submission: Submission) -> None:
 
 def test_your_tests_cover_the_training_module(submission: Submission) -> None:
     planted.check_suite_source(submission)
-    run = planted.run_suite(submission, submission.tree())  # the same run: the batch's cache answers
+    # The mutation task's run on the reference: the batch's cache answers it.
+    run = planted.run_suite(submission, planted.with_students_tests(planted.reference_tree(), submission))
     assert planted.outcome(run) == "passed", (
-        f"coverage counts only for a suite that passes; it {planted.outcome(run)}"
+        f"coverage counts only for a suite that passes on the reference; it {planted.outcome(run)}"
     )
     percent = planted.coverage_percent(run)
     assert percent is not None, "the run left no coverage report"
