@@ -23,7 +23,6 @@ from common.distributed.ddp import apply_ddp
 from common.distributed.launch import launch, rank_device
 from common.distributed.tensor_parallel import (
     ColumnParallelLinear,
-    ParallelSizeError,
     RowParallelLinear,
     apply_tensor_parallel,
     apply_tensor_parallel_dtensor,
@@ -33,6 +32,7 @@ from common.distributed.tensor_parallel import (
     parameter_count,
     shard_sequence,
 )
+from common.errors import EffdlError
 from common.models.llama import Llama, LlamaConfig
 
 WORLD_SIZES = (2, 4)
@@ -40,7 +40,7 @@ WORLD_SIZES = (2, 4)
 # output feeds another block's collectives.
 CONFIG = LlamaConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, d_ff=96, max_seq_len=32)
 BATCH, SEQ = 2, 16
-VARIANTS = ("tp", "tp_sp", "dtensor", "ulysses")
+VARIANTS = ("tp", "tp_sp", "dtensor", "dtensor_sp", "ulysses")
 # float32 throughout. The variants compute the same sums as the single process in another order (a matmul's
 # inner sum cut into p partial sums that an all-reduce adds; a norm's weight gradient summed by shards), and
 # a reordered sum of K terms moves by at most about K eps sum|terms| (eps = 1.2e-7, K <= 96 here) at each of
@@ -125,8 +125,9 @@ def run_variant(variant: str, tokens: torch.Tensor, targets: torch.Tensor) -> di
         apply_tensor_parallel(model)
     elif variant == "tp_sp":
         apply_tensor_parallel(model, sequence_parallel=True)
-    elif variant == "dtensor":
-        apply_tensor_parallel_dtensor(model, init_device_mesh(rank_device().type, (p,)))
+    elif variant.startswith("dtensor"):
+        mesh = init_device_mesh(rank_device().type, (p,))
+        apply_tensor_parallel_dtensor(model, mesh, sequence_parallel=variant == "dtensor_sp")
     else:
         apply_ulysses(model)
         apply_ddp(model)
@@ -153,7 +154,7 @@ def run_variant(variant: str, tokens: torch.Tensor, targets: torch.Tensor) -> di
 def error_of(make_error) -> str:
     try:
         make_error()
-    except ParallelSizeError as error:
+    except EffdlError as error:  # ParallelSizeError is one
         return str(error)
     return "no error"
 
@@ -169,6 +170,7 @@ def size_errors(tokens: torch.Tensor) -> dict[str, str]:
     sequence_parallel = apply_tensor_parallel(fresh_model(), sequence_parallel=True)
     short = apply_ulysses(fresh_model(dataclasses.replace(CONFIG, max_seq_len=SEQ - 1)))
     return {
+        "tp not a llama": error_of(lambda: apply_tensor_parallel(torch.nn.Linear(4, 4))),
         "tp n_heads": error_of(lambda: apply_tensor_parallel(Llama(three_heads))),
         "tp n_kv_heads": error_of(lambda: apply_tensor_parallel(Llama(one_kv_head))),
         "tp d_ff": error_of(lambda: apply_tensor_parallel(Llama(odd_ff))),
@@ -228,13 +230,14 @@ def test_each_variant_splits_what_it_says(reports) -> None:
     for report in by_rank.values():
         whole = report["reference_block_weights"]
         norms = 2 * CONFIG.n_layers * CONFIG.d_model  # replicated in every variant
-        for variant in ("tp", "tp_sp", "dtensor"):  # 1/p of every block matrix on each rank
+        for variant in ("tp", "tp_sp", "dtensor", "dtensor_sp"):  # 1/p of every block matrix on each rank
             assert report[variant]["block_weights"] == (whole - norms) // p + norms
         assert report["ulysses"]["block_weights"] == whole
         # The residual stream: whole sequences under plain TP, this rank's slice otherwise.
         assert report["tp"]["block_input"] == (BATCH, SEQ, CONFIG.d_model)
-        assert report["tp_sp"]["block_input"] == (BATCH, SEQ // p, CONFIG.d_model)
-        assert report["ulysses"]["block_input"] == (BATCH, SEQ // p, CONFIG.d_model)
+        assert report["dtensor"]["block_input"] == (BATCH, SEQ, CONFIG.d_model)
+        for variant in ("tp_sp", "dtensor_sp", "ulysses"):
+            assert report[variant]["block_input"] == (BATCH, SEQ // p, CONFIG.d_model)
 
 
 @pytest.mark.distributed
@@ -252,6 +255,7 @@ def test_communication_volume_is_what_the_step_passes_to_the_collectives(reports
 def test_sizes_that_do_not_split_are_clear_errors(reports) -> None:
     p, by_rank = reports
     expected = {
+        "tp not a llama": "the plan's 'layers.*.attention' matches no module of this model: is it a Llama?",
         "tp n_heads": f"layers.0.attention: n_heads=3 is not divisible by the tensor-parallel size {p}; "
         f"make n_heads a multiple of {p}, or use a tensor-parallel size that divides 3",
         "tp n_kv_heads": f"layers.0.attention: n_kv_heads=1 is not divisible by the tensor-parallel size {p}",

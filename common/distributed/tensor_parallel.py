@@ -51,13 +51,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from common.distributed.cost_model import Cost, bus_bandwidth_factor, ring_cost
 from common.errors import EffdlError
 from common.models.llama import Attention, Block, FeedForward, Llama, LlamaConfig
 
 __all__ = [
+    "AllToAll",
     "Collective",
     "ColumnParallelLinear",
     "CopyToTensorParallel",
@@ -409,24 +418,50 @@ def apply_tensor_parallel(model: Llama, group: Group = None, *, sequence_paralle
 # ----------------------------------------------------------------------------------------------------
 
 
-def apply_tensor_parallel_dtensor(model: Llama, mesh: DeviceMesh) -> Llama:
-    """apply_tensor_parallel(model) (without sequence parallelism), written with torch.distributed.tensor.
+def apply_tensor_parallel_dtensor(
+    model: Llama, mesh: DeviceMesh, *, sequence_parallel: bool = False
+) -> Llama:
+    """apply_tensor_parallel(model, sequence_parallel=...), written with torch.distributed.tensor (torchtitan's plan).
 
-    The weights become DTensors (Shard(0) for colwise, Shard(1) for rowwise); `use_local_output=True` (the
-    default) hands plain tensors back between the layers, so Attention's `view(b, s, -1, head_dim)` sees the
-    local heads. Torch puts an f on the input of each of wq, wk and wv (three all-reduces in backward where
-    apply_tensor_parallel has one); its DTensor gradients give their whole value with `.full_tensor()`.
+    The weights become DTensors (Shard(0) for colwise, Shard(1) for rowwise), and their gradients too:
+    `.full_tensor()` gathers one. `use_local_output=True` (the default) hands plain tensors back between the
+    layers, so Attention's `view(b, s, -1, head_dim)` sees the local heads. Torch puts an f on the input of
+    every colwise layer: 5 all-reduces a layer in backward (wq, wk, wv, w1, w3) where apply_tensor_parallel
+    has 2, because it cannot know that the three share one input.
+
+    With sequence parallelism, PrepareModuleInput is the all-gather into a region, RowwiseParallel's
+    `output_layouts=Shard(1)` the reduce-scatter out of it, and SequenceParallel runs a norm on sequence
+    shards, its weight replicated. The norm weights' gradients come out Partial(sum): DTensor defers their
+    all-reduce until something reads them (the optimizer's step, or `.full_tensor()`). Unlike
+    apply_tensor_parallel, torchtitan's plan also splits the embedding (by vocabulary rows: its partial
+    outputs are reduce-scattered onto sequence shards) and the output layer (by vocabulary columns, the
+    logits gathered back whole).
     """
     _check_divisible(_split_sizes(model, hidden_units=True), mesh.size(), TENSOR_PARALLEL)
-    plan = {
+    sequence = Shard(1) if sequence_parallel else Replicate()  # where the residual stream lives
+    plan: dict[str, ParallelStyle] = {
         "layers.*.attention.wq": ColwiseParallel(),
         "layers.*.attention.wk": ColwiseParallel(),
         "layers.*.attention.wv": ColwiseParallel(),
-        "layers.*.attention.wo": RowwiseParallel(),
+        "layers.*.attention.wo": RowwiseParallel(output_layouts=sequence),
         "layers.*.feed_forward.w1": ColwiseParallel(),
         "layers.*.feed_forward.w3": ColwiseParallel(),
-        "layers.*.feed_forward.w2": RowwiseParallel(),
+        "layers.*.feed_forward.w2": RowwiseParallel(output_layouts=sequence),
     }
+    if sequence_parallel:
+        plan |= {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+            "layers.*.attention_norm": SequenceParallel(),
+            "layers.*.attention": PrepareModuleInput(
+                input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+            ),
+            "layers.*.ffn_norm": SequenceParallel(),
+            "layers.*.feed_forward": PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+            ),
+            "norm": SequenceParallel(),
+            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+        }
     return parallelize_module(model, mesh, plan)
 
 
