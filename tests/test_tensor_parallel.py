@@ -48,6 +48,7 @@ VARIANTS = ("tp", "tp_sp", "dtensor", "dtensor_sp", "ulysses")
 # headroom, and is far below what any real mistake gives (a missing all-reduce, or one too many, changes
 # gradients by a factor of p; a wrong slice changes them by O(1)).
 RELATIVE_TOLERANCE = 1e-5
+STEPS, LR = 2, 0.5  # the second step runs on weights that the first updated, shard by shard on every rank
 
 # The collectives this module calls, and which argument is the message whose size cost_model counts.
 COUNTED = {
@@ -118,37 +119,52 @@ def block_weights_on_this_rank(model: Llama) -> int:
     )
 
 
-def run_variant(variant: str, tokens: torch.Tensor, targets: torch.Tensor) -> dict:
-    """Apply one variant to a fresh model; its logits, loss, full gradients and what it sent in one step."""
-    model, p = fresh_model(), dist.get_world_size()
+def parallelize(model: Llama, variant: str) -> Llama:
     if variant == "tp":
         apply_tensor_parallel(model)
     elif variant == "tp_sp":
         apply_tensor_parallel(model, sequence_parallel=True)
-    elif variant.startswith("dtensor"):
-        mesh = init_device_mesh(rank_device().type, (p,))
+    elif variant in ("dtensor", "dtensor_sp"):
+        mesh = init_device_mesh(rank_device().type, (dist.get_world_size(),))
         apply_tensor_parallel_dtensor(model, mesh, sequence_parallel=variant == "dtensor_sp")
-    else:
+    elif variant == "ulysses":
         apply_ulysses(model)
         apply_ddp(model)
-        tokens, targets = shard_sequence(tokens), shard_sequence(targets)  # (b, s/p): this rank's slice
-    block_inputs = []
-    model.layers[0].register_forward_pre_hook(lambda block, args: block_inputs.append(tuple(args[0].shape)))
-    logits = model(tokens)
-    with counting_collectives() as counts:  # one training step: forward and backward of the loss
-        loss = model.loss(tokens, targets)
-        loss.backward()
-    if variant == "ulysses":  # the slices back together; the mean of the ranks' means is the mean
-        logits = gather(logits, dim=1)
-        loss = gather(loss.detach()[None], dim=0).mean()
-    return {
-        "logits": logits.detach(),
-        "loss": loss.detach(),
-        "grads": full_gradients(model),
-        "counts": counts,
-        "block_input": block_inputs[0],
-        "block_weights": block_weights_on_this_rank(model),
-    }
+    return model
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """STEPS batches of (tokens, targets), the same on every rank; targets shifted on the whole sequence."""
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randint(CONFIG.vocab_size, (BATCH, SEQ + 1), generator=g) for _ in range(STEPS)]
+    return [(d[:, :-1].to(rank_device()), d[:, 1:].to(rank_device())) for d in data]
+
+
+def train(model: Llama, variant: str) -> list[dict]:
+    """STEPS steps of SGD; each step's logits, loss, full gradients and what it passed to the collectives."""
+    steps = []
+    for tokens, targets in batches():
+        if variant == "ulysses":
+            tokens, targets = shard_sequence(tokens), shard_sequence(targets)  # (b, s/p): this rank's slice
+        logits = model(tokens)
+        with counting_collectives() as counts:  # a training step: forward and backward of the loss
+            loss = model.loss(tokens, targets)
+            loss.backward()
+        if variant == "ulysses":  # the slices back together; the mean of the ranks' means is the mean
+            logits, loss = gather(logits, dim=1), gather(loss[None], dim=0).mean()
+        steps.append(
+            {
+                "logits": logits.detach(),
+                "loss": loss.detach(),
+                "grads": full_gradients(model),
+                "counts": counts,
+            }
+        )
+        with torch.no_grad():  # each rank updates what it holds: its shards, and the replicated weights alike
+            for param in model.parameters():
+                param -= LR * param.grad
+                param.grad = None
+    return steps
 
 
 def error_of(make_error) -> str:
@@ -182,29 +198,35 @@ def size_errors(tokens: torch.Tensor) -> dict[str, str]:
     }
 
 
+def differences(steps: list[dict], expected: list[dict]) -> dict:
+    """The largest relative difference over the steps of the logits, the loss and any gradient."""
+    worst = {"logits": 0.0, "loss": 0.0, "grads": 0.0}
+    for got, want in zip(steps, expected, strict=True):
+        assert sorted(got["grads"]) == sorted(want["grads"]), "the parameters are not the reference's"
+        pairs = [("logits", got["logits"], want["logits"]), ("loss", got["loss"], want["loss"])]
+        pairs += [("grads", got["grads"][name], grad) for name, grad in want["grads"].items()]
+        for what, a, b in pairs:
+            worst[what] = max(worst[what], relative_difference(a, b))
+    return worst
+
+
 def check_tensor_parallel() -> dict:
     """Every variant against the single-process model, on this rank: differences, counts and errors."""
-    g = torch.Generator().manual_seed(1)
-    data = torch.randint(CONFIG.vocab_size, (BATCH, SEQ + 1), generator=g).to(rank_device())
-    tokens, targets = data[:, :-1], data[:, 1:]  # targets shifted on the whole sequence
-    reference = fresh_model()
-    expected_logits = reference(tokens).detach()
-    expected_loss = reference.loss(tokens, targets)
-    expected_loss.backward()
-    expected_grads = {name: p.grad for name, p in reference.named_parameters()}
-    report: dict = {"reference_block_weights": block_weights_on_this_rank(reference)}
+    expected = train(fresh_model(), "reference")
+    report: dict = {"reference_block_weights": block_weights_on_this_rank(fresh_model())}
     for variant in VARIANTS:
-        got = run_variant(variant, tokens, targets)
-        report[variant] = {
-            "logits": relative_difference(got["logits"], expected_logits),
-            "loss": relative_difference(got["loss"], expected_loss.detach()),
-            "grad_names": sorted(got["grads"]) == sorted(expected_grads),
-            "grads": max(relative_difference(got["grads"][n], g) for n, g in expected_grads.items()),
-            "counts": got["counts"],
-            "block_input": got["block_input"],
-            "block_weights": got["block_weights"],
+        model = parallelize(fresh_model(), variant)
+        block_inputs: list[tuple] = []
+        model.layers[0].register_forward_pre_hook(
+            lambda block, args, seen=block_inputs: seen.append(tuple(args[0].shape))
+        )
+        steps = train(model, variant)
+        report[variant] = differences(steps, expected) | {
+            "counts": steps[-1]["counts"],  # the last step: apply_ddp has its final buckets by then
+            "block_input": block_inputs[0],
+            "block_weights": block_weights_on_this_rank(model),
         }
-    report["errors"] = size_errors(tokens)
+    report["errors"] = size_errors(batches()[0][0])
     return report
 
 
@@ -219,7 +241,6 @@ def test_each_variant_equals_the_single_process_model(reports, variant) -> None:
     _, by_rank = reports
     for rank, report in by_rank.items():
         result = report[variant]
-        assert result["grad_names"], (rank, "the parallel model has other parameters than the reference")
         for what in ("logits", "loss", "grads"):
             assert result[what] < RELATIVE_TOLERANCE, (rank, what, result[what])
 
