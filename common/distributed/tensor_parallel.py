@@ -300,7 +300,12 @@ Style = Literal["enter", "colwise", "rowwise", "sequence_sharded", "split_sequen
 
 
 def tensor_parallel_plan(sequence_parallel: bool = False) -> dict[str, Style]:
-    """Llama's plan: module name (fnmatch pattern) -> style. What each style does is in `_STYLES`."""
+    """Llama's plan: module name (an fnmatch pattern, `*` any layer) -> style, as torchtitan writes its own.
+
+    colwise/rowwise: replaced by ColumnParallelLinear/RowParallelLinear; enter: the input goes through f (or,
+    with sequence parallelism, is all-gathered); sequence_sharded: runs on sequence slices, its weights'
+    gradients summed; split_sequence/gather_sequence: output sliced / input gathered along the sequence.
+    """
     plan: dict[str, Style] = {
         "layers.*.attention": "enter",  # f (or all-gather) once on the input of wq, wk, wv
         "layers.*.attention.wq": "colwise",  # heads r*h/p ... (r+1)*h/p - 1 on rank r
@@ -340,20 +345,24 @@ def _enter(model: nn.Module, name: str, group: Group, sequence_parallel: bool) -
 
 
 def _split_output(model: nn.Module, name: str, group: Group, sequence_parallel: bool) -> None:
+    """The module runs replicated on the whole sequence; its output continues as this rank's slice."""
     model.get_submodule(name).register_forward_hook(lambda module, args, out: SplitSequence.apply(out, group))
 
 
 def _gather_input(model: nn.Module, name: str, group: Group, sequence_parallel: bool) -> None:
+    """The module runs replicated on the whole sequence, gathered from the ranks' slices."""
     model.get_submodule(name).register_forward_pre_hook(
         lambda module, args: (GatherSequence.apply(args[0], group, False), *args[1:])
     )
 
 
 def _sequence_sharded(model: nn.Module, name: str, group: Group, sequence_parallel: bool) -> None:
+    """The module runs on this rank's slice of the sequence: its replicated weights' gradients are summed."""
     for param in model.get_submodule(name).parameters():
         _sum_gradient_over(param, group)
 
 
+# Each style changes the named module of the model in place: (model, name, group, sequence_parallel).
 _STYLES: dict[Style, Callable[[nn.Module, str, Group, bool], None]] = {
     "enter": _enter,
     "colwise": lambda model, name, group, sp: _replace(
@@ -530,7 +539,9 @@ def apply_ulysses(model: Llama, group: Group = None) -> Llama:
 
     Each rank's loss is the mean over its s/p positions, so the average that DDP takes is the mean over all
     positions, the single-process loss (the shards are equal). Targets are shifted on the whole sequence
-    before sharding. Every rank must see the same batch: the group is not a data-parallel group.
+    before sharding. Every rank of the group sees the same sequences, each its own slice of them; that
+    gradient all-reduce is the one data parallelism pays anyway, so Ulysses ranks are usually also the
+    data-parallel (or ZeRO/FSDP) ranks, and the weights' memory is then sharded by those.
     """
     p, rank = _world(group), _rank(group)
     # DeepSpeed repeats kv heads up to a multiple of p where there are fewer; that is not done here.
