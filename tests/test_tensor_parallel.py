@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 import torch
-import torch._dynamo  # noqa: F401  DTensor imports it on first use (seconds): once here, forked ranks inherit it
+import torch._dynamo  # noqa: F401  DTensor imports it on first use (seconds): here once, the ranks inherit it
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
@@ -185,6 +185,7 @@ def size_errors(tokens: torch.Tensor) -> dict[str, str]:
     odd_tokens = tokens[:, : SEQ - 1]  # 15 positions: divisible by neither 2 nor 4
     mesh = init_device_mesh(rank_device().type, (dist.get_world_size(),))
     sequence_parallel = apply_tensor_parallel(fresh_model(), sequence_parallel=True)
+    kernels = fresh_model(dataclasses.replace(CONFIG, use_kernels=True))
     short = apply_ulysses(fresh_model(dataclasses.replace(CONFIG, max_seq_len=SEQ - 1)))
     return {
         "tp not a llama": error_of(lambda: apply_tensor_parallel(torch.nn.Linear(4, 4))),
@@ -192,6 +193,9 @@ def size_errors(tokens: torch.Tensor) -> dict[str, str]:
         "tp n_kv_heads": error_of(lambda: apply_tensor_parallel(Llama(one_kv_head))),
         "tp d_ff": error_of(lambda: apply_tensor_parallel(Llama(odd_ff))),
         "dtensor n_heads": error_of(lambda: apply_tensor_parallel_dtensor(Llama(three_heads), mesh)),
+        "dtensor_sp kernels": error_of(
+            lambda: apply_tensor_parallel_dtensor(kernels, mesh, sequence_parallel=True)
+        ),
         "sp sequence": error_of(lambda: sequence_parallel(odd_tokens)),
         "ulysses n_kv_heads": error_of(lambda: apply_ulysses(Llama(one_kv_head))),
         "ulysses sequence": error_of(lambda: shard_sequence(odd_tokens)),
@@ -293,11 +297,14 @@ def test_sizes_that_do_not_split_are_clear_errors(reports) -> None:
         "tp n_kv_heads": f"layers.0.attention: n_kv_heads=1 is not divisible by the tensor-parallel size {p}",
         "tp d_ff": f"layers.0.feed_forward: d_ff=97 is not divisible by the tensor-parallel size {p}",
         "dtensor n_heads": f"layers.0.attention: n_heads=3 is not divisible by the tensor-parallel size {p}",
+        "dtensor_sp kernels": "apply_tensor_parallel_dtensor(sequence_parallel=True) splits the output "
+        "layer, but use_kernels=True computes the loss from output.weight directly",
         "sp sequence": f"sequence length 15 is not divisible by the sequence-parallel size {p}; "
         f"pad or cut the sequences to a multiple of {p} tokens",
         "ulysses n_kv_heads": f"layers.0.attention: n_kv_heads=1 is not divisible by the Ulysses size {p}",
         "ulysses sequence": f"sequence length 15 is not divisible by the sequence-parallel size {p}",
-        "ulysses max_seq_len": f"the whole sequence, {p} x {SEQ // p} positions, exceeds max_seq_len={SEQ - 1}",
+        "ulysses max_seq_len": f"the whole sequence, {p} x {SEQ // p} positions, exceeds "
+        f"max_seq_len={SEQ - 1}",
     }
     for report in by_rank.values():
         assert report["errors"].keys() == expected.keys()
@@ -306,7 +313,7 @@ def test_sizes_that_do_not_split_are_clear_errors(reports) -> None:
 
 
 def test_communication_volume_at_llama_7b_sizes_is_the_docstrings_formulas() -> None:
-    """Sent bytes per rank, against the docstring's sums written out: Korthikanti's equal volume, Ulysses' 1/p."""
+    """Bytes sent per rank against the docstring's sums: Korthikanti's equal volume, Ulysses' 1/p."""
     b, s, d, L, p, B = 8, 4096, 4096, 32, 8, 2
     config = LlamaConfig(d_model=d, n_layers=L, n_heads=32, n_kv_heads=8, d_ff=11008, max_seq_len=s)
     sent = {

@@ -1,11 +1,11 @@
 """Tensor parallelism, sequence parallelism and Ulysses attention, each applied to a plain Llama.
 
-    apply_tensor_parallel(model)                            # Megatron-LM: heads and hidden units split over ranks
-    apply_tensor_parallel(model, sequence_parallel=True)    # + norms and residual stream on sequence shards
-    apply_tensor_parallel_dtensor(model, mesh)              # the same split, through torch's DTensor API
-    logits = model(tokens)                                  # every rank: the whole batch, the whole logits
+    apply_tensor_parallel(model)                          # Megatron-LM: heads, hidden units split over ranks
+    apply_tensor_parallel(model, sequence_parallel=True)  # + norms and residual stream on sequence shards
+    apply_tensor_parallel_dtensor(model, mesh)            # the same split, through torch's DTensor API
+    logits = model(tokens)                                # every rank: the whole batch, the whole logits
 
-    apply_ulysses(model); apply_ddp(model)                  # DeepSpeed-Ulysses: every rank a slice of the sequence
+    apply_ulysses(model); apply_ddp(model)                # DeepSpeed-Ulysses: a slice of the sequence each
     loss = model.loss(shard_sequence(tokens), shard_sequence(targets))
 
 Data parallelism (ddp.py) copies the model; when the model, or one sequence's activations, no longer fit on
@@ -33,8 +33,8 @@ one GPU, the model's layers themselves have to be cut. What you will learn, top 
   as messages that cost_model prices; the tests count what this module actually passes to the collectives.
 
 Embeddings and the output layer stay replicated here (Megatron splits both by vocabulary, which also needs a
-vocabulary-parallel cross-entropy; at our vocabulary sizes they are a small part of the model). Activations are
-(batch, seq, d_model); Megatron keeps them (seq, batch, d_model) so that the sequence is dim 0, where
+vocabulary-parallel cross-entropy; at our vocabulary sizes they are a small part of the model). Activations
+are (batch, seq, d_model); Megatron keeps them (seq, batch, d_model) so that the sequence is dim 0, where
 collectives concatenate, and so saves the transposes that `_all_gather_sequence` and friends pay for here.
 """
 
@@ -123,7 +123,7 @@ def _check_sequence(s: int, p: int) -> None:
 
 
 def shard_sequence(x: torch.Tensor, group: Group = None) -> torch.Tensor:
-    """This rank's contiguous slice of x along dim 1 (the sequence): rank r gets positions r*s/p ... (r+1)*s/p - 1."""
+    """This rank's slice of x along dim 1 (the sequence): rank r gets positions r*s/p ... (r+1)*s/p - 1."""
     p = _world(group)
     _check_sequence(x.shape[1], p)
     return x.tensor_split(p, dim=1)[_rank(group)].contiguous()  # (b, s/p, ...)
@@ -199,8 +199,8 @@ class GatherSequence(torch.autograd.Function):
 
 
 class ReduceScatterSequence(torch.autograd.Function):
-    """Sequence parallelism's g: reduce-scatter forward (sum the partial outputs, keep this rank's slice of the
-    sequence), all-gather backward (the region behind it needs the gradient of every position)."""
+    """Sequence parallelism's g: reduce-scatter forward (sum the partial outputs, keep this rank's slice of
+    the sequence), all-gather backward (the region behind it needs the gradient of every position)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -213,8 +213,8 @@ class ReduceScatterSequence(torch.autograd.Function):
 
 
 class SplitSequence(torch.autograd.Function):
-    """Split forward (a replicated tensor -> this rank's slice), all-gather backward: where the residual stream
-    leaves the replicated embedding for sequence shards, slice r's gradient lives on rank r only."""
+    """Split forward (a replicated tensor -> this rank's slice), all-gather backward: where the residual
+    stream leaves the replicated embedding for sequence shards, slice r's gradient lives on rank r only."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -240,7 +240,7 @@ def _sum_gradient_over(param: nn.Parameter, group: Group) -> None:
 
 
 class ColumnParallelLinear(nn.Module):
-    """Y_r = X A_r: this rank's block of the output features; X whole (replicated), Y split along its last dim.
+    """Y_r = X A_r: this rank's block of the output features; X whole (replicated), Y split on its last dim.
 
     Built from the full nn.Linear (weight (out, in): output features are its rows), so a parallel model and
     its single-process original can come from one seed. No communication inside: f sits where the region
@@ -430,7 +430,7 @@ def apply_tensor_parallel(model: Llama, group: Group = None, *, sequence_paralle
 def apply_tensor_parallel_dtensor(
     model: Llama, mesh: DeviceMesh, *, sequence_parallel: bool = False
 ) -> Llama:
-    """apply_tensor_parallel(model, sequence_parallel=...), written with torch.distributed.tensor (torchtitan's plan).
+    """apply_tensor_parallel(model, sequence_parallel=...) with torch.distributed.tensor: torchtitan's plan.
 
     The weights become DTensors (Shard(0) for colwise, Shard(1) for rowwise), and their gradients too:
     `.full_tensor()` gathers one. `use_local_output=True` (the default) hands plain tensors back between the
@@ -447,6 +447,13 @@ def apply_tensor_parallel_dtensor(
     logits gathered back whole).
     """
     _check_divisible(_split_sizes(model, hidden_units=True), mesh.size(), TENSOR_PARALLEL)
+    if sequence_parallel and model.config.use_kernels:
+        raise EffdlError(
+            "apply_tensor_parallel_dtensor(sequence_parallel=True) splits the output layer, but "
+            "use_kernels=True computes the loss from output.weight directly, outside the layer's DTensor "
+            "hooks; use apply_tensor_parallel(model, sequence_parallel=True), or a config with "
+            "use_kernels=False"
+        )
     sequence = Shard(1) if sequence_parallel else Replicate()  # where the residual stream lives
     plan: dict[str, ParallelStyle] = {
         "layers.*.attention.wq": ColwiseParallel(),
@@ -610,7 +617,7 @@ def communication_volume(
     rank by the ring algorithms (`Collective.cost`):
 
     tp:      4L all-reduces of b s d B (g after wo and w2 forward, f before attention and MLP backward)
-             -> sent per rank: 8L (p-1)/p b s d B. Whatever p, each rank sends the activations 8 times a layer.
+             -> sent per rank: 8L (p-1)/p b s d B. Whatever p, each rank sends the activations 8x a layer.
     tp_sp:   4L all-gathers and 4L reduce-scatters of b s d B in the blocks, +1 all-gather (embedding,
              backward) +1 (before the final norm, forward), 2L all-reduces of d B (norm weights' gradients)
              -> 8L (p-1)/p b s d B + 2 (p-1)/p b s d B + 4L (p-1)/p d B: the blocks send what tp sends.
@@ -620,7 +627,9 @@ def communication_volume(
              -> 4L (p-1)/p^2 b s (d + kv hd) B + 2 (p-1)/p P B: the activations' part falls as 1/p.
 
     P = the parameter count (embeddings, plus the output layer unless tied, plus L blocks, plus the final
-    norm); kv = n_kv_heads, hd = head_dim.
+    norm); kv = n_kv_heads, hd = head_dim. To price a step on a link of cost_model:
+
+        sum(c.calls * c.cost(p).time(NVLINK_H100) for c in communication_volume("tp", config, b, s, p, 2))
     """
     b, s, d, L, B, p = batch, seq_len, config.d_model, config.n_layers, element_size, world
     activations = b * s * d * B
