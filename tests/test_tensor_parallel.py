@@ -1,4 +1,4 @@
-"""common.distributed.tensor_parallel on gloo with 2 and 4 CPU ranks, each variant against one process.
+"""common.distributed.tensor_parallel on 2 and 4 gloo ranks (and NCCL GPUs), each variant against one process.
 
 The reference is the plain single-process Llama, built from the same seed, trained on the same batches:
 every variant (Megatron tensor parallelism, with sequence parallelism, both through torch's DTensor API too,
