@@ -123,12 +123,14 @@ def test_stages_partition_the_model_under_its_own_names() -> None:
     assert sorted(sum(names, [])) == sorted(dict(model.named_parameters()))
     assert names[0][0] == "tok_embeddings.weight" and names[2][-1] == "output.weight"
     assert [len(stage.layers) for stage in stages] == [2, 2, 1]
-    # The stages, chained, are the model.
-    tokens = torch.randint(0, 64, (2, SEQ), generator=torch.Generator().manual_seed(0))
-    x = tokens
-    for stage in stages:
-        x = stage(x)
-    torch.testing.assert_close(x, model(tokens), rtol=0, atol=0)
+    # The stages, chained, are the model: the same operations in the same order, so the same bits.
+    g = torch.Generator().manual_seed(0)
+    tokens, targets = torch.randint(0, 64, (2, 2, SEQ), generator=g)
+    hidden = stages[1](stages[0](tokens))
+    assert torch.equal(stages[2](hidden), model(tokens))
+    assert torch.equal(stages[2].loss(hidden, targets), model.loss(tokens, targets))
+    with pytest.raises(PipelineError, match=r"stage 1 of 3 has no output layer"):
+        stages[1].loss(hidden, targets)
 
 
 def test_plot_timeline_draws_one_row_per_stage_and_a_bar_per_action() -> None:
@@ -228,10 +230,10 @@ def single_process_runs(n_layers: int, n_microbatches: int) -> dict:
 
 # float32 tolerances. The pipelined and the single-process step compute the same sums in different orders
 # (per micro-batch, then accumulated, instead of one pass over the batch), so gradients agree to a few ulps
-# of the terms they sum: measured at most 1.2e-7 on entries up to 1.5. rtol 1e-5 (~100 ulps) and atol 1e-6
-# (for entries that cancel to ~0) leave a margin of ten, while a missing 1/m or a lost micro-batch would be
-# off by tens of percent. SGD is linear in the gradient: after 3 steps of lr 0.5 the weights (up to ~4) differ
-# by 3 x 0.5 x 1e-7 plus an ulp of rounding per step (~5e-7 at 4): measured at most 6.3e-7, within the same.
+# of the terms they sum: measured at most 3e-8 on entries up to 0.1. rtol 1e-5 (~100 ulps) and atol 1e-6
+# (for entries that cancel to ~0) leave a margin of thirty, while a missing 1/m or a lost micro-batch is off
+# by tens of percent. SGD is linear in the gradient: after 3 steps of lr 0.5 the weights (up to ~1) differ by
+# at most 3 x 0.5 x 3e-8 plus an ulp of rounding per step (~1e-7): measured at most 2.2e-8.
 GRAD_TOL = {"rtol": 1e-5, "atol": 1e-6}
 PARAM_TOL = {"rtol": 1e-5, "atol": 1e-6}
 
@@ -328,11 +330,17 @@ def test_pipelined_training_on_gpus_equals_one_process() -> None:
 def refusals() -> list[str]:
     """pipeline_step's clear errors, raised on every rank before any message is sent (so none waits)."""
     rank, messages = dist.get_rank(), []
-    tokens = torch.zeros(5, SEQ, dtype=torch.long)
-    for n_stages, batch, targets in ((3, 4, tokens[:4]), (2, 5, tokens), (2, 4, tokens)):
+    tokens = torch.zeros(5, SEQ + 1, dtype=torch.long)
+    cases = [  # (stages, tokens, targets)
+        (3, tokens[:4, :SEQ], tokens[:4, :SEQ]),
+        (2, tokens[:, :SEQ], tokens[:, :SEQ]),
+        (2, tokens[:4], tokens[:4]),
+        (2, tokens[:4, :SEQ], tokens[:, :SEQ]),
+    ]
+    for n_stages, batch, targets in cases:
         stage = split_into_stages(tiny_llama(3, False), n_stages, rank)
         try:
-            pipeline_step(stage, gpipe_schedule(n_stages, 2, rank), tokens[:batch], targets)
+            pipeline_step(stage, gpipe_schedule(n_stages, 2, rank), batch, targets)
             messages.append("no error")
         except PipelineError as error:
             messages.append(str(error))
@@ -341,7 +349,8 @@ def refusals() -> list[str]:
 
 @pytest.mark.distributed
 def test_pipeline_step_refuses_what_it_cannot_run() -> None:
-    world, batch, targets = launch(refusals, 2, timeout_s=60)[1]
+    world, batch, length, targets = launch(refusals, 2, timeout_s=60)[1]
     assert world.startswith("pipeline_step runs stage s on rank s, so 3 stages need 3 ranks; the group has 2")
     assert batch.startswith("a batch of 5 sequences does not split into 2 equal micro-batches")
-    assert targets.startswith("targets (5, 8) must have the shape of tokens (4, 8)")
+    assert length.startswith(f"sequence length {SEQ + 1} exceeds max_seq_len={SEQ}; raise max_seq_len")
+    assert targets.startswith(f"targets (5, {SEQ}) must have the shape of tokens (4, {SEQ})")

@@ -54,7 +54,6 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from common.errors import EffdlError
@@ -108,8 +107,9 @@ def blocks_per_stage(n_blocks: int, n_stages: int) -> list[int]:
 class PipelineStage(nn.Module):
     """One stage of a Llama: the model's own modules (not copies), under the model's own names.
 
-    forward: tokens (b, s) on the first stage, hidden states (b, s, d_model) on the others; returns hidden
-    states (b, s, d_model), or logits (b, s, vocab) on the last stage.
+    Input: tokens (b, s) on the first stage, hidden states (b, s, d_model) on the others. forward returns
+    hidden states (b, s, d_model) to send on, or, on the last stage, logits (b, s, vocab) as Llama.forward;
+    loss (last stage only) is Llama.loss: the model's own head_loss, the Triton kernel's when it uses them.
     """
 
     def __init__(self, model: Llama, n_stages: int, stage: int) -> None:
@@ -118,7 +118,7 @@ class PipelineStage(nn.Module):
         first_block = sum(counts[:stage])
         self.n_stages, self.stage = n_stages, stage
         self.is_first, self.is_last = stage == 0, stage == n_stages - 1
-        self.d_model = model.config.d_model
+        self.d_model, self.max_seq_len = model.config.d_model, model.config.max_seq_len
         # Tied embeddings: the first and the last stage each hold a copy of the shared matrix (see pipeline_step).
         self.ties_embeddings = model.config.tie_embeddings and n_stages > 1
         self.tok_embeddings = model.tok_embeddings if self.is_first else None
@@ -128,18 +128,30 @@ class PipelineStage(nn.Module):
         )
         self.norm = model.norm if self.is_last else None
         self.output = model.output if self.is_last else None
+        self.head_loss = model.head_loss
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedding (first stage), this stage's blocks, final norm (last stage): (b, s, d_model) out."""
         if self.tok_embeddings is not None:
             x = self.tok_embeddings(x)  # (b, s) -> (b, s, d_model)
         s = x.shape[1]
         for layer in self.layers.values():
             x = layer(x, self.rope_cos[:s], self.rope_sin[:s])
-        if self.output is not None:
-            x = self.output(self.norm(x))  # (b, s, d_model) -> (b, s, vocab)
-        return x
+        return self.norm(x) if self.norm is not None else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.hidden_states(x)
+        return self.output(x) if self.output is not None else x  # last stage: (b, s, vocab)
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy of this micro-batch; the last stage's work. targets (b, s) long."""
+        if not self.is_last:
+            raise PipelineError(
+                f"stage {self.stage} of {self.n_stages} has no output layer: only the last computes the loss"
+            )
+        return self.head_loss(self.output, self.hidden_states(x), targets)
 
     def tied_weight(self) -> nn.Parameter:
         """The shared embedding matrix as this stage holds it (the first stage's input, the last's output)."""
@@ -366,6 +378,11 @@ def pipeline_step(
             f"a batch of {batch} sequences does not split into {n_microbatches} equal micro-batches; use a "
             f"number of micro-batches that divides {batch}"
         )
+    if seq > stage.max_seq_len:
+        raise PipelineError(
+            f"sequence length {seq} exceeds max_seq_len={stage.max_seq_len}; raise max_seq_len in the config "
+            "(it sizes the rotary tables)"
+        )
     if targets.shape != tokens.shape:
         raise PipelineError(
             f"targets {tuple(targets.shape)} must have the shape of tokens {tuple(tokens.shape)}: one next token "
@@ -395,10 +412,11 @@ def pipeline_step(
                 dist.recv(x, group=group, group_src=previous, tag=i)
                 x.requires_grad_()
             start = _now(device)
-            y = stage(x)
             if stage.is_last:  # divided by m, so the sum over micro-batches is the full batch's mean loss
-                y = F.cross_entropy(y.flatten(0, 1), micro_targets[i].flatten()) / n_microbatches
+                y = stage.loss(x, micro_targets[i]) / n_microbatches
                 loss += y.item()  # note: a host-device sync
+            else:
+                y = stage(x)
             inputs[i], outputs[i] = x, y
             peak = max(peak, len(outputs))
             end = _now(device)
