@@ -120,7 +120,9 @@ class PipelineStage(nn.Module):
         self.is_first, self.is_last = stage == 0, stage == n_stages - 1
         self.d_model, self.max_seq_len = model.config.d_model, model.config.max_seq_len
         # Tied embeddings: the first and the last stage each hold a copy of the shared matrix (see pipeline_step).
-        self.ties_embeddings = model.config.tie_embeddings and n_stages > 1
+        self.holds_tied_copy = (
+            model.config.tie_embeddings and n_stages > 1 and (self.is_first or self.is_last)
+        )
         self.tok_embeddings = model.tok_embeddings if self.is_first else None
         # A ModuleDict keyed by the block's index in the model keeps the names: "layers.5.attention.wq.weight".
         self.layers = nn.ModuleDict(
@@ -361,8 +363,8 @@ def pipeline_step(
     Every rank passes the batch, tokens and targets (b, s): the first stage embeds the tokens, the last
     scores the targets, and all check its shape, so that a bad batch stops every rank instead of leaving
     some waiting for the others. The batch is cut into m equal micro-batches, m the number of micro-batches
-    in `actions`. Gradients accumulate into .grad, as
-    loss.backward() does: zero them before (optimizer.zero_grad()), step the optimizer after.
+    in `actions`. Gradients accumulate into .grad, as loss.backward() does: zero them before
+    (optimizer.zero_grad()) and step the optimizer after, or call it again to accumulate a larger batch.
     """
     world = dist.get_world_size(group)
     if world != stage.n_stages:
@@ -400,6 +402,8 @@ def pipeline_step(
     sends: list[tuple[dist.Work, torch.Tensor]] = []  # isends in flight, with their tensors kept alive
     spans: list[Span] = []
     loss, peak = 0.0, 0
+    if stage.holds_tied_copy:  # set aside what .grad held: only this step's part is exchanged (see the end)
+        held, stage.tied_weight().grad = stage.tied_weight().grad, None
 
     dist.barrier(group)  # start together, so that a late rank is not counted as bubble
     for action in actions:
@@ -436,21 +440,25 @@ def pipeline_step(
             if not stage.is_first:
                 sends.append((dist.isend(x.grad, group=group, group_dst=previous, tag=i), x.grad))
         spans.append(Span(stage.stage, action, start, end))
+        sends = [(work, tensor) for work, tensor in sends if not work.is_completed()]  # free what has gone
     for work, _ in sends:
         work.wait()
-    if stage.ties_embeddings:
-        _add_tied_gradients(stage, group)
+    if stage.holds_tied_copy:
+        _add_tied_gradients(stage, group, held)
     return StepResult(loss if stage.is_last else None, spans, peak)
 
 
-def _add_tied_gradients(stage: PipelineStage, group: dist.ProcessGroup | None) -> None:
-    """First and last stage swap their parts of the shared matrix's gradient and both add the other's.
+def _add_tied_gradients(
+    stage: PipelineStage, group: dist.ProcessGroup | None, held: torch.Tensor | None
+) -> None:
+    """First and last stage swap their parts of this step's gradient of the shared matrix and both add the
+    other's, then what .grad held before the step.
 
     a + b and b + a are the same float, so both copies get the same gradient and take the same step.
+    Exchanging .grad with an earlier step's sum still in it would add that sum twice.
     """
-    if not (stage.is_first or stage.is_last):
-        return
-    grad = stage.tied_weight().grad
+    weight = stage.tied_weight()
+    grad = weight.grad
     other = torch.empty_like(grad)
     peer = stage.n_stages - 1 if stage.is_first else 0
     ops = [
@@ -460,6 +468,8 @@ def _add_tied_gradients(stage: PipelineStage, group: dist.ProcessGroup | None) -
     for work in dist.batch_isend_irecv(ops):
         work.wait()
     grad += other
+    if held is not None:
+        weight.grad = held.add_(grad)
 
 
 # ----------------------------------------------------------------------------------------------------
