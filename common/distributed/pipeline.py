@@ -30,11 +30,12 @@ stage, and their gradients travel back. What you will learn:
   list drives a unit-cost simulation (section 3) and the real step (section 4), whose measured timeline is
   drawn like the simulated one (section 5), so theory and measurement sit side by side.
 - Point-to-point (section 4). A stage receives what it needs with a blocking `recv` and sends with `isend`,
-  never waiting for its neighbour to take the message: with blocking sends, in 1F1B stage s would send its
-  activation to s + 1 while s + 1 sends its gradient to s, each waiting for the other to receive: deadlock.
+  never waiting for its neighbour to take the message. A blocking `send` returns only once the receiver has
+  posted its `recv` (on gloo even for 16 numbers), so in 1F1B stage s would send its activation to s + 1
+  while s + 1 sends its gradient to s, each waiting for the other to receive: deadlock.
 - Exact gradients. Each micro-batch's loss is divided by m, so the gradients accumulated over the
   micro-batches are the full batch's mean-loss gradients: the tests check them, and the weights after
-  several AdamW steps, against the single-process model.
+  several SGD steps, against the single-process model.
 - Tied embeddings. When the output layer reuses the embedding matrix, the first and the last stage each hold
   a copy; each computes part of its gradient, and they exchange and add them (Megatron's "embedding group"),
   so both copies take the same step and stay equal.
@@ -92,10 +93,16 @@ class PipelineError(EffdlError, ValueError):
 # ----------------------------------------------------------------------------------------------------
 
 
-def blocks_per_stage(n_blocks: int, n_stages: int) -> list[int]:
-    """How many blocks each stage gets: as equal as possible, the extra ones to the first stages."""
+def _check_stage(n_stages: int, stage: int) -> None:
     if n_stages < 1:
         raise PipelineError(f"n_stages must be at least 1, got {n_stages}")
+    if not 0 <= stage < n_stages:
+        raise PipelineError(f"stage must be in 0..{n_stages - 1} for {n_stages} stages, got {stage}")
+
+
+def blocks_per_stage(n_blocks: int, n_stages: int) -> list[int]:
+    """How many blocks each stage gets: as equal as possible, the extra ones to the first stages."""
+    _check_stage(n_stages, 0)
     if n_blocks < n_stages:
         raise PipelineError(
             f"{n_stages} stages need at least {n_stages} blocks; the model has {n_blocks}. "
@@ -114,6 +121,7 @@ class PipelineStage(nn.Module):
 
     def __init__(self, model: Llama, n_stages: int, stage: int) -> None:
         super().__init__()
+        _check_stage(n_stages, stage)
         counts = blocks_per_stage(len(model.layers), n_stages)
         first_block = sum(counts[:stage])
         self.n_stages, self.stage = n_stages, stage
@@ -166,8 +174,6 @@ def split_into_stages(model: Llama, n_stages: int, stage: int) -> PipelineStage:
 
     The stage shares its modules with the model: the model's other blocks are freed once it is dropped.
     """
-    if not 0 <= stage < n_stages:
-        raise PipelineError(f"stage must be in 0..{n_stages - 1} for {n_stages} stages, got {stage}")
     return PipelineStage(model, n_stages, stage)
 
 
@@ -188,12 +194,9 @@ class Action:
 
 
 def _check_sizes(n_stages: int, n_microbatches: int, stage: int) -> None:
-    if n_stages < 1 or n_microbatches < 1:
-        raise PipelineError(
-            f"a pipeline needs n_stages >= 1 and n_microbatches >= 1, got {n_stages} and {n_microbatches}"
-        )
-    if not 0 <= stage < n_stages:
-        raise PipelineError(f"stage must be in 0..{n_stages - 1} for {n_stages} stages, got {stage}")
+    _check_stage(n_stages, stage)
+    if n_microbatches < 1:
+        raise PipelineError(f"a pipeline needs at least 1 micro-batch, got n_microbatches={n_microbatches}")
 
 
 def gpipe_schedule(n_stages: int, n_microbatches: int, stage: int) -> list[Action]:
@@ -480,21 +483,28 @@ def _add_tied_gradients(
 def plot_timeline(timeline: Timeline, title: str = "") -> Figure:
     """A Gantt chart of the timeline, the bubble fraction in the title; returns the matplotlib Figure."""
     from matplotlib.figure import Figure  # imported here: drawing is the only part that needs matplotlib
+    from matplotlib.patches import Patch
 
     n_stages = len(timeline.spans)
+    scale, unit = (1e3, "ms") if timeline.unit == "s" else (1.0, timeline.unit)  # a measured step lasts ms
     figure = Figure(figsize=(10, 0.5 + 0.5 * n_stages), layout="constrained")
     axes = figure.add_subplot()
     colors = {"F": "#9ecae1", "B": "#3182bd"}
     for s, stage_spans in enumerate(timeline.spans):
         for span in stage_spans:
-            left, width = span.start - timeline.start, span.end - span.start
+            left, width = scale * (span.start - timeline.start), scale * (span.end - span.start)
             axes.broken_barh(
                 [(left, width)], (s - 0.4, 0.8), facecolors=colors[span.action.kind], edgecolor="k"
             )
             axes.text(left + width / 2, s, str(span.action.microbatch), ha="center", va="center", fontsize=8)
     axes.set_yticks(range(n_stages), [f"stage {s}" for s in range(n_stages)])
     axes.invert_yaxis()  # stage 0 on top
-    axes.set_xlabel(f"time ({timeline.unit})")
+    axes.set_xlabel(f"time ({unit})")
+    legend = [
+        Patch(facecolor=colors[kind], edgecolor="k", label=label)
+        for kind, label in (("F", "forward"), ("B", "backward"))
+    ]
+    axes.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     heading = f"bubble {timeline.bubble_fraction:.0%}"
     axes.set_title(f"{title}: {heading}" if title else heading)
     return figure
