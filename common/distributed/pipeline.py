@@ -2,9 +2,14 @@
 
     stage = split_into_stages(model, n_stages=4, stage=rank)          # this rank's consecutive blocks
     actions = one_f_one_b_schedule(n_stages=4, n_microbatches=8, stage=rank)
-    print(actions)                                                   # [F0, F1, F2, F3, B0, F4, B1, ...]
+    print(actions)                                                   # rank 0: [F0, F1, F2, F3, B0, F4, B1, ...]
     result = pipeline_step(stage, actions, tokens, targets)          # one step's gradients, on every stage
     optimizer.step()                                                 # each stage updates its own weights
+
+    timeline = simulate(one_f_one_b_schedule, n_stages=4, n_microbatches=8)   # forward 1, backward 2
+    timeline.bubble_fraction                                         # 3/11 = (p - 1)/(m + p - 1)
+    plot_timeline(timeline, "1F1B")                                  # one row per stage; or a measured step:
+    plot_timeline(Timeline([spans_of_rank[r] for r in range(4)]))    # result.spans gathered from the ranks
 
 A model too large for one GPU can be cut by depth: rank 0 holds the embedding and the first blocks, the last
 rank the last blocks, the final norm, the output layer and the loss; activations travel forward from stage to
