@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import pytest
@@ -74,3 +75,34 @@ def test_a_task_the_selftest_could_not_score_is_a_problem() -> None:
     assert len(_unscored(result, only_gpu_tasks=True)) == 2
     result.tasks[0] = TaskResult(cpu, "graded", 1.0)
     assert _unscored(result, only_gpu_tasks=False) == []
+
+
+def _week02_planted():
+    """The week-2 grader's trusted module (it lives beside the hidden tests, not in a package)."""
+    path = find_assignment("week02_management_and_testing").hidden_tests / "planted.py"
+    spec = importlib.util.spec_from_file_location("week02_planted", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_source_scan_flags_reading_the_code_but_not_ordinary_tests() -> None:
+    suspicious = _week02_planted().suspicious
+    ordinary = (
+        '"""Tests of ddpm2d/train.py."""\n'
+        "import torch\n"
+        "def test_eval_mode():\n"
+        '    """The model from train.py, in eval mode."""\n'
+        "    model = torch.compile(torch.nn.Linear(2, 2))\n"
+        "    model.eval()\n"
+    )
+    assert suspicious(ordinary) == []
+    reading = (
+        "import sys, importlib\n"
+        "def test_x():\n"
+        "    eval('1')\n"
+        "    text = open('ddpm2d/train.py').read()\n"
+        "    sys.exit(0)\n"
+    )
+    assert suspicious(reading) == ["'.py'", "eval", "exit", "importlib"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from common.grading.faults import CommandDidNotStartError
 from common.grading.manifest import ManifestError, load_assignment
 from common.grading.public import PublicCase, starter_problems
 from common.grading.release import _solution_windows, _windows
@@ -208,3 +209,41 @@ def test_without_the_sandbox_a_run_works_in_its_own_folders(tmp_path: Path) -> N
     cwd, content = run.files["where"].decode().split()
     assert run.returncode == 0 and content == "tree" and cwd.startswith(str(tmp_path / "runs"))
     assert not list((tmp_path / "runs").iterdir()), "each run's folder is removed after it"
+
+
+@linux
+def test_a_command_that_cannot_start_is_the_machines_fault_and_never_cached(
+    settings: IsolatedSettings,
+) -> None:
+    """The exec fails after the sandbox started: a failing run would be a test failure, which it is not."""
+    with pytest.raises(CommandDidNotStartError, match="exec failed"):
+        run_isolated({"a": b""}, ["/no/such/command"], 60, settings)
+    assert not list((settings.cache or Path()).glob("*.json"))
+
+
+@linux
+def test_the_command_cannot_write_to_the_launchers_status_pipe(settings: IsolatedSettings) -> None:
+    """A command that writes to every descriptor it might have cannot turn its run into a machine fault."""
+    script = (
+        "import os, resource\n"
+        "for fd in range(3, 256):\n"
+        "    try: os.write(fd, b'forged')\n"
+        "    except OSError: pass\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    run = run_isolated({"a": b""}, [sys.executable, "-c", script], 60, settings)
+    assert run.returncode == 0 and run.output.split()[-1] == str(settings.max_open_files)
+
+
+@linux
+def test_repeats_are_runs_of_their_own_and_a_cached_run_must_fit_the_time_left(
+    settings: IsolatedSettings,
+) -> None:
+    script = "import os, sys; open(sys.argv[1] + '/nonce', 'w').write(os.urandom(8).hex())"
+    argv = [sys.executable, "-c", script, "{outbox}"]
+    first, second = (run_isolated({"a": b""}, argv, 60, settings, repeat=r) for r in (0, 1))
+    assert not second.cached and first.files["nonce"] != second.files["nonce"]
+    assert run_isolated({"a": b""}, argv, 60, settings, repeat=1).files == second.files
+    # The caller has less time left than the cached run took: it runs again, within that time.
+    short = run_isolated({"a": b""}, argv, 60, settings, repeat=1, budget_s=first.duration_s / 1000)
+    assert not short.cached and short.stopped == "time limit"

@@ -163,7 +163,13 @@ class TaskRunner:
         return self._reply(what, reply)
 
     def run_isolated(
-        self, what: str, tree: dict[str, bytes], argv: list[str], time_limit_s: float, env: dict[str, str]
+        self,
+        what: str,
+        tree: dict[str, bytes],
+        argv: list[str],
+        time_limit_s: float,
+        env: dict[str, str],
+        repeat: int,
     ) -> IsolatedRun:
         """`suites.run_isolated` within what is left of the task's time; a run cut short by the task's own
         limit stops the task like a call would."""
@@ -172,7 +178,9 @@ class TaskRunner:
         if self.isolated is None:
             raise RuntimeError("this checker was not configured for isolated runs")
         left = self.time_limit_s - self.used_s
-        run = run_isolated(tree, argv, min(time_limit_s, max(left, 0.001)), self.isolated, env)
+        run = run_isolated(
+            tree, argv, time_limit_s, self.isolated, env, budget_s=max(left, 0.001), repeat=repeat
+        )
         self.calls += 1
         self.used_s += 0.0 if run.cached else run.duration_s
         if run.stopped == "time limit" and left <= time_limit_s:
@@ -286,14 +294,20 @@ class Submission:
         }
 
     def run_isolated(
-        self, tree: dict[str, bytes], argv: list[str], time_limit_s: float, env: dict[str, str] | None = None
+        self,
+        tree: dict[str, bytes],
+        argv: list[str],
+        time_limit_s: float,
+        env: dict[str, str] | None = None,
+        repeat: int = 0,
     ) -> IsolatedRun:
         """Run `argv` once in a fresh sandbox whose /submission/src is `tree` (see `common.grading.suites`).
 
         What comes back is what the harness observed (exit status, limits hit, the outbox's files): a verdict
-        drawn from it is decided here, never reported by the code that ran."""
+        drawn from it is decided here, never reported by the code that ran. Runs that differ only in `repeat`
+        are separate runs (a verdict that must hold every time runs the command with repeat 0, 1, ...)."""
         what = PurePosixPath(argv[0]).name if argv else "a command"
-        return self._runner.run_isolated(what, tree, argv, time_limit_s, env or {})
+        return self._runner.run_isolated(what, tree, argv, time_limit_s, env or {}, repeat)
 
 
 @contextmanager

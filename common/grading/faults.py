@@ -62,6 +62,10 @@ class WorkerDidNotStartError(InfrastructureFault):
     """The sandbox or the worker template failed before any submission code ran."""
 
 
+class CommandDidNotStartError(InfrastructureFault):
+    """An isolated command (`suites.run_isolated`): its sandbox or launcher failed before the command ran."""
+
+
 class GpuBusyError(InfrastructureFault):
     """Another process holds the GPU this task was given."""
 

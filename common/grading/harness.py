@@ -27,7 +27,7 @@ from common.grading.forkserver import run_pytest
 from common.grading.manifest import Assignment, Task
 from common.grading.sandbox import ISOLATION, UNSANDBOXED, SandboxUnavailableError, probe
 from common.grading.session import START_TIMEOUT_S
-from common.grading.solutions import SOLUTION_SUFFIXES, Transform, starter_source
+from common.grading.solutions import Transform, starter_source, transformed_tree
 
 OUTPUT_TAIL_CHARS = 64 * 1024  # of the checker's and the sandbox's output, in the TA's log
 CHECKER_MARGIN_S = 300.0  # the trusted side's own work (references, hypothesis) on top of the workers' time
@@ -181,10 +181,10 @@ def build_src(assignment: Assignment, dest: Path, transform: Transform) -> Path:
     """A copy of the assignment's `src/`, each file passed through `transform(text, where)`."""
     if dest.exists():
         shutil.rmtree(dest)
-    shutil.copytree(assignment.src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for path in sorted(dest.rglob("*")):
-        if path.suffix in SOLUTION_SUFFIXES and path.is_file():
-            path.write_text(transform(path.read_text(), f"src/{path.relative_to(dest)}"))
+    dest.mkdir(parents=True)
+    for relative, data in transformed_tree(assignment.src, transform).items():
+        (dest / relative).parent.mkdir(parents=True, exist_ok=True)
+        (dest / relative).write_bytes(data)
     return dest
 
 

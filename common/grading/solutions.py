@@ -31,6 +31,7 @@ import json
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from pathlib import Path
 
 from common.errors import EffdlError
 from common.grading.manifest import Mutant
@@ -179,6 +180,19 @@ def inject_bugs(text: str, where: str, bugs: Collection[str]) -> str:
 def planted_bugs(text: str, where: str) -> list[str]:
     """The ids of the bugs a file's starter-text blocks plant, in order of first appearance."""
     return list(dict.fromkeys(block.bug for block in find_blocks(text, where) if block.bug))
+
+
+def transformed_tree(src: Path, transform: Transform) -> dict[str, bytes]:
+    """Every file below `src` (no caches) as relative path -> bytes, each file that may hold solution blocks
+    passed through `transform(text, "src/<path>")`: the starter, the reference, the reference with bugs."""
+    tree = {}
+    for path in sorted(p for p in src.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        relative = path.relative_to(src).as_posix()
+        if path.suffix in SOLUTION_SUFFIXES:
+            tree[relative] = transform(path.read_text(), f"src/{relative}").encode()
+        elif path.suffix != ".pyc":
+            tree[relative] = path.read_bytes()
+    return tree
 
 
 def has_markers(text: str) -> bool:

@@ -6,6 +6,8 @@ source tree (the student's files, or the reference with one bug injected), and `
 on it in a sandbox of its own (`sandbox.wrap`: the same bubblewrap isolation as the worker, the tree read-only
 at /submission/src, a fresh /tmp, one writable folder at /outbox) and reports what the harness itself observed:
 
+- whether the command started at all: the launcher reports on a pipe just before it executes the command, so
+  a sandbox or launcher that failed is the machine's fault (`CommandDidNotStartError`), never a test failure;
 - the command's exit status, read by `waitpid` here (None when it was killed);
 - whether it was killed at its time limit, or for starting more processes than allowed (the process tree is
   counted from outside, as `session` does for workers);
@@ -21,8 +23,10 @@ The launcher (`python -m common.grading.launcher ... -- ARGV`, standard library 
 limits inside the sandbox before it executes ARGV, so no code of the submission runs before them.
 
 Runs are cached in the batch's folder by a hash of everything that decides them (the tree's bytes, the
-command, its environment, the limits): the self-test grades several variants that share a test suite and a
-program, and a batch may hold identical submissions. A run killed at a limit is never cached.
+command, its environment, the limits, and `repeat`: a run repeated to see whether its outcome holds must not
+come from the cache of the first): the self-test grades several variants that share a test suite and a
+program, and a batch may hold identical submissions. A run killed at a limit is never cached, and a cached
+run is used only if it finished within the time the caller has left (`budget_s`).
 """
 
 from __future__ import annotations
@@ -42,10 +46,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
+from common.grading.faults import CommandDidNotStartError
 from common.grading.sandbox import SRC_MOUNT, SandboxSpec, outbox_path, wrap
 from common.grading.session import WATCH_INTERVAL_S, kill_all, process_tree
 
 OUTPUT_BYTES = 16 * 1024  # of a run's output, for the TA's log and a failure message
+# A sandbox and the launcher start in well under a second: one that has not started in this long is the machine's.
+LAUNCH_TIMEOUT_S = 30.0
 
 
 class TreeError(ValueError):
@@ -62,6 +69,7 @@ class IsolatedSettings:
     max_processes: int = 64
     address_space_bytes: int = 8 * 2**30  # per process: torch alone maps ~3 GB
     max_file_bytes: int = 64 * 2**20
+    max_open_files: int = 1024
     outbox_bytes: int = 4 * 2**20  # read back from the outbox, in all
     cache: Path | None = None  # the batch's cache of finished runs
 
@@ -86,13 +94,18 @@ def _check_tree(tree: dict[str, bytes]) -> None:
 
 
 def _key(
-    tree: dict[str, bytes], argv: list[str], env: dict[str, str], limit: float, s: IsolatedSettings
+    tree: dict[str, bytes],
+    argv: list[str],
+    env: dict[str, str],
+    limit: float,
+    repeat: int,
+    s: IsolatedSettings,
 ) -> str:
     digest = hashlib.sha256()
     for path in sorted(tree):
         digest.update(f"{path}\0{hashlib.sha256(tree[path]).hexdigest()}\0".encode())
     settings = {k: v for k, v in asdict(s).items() if k not in ("workdir", "cache")}
-    digest.update(json.dumps([argv, sorted(env.items()), limit, settings], default=str).encode())
+    digest.update(json.dumps([argv, sorted(env.items()), limit, repeat, settings], default=str).encode())
     return digest.hexdigest()
 
 
@@ -120,23 +133,30 @@ def run_isolated(
     time_limit_s: float,
     settings: IsolatedSettings,
     env: dict[str, str] | None = None,
+    *,
+    budget_s: float | None = None,
+    repeat: int = 0,
 ) -> IsolatedRun:
     """Run `argv` once in a fresh sandbox whose /submission/src is `tree` (path -> bytes); see the module doc.
 
     `argv` may name the tree as `{src}` and the outbox as `{outbox}` (/submission/src and /outbox in the
-    sandbox; host folders without one). It starts in the sandbox's writable folder (/tmp)."""
+    sandbox; host folders without one). It starts in the sandbox's writable folder (/tmp). It is stopped at
+    `time_limit_s`, or earlier at `budget_s` (what is left of the caller's own time limit). `repeat` numbers
+    identical runs, so that each is a run of its own rather than the first one's cached result."""
     _check_tree(tree)
     env = dict(env or {})
-    key = _key(tree, argv, env, time_limit_s, settings)
+    budget_s = time_limit_s if budget_s is None else budget_s
+    limit_now = min(time_limit_s, budget_s)
     if settings.cache is None:
-        return _run_fresh(tree, argv, time_limit_s, settings, env)
+        return _run_fresh(tree, argv, limit_now, settings, env)
+    key = _key(tree, argv, env, time_limit_s, repeat, settings)
     settings.cache.mkdir(parents=True, exist_ok=True)
     with open(settings.cache / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a checker running the same run now: wait for its result
         cached = _from_cache(settings.cache, key)
-        if cached is not None:
+        if cached is not None and cached.duration_s <= budget_s:
             return cached
-        run = _run_fresh(tree, argv, time_limit_s, settings, env)
+        run = _run_fresh(tree, argv, limit_now, settings, env)
         _to_cache(settings.cache, key, run)
         return run
 
@@ -162,10 +182,25 @@ def _run_fresh(
                            outbox=outbox)  # fmt: skip
         where = {"{outbox}": outbox_path(spec), "{src}": SRC_MOUNT if spec.sandboxed else str(src)}
         command = [_fill(arg, where) for arg in argv]
+        status_read, status_write = os.pipe()
         launcher = [sys.executable, "-P", "-m", "common.grading.launcher",
                     f"--address-space={settings.address_space_bytes}", f"--file-size={settings.max_file_bytes}",
+                    f"--open-files={settings.max_open_files}", f"--status-fd={status_write}",
                     "--", *command]  # fmt: skip
-        run = _run(wrap(spec, launcher, env), time_limit_s, settings.max_processes + 2)  # + bwrap, its init
+        try:
+            run = _run(wrap(spec, launcher, env), time_limit_s, settings.max_processes + 2, status_write)
+            status = _read_status(status_read)
+        finally:
+            os.close(status_read)
+        # The sandbox or the launcher failed before the command ran (see launcher): the machine's fault, unless
+        # the run was given less time than a sandbox may take to start (what was left of a task's time).
+        cut_short = run.stopped == "time limit" and time_limit_s < LAUNCH_TIMEOUT_S
+        if status != b"exec\n" and not cut_short:
+            said = status.decode(errors="replace").strip() or "nothing"
+            raise CommandDidNotStartError(
+                f"{PurePosixPath(command[0]).name} did not start in its sandbox (the launcher said {said!r}): "
+                f"{run.output[-600:]}"
+            )
         run = IsolatedRun(
             run.returncode, run.stopped, run.duration_s, _read_outbox(outbox, settings), run.output
         )
@@ -180,12 +215,30 @@ def _fill(arg: str, where: dict[str, str]) -> str:
     return arg
 
 
-def _run(argv: list[str], time_limit_s: float, max_processes: int) -> IsolatedRun:
-    """Start `argv` in a session of its own; kill its whole tree at the deadline or above `max_processes`."""
+def _read_status(fd: int) -> bytes:
+    """What the launcher wrote to its status pipe (read once the run is over, without waiting for more)."""
+    os.set_blocking(fd, False)
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 4096):
+            data += chunk
+    return data[:1024]
+
+
+def _run(argv: list[str], time_limit_s: float, max_processes: int, status_fd: int) -> IsolatedRun:
+    """Start `argv` in a session of its own; kill its whole tree at the deadline or above `max_processes`.
+
+    `status_fd` (the write end of the launcher's status pipe) is passed to the command and closed here."""
     output = bytearray()
     start = time.monotonic()
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True, env={})  # fmt: skip
+    try:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, start_new_session=True, env={},
+                                   pass_fds=(status_fd,))  # fmt: skip
+    except OSError as error:
+        raise CommandDidNotStartError(f"the sandbox could not be started: {error}") from None
+    finally:
+        os.close(status_fd)
 
     def drain() -> None:
         while chunk := process.stdout.read1(65536):

@@ -34,7 +34,6 @@ import ctypes
 import importlib
 import linecache
 import os
-import resource
 import signal
 import socket
 import sys
@@ -43,6 +42,7 @@ import types
 from typing import Any
 
 from common.grading import wire
+from common.grading.launcher import apply_limits
 
 LINE_CHARS = 160  # of an exception's first line
 NAME_CHARS = 60  # of an exception's class name
@@ -129,13 +129,9 @@ def load_scenario(name: str, source: str) -> types.ModuleType:
 def _apply_limits(spawn: dict[str, Any]) -> None:
     """Limits and settings of one task, applied by the worker to itself before any submission code runs."""
     limits = spawn["limits"]
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits["max_file_bytes"],) * 2)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limits["max_open_files"],) * 2)
-    if limits["address_space_bytes"]:
-        resource.setrlimit(resource.RLIMIT_AS, (limits["address_space_bytes"],) * 2)
-    os.makedirs(spawn["cwd"], exist_ok=True)
-    os.chdir(spawn["cwd"])
+    apply_limits(
+        limits["address_space_bytes"], limits["max_file_bytes"], limits["max_open_files"], spawn["cwd"]
+    )
     import torch
 
     torch.set_num_threads(spawn["threads"])

@@ -16,10 +16,11 @@ from __future__ import annotations
 import ast
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.grading.client import Submission
-from common.grading.solutions import SOLUTION_SUFFIXES, inject_bugs, planted_bugs
+from common.grading.solutions import inject_bugs, planted_bugs, transformed_tree
 from common.grading.suites import IsolatedRun
 
 ASSIGNMENT = Path(__file__).resolve().parents[2]
@@ -31,6 +32,10 @@ BUGS = ("schedule_coefficient", "noise_distribution", "noise_broadcast", "device
         "epoch_metric")  # fmt: skip
 MIN_COVERAGE = 80.0
 SUITE_LIMIT_S = 120.0  # one run of the suite; the task's own limit bounds them all
+# Every run of a suite is repeated (each in a fresh sandbox), and its outcome counts only if it holds: a suite
+# that passes or fails at random would otherwise catch a planted bug a quarter of the time (pass on the
+# reference, then fail on the bug); with two runs of each, one time in sixteen.
+REPEATS = 2
 
 PYTEST = [sys.executable, "-P", "-m", "pytest", "{src}/ddpm2d/tests", "-q", "-p", "no:cacheprovider",
           "-o", "addopts=", "--rootdir={src}"]  # fmt: skip
@@ -41,24 +46,19 @@ PYTEST_ENV = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
 # What a test suite needs only to read the code under test, or to decide its own exit status or coverage:
 # names and text that a behavioural test has no use for. A determined suite can hide them (getattr with a
 # built string); this is the first line, the TA reading the suite is the second.
-SUSPICIOUS_NAMES = frozenset({
-    "inspect", "dis", "linecache", "getsource", "getsourcelines", "__code__", "co_code", "co_names", "co_consts",
-    "__file__", "__spec__", "__loader__", "get_data", "_exit", "exit", "SystemExit", "settrace", "setprofile",
-    "coverage", "exec", "eval", "compile", "__import__",
+SUSPICIOUS_NAMES = frozenset({  # as a name, an attribute (`sys.exit`, `pytest.exit`) or an import
+    "inspect", "dis", "linecache", "importlib", "pkgutil", "getsource", "getsourcelines", "__code__", "co_code",
+    "co_names", "co_consts", "__file__", "__path__", "__spec__", "__loader__", "get_data", "_exit", "exit",
+    "SystemExit", "settrace", "setprofile", "coverage", "__import__",
 })  # fmt: skip
-SUSPICIOUS_TEXT = ("outbox", "coverage", ".py")
+# Built-ins that run code given as text: suspicious as bare names only (`model.eval()`, `torch.compile` are fine).
+SUSPICIOUS_BUILTINS = frozenset({"exec", "eval", "compile", "quit"})
+SUSPICIOUS_TEXT = ("outbox", "coverage", ".py")  # in a string that is not a docstring
 
 
 def reference_tree(bugs: tuple[str, ...] = ()) -> dict[str, bytes]:
     """Every file of the reference's src/ (markers dropped), with the starter text of `bugs` put back."""
-    tree = {}
-    for path in sorted(p for p in SRC.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        relative = path.relative_to(SRC).as_posix()
-        if path.suffix in SOLUTION_SUFFIXES:
-            tree[relative] = inject_bugs(path.read_text(), f"src/{relative}", bugs).encode()
-        else:
-            tree[relative] = path.read_bytes()
-    return tree
+    return transformed_tree(SRC, lambda text, where: inject_bugs(text, where, bugs))
 
 
 def known_bugs() -> set[str]:
@@ -79,17 +79,32 @@ def suspicious(source: str) -> list[str]:
         tree = ast.parse(source)
     except SyntaxError as error:
         return [f"a syntax error at line {error.lineno}"]
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree) if _has_docstring(node)}
     found = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and node.id in SUSPICIOUS_NAMES:
+        if isinstance(node, ast.Name) and node.id in SUSPICIOUS_NAMES | SUSPICIOUS_BUILTINS:
             found.add(node.id)
         elif isinstance(node, ast.Attribute) and node.attr in SUSPICIOUS_NAMES:
             found.add(node.attr)
-        elif isinstance(node, ast.alias) and node.name.split(".")[0] in SUSPICIOUS_NAMES:
+        elif (
+            isinstance(node, ast.alias) and node.name.split(".")[0] in SUSPICIOUS_NAMES | SUSPICIOUS_BUILTINS
+        ):
             found.add(node.name)
-        elif isinstance(node, ast.Constant) and type(node.value) is str:
+        elif isinstance(node, ast.Constant) and type(node.value) is str and id(node) not in docstrings:
             found.update(repr(text) for text in SUSPICIOUS_TEXT if text in node.value)
     return sorted(found)
+
+
+def _has_docstring(node: ast.AST) -> bool:
+    """Whether `node` (a module, class or function) opens with a string: its docstring."""
+    body = getattr(node, "body", None)
+    return (
+        isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and bool(body)
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and type(body[0].value.value) is str
+    )
 
 
 def check_suite_source(submission: Submission) -> None:
@@ -103,10 +118,28 @@ def check_suite_source(submission: Submission) -> None:
             )
 
 
-def run_suite(submission: Submission, tree: dict[str, bytes], coverage: bool = True) -> IsolatedRun:
-    """The student's suite (it is in `tree`) run once, in a fresh sandbox, on the program in `tree`."""
+@dataclass(frozen=True)
+class SuiteResult:
+    """What REPEATS runs of a suite on one program say, and the run it is read from."""
+
+    outcome: str  # "passed", "failed", or why the runs say nothing about the program
+    run: IsolatedRun  # for the feedback's tail and the coverage report
+
+
+def run_suite(submission: Submission, tree: dict[str, bytes], coverage: bool = True) -> SuiteResult:
+    """The student's suite (it is in `tree`) on the program in `tree`, run REPEATS times in fresh sandboxes."""
     argv = [*PYTEST, *COVERAGE] if coverage else [*PYTEST, "-x"]
-    return submission.run_isolated(tree, argv, time_limit_s=SUITE_LIMIT_S, env=PYTEST_ENV)
+    runs: list[IsolatedRun] = []
+    for repeat in range(REPEATS):
+        run = submission.run_isolated(tree, argv, time_limit_s=SUITE_LIMIT_S, env=PYTEST_ENV, repeat=repeat)
+        if runs and outcome(run) != outcome(runs[0]):
+            return SuiteResult(
+                f"{outcome(runs[0])} once and {outcome(run)} once on the same program (an outcome that "
+                "changes from run to run says nothing about the program)",
+                run,
+            )
+        runs.append(run)
+    return SuiteResult(outcome(runs[-1]), runs[-1])
 
 
 def outcome(run: IsolatedRun) -> str:

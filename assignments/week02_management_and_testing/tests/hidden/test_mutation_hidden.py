@@ -1,11 +1,11 @@
 """Task mutation: your tests catch each bug of the starter, planted back one at a time.
 
-For each bug, your test suite runs twice, each time in a fresh sandbox: on the reference implementation
-(where it must pass: a suite that fails on correct code catches nothing) and on the reference with that one
-bug's starter code put back (where it must fail: pytest's exit status 1, some test failed). Both runs are
-started here, their exit statuses are read here, and the programs they run are built here
-(`planted.reference_tree`); nothing your tests print or write decides the verdict. The reference run is the
-same for every bug, so the batch's cache runs it once.
+For each bug, your test suite runs on the reference implementation (where it must pass: a suite that fails
+on correct code catches nothing) and on the reference with that one bug's starter code put back (where it
+must fail: pytest's exit status 1, some test failed), each twice and each time in a fresh sandbox: an outcome
+counts only if it holds (`planted.REPEATS`). The runs are started here, their exit statuses are read here,
+and the programs they run are built here (`planted.reference_tree`); nothing your tests print or write decides
+the verdict. The reference runs are the same for every bug, so the batch's cache runs them once.
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from common.grading.client import Submission
 def test_your_tests_catch_the_bug(submission: Submission, bug: str) -> None:
     planted.check_suite_source(submission)
     correct = planted.run_suite(submission, planted.with_students_tests(planted.reference_tree(), submission))
-    assert planted.outcome(correct) == "passed", (
-        f"your tests must pass on a correct implementation (ours), but they {planted.outcome(correct)}: "
-        f"{planted.tail(correct)}"
+    assert correct.outcome == "passed", (
+        f"your tests must pass on a correct implementation (ours), but they {correct.outcome}: "
+        f"{planted.tail(correct.run)}"
     )
     bugged_tree = planted.with_students_tests(planted.reference_tree((bug,)), submission)
     bugged = planted.run_suite(submission, bugged_tree, coverage=False)
-    assert planted.outcome(bugged) == "failed", (
-        f"your tests do not catch one of the starter's bugs: on a program with only that bug they "
-        f"{planted.outcome(bugged)}"
+    assert bugged.outcome == "failed", (
+        f"your tests do not catch one of the starter's bugs: on a program with only that bug they {bugged.outcome}"
     )

@@ -22,30 +22,31 @@ N = 50  # batches of 20, 20, 10: three steps per epoch
 
 
 @pytest.fixture
-def run(submission: Submission) -> dict[str, Any]:
+def run(submission: Submission) -> scenario.LoggedRun:
     points = torch.randn(N, 2, generator=torch.Generator().manual_seed(9))
-    return submission.run(scenario.train_logged, CONFIG, points, returns=dict[str, Any])
+    return submission.run(scenario.train_logged, CONFIG, points, returns=scenario.LoggedRun)
 
 
 def _close(a: Any, b: float) -> bool:
     return type(a) in (int, float) and math.isclose(a, b, rel_tol=1e-6)
 
 
-def test_the_config_is_logged_once_before_any_metric(run: dict[str, Any]) -> None:
-    configs = [i for i, call in enumerate(run["calls"]) if call[0] == "config"]
+def test_the_config_is_logged_once_before_any_metric(run: scenario.LoggedRun) -> None:
+    calls = run[2]
+    configs = [i for i, (kind, _, _) in enumerate(calls) if kind == "config"]
     assert len(configs) == 1, f"log_config was called {len(configs)} times; expected once"
     assert configs[0] == 0, "log_config must come before the first log call"
-    logged = run["calls"][0][1]
+    logged = calls[0][1]
     assert logged == CONFIG, f"log_config got {logged}; expected every field of the config: {CONFIG}"
 
 
-def test_every_step_loss_is_logged_at_its_step(run: dict[str, Any]) -> None:
+def test_every_step_loss_is_logged_at_its_step(run: scenario.LoggedRun) -> None:
+    history, _, calls = run
     steps = [
-        (call[1]["train/loss"], call[2])
-        for call in run["calls"]
-        if call[0] == "log" and "train/loss" in call[1]
+        (metrics["train/loss"], step)
+        for kind, metrics, step in calls
+        if kind == "log" and "train/loss" in metrics
     ]
-    history = run["step_loss"]
     assert len(steps) == len(history) == 9, (
         f"{len(steps)} 'train/loss' logs for {len(history)} steps (expected 9)"
     )
@@ -55,12 +56,13 @@ def test_every_step_loss_is_logged_at_its_step(run: dict[str, Any]) -> None:
         )
 
 
-def test_every_epoch_loss_is_logged_at_the_epochs_last_step(run: dict[str, Any]) -> None:
-    epochs = [call for call in run["calls"] if call[0] == "log" and "train/epoch_loss" in call[1]]
-    history = run["epoch_loss"]
+def test_every_epoch_loss_is_logged_at_the_epochs_last_step(run: scenario.LoggedRun) -> None:
+    _, history, calls = run
+    epochs = [
+        (metrics, step) for kind, metrics, step in calls if kind == "log" and "train/epoch_loss" in metrics
+    ]
     assert len(epochs) == len(history) == 3, f"{len(epochs)} 'train/epoch_loss' logs for 3 epochs"
-    for e, (call, loss) in enumerate(zip(epochs, history, strict=True)):
-        metrics, step = call[1], call[2]
+    for e, ((metrics, step), loss) in enumerate(zip(epochs, history, strict=True)):
         assert (
             _close(metrics["train/epoch_loss"], loss) and metrics.get("epoch") == e and step == 3 * e + 2
         ), (

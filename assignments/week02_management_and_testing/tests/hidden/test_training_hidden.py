@@ -24,16 +24,17 @@ def config(seed: int, batch_size: int = 16) -> dict[str, Any]:
 @pytest.mark.parametrize("seed", [0, 5])
 def test_a_run_is_decided_by_its_seed(submission: Submission, seed: int) -> None:
     points = torch.randn(48, 2, generator=torch.Generator().manual_seed(100 + seed))
-    first = submission.run(scenario.train_run, config(seed), points, 11, returns=dict[str, Any])
-    again = submission.run(scenario.train_run, config(seed), points, 22, returns=dict[str, Any])
-    other = submission.run(scenario.train_run, config(seed + 1), points, 11, returns=dict[str, Any])
-    assert first["step_loss"] == again["step_loss"] and len(first["step_loss"]) == 6, (
+    first = submission.run(scenario.train_run, config(seed), points, 11, returns=scenario.TrainRun)
+    again = submission.run(scenario.train_run, config(seed), points, 22, returns=scenario.TrainRun)
+    other = submission.run(scenario.train_run, config(seed + 1), points, 11, returns=scenario.TrainRun)
+    (first_steps, _, first_params), (again_steps, _, again_params) = first, again
+    assert first_steps == again_steps and len(first_steps) == 6, (
         "two runs of one config differ (or do not take 3 steps per epoch): seed torch with config.seed in train"
     )
-    assert all(torch.equal(a, b) for a, b in zip(first["params"], again["params"], strict=True)), (
-        "two runs of one config end with different parameters"
-    )
-    assert first["step_loss"] != other["step_loss"], (
+    assert len(first_params) == len(again_params) and all(
+        torch.equal(a, b) for a, b in zip(first_params, again_params, strict=True)
+    ), "two runs of one config end with different parameters"
+    assert first_steps != other[0], (
         "runs with different seeds are identical: the run must use config.seed, not a fixed seed"
     )
 
@@ -41,9 +42,10 @@ def test_a_run_is_decided_by_its_seed(submission: Submission, seed: int) -> None
 @pytest.mark.parametrize("n, batch_size", [(100, 32), (70, 16)])
 def test_the_epoch_loss_weights_batches_by_size(submission: Submission, n: int, batch_size: int) -> None:
     points = torch.randn(n, 2, generator=torch.Generator().manual_seed(n))
-    run = submission.run(scenario.train_run, config(1, batch_size), points, 0, returns=dict[str, Any])
+    steps, epochs, _ = submission.run(
+        scenario.train_run, config(1, batch_size), points, 0, returns=scenario.TrainRun
+    )
     sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
-    steps, epochs = run["step_loss"], run["epoch_loss"]
     assert len(steps) == 2 * len(sizes) and len(epochs) == 2, (
         f"{len(steps)} steps and {len(epochs)} epoch losses for 2 epochs of {len(sizes)} batches"
     )

@@ -35,23 +35,32 @@ class Affine(nn.Module):
         return x @ self.weight.T.to(x) + self.bias.to(x) + 0.01 * t.to(x.dtype)[:, None]
 
 
+# One call the logger got: ("config", the config, NO_STEP) or ("log", the metrics, the step).
+LoggerCall = tuple[str, dict[str, int | float | str | bool], int | str]
+NO_STEP = -1
+
+# What the checker accepts back from the worker, exactly (see common.grading.client.expect).
+TrainRun = tuple[list[float], list[float], list[torch.Tensor]]  # step losses, epoch losses, parameters
+LoggedRun = tuple[list[float], list[float], list[LoggerCall]]  # step losses, epoch losses, logger calls
+
+
 class RecordingLogger:
     """The logger the grader passes to `train`: it keeps every call, as data."""
 
     def __init__(self) -> None:
-        self.calls: list[list[Any]] = []
+        self.calls: list[LoggerCall] = []
 
     def log_config(self, config: dict[str, Any]) -> None:
-        self.calls.append(["config", _plain(config)])
+        self.calls.append(("config", _plain(config), NO_STEP))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.calls.append(["log", _plain(metrics), step if type(step) is int else repr(step)[:40]])
+        self.calls.append(("log", _plain(metrics), step if type(step) is int else repr(step)[:40]))
 
 
-def _plain(mapping: Any) -> Any:
+def _plain(mapping: Any) -> dict[str, int | float | str | bool]:
     """Keys and values as plain data; anything else as the name of its type (the checker says what came)."""
     if type(mapping) is not dict:
-        return f"<{type(mapping).__name__}>"
+        return {"<not a dict>": type(mapping).__name__}
     return {
         str(key): value if type(value) in (int, float, str, bool) else f"<{type(value).__name__}>"
         for key, value in mapping.items()
@@ -94,25 +103,18 @@ def sample_float64(n: int, seed: int) -> torch.Tensor:
     )
 
 
-def train_run(config: dict[str, Any], points: torch.Tensor, global_seed: int) -> dict[str, Any]:
+def train_run(config: dict[str, Any], points: torch.Tensor, global_seed: int) -> TrainRun:
     """A training run after seeding torch's global generator with `global_seed` (the run must not care)."""
     module = _train_module()
     torch.manual_seed(global_seed)
     model, history = module.train(module.TrainConfig(**config), points)
-    return {
-        "step_loss": list(history["step_loss"]),
-        "epoch_loss": list(history["epoch_loss"]),
-        "params": [p.detach().clone() for p in model.parameters()],
-    }
+    params = [p.detach().clone() for p in model.parameters()]
+    return list(history["step_loss"]), list(history["epoch_loss"]), params
 
 
-def train_logged(config: dict[str, Any], points: torch.Tensor) -> dict[str, Any]:
+def train_logged(config: dict[str, Any], points: torch.Tensor) -> LoggedRun:
     """A training run with the recording logger: the history and every call the logger got."""
     module = _train_module()
     logger = RecordingLogger()
     _, history = module.train(module.TrainConfig(**config), points, logger)
-    return {
-        "step_loss": list(history["step_loss"]),
-        "epoch_loss": list(history["epoch_loss"]),
-        "calls": logger.calls,
-    }
+    return list(history["step_loss"]), list(history["epoch_loss"]), logger.calls
