@@ -1,0 +1,288 @@
+"""A Llama-style decoder (week 5): the model that the parallelism and memory techniques are applied to.
+
+    config = LlamaConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2)
+    model = Llama(config)
+    logits = model(tokens)                  # tokens (batch, seq) long -> logits (batch, seq, vocab)
+    loss = model.loss(tokens, targets)      # scalar mean cross-entropy
+
+What you will learn, reading top to bottom: what Llama changed in the GPT-2 block and why each change is
+cheap. RMSNorm instead of LayerNorm (no mean, no bias: one reduction per row); rotary position embeddings
+(positions enter as a rotation of queries and keys, so scores depend on relative distance only, and no
+position table is learned); grouped-query attention (several query heads share one key/value head, which
+shrinks the KV cache and the k/v projections); and the SwiGLU feed-forward (a gated MLP with three
+matrices, its hidden size d_ff about 8/3 d_model so the parameter count matches a 4x GELU MLP).
+
+The model knows nothing about distribution: tensor parallelism shards wq/wk/wv/wo and w1/w2/w3 by heads and
+columns from the outside (the attention reads its local number of heads from the projections' outputs), and
+sequence-parallel attention replaces `Attention.attend` on an instance. `use_kernels=True` swaps RMSNorm,
+attention and the loss for the course's Triton kernels (common.kernels), chosen once in `__init__`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LlamaConfig:
+    """Shape of a Llama-style decoder; `head_dim = d_model // n_heads`."""
+
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2  # grouped-query attention: each kv head serves n_heads // n_kv_heads query heads
+    d_ff: int = 176  # SwiGLU hidden size
+    max_seq_len: int = 128  # length of the rotary tables
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # output.weight is tok_embeddings.weight
+    use_kernels: bool = False  # RMSNorm, attention and the loss through common.kernels (Triton)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                f"pick n_heads among the divisors of d_model (head_dim = d_model // n_heads)"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; each kv head "
+                f"serves a whole group of query heads: pick n_kv_heads among the divisors of n_heads"
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head_dim = d_model // n_heads = {self.head_dim} is odd; rotary embeddings rotate pairs of "
+                f"numbers, so head_dim must be even: change d_model={self.d_model} or n_heads={self.n_heads}"
+            )
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise ValueError(
+                f"rope_theta={self.rope_theta} and norm_eps={self.norm_eps} must both be positive"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+# ----------------------------------------------------------------------------------------------------
+# RMSNorm and rotary position embeddings
+# ----------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim, the statistics in fp32 (as Llama does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class KernelRMSNorm(RMSNorm):
+    """RMSNorm through the fused Triton kernel of common.kernels.norms (same parameters, same result)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from common.kernels.norms import rms_norm
+
+        return rms_norm(x, self.weight.to(x.dtype), self.eps)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (max_seq_len, head_dim // 2), fp32.
+
+    Pair i of a head (numbers 2i and 2i+1) at position p is rotated by the angle p * theta^(-2i / head_dim):
+    fast rotations for the first pairs, slow ones for the last, like the sinusoids of the original
+    transformer. A query at p and a key at p' then score q R(p)^T R(p') k = q R(p' - p) k: relative position.
+    """
+    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (head_dim // 2,)
+    angles = torch.outer(
+        torch.arange(max_seq_len, dtype=torch.float64), freqs
+    )  # (max_seq_len, head_dim // 2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[2i], x[2i+1]) of every head by its angle; x (batch, seq, heads, head_dim).
+
+    cos/sin (seq, head_dim // 2) for the positions of x. The same as multiplying the complex numbers
+    x[2i] + j x[2i+1] by exp(j angle), as Meta's reference does with torch.view_as_complex.
+    """
+    cos = cos.to(x.dtype)[:, None, :]  # (seq, 1, head_dim // 2): broadcast over batch and heads
+    sin = sin.to(x.dtype)[:, None, :]
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # (batch, seq, heads, head_dim // 2) each: the pairs' two halves
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (..., head_dim // 2, 2)
+    return rotated.flatten(-2)  # (batch, seq, heads, head_dim), pairs back in place
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention, feed-forward, block
+# ----------------------------------------------------------------------------------------------------
+
+
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention through torch's scaled_dot_product_attention; q, k, v (b, heads, s, head_dim)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def flash_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention through the course's FlashAttention kernel; q, k, v (b, heads, s, head_dim)."""
+    from common.kernels.flash_attention import flash_attention
+
+    return flash_attention(q, k, v, causal=True)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with rotary embeddings and grouped-query heads, no biases."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+        # The attention itself, for heads of equal number: the kernel takes no grouped-query heads, so
+        # attend() repeats k and v before calling either implementation.
+        self.causal_attention = flash_causal if config.use_kernels else sdpa_causal
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        # (b, s, heads * head_dim) -> (b, s, heads, head_dim); heads read from the weights, so a
+        # tensor-parallel shard of wq/wk/wv (a subset of heads) needs no change here
+        q = self.wq(x).view(b, s, -1, self.head_dim)
+        k = self.wk(x).view(b, s, -1, self.head_dim)
+        v = self.wv(x).view(b, s, -1, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # (b, s, heads, head_dim) -> (b, heads, s, head_dim): attention runs over s for each (batch, head)
+        y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (b, n_q_heads, s, hd)
+        return self.wo(y.transpose(1, 2).reshape(b, s, -1))  # (b, s, n_q_heads * head_dim) -> (b, s, d)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention; q (b, n_q_heads, s, hd), k/v (b, n_kv_heads, s, hd) -> (b, n_q_heads, s, hd).
+
+        Grouped-query: kv head j serves query heads j*g ... j*g + g - 1 (g = n_q_heads // n_kv_heads), so
+        k and v are repeated g times along the heads, each copy next to its original (repeat_interleave).
+        """
+        group = q.shape[1] // k.shape[1]
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)  # (b, n_q_heads, s, hd)
+            v = v.repeat_interleave(group, dim=1)
+        return self.causal_attention(q, k, v)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 is the gate, w3 the up projection, w2 the down projection."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.w3 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.w2 = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + feed_forward(norm(x))."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        norm = KernelRMSNorm if config.use_kernels else RMSNorm
+        self.attention_norm = norm(config.d_model, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = norm(config.d_model, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------
+
+
+def eager_loss(output: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of output(hidden); hidden (b, s, d_model), targets (b, s). Logits in fp32."""
+    logits = output(hidden).float()  # (b, s, vocab)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # over (b * s) rows
+
+
+def kernel_loss(output: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The same loss through the fused Triton kernel: the (b * s, vocab) logits never sit in memory whole."""
+    from common.kernels.cross_entropy import linear_cross_entropy
+
+    # (b, s, d) -> (b * s, d): one row per token, as the kernel takes them
+    return linear_cross_entropy(hidden.flatten(0, 1), output.weight.to(hidden.dtype), targets.flatten())
+
+
+class Llama(nn.Module):
+    """Token embedding, n_layers blocks, a final RMSNorm and the output projection to the vocabulary."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = (KernelRMSNorm if config.use_kernels else RMSNorm)(config.d_model, config.norm_eps)
+        self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight  # one tensor, two uses
+        self.head_loss = kernel_loss if config.use_kernels else eager_loss
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        # Non-persistent: derived from the config, so not in the state dict; they move with .to(device).
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaling: each block adds two outputs (wo, w2) to the residual stream, so their weights
+        # are shrunk by 1/sqrt(2 n_layers) to keep the stream's variance from growing with depth.
+        for name, param in self.named_parameters():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The final normalised hidden states (b, s, d_model): everything but the output projection."""
+        _, s = tokens.shape
+        if s > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {s} exceeds max_seq_len={self.config.max_seq_len}; "
+                f"raise max_seq_len in the config (it sizes the rotary tables)"
+            )
+        cos, sin = self.rope_cos[:s], self.rope_sin[:s]  # (s, head_dim // 2)
+        x = self.tok_embeddings(tokens)  # (b, s, d_model)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.output(self.hidden_states(tokens))  # (b, s, vocab)
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the next-token predictions; tokens and targets (b, s) long."""
+        return self.head_loss(self.output, self.hidden_states(tokens), targets)

@@ -1,0 +1,178 @@
+"""common.models.llama on CPU at toy sizes, each piece against an independent reference.
+
+References: rotary embeddings against complex multiplication in float64; attention against scores, mask
+and softmax written out in float64 with each query head reading its kv head by index (h // group); the loss
+against F.cross_entropy of the logits. Tolerances: fp32 computations of a few hundred terms compared with a
+float64 computation agree to ~1e-6 relative (fp32 epsilon 1.2e-7 times a few accumulations), so 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.models.llama import Attention, Llama, LlamaConfig, apply_rotary, rope_tables
+
+TINY = LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=88, max_seq_len=16)
+
+
+def tiny(**changes) -> LlamaConfig:
+    return LlamaConfig(**{**TINY.__dict__, **changes})
+
+
+def tokens_for(config: LlamaConfig, batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_logits_shape_and_loss_is_cross_entropy_of_logits():
+    torch.manual_seed(0)
+    model = Llama(TINY)
+    tokens, targets = tokens_for(TINY), tokens_for(TINY, seed=1)
+    logits = model(tokens)
+    assert logits.shape == (2, 12, TINY.vocab_size)
+    expected = F.cross_entropy(logits.flatten(0, 1).double(), targets.flatten())
+    torch.testing.assert_close(model.loss(tokens, targets).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_changing_a_token_changes_no_earlier_logit():
+    torch.manual_seed(0)
+    model = Llama(TINY)
+    tokens = tokens_for(TINY, batch=1)
+    for t in (0, 5, 11):
+        changed = tokens.clone()
+        changed[0, t] = (changed[0, t] + 1) % TINY.vocab_size
+        before, after = model(tokens), model(changed)
+        # Positions < t see the same inputs through the same ops: equal up to fp32 reassociation at most.
+        torch.testing.assert_close(after[:, :t], before[:, :t], rtol=0, atol=1e-6)
+        assert (after[:, t] - before[:, t]).abs().max() > 1e-4, "the changed token's own logits must move"
+
+
+def reference_rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """Pairs (x[2i], x[2i+1]) as complex numbers times exp(j p theta^(-2i/D)), in float64."""
+    _, s, _, d = x.shape
+    pairs = torch.view_as_complex(x.double().reshape(*x.shape[:-1], d // 2, 2))  # (b, s, h, d/2) complex
+    freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.arange(s, dtype=torch.float64)[:, None] * freqs  # (s, d/2)
+    rotated = pairs * torch.polar(torch.ones_like(angles), angles)[:, None, :]
+    return torch.view_as_real(rotated).flatten(-2)  # (b, s, h, d)
+
+
+@pytest.mark.parametrize("head_dim, theta", [(8, 10000.0), (16, 500000.0)])
+def test_rotary_equals_complex_multiplication(head_dim: int, theta: float):
+    x = torch.randn(2, 13, 3, head_dim, generator=torch.Generator().manual_seed(0))
+    cos, sin = rope_tables(head_dim, 32, theta)
+    assert cos.shape == sin.shape == (32, head_dim // 2)
+    out = apply_rotary(x, cos[:13], sin[:13])
+    torch.testing.assert_close(out.double(), reference_rotary(x, theta), rtol=1e-5, atol=1e-5)
+    # A rotation keeps each pair's length: a check that needs no reference at all.
+    torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def reference_attention(attention: Attention, x: torch.Tensor, theta: float) -> torch.Tensor:
+    """Multi-head attention written out in float64: query head h reads kv head h // group."""
+    b, s, _ = x.shape
+    d = attention.head_dim
+    x = x.double()
+    q, k, v = (
+        (x @ lin.weight.double().T).view(b, s, -1, d) for lin in (attention.wq, attention.wk, attention.wv)
+    )
+    q, k = reference_rotary(q, theta), reference_rotary(k, theta)
+    n_q, group = q.shape[2], q.shape[2] // k.shape[2]
+    mask = torch.ones(s, s, dtype=torch.bool).tril()
+    heads = []
+    for h in range(n_q):
+        scores = q[:, :, h] @ k[:, :, h // group].transpose(1, 2) / math.sqrt(d)  # (b, s, s)
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        heads.append(weights @ v[:, :, h // group])  # (b, s, d)
+    return torch.cat(heads, dim=-1) @ attention.wo.weight.double().T
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])  # 4: plain multi-head; 2, 1: grouped, multi-query
+def test_attention_equals_multi_head_reference(n_kv_heads: int):
+    config = tiny(n_kv_heads=n_kv_heads)
+    torch.manual_seed(0)
+    attention = Llama(config).layers[0].attention
+    assert attention.wk.out_features == n_kv_heads * config.head_dim
+    x = torch.randn(2, 11, config.d_model)
+    cos, sin = rope_tables(config.head_dim, 11, config.rope_theta)
+    out = attention(x, cos, sin)
+    torch.testing.assert_close(
+        out.double(), reference_attention(attention, x, config.rope_theta), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_tied_embeddings_share_one_tensor():
+    torch.manual_seed(0)
+    tied, untied = Llama(tiny(tie_embeddings=True)), Llama(TINY)
+    assert tied.output.weight is tied.tok_embeddings.weight
+    assert untied.output.weight is not untied.tok_embeddings.weight
+    n_embedding = TINY.vocab_size * TINY.d_model
+    assert (
+        sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in tied.parameters()) == n_embedding
+    )
+    # The one tensor's gradient sums both uses: the output projection's and the embedding lookup's.
+    tokens = tokens_for(TINY)
+    tied.loss(tokens, tokens).backward()
+    assert tied.tok_embeddings.weight.grad[tokens.unique()].abs().sum() > 0
+
+
+def test_overfits_one_tiny_batch():
+    torch.manual_seed(0)
+    model = Llama(TINY)
+    tokens, targets = tokens_for(TINY, batch=4), tokens_for(TINY, batch=4, seed=1)  # random: only memorisable
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    first = model.loss(tokens, targets).item()
+    assert abs(first - math.log(TINY.vocab_size)) < 0.1, (
+        "small init: the first loss is that of uniform guesses"
+    )
+    for _ in range(150):
+        loss = model.loss(tokens, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05, (
+        f"48 random targets should be memorised, loss went {first:.3f} -> {loss.item():.3f}"
+    )
+
+
+def test_seeded_construction_is_reproducible_and_init_is_scaled():
+    torch.manual_seed(3)
+    a = Llama(TINY)
+    torch.manual_seed(3)
+    b = Llama(TINY)
+    torch.manual_seed(4)
+    c = Llama(TINY)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters(), strict=True):
+        assert torch.equal(pa, pb), name
+        if pa.dim() == 2:
+            assert not torch.equal(pa, pc), name
+    big = Llama(tiny(d_model=64, d_ff=256, vocab_size=512, n_layers=8))
+    tol = 0.1  # a std estimated from >= 16k samples is within a few percent of the true one
+    assert big.tok_embeddings.weight.std().item() == pytest.approx(0.02, rel=tol)
+    assert big.layers[0].attention.wq.weight.std().item() == pytest.approx(0.02, rel=tol)
+    assert big.layers[0].feed_forward.w2.weight.std().item() == pytest.approx(0.02 / 4, rel=tol)
+    assert big.layers[0].attention.wo.weight.std().item() == pytest.approx(0.02 / 4, rel=tol)
+    assert "rope_cos" not in big.state_dict()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"n_heads": 3}, "d_model=32 is not divisible by n_heads=3"),
+        ({"n_heads": 4, "n_kv_heads": 3}, "n_heads=4 is not divisible by n_kv_heads=3"),
+        ({"d_model": 36, "n_heads": 4}, "head_dim = d_model // n_heads = 9 is odd"),
+        ({"n_layers": 0}, "n_layers must be a positive int"),
+    ],
+)
+def test_bad_config_says_what_and_how_to_fix(changes: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        tiny(**changes)
+
+
+def test_too_long_sequence_is_refused():
+    model = Llama(TINY)
+    with pytest.raises(ValueError, match="sequence length 17 exceeds max_seq_len=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
