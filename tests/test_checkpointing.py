@@ -69,13 +69,23 @@ def test_checkpointing_gives_the_plain_models_logits_loss_and_gradients(
 
 
 def test_saved_activations_shrink_by_what_each_mode_drops(runs: dict[str, Run]) -> None:
+    # What a Block keeps for backward besides its input x, per token, in fp32 elements (4 bytes):
+    # - plain: per RMSNorm the rsqrt statistic (1), x * rsqrt (d) and its product with the weight, the
+    #   next matmul's input (d); q after rotary (d) and k, v repeated to n_heads (d each), attention's output
+    #   (d) and log-sum-exp (n_heads); the residual sum between the halves (d); w1's and w3's outputs, silu's
+    #   output and the gated product (d_ff each): 2 + 9d + n_heads + 4 d_ff. Not kept: q and k before
+    #   rotary (multiplied by cos/sin, which need no gradient), the reshape before wo (a view: SDPA lays its
+    #   output out as (b, s, heads, head_dim)), the outputs of wo and w2 (they go into additions).
+    # - selective: the matmul outputs q (d), k, v (kv each), wo (d), w1, w3 (d_ff each), w2 (d), and
+    #   attention's output (d) and log-sum-exp (n_heads): 4d + 2 kv + n_heads + 2 d_ff.
+    # - full: nothing beyond x.
+    # Everything outside the blocks (embedding output, final norm, logits) is the same in every mode.
     c, n = CONFIG, BATCH * SEQ  # n tokens
-    kv = c.n_kv_heads * c.head_dim
-    # Selective keeps, beyond full, every block's matmul and attention outputs, fp32 (4 bytes each):
-    # q (d) + k, v (kv each) + attention output (d) and its log-sum-exp (one per head) + wo (d)
-    # + w1, w3 (d_ff each) + w2 (d), per token.
-    matmul_and_attention = c.n_layers * n * (4 * c.d_model + 2 * kv + c.n_heads + 2 * c.d_ff) * 4
-    assert runs["selective"].saved_bytes - runs["full"].saved_bytes == matmul_and_attention
+    d, kv, h, ff = c.d_model, c.n_kv_heads * c.head_dim, c.n_heads, c.d_ff
+    plain = c.n_layers * n * (2 + 9 * d + h + 4 * ff) * 4
+    selective = c.n_layers * n * (4 * d + 2 * kv + h + 2 * ff) * 4
+    assert runs["none"].saved_bytes - runs["full"].saved_bytes == plain
+    assert runs["selective"].saved_bytes - runs["full"].saved_bytes == selective
     assert runs["none"].saved_bytes > runs["selective"].saved_bytes > runs["full"].saved_bytes
 
 

@@ -133,10 +133,9 @@ class ParameterOffload:
         """Start copying block i's parameters to the device (on the copy stream, if there is one)."""
         if self._ready[i] is not None:
             return
-        if self.copy_stream is not None:
-            # The copy stream may only write memory the compute stream has finished with: the allocator
-            # can hand it memory that compute kernels queued so far still read.
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        # No wait for the compute stream: the copy reads only the host master, and writes memory the
+        # allocator hands out on the copy stream only once earlier readers on other streams are done with
+        # it (record_stream in _wait). So the copy starts at once, while earlier blocks still compute.
         with self._copy_stream():
             for p in self.params[i]:
                 p.untyped_storage().resize_(p.numel() * p.element_size())
