@@ -35,7 +35,12 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+    noop_context_fn,
+)
 
 from common.bench import BenchResult, bench
 from common.models.llama import Block, Llama, LlamaConfig
@@ -97,7 +102,7 @@ class CheckpointedBlock(nn.Module):
         context_fn: Callable[[], Any] = (
             functools.partial(create_selective_checkpoint_contexts, selective_policy)
             if self.mode == "selective"
-            else torch.utils.checkpoint.noop_context_fn
+            else noop_context_fn
         )
         # use_reentrant=False: works with inputs that don't require grad, with keyword arguments and with
         # torch.compile, and stops recomputing once backward has what it needs. preserve_rng_state stays on
@@ -133,7 +138,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> nn.M
         )
     for name, layer in layers.named_children():
         if isinstance(layer, Block):
-            layers.register_module(name, CheckpointedBlock(layer, mode))  # type: ignore[arg-type]
+            layers.register_module(name, CheckpointedBlock(layer, mode))
     return model
 
 
