@@ -189,10 +189,12 @@ class ParameterOffload:
 
     def _post_grad(self, i: int, p: nn.Parameter) -> None:
         """Runs once p.grad holds p's gradient: send it to the host, free the block when all have come."""
+        if self.copy_stream is not None:
+            # The gradient is written on the compute stream: the copy waits for it, and its memory is not
+            # reused until the copy has read it.
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            p.grad.record_stream(self.copy_stream)
         with self._copy_stream():
-            if self.copy_stream is not None:
-                self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-                p.grad.record_stream(self.copy_stream)
             self._staged[p].copy_(p.grad, non_blocking=True)
         p.grad = None
         self._arrived.add(p)
