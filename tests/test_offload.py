@@ -36,6 +36,7 @@ class Reference:
     inputs: torch.Tensor
     targets: torch.Tensor
     logits: torch.Tensor
+    loss: torch.Tensor
     grads: dict[str, torch.Tensor]
     stepped: dict[str, torch.Tensor]  # parameters after one AdamW step
     logits_after_step: torch.Tensor
@@ -49,13 +50,14 @@ def _model(device: str = "cpu", config: LlamaConfig = CONFIG) -> Llama:
 def _reference(model: Llama, inputs: torch.Tensor, targets: torch.Tensor) -> Reference:
     plain = copy.deepcopy(model)
     logits = plain(inputs)
-    nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss.backward()
     grads = {n: p.grad.clone() for n, p in plain.named_parameters()}
     torch.optim.AdamW(plain.parameters(), **ADAMW).step()
     with torch.no_grad():
         after = plain(inputs)
     stepped = {n: p.detach().clone() for n, p in plain.named_parameters()}
-    return Reference(model, inputs, targets, logits.detach(), grads, stepped, after)
+    return Reference(model, inputs, targets, logits.detach(), loss.detach(), grads, stepped, after)
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +99,7 @@ def test_parameter_offload_gives_the_plain_models_results_and_step(ref: Referenc
         expect = [j == i or (prefetch and j == i + 1) for j in range(CONFIG.n_layers)]
         assert resident == expect, (i, resident)
     torch.testing.assert_close(logits, ref.logits, **EXACT)
+    torch.testing.assert_close(loss, ref.loss, **EXACT)
 
     loss.backward()
     assert _resident(model) == [False] * CONFIG.n_layers  # freed again after backward
@@ -159,8 +162,12 @@ def test_activation_offload_matches_the_plain_model_and_save_on_cpu(ref: Referen
         logits, loss = _loss(model, ref)
     loss.backward()
     torch.testing.assert_close(logits, ref.logits, **EXACT)
+    torch.testing.assert_close(loss, ref.loss, **EXACT)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref.grads[n], **EXACT, msg=n)
+    torch.optim.AdamW(model.parameters(), **ADAMW).step()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), ref.stepped[n], **EXACT, msg=n)
 
     # Everything autograd saves, counted by a plain pair of hooks: the offload moved all of it but weights.
     saved = {"weights": 0, "others": 0}
@@ -175,7 +182,7 @@ def test_activation_offload_matches_the_plain_model_and_save_on_cpu(ref: Referen
         _loss(model, ref)
     assert saved["weights"] > 0 and hooks.bytes_offloaded == saved["others"] > 0
 
-    model.zero_grad()
+    model = copy.deepcopy(ref.model)
     with torch.autograd.graph.save_on_cpu():
         _, loss = _loss(model, ref)
     loss.backward()
