@@ -14,9 +14,14 @@ What you will learn:
   block i computes (prefetch), and the compute stream waits for the copy's event, not for the whole GPU.
 - Pinned (page-locked) host memory is what makes a host-to-device copy asynchronous: from pageable
   memory the driver first copies into a pinned staging buffer, and the copy blocks the host.
-- Freeing memory that another stream still reads is a race. A tensor allocated on the copy stream and
-  read on the compute stream is marked with record_stream(compute), so the caching allocator reuses its
-  memory only once the compute stream has passed that point.
+- The caching allocator is stream-ordered: memory freed on a stream goes back to that stream's pool at
+  once, when the host frees it, and kernels queued later on that stream run after the ones that used it.
+  So block weights are allocated on the compute stream, and the copy stream first waits for the compute
+  stream (an event, not a host sync), so it never writes memory that queued kernels still read. Frees
+  then take effect in host order, and at most two blocks are allocated however far the host runs ahead
+  of the GPU. Allocating on the copy stream with record_stream(compute) is the other way to make the
+  free safe, but it defers every free until the GPU catches up: memory grows when the host runs ahead,
+  the problem FSDP1 met and capped with a rate limiter.
 - A weight can be "offloaded" while autograd still holds it for backward: the parameter keeps its
   storage object, whose memory is released (resize_(0)) after the block's forward and refilled from the
   host before the block's backward, the trick FSDP uses for its sharded parameters.
@@ -133,12 +138,16 @@ class ParameterOffload:
         """Start copying block i's parameters to the device (on the copy stream, if there is one)."""
         if self._ready[i] is not None:
             return
-        # No wait for the compute stream: the copy reads only the host master, and writes memory the
-        # allocator hands out on the copy stream only once earlier readers on other streams are done with
-        # it (record_stream in _wait). So the copy starts at once, while earlier blocks still compute.
+        for p in self.params[i]:
+            # Allocated on the compute stream (the current one), so it may be memory another block freed
+            # a moment ago, which kernels already queued there still read ...
+            p.untyped_storage().resize_(p.numel() * p.element_size())
+        if self.copy_stream is not None:
+            # ... so the copy waits for them. It then runs while the kernels queued after this point
+            # (block i - 1's, when prefetching) compute.
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with self._copy_stream():
             for p in self.params[i]:
-                p.untyped_storage().resize_(p.numel() * p.element_size())
                 # Through .data: refilling the storage must not bump the version counter autograd checks
                 # on the weights it saved for backward.
                 p.data.copy_(self._master[p], non_blocking=True)
@@ -150,14 +159,11 @@ class ParameterOffload:
                 self._ready[i] = True
 
     def _wait(self, i: int) -> None:
-        """Make the compute stream wait for block i's copy, and tell the allocator it reads the memory."""
+        """Make the compute stream wait for block i's copy (the GPU waits; the host goes on queueing)."""
         self._fetch(i)
         ready = self._ready[i]
         if isinstance(ready, torch.cuda.Event):
-            compute = torch.cuda.current_stream(self.device)
-            compute.wait_event(ready)  # the GPU waits; the host goes on queueing work
-            for p in self.params[i]:
-                p.data.record_stream(compute)  # freed after compute's kernels, not after the copy
+            torch.cuda.current_stream(self.device).wait_event(ready)
             self._ready[i] = True
 
     def _free(self, i: int) -> None:
@@ -188,14 +194,13 @@ class ParameterOffload:
             self._fetch(i - 1)  # backward walks the blocks in reverse
 
     def _post_grad(self, i: int, p: nn.Parameter) -> None:
-        """Runs once p.grad holds p's gradient: send it to the host, free the block when all have come."""
-        if self.copy_stream is not None:
-            # The gradient is written on the compute stream: the copy waits for it, and its memory is not
-            # reused until the copy has read it.
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            p.grad.record_stream(self.copy_stream)
-        with self._copy_stream():
-            self._staged[p].copy_(p.grad, non_blocking=True)
+        """Runs once p.grad holds p's gradient: send it to the host, free the block when all have come.
+
+        The copy is queued on the compute stream, behind the kernel that wrote the gradient, so the
+        gradient's memory is free for the next kernels once the host drops it. (On the copy stream it would
+        overlap compute, but its memory would have to wait for the copy: see the module docstring.)
+        """
+        self._staged[p].copy_(p.grad, non_blocking=True)
         p.grad = None
         self._arrived.add(p)
         self._grads_pending[i] -= 1
@@ -206,7 +211,9 @@ class ParameterOffload:
         """End of backward: wait for the gradient copies, then add them to the masters' gradients."""
         self._callback_queued = False
         if self.copy_stream is not None:
-            self.copy_stream.synchronize()  # note: a host-device sync, so the host can read the gradients
+            torch.cuda.synchronize(
+                self.device
+            )  # note: a host-device sync, so the host can read the gradients
         for p in self._arrived:
             master, staged = self._master[p], self._staged[p]
             master.grad = staged.clone() if master.grad is None else master.grad.add_(staged)
