@@ -161,8 +161,8 @@ class _StorageTracker(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.exclude:
                 s = t.untyped_storage()
                 ref = StorageWeakRef(s)
-                # Keyed by the storage object's address: a later storage at a freed one's address replaces
-                # the (expired) entry; a view or an in-place result rewrites its own entry.
+                # Keyed by the storage object's address, which the weak reference keeps from being reused
+                # while it lives: a view or an in-place result rewrites its own storage's entry.
                 self.storages[ref.cdata] = (ref, s.nbytes())
         return out
 
