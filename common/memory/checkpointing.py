@@ -152,13 +152,13 @@ class _StorageTracker(TorchDispatchMode):
 
     def __init__(self, exclude: set[int]) -> None:
         super().__init__()
-        self.exclude = exclude  # data pointers of storages that existed before (parameters, inputs)
+        self.exclude = exclude  # storages (by address) that existed before: parameters, inputs
         self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.exclude:
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self.exclude:
                 s = t.untyped_storage()
                 ref = StorageWeakRef(s)
                 # Keyed by the storage object's address, which the weak reference keeps from being reused
@@ -180,7 +180,7 @@ def saved_activation_bytes(model: nn.Module, tokens: torch.Tensor) -> int:
     views of one buffer cost one buffer; parameters, buffers and the input are not counted. The logits
     themselves are included (b * s * vocab elements).
     """
-    exclude = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), tokens)}
+    exclude = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers(), tokens)}
     tracker = _StorageTracker(exclude)
     with tracker:
         logits = model(tokens)

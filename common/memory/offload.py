@@ -339,9 +339,7 @@ class offload_activations(torch.autograd.graph.saved_tensors_hooks):  # noqa: N8
     """
 
     def __init__(self, model: nn.Module | None = None) -> None:
-        self.keep = (
-            {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
-        )
+        self.keep = {p.untyped_storage()._cdata for p in model.parameters()} if model is not None else set()
         self.pin = torch.cuda.is_available()
         self.bytes_offloaded = 0
         super().__init__(self._pack, self._unpack)
@@ -351,7 +349,7 @@ class offload_activations(torch.autograd.graph.saved_tensors_hooks):  # noqa: N8
         return self
 
     def _pack(self, t: torch.Tensor) -> Any:
-        if t.untyped_storage().data_ptr() in self.keep:
+        if t.untyped_storage()._cdata in self.keep:
             return t
         host = torch.empty(
             t.shape, dtype=t.dtype, layout=t.layout, device="cpu", pin_memory=self.pin and t.is_cuda
