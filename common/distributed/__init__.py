@@ -4,6 +4,10 @@
 - collectives: all-reduce, reduce-scatter, all-gather and broadcast built from point-to-point messages.
 - cost_model: the alpha-beta model of those algorithms, fitted to measurements, for what can't be measured.
 - ddp: data parallelism from scratch: gradient buckets, all-reduce overlapped with backward, no_sync().
+- tensor_parallel: Megatron tensor and sequence parallelism (autograd f/g pairs, column/row-parallel linears,
+  a plan dict), the same through torch's DTensor API, DeepSpeed-Ulysses attention, and the bytes each sends.
+- pipeline: pipeline parallelism (GPipe, 1F1B) on a plain Llama: balanced stages, schedules as data, their
+  simulated bubble, a measured step's timeline.
 
 README.md in this folder says what each module teaches and how to run it on one machine or a cluster.
 """

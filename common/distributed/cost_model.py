@@ -157,6 +157,7 @@ def bus_bandwidth_factor(collective: str, p: int) -> float:
         "all_reduce": 2 * (p - 1) / p,
         "reduce_scatter": (p - 1) / p,
         "all_gather": (p - 1) / p,
+        "all_to_all": (p - 1) / p,  # each rank keeps 1/p of its message and sends the rest, once
         "broadcast": 1.0,
     }
     if collective not in factors:

@@ -603,8 +603,6 @@ class Collective:
         """
         if self.kind == "all_reduce":
             return ring_cost(self.nbytes, world)
-        if self.kind == "all_to_all":  # nccl-tests uses (p-1)/p for it too; cost_model has no entry for it
-            return Cost(world - 1, (world - 1) / world * self.nbytes)
         return Cost(world - 1, bus_bandwidth_factor(self.kind, world) * self.nbytes)
 
 
