@@ -90,6 +90,7 @@ def test_state_terms_equal_the_tensors_after_one_adamw_step(name: str, param_dty
     optimizer.step()
     predicted = predict_step_memory(config, 2, 12, param_dtype=param_dtype)
     assert predicted.parameters == tensor_bytes(model.parameters())  # a tied matrix is one parameter
+    assert predicted.buffers == tensor_bytes(model.buffers())
     assert predicted.gradients == tensor_bytes(p.grad for p in model.parameters())
     # exp_avg and exp_avg_sq per parameter; the step counters (one 0-dim fp32 tensor per parameter, kept on
     # the host by the non-fused AdamW) are not device memory and not counted.
@@ -137,6 +138,43 @@ def test_predicted_activations_equal_saved_bytes(name, checkpointing, attention,
     assert saved == predicted.activations, f"measured {saved} bytes, predicted {predicted.activations}"
 
 
+PEAK_CASES = {  # (config, batch, seq_len, checkpointing, autocast dtype): where the peak should be
+    "backward, at the loss": (
+        LlamaConfig(vocab_size=256, d_model=64, n_layers=2, d_ff=176),
+        8,
+        64,
+        "none",
+        None,
+    ),
+    "optimizer.step()": (LlamaConfig(vocab_size=256, d_model=128, n_layers=2, d_ff=352), 1, 8, "none", None),
+    "backward, in block 0": (
+        LlamaConfig(vocab_size=64, d_model=64, n_layers=2, d_ff=512),
+        8,
+        64,
+        "full",
+        torch.bfloat16,
+    ),
+}
+
+
+@pytest.mark.parametrize("phase", list(PEAK_CASES))
+def test_predicted_peak_equals_the_cpu_profilers(phase: str):
+    """The peak of a whole step on CPU, from the profiler's memory timeline, one case per place the peak can
+    be. 1%: left out are a few kilobytes of host-side small tensors (AdamW's step counters, the loss, the
+    tokens' copies) against megabytes, and the order in which autograd frees a block's gradients (the
+    block-backward estimate was within 0.5% here)."""
+    config, batch, seq_len, checkpointing, compute_dtype = PEAK_CASES[phase]
+    predicted = predict_step_memory(
+        config, batch, seq_len, compute_dtype=compute_dtype, checkpointing=checkpointing
+    )
+    assert predicted.peak_phase.startswith(phase)
+    measured = measure_step_memory(build(config, checkpointing), batch, seq_len, compute_dtype=compute_dtype)
+    assert measured.before == pytest.approx(
+        predicted.parameters + predicted.buffers + predicted.optimizer_states, rel=0.01
+    )
+    assert measured.peak == pytest.approx(predicted.peak, rel=0.01), predicted
+
+
 def test_checkpointing_keeps_only_block_inputs():
     config = CONFIGS["gqa"]
     full, none = (predict_step_memory(config, 2, 12, checkpointing=c) for c in ("full", "none"))
@@ -148,9 +186,12 @@ def test_peak_moves_from_the_loss_to_the_optimizer_as_the_batch_shrinks():
     config = LlamaConfig.preset("350m")
     big, small = (predict_step_memory(config, b, 1024, compute_dtype=torch.bfloat16) for b in (8, 1))
     assert big.peak_phase.startswith("backward, at the loss")
-    assert big.peak == big.parameters + big.optimizer_states + big.activations + big.loss_buffers
+    assert (
+        big.peak == big.parameters + big.buffers + big.optimizer_states + big.activations + big.loss_buffers
+    )
     assert small.peak_phase.startswith("optimizer.step()")
-    assert small.peak == 5 * small.parameters  # parameters, gradients, two states, one temporary: all fp32
+    # parameters, gradients, two states, one temporary: all fp32
+    assert small.peak == 5 * small.parameters + small.buffers
 
 
 @pytest.mark.parametrize(
@@ -166,12 +207,10 @@ def test_bad_arguments_say_what_to_pass(kwargs: dict, message: str):
         predict_step_memory(CONFIGS["gqa"], 2, 12, **kwargs)
 
 
-def test_kernel_path_and_cpu_measurement_are_refused():
+def test_kernel_path_is_refused():
     kernel_config = LlamaConfig(d_model=128, n_heads=2, n_kv_heads=1, use_kernels=True)
     with pytest.raises(ValueError, match="models the plain path"):
         predict_step_memory(kernel_config, 2, 12)
-    with pytest.raises(ValueError, match="model is on cpu: move it with model.cuda()"):
-        measure_step_memory(Llama(CONFIGS["gqa"]), 2, 12)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -185,6 +224,10 @@ def test_kernel_path_and_cpu_measurement_are_refused():
     [("flash", torch.bfloat16), ("efficient", torch.bfloat16), ("efficient", None), ("math", torch.bfloat16)],
 )
 def test_predicted_activations_equal_saved_bytes_gpu(attention: str, compute_dtype: torch.dtype | None):
+    """As on CPU, but the CUDA kernels may also keep their dropout RNG state (a seed and an offset, 8-byte
+    integers; three numbers in torch 2.11's flash) per layer even without dropout: at most 32 bytes a layer
+    over the prediction, while a wrong term would be off by far more (s = 200 is no multiple of 32, so the
+    efficient backend's padded log-sum-exp differs from flash's by 2 * 4 heads * 24 * 4 bytes a layer)."""
     config = LlamaConfig(
         vocab_size=1000, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=704, max_seq_len=256
     )
@@ -192,7 +235,8 @@ def test_predicted_activations_equal_saved_bytes_gpu(attention: str, compute_dty
         saved, predicted = saved_and_predicted(
             config, checkpointing, attention, torch.float32, compute_dtype, "cuda", batch=2, seq_len=200
         )
-        assert saved == predicted.activations, (checkpointing, saved, predicted.activations)
+        rng_state = 32 * config.n_layers if checkpointing == "none" and attention != "math" else 0
+        assert 0 <= saved - predicted.activations <= rng_state, (checkpointing, saved, predicted.activations)
 
 
 @pytest.mark.gpu

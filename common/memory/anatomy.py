@@ -50,17 +50,21 @@ Outside the blocks: the token ids (embedding) and the targets (loss), T 8 each; 
 consumer; the output weight's cast (autocast); the log-probabilities log_softmax keeps, T V 4 (the loss
 upcasts the logits to fp32); nll_loss's total weight, 4.
 
+Always there: parameters N p, the rotary tables (buffers) max_seq_len head_dim p, AdamW's two states
+2 N p (SGD without momentum: none); gradients N p from the backward until they are set to None.
+
 The peak. The step is forward, backward, optimizer.step(), in the steady state (AdamW's states exist,
 gradients were set to None). Candidates, largest wins:
 
-- at the loss's backward: parameters + optimizer states + every activation + the gradient of the
+- at the loss's backward: parameters, buffers, optimizer states, every activation, and the gradient of the
   log-probabilities and that of the logits, T V 4 each, beside the saved log-probabilities. With a large
   vocabulary and many tokens this is the peak: three fp32 T x V tensors at once.
 - in the backward of block l (last to first): the blocks below l still hold their activations, the
-  gradients of the blocks above l exist, and the block's own backward holds temporaries: the incoming
-  residual gradient and its copy, 2 T d p, and the SwiGLU gradients, 3 T f c (an estimate: the exact set
-  depends on the order autograd frees buffers in). With checkpointing, block l's activations are
-  recomputed and held during its backward (activations_per_layer of the uncheckpointed block).
+  gradients of the blocks above l exist, and the block's own backward holds temporaries, at their largest
+  when SwiGLU's product is differentiated: the incoming residual gradient T d p, the product's gradient
+  and the two it makes less the product itself (freed by w2's backward) 2 T f c, and w2's weight gradient
+  d f p. With checkpointing, block l's activations are recomputed and held during its backward as well
+  (those of the uncheckpointed block, less its input, which the checkpoint kept).
 - in optimizer.step(): parameters + gradients + states + the foreach AdamW's one temporary, the square
   roots of the second moments, N p. With a small batch (activations small) this is the peak.
 
@@ -70,8 +74,14 @@ fragmentation (torch.cuda.max_memory_allocated does not count reserved-but-free 
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
+import tempfile
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -99,6 +109,7 @@ class StepMemory:
     """One training step's memory in bytes, by kind; `peak` is reached during `peak_phase`."""
 
     parameters: int
+    buffers: int  # the rotary tables, cos and sin
     gradients: int
     optimizer_states: int
     activations_per_layer: int  # saved for backward by one block (its input only, with checkpointing)
@@ -190,6 +201,7 @@ def predict_step_memory(
     n_params = count_parameters(config)
 
     parameters = gradients = n_params * p
+    buffers = config.max_seq_len * config.head_dim * p  # two tables of max_seq_len x head_dim / 2
     optimizer_states = OPTIMIZER_STATES[optimizer] * n_params * p
     full_block = _block_saved(config, batch, seq_len, p, c, autocast, attention)
     per_layer = tokens * d * p if checkpointing == "full" else full_block
@@ -203,12 +215,14 @@ def predict_step_memory(
     activations = inputs + n_layers * per_layer + head
     loss_buffers = 2 * tokens * vocab * 4
 
-    static = parameters + optimizer_states
+    static = parameters + buffers + optimizer_states
     layer_params = layer_matmul_parameters(config) + 2 * d  # + the block's two norms
     head_grads = (d + (0 if config.tie_embeddings else vocab * d)) * p
-    block_temporary = 2 * tokens * d * p + 3 * tokens * config.d_ff * c
+    # At the backward of SwiGLU's product: the residual gradient coming in, the product's gradient and the
+    # two it makes, less the product itself (freed by w2's backward), and w2's weight gradient.
+    block_temporary = tokens * d * p + 2 * tokens * config.d_ff * c + config.d_ff * d * p
     if checkpointing == "full":
-        block_temporary += full_block
+        block_temporary += full_block - tokens * d * p  # recomputed; its input was kept by the checkpoint
     phases = [
         (
             "backward, at the loss (log-probabilities and two gradients of the logits' size)",
@@ -238,6 +252,7 @@ def predict_step_memory(
     phase, temporary, peak = max(phases, key=lambda item: item[2])
     return StepMemory(
         parameters=parameters,
+        buffers=buffers,
         gradients=gradients,
         optimizer_states=optimizer_states,
         activations_per_layer=per_layer,
@@ -255,15 +270,16 @@ def measure_saved_activations(
     """Bytes of the distinct storages autograd saves for backward in one forward of model.loss.
 
     Counted through torch.autograd.graph.saved_tensors_hooks: each saved tensor's whole storage, once
-    (views of one tensor share it); parameters and buffers are model state, not activations, and are left
-    out. targets default to a copy of tokens (a tensor of its own, as in training). Works on CPU and GPU.
+    (views of one tensor share it), on the device of tokens (a GPU op may keep small tensors on the host);
+    parameters and buffers are model state, not activations, and are left out. targets default to a copy
+    of tokens (a tensor of its own, as in training). Works on CPU and GPU.
     """
     state = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in state:
+        if storage.device == tokens.device and storage.data_ptr() not in state:
             saved[storage.data_ptr()] = storage.nbytes()  # alive until backward, so no address is reused
         return tensor
 
@@ -275,12 +291,44 @@ def measure_saved_activations(
 
 @dataclass(frozen=True)
 class MeasuredStep:
-    """A measured training step on a GPU, in bytes of torch.cuda.memory_allocated (tensors only)."""
+    """A measured training step: bytes of tensors alive (the allocator's rounding included on a GPU)."""
 
-    before: int  # at the start: parameters, optimizer states, the batch (and cuBLAS workspaces)
-    after_forward: int
-    after_backward: int
-    peak: int  # torch.cuda.max_memory_allocated over forward, backward and optimizer.step()
+    before: int  # at the start: parameters, optimizer states, the batch (and, on a GPU, cuBLAS workspaces)
+    peak: int  # the most at any moment of forward, backward and optimizer.step()
+
+
+def _peak_on_gpu(step: Callable[[], None], device: torch.device) -> MeasuredStep:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return MeasuredStep(before=before, peak=torch.cuda.max_memory_allocated(device))
+
+
+def _peak_on_cpu(step: Callable[[], None]) -> MeasuredStep:
+    """The profiler's memory timeline: every tensor's allocation and free, tensors alive at the start included.
+
+    The host allocator keeps no statistics, so this is the one way to see a CPU step's peak; it costs
+    seconds even for a toy model (the profiler records every op with its stack).
+    """
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU],
+        profile_memory=True,
+        record_shapes=True,
+        with_stack=True,
+        acc_events=True,  # one step, no schedule: keep its events (and skip the warning that they are not)
+    ) as profiler:
+        step()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "timeline.json.gz"
+        with warnings.catch_warnings():
+            # Deprecated in favour of CUDA memory snapshots, which have no CPU counterpart.
+            warnings.filterwarnings("ignore", "`export_memory_timeline` is deprecated", FutureWarning)
+            profiler.export_memory_timeline(str(path), device="cpu")  # [times, bytes by category per time]
+        _, sizes = json.loads(gzip.decompress(path.read_bytes()))
+    totals = [sum(categories) for categories in sizes]
+    return MeasuredStep(before=totals[0], peak=max(totals))
 
 
 def measure_step_memory(
@@ -291,51 +339,42 @@ def measure_step_memory(
     compute_dtype: torch.dtype | None = None,
     optimizer: str = "adamw",
 ) -> MeasuredStep:
-    """Measure one steady-state training step of model (on a CUDA device) on a random batch.
+    """Measure the memory of one steady-state training step of model on a random batch, on its device.
 
     A first step creates the optimizer's states (and cuBLAS's workspaces) outside the measurement; the
     measured step then starts from gradients set to None, as predict_step_memory assumes. compute_dtype:
     the autocast dtype, or None for none. optimizer: "adamw" or "sgd", foreach, as predicted. The loss is
     model.loss, so a model whose blocks were wrapped (checkpointing) is measured as it is.
+    On a GPU the peak is torch.cuda.max_memory_allocated; on a CPU it comes from the profiler's memory
+    timeline (slow: seconds for a toy model).
     """
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        raise ValueError(
-            f"measure_step_memory reads CUDA's allocator, but the model is on {device}: move it with "
-            "model.cuda(), or use measure_saved_activations, which works on any device"
-        )
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(
             f"optimizer={optimizer!r} is not modelled; choose one of {', '.join(OPTIMIZER_STATES)}"
         )
+    device = next(model.parameters()).device
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"measure_step_memory measures on CUDA or the CPU, but the model is on {device}")
     generator = torch.Generator(device).manual_seed(0)
     tokens, targets = (
         torch.randint(model.config.vocab_size, (batch, seq_len), device=device, generator=generator)
         for _ in range(2)
     )
-    # Tiny learning rates: the step must run, not train; AdamW's weight decay is off so as to change nothing.
+    # A tiny learning rate: the step must run, not train; weight decay off, to change nothing it need not.
     opt = (
         torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0, foreach=True)
         if optimizer == "adamw"
         else torch.optim.SGD(model.parameters(), lr=1e-6, foreach=True)
     )
-    allocated: dict[str, int] = {}
 
     def step() -> None:
         with torch.autocast(
             device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None
         ):
             loss = model.loss(tokens, targets)
-        allocated["after_forward"] = torch.cuda.memory_allocated(device)
         loss.backward()
-        allocated["after_backward"] = torch.cuda.memory_allocated(device)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     step()  # warm-up, not measured
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    step()
-    torch.cuda.synchronize(device)
-    return MeasuredStep(before=before, peak=torch.cuda.max_memory_allocated(device), **allocated)
+    return _peak_on_gpu(step, device) if device.type == "cuda" else _peak_on_cpu(step)
