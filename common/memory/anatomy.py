@@ -8,8 +8,9 @@ What you will learn: the four things that fill a GPU in training (parameters, gr
 activations), why the activations grow with batch x sequence and the rest does not, which tensors each op
 keeps for its backward (and so what activation checkpointing and flash attention save), why the loss of a
 32000-word vocabulary can need more memory than a whole transformer layer, and when in the step the peak
-comes. `measure_saved_activations` counts what autograd really keeps (CPU or GPU) and
-`measure_step_memory` the real peak of a step on a GPU; the tests hold the formulas to both.
+comes. `measure_saved_activations` counts what autograd really keeps and `measure_step_memory` the real
+peak of a step (on a GPU from CUDA's allocator, on a CPU from the profiler); the tests hold the formulas
+to both.
 
 Notation: T = batch * seq_len tokens, d = d_model, f = d_ff, A = n_heads * head_dim (the width of the
 attention, query heads), H = n_heads, V = vocab_size, L = n_layers, N = count_parameters(config).
@@ -56,6 +57,9 @@ Always there: parameters N p, the rotary tables (buffers) max_seq_len head_dim p
 The peak. The step is forward, backward, optimizer.step(), in the steady state (AdamW's states exist,
 gradients were set to None). Candidates, largest wins:
 
+- at the end of the forward, in the loss: every activation, and the fp32 logits beside the
+  log-probabilities, T V 4. With checkpointing and autocast, also the weights' casts, which autocast's cache
+  holds until the forward ends although no saved tensor keeps them, layer_matmul_parameters L c + V d c.
 - at the loss's backward: parameters, buffers, optimizer states, every activation, and the gradient of the
   log-probabilities and that of the logits, T V 4 each, beside the saved log-probabilities. With a large
   vocabulary and many tokens this is the peak: three fp32 T x V tensors at once.
@@ -69,7 +73,8 @@ gradients were set to None). Candidates, largest wins:
   roots of the second moments, N p. With a small batch (activations small) this is the peak.
 
 Not counted: the CUDA context, cuBLAS workspaces, the caching allocator's rounding (512-byte blocks) and
-fragmentation (torch.cuda.max_memory_allocated does not count reserved-but-free memory either).
+fragmentation (torch.cuda.max_memory_allocated does not count reserved-but-free memory either), AdamW's
+step counters (0-dim tensors on the host), the loss and other scalars.
 """
 
 from __future__ import annotations
@@ -85,7 +90,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import nn
 
 from common.models.llama import Llama, LlamaConfig, count_parameters, layer_matmul_parameters
 
@@ -122,10 +126,6 @@ class StepMemory:
     def rows(self) -> list[tuple[str, int]]:
         """(term, bytes) pairs for a table, in the order the docstring explains them."""
         return [(name, getattr(self, name)) for name in self.__dataclass_fields__ if name != "peak_phase"]
-
-
-def _bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _norm_saved(tokens: int, d: int, p: int, c: int, consumers: int, autocast: bool) -> int:
@@ -196,7 +196,7 @@ def predict_step_memory(
         raise ValueError(f"seq_len={seq_len} exceeds max_seq_len={config.max_seq_len} of the config")
     compute_dtype = compute_dtype or param_dtype
     autocast = compute_dtype != param_dtype
-    p, c = _bytes(param_dtype), _bytes(compute_dtype)
+    p, c = param_dtype.itemsize, compute_dtype.itemsize
     tokens, d, vocab, n_layers = batch * seq_len, config.d_model, config.vocab_size, config.n_layers
     n_params = count_parameters(config)
 
@@ -223,12 +223,19 @@ def predict_step_memory(
     block_temporary = tokens * d * p + 2 * tokens * config.d_ff * c + config.d_ff * d * p
     if checkpointing == "full":
         block_temporary += full_block - tokens * d * p  # recomputed; its input was kept by the checkpoint
+    cached_casts = (n_layers * layer_matmul_parameters(config) + vocab * d) * c if autocast else 0
+    forward_temporary = tokens * vocab * 4 + (cached_casts if checkpointing == "full" else 0)
     phases = [
+        (
+            "forward, in the loss (the fp32 logits)",
+            forward_temporary,
+            static + activations + forward_temporary,
+        ),
         (
             "backward, at the loss (log-probabilities and two gradients of the logits' size)",
             0,
             static + activations + loss_buffers,
-        )
+        ),
     ]
     for done in range(n_layers):  # backward of block n_layers - 1 - done: `done` blocks finished
         live = (
@@ -264,9 +271,7 @@ def predict_step_memory(
     )
 
 
-def measure_saved_activations(
-    model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor | None = None
-) -> int:
+def measure_saved_activations(model: Llama, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> int:
     """Bytes of the distinct storages autograd saves for backward in one forward of model.loss.
 
     Counted through torch.autograd.graph.saved_tensors_hooks: each saved tensor's whole storage, once
@@ -344,8 +349,8 @@ def measure_step_memory(
     A first step creates the optimizer's states (and cuBLAS's workspaces) outside the measurement; the
     measured step then starts from gradients set to None, as predict_step_memory assumes. compute_dtype:
     the autocast dtype, or None for none. optimizer: "adamw" or "sgd", foreach, as predicted. The loss is
-    model.loss, so a model whose blocks were wrapped (checkpointing) is measured as it is.
-    On a GPU the peak is torch.cuda.max_memory_allocated; on a CPU it comes from the profiler's memory
+    model.loss, so a model whose blocks were wrapped (checkpointing) is measured as it is. The model's
+    parameters take two steps of learning rate 1e-6. On a GPU the peak is torch.cuda.max_memory_allocated; on a CPU it comes from the profiler's memory
     timeline (slow: seconds for a toy model).
     """
     if optimizer not in OPTIMIZER_STATES:
