@@ -6,7 +6,7 @@
     loss = model.loss(tokens, targets)      # scalar mean cross-entropy
 
 What you will learn, reading top to bottom: what Llama changed in the GPT-2 block and why each change is
-cheap. RMSNorm instead of LayerNorm (no mean, no bias: one reduction per row); rotary position embeddings
+cheap. RMSNorm instead of LayerNorm (no mean subtracted, no bias: one reduction per row); rotary position embeddings
 (positions enter as a rotation of queries and keys, so scores depend on relative distance only, and no
 position table is learned); grouped-query attention (several query heads share one key/value head, which
 shrinks the KV cache and the k/v projections); and the SwiGLU feed-forward (a gated MLP with three
