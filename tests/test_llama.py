@@ -8,11 +8,13 @@ float64 computation agree to ~1e-6 relative (fp32 epsilon 1.2e-7 times a few acc
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from common.models import llama
 from common.models.llama import (
@@ -125,6 +127,36 @@ def test_attention_equals_multi_head_reference(n_kv_heads: int):
     )
 
 
+def test_attention_reads_its_heads_from_the_weights_and_attend_can_be_replaced():
+    """The two hooks other modules use: a head-sharded copy (tensor parallelism) needs no code change, and
+    attend() replaced on an instance (sequence parallelism) receives q with the query heads, k/v with the
+    kv heads. Sharding by heads splits wo by input columns, so the shards' outputs sum to the whole's."""
+    config = tiny(n_heads=4, n_kv_heads=2)
+    torch.manual_seed(0)
+    whole = Llama(config).layers[0].attention
+    x = torch.randn(2, 9, config.d_model)
+    cos, sin = rope_tables(config.head_dim, 9, config.rope_theta)
+    hd, shards, total = config.head_dim, 2, torch.zeros(2, 9, config.d_model)
+    for i in range(shards):
+        shard = copy.deepcopy(whole)
+        q_rows = slice(i * 2 * hd, (i + 1) * 2 * hd)  # query heads 2i, 2i + 1
+        kv_rows = slice(i * hd, (i + 1) * hd)  # the kv head they share
+        shard.wq.weight = nn.Parameter(whole.wq.weight[q_rows])
+        shard.wk.weight = nn.Parameter(whole.wk.weight[kv_rows])
+        shard.wv.weight = nn.Parameter(whole.wv.weight[kv_rows])
+        shard.wo.weight = nn.Parameter(whole.wo.weight[:, q_rows])
+        seen = []
+
+        def attend(q, k, v, plain=shard.attend, seen=seen):
+            seen.append((q.shape, k.shape))
+            return plain(q, k, v)
+
+        shard.attend = attend
+        total += shard(x, cos, sin)
+        assert seen == [((2, 2, 9, hd), (2, 1, 9, hd))]
+    torch.testing.assert_close(total, whole(x, cos, sin), rtol=1e-5, atol=1e-6)
+
+
 def test_tied_embeddings_share_one_tensor():
     torch.manual_seed(0)
     tied, untied = Llama(tiny(tie_embeddings=True)), Llama(TINY)
@@ -229,9 +261,8 @@ def test_presets_count_what_the_docstring_says():
     one_b = LlamaConfig.preset("1b")  # Llama-3.2-1B's shape
     shape = (one_b.d_model, one_b.n_layers, one_b.n_heads, one_b.n_kv_heads, one_b.d_ff, one_b.tie_embeddings)
     assert shape == (2048, 16, 32, 8, 8192, True)
-    assert (
-        count_parameters(LlamaConfig.preset("1b", vocab_size=128256)) == 1_235_814_400
-    )  # its published count
+    published = 1_235_814_400  # Llama-3.2-1B, with its 128256-token vocabulary
+    assert count_parameters(LlamaConfig.preset("1b", vocab_size=128256)) == published
     assert LlamaConfig.preset("125m", n_layers=2).n_layers == 2
     with pytest.raises(ValueError, match="unknown preset '7b'; choose one of toy, 125m"):
         LlamaConfig.preset("7b")
