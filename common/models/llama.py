@@ -193,6 +193,8 @@ class KernelRMSNorm(RMSNorm):
     """RMSNorm through the fused Triton kernel of common.kernels.norms (same parameters, same result)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The kernels are imported where they are used, not at the top: importing common.kernels switches
+        # on Triton's interpreter on a machine without a GPU, which a plain model should not do.
         from common.kernels.norms import rms_norm
 
         return rms_norm(x, self.weight.to(x.dtype), self.eps)
@@ -206,9 +208,8 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> tupl
     transformer. A query at p and a key at p' then score q R(p)^T R(p') k = q R(p' - p) k: relative position.
     """
     freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (head_dim // 2,)
-    angles = torch.outer(
-        torch.arange(max_seq_len, dtype=torch.float64), freqs
-    )  # (max_seq_len, head_dim // 2)
+    positions = torch.arange(max_seq_len, dtype=torch.float64)
+    angles = torch.outer(positions, freqs)  # (max_seq_len, head_dim // 2)
     return angles.cos().float(), angles.sin().float()
 
 
