@@ -138,21 +138,38 @@ def test_predicted_activations_equal_saved_bytes(name, checkpointing, attention,
     assert saved == predicted.activations, f"measured {saved} bytes, predicted {predicted.activations}"
 
 
-PEAK_CASES = {  # (config, batch, seq_len, checkpointing, autocast dtype): where the peak should be
+PEAK_CASES = {  # (config, batch, seq_len, checkpointing, autocast dtype, optimizer): where the peak should be
     "backward, at the loss": (
         LlamaConfig(vocab_size=256, d_model=64, n_layers=2, d_ff=176),
         8,
         64,
         "none",
         None,
+        "adamw",
     ),
-    "optimizer.step()": (LlamaConfig(vocab_size=256, d_model=128, n_layers=2, d_ff=352), 1, 8, "none", None),
+    "optimizer.step()": (
+        LlamaConfig(vocab_size=256, d_model=128, n_layers=2, d_ff=352),
+        1,
+        8,
+        "none",
+        None,
+        "adamw",
+    ),
     "backward, in block 0": (
         LlamaConfig(vocab_size=64, d_model=64, n_layers=2, d_ff=512),
         8,
         64,
         "full",
         torch.bfloat16,
+        "adamw",
+    ),
+    "forward, in the loss": (
+        LlamaConfig(vocab_size=1024, d_model=64, n_layers=8, n_heads=1, n_kv_heads=1, d_ff=256),
+        4,
+        64,
+        "full",
+        torch.bfloat16,
+        "sgd",
     ),
 }
 
@@ -161,14 +178,15 @@ PEAK_CASES = {  # (config, batch, seq_len, checkpointing, autocast dtype): where
 def test_predicted_peak_equals_the_cpu_profilers(phase: str):
     """The peak of a whole step on CPU, from the profiler's memory timeline, one case per place the peak can
     be. 1%: left out are a few kilobytes of host-side small tensors (AdamW's step counters, the loss, the
-    tokens' copies) against megabytes, and the order in which autograd frees a block's gradients (the
-    block-backward estimate was within 0.5% here)."""
-    config, batch, seq_len, checkpointing, compute_dtype = PEAK_CASES[phase]
+    checkpoints' CPU RNG states) against megabytes, and the order in which autograd frees a block's
+    gradients (the block-backward estimate was within 0.5% here)."""
+    config, batch, seq_len, checkpointing, compute_dtype, optimizer = PEAK_CASES[phase]
     predicted = predict_step_memory(
-        config, batch, seq_len, compute_dtype=compute_dtype, checkpointing=checkpointing
+        config, batch, seq_len, compute_dtype=compute_dtype, checkpointing=checkpointing, optimizer=optimizer
     )
     assert predicted.peak_phase.startswith(phase)
-    measured = measure_step_memory(build(config, checkpointing), batch, seq_len, compute_dtype=compute_dtype)
+    model = build(config, checkpointing)
+    measured = measure_step_memory(model, batch, seq_len, compute_dtype=compute_dtype, optimizer=optimizer)
     assert measured.before == pytest.approx(
         predicted.parameters + predicted.buffers + predicted.optimizer_states, rel=0.01
     )

@@ -58,8 +58,11 @@ The peak. The step is forward, backward, optimizer.step(), in the steady state (
 gradients were set to None). Candidates, largest wins:
 
 - at the end of the forward, in the loss: every activation, and the fp32 logits beside the
-  log-probabilities, T V 4. With checkpointing and autocast, also the weights' casts, which autocast's cache
-  holds until the forward ends although no saved tensor keeps them, layer_matmul_parameters L c + V d c.
+  log-probabilities, T V 4. Under autocast also the final norm's output, T d p, which only its cast is saved
+  of but the loss holds as its argument; and with checkpointing, the blocks' weight casts, which autocast's
+  cache holds until the forward ends although no saved tensor keeps them, layer_matmul_parameters L c.
+  Rarely the peak (the loss's backward holds two T V 4 tensors where this holds one), but with
+  checkpointing under autocast and a large model it is.
 - at the loss's backward: parameters, buffers, optimizer states, every activation, and the gradient of the
   log-probabilities and that of the logits, T V 4 each, beside the saved log-probabilities. With a large
   vocabulary and many tokens this is the peak: three fp32 T x V tensors at once.
@@ -74,7 +77,8 @@ gradients were set to None). Candidates, largest wins:
 
 Not counted: the CUDA context, cuBLAS workspaces, the caching allocator's rounding (512-byte blocks) and
 fragmentation (torch.cuda.max_memory_allocated does not count reserved-but-free memory either), AdamW's
-step counters (0-dim tensors on the host), the loss and other scalars.
+step counters (0-dim tensors on the host), the loss and other scalars, and the CPU RNG state each
+checkpointed block keeps to replay dropout (5 KB of host memory per block).
 """
 
 from __future__ import annotations
@@ -223,8 +227,11 @@ def predict_step_memory(
     block_temporary = tokens * d * p + 2 * tokens * config.d_ff * c + config.d_ff * d * p
     if checkpointing == "full":
         block_temporary += full_block - tokens * d * p  # recomputed; its input was kept by the checkpoint
-    cached_casts = (n_layers * layer_matmul_parameters(config) + vocab * d) * c if autocast else 0
-    forward_temporary = tokens * vocab * 4 + (cached_casts if checkpointing == "full" else 0)
+    forward_temporary = tokens * vocab * 4  # the fp32 logits, beside the log-probabilities
+    if autocast:
+        forward_temporary += tokens * d * p  # the final norm's output: its cast is what is saved
+        if checkpointing == "full":  # the blocks' weight casts, in autocast's cache only
+            forward_temporary += n_layers * layer_matmul_parameters(config) * c
     phases = [
         (
             "forward, in the loss (the fp32 logits)",
