@@ -32,16 +32,6 @@ from common.models.llama import (
 TINY = LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=88, max_seq_len=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: CI runs two pytest workers on two cores, and a second OpenMP thread per worker
-    only contends (on a loaded machine these tiny ops ran 50x slower with two threads than with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**changes) -> LlamaConfig:
     return LlamaConfig(**{**TINY.__dict__, **changes})
 

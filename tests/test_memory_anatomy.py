@@ -45,15 +45,6 @@ BACKENDS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: CI runs two pytest workers on two cores, where a second thread only contends."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Checkpointed(nn.Module):
     """A block recomputed in the backward: only its inputs are kept."""
 
