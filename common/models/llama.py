@@ -379,3 +379,14 @@ class Llama(nn.Module):
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the next-token predictions; tokens and targets (b, s) long."""
         return self.head_loss(self.output, self.hidden_states(tokens), targets)
+
+
+def random_batch(
+    config: LlamaConfig, batch: int, seq_len: int, *, seed: int = 0, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens for timing and memory measurements: inputs and targets (the inputs shifted by one),
+    each (batch, seq_len) long on `device`, the same for the same seed on every device."""
+    tokens = torch.randint(
+        0, config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(seed)
+    )
+    return tokens[:, :-1].to(device), tokens[:, 1:].to(device)
