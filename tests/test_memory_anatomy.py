@@ -154,6 +154,14 @@ PEAK_CASES = {  # (config, batch, seq_len, checkpointing, autocast dtype, optimi
         torch.bfloat16,
         "adamw",
     ),
+    "backward, in block 0 (tied embeddings)": (
+        LlamaConfig(vocab_size=512, d_model=64, n_layers=2, d_ff=512, tie_embeddings=True),
+        8,
+        64,
+        "full",
+        torch.bfloat16,
+        "adamw",
+    ),
     "forward, in the loss": (
         LlamaConfig(vocab_size=1024, d_model=64, n_layers=8, n_heads=1, n_kv_heads=1, d_ff=256),
         4,
@@ -175,7 +183,7 @@ def test_predicted_peak_equals_the_cpu_profilers(phase: str):
     predicted = predict_step_memory(
         config, batch, seq_len, compute_dtype=compute_dtype, checkpointing=checkpointing, optimizer=optimizer
     )
-    assert predicted.peak_phase.startswith(phase)
+    assert predicted.peak_phase.startswith(phase.split(" (")[0])
     model = build(config, checkpointing)
     measured = measure_step_memory(model, batch, seq_len, compute_dtype=compute_dtype, optimizer=optimizer)
     assert measured.before == pytest.approx(
@@ -266,7 +274,6 @@ def test_predicted_peak_within_10_percent_gpu(preset: str, batch: int, seq_len: 
     )
     table = "\n".join(f"{name:>22}: {value / 2**20:10.1f} MiB" for name, value in predicted.rows())
     assert measured.peak == pytest.approx(predicted.peak, rel=0.10), (
-        f"measured peak {measured.peak / 2**20:.1f} MiB (before the step {measured.before / 2**20:.1f}, after "
-        f"forward {measured.after_forward / 2**20:.1f}, after backward {measured.after_backward / 2**20:.1f}); "
+        f"measured peak {measured.peak / 2**20:.1f} MiB (before the step {measured.before / 2**20:.1f}); "
         f"predicted, {predicted.peak_phase}:\n{table}"
     )

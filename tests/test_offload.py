@@ -233,7 +233,7 @@ def test_measure_offload_runs_every_variant_on_cpu() -> None:
 # GPU: the memory each technique saves, and the same results
 # ----------------------------------------------------------------------------------------------------
 
-# Weights dominate: 8 blocks of ~12.6M parameters (100 MB in fp32 each), few activations (1 x 64 tokens).
+# Weights dominate: 8 blocks of ~11.8M parameters (47 MB in fp32 each), few activations (1 x 64 tokens).
 BIG_WEIGHTS = LlamaConfig(
     vocab_size=256, d_model=1024, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=2816, max_seq_len=64
 )

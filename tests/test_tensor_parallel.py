@@ -30,11 +30,10 @@ from common.distributed.tensor_parallel import (
     apply_ulysses,
     bytes_sent_per_rank,
     communication_volume,
-    parameter_count,
     shard_sequence,
 )
 from common.errors import EffdlError
-from common.models.llama import Llama, LlamaConfig
+from common.models.llama import Llama, LlamaConfig, count_parameters
 
 WORLD_SIZES = (2, 4)
 # Heads (8), kv heads (4), d_ff (96) and the sequence (16) all divide by 4; 2 layers, so that a block's
@@ -185,7 +184,11 @@ def size_errors(tokens: torch.Tensor) -> dict[str, str]:
     odd_tokens = tokens[:, : SEQ - 1]  # 15 positions: divisible by neither 2 nor 4
     mesh = init_device_mesh(rank_device().type, (dist.get_world_size(),))
     sequence_parallel = apply_tensor_parallel(fresh_model(), sequence_parallel=True)
-    kernels = fresh_model(dataclasses.replace(CONFIG, use_kernels=True))
+    # the kernels take head_dim 64 or 128 only
+    kernels = fresh_model(dataclasses.replace(CONFIG, d_model=256, n_heads=4, n_kv_heads=4, use_kernels=True))
+    tied = fresh_model(dataclasses.replace(CONFIG, tie_embeddings=True))
+    tensor_parallel_once = apply_tensor_parallel(fresh_model())
+    ulysses_once = apply_ulysses(fresh_model())
     short = apply_ulysses(fresh_model(dataclasses.replace(CONFIG, max_seq_len=SEQ - 1)))
     return {
         "tp not a llama": error_of(lambda: apply_tensor_parallel(torch.nn.Linear(4, 4))),
@@ -196,6 +199,11 @@ def size_errors(tokens: torch.Tensor) -> dict[str, str]:
         "dtensor_sp kernels": error_of(
             lambda: apply_tensor_parallel_dtensor(kernels, mesh, sequence_parallel=True)
         ),
+        "dtensor_sp tied": error_of(
+            lambda: apply_tensor_parallel_dtensor(tied, mesh, sequence_parallel=True)
+        ),
+        "tp twice": error_of(lambda: apply_tensor_parallel(tensor_parallel_once)),
+        "ulysses twice": error_of(lambda: apply_ulysses(ulysses_once)),
         "sp sequence": error_of(lambda: sequence_parallel(odd_tokens)),
         "ulysses n_kv_heads": error_of(lambda: apply_ulysses(Llama(one_kv_head))),
         "ulysses sequence": error_of(lambda: shard_sequence(odd_tokens)),
@@ -299,6 +307,10 @@ def test_sizes_that_do_not_split_are_clear_errors(reports) -> None:
         "dtensor n_heads": f"layers.0.attention: n_heads=3 is not divisible by the tensor-parallel size {p}",
         "dtensor_sp kernels": "apply_tensor_parallel_dtensor(sequence_parallel=True) splits the output "
         "layer, but use_kernels=True computes the loss from output.weight directly",
+        "dtensor_sp tied": "apply_tensor_parallel_dtensor(sequence_parallel=True) splits the embedding by rows "
+        "and the output layer by columns, each into a parameter of its own, which would untie",
+        "tp twice": "the model is tensor-parallel already; apply_tensor_parallel once, to a fresh model",
+        "ulysses twice": "the model runs Ulysses attention already; apply_ulysses once, to a fresh model",
         "sp sequence": f"sequence length 15 is not divisible by the sequence-parallel size {p}; "
         f"pad or cut the sequences to a multiple of {p} tokens",
         "ulysses n_kv_heads": f"layers.0.attention: n_kv_heads=1 is not divisible by the Ulysses size {p}",
@@ -327,12 +339,6 @@ def test_communication_volume_at_llama_7b_sizes_is_the_docstrings_formulas() -> 
     assert sent["tp_sp"] == pytest.approx(sent["tp"] + embedding_and_final_norm + norm_gradients)
     kv = config.n_kv_heads * config.head_dim
     ulysses_activations = 4 * L * (p - 1) / p**2 * b * s * (d + kv) * B
-    gradients = 2 * (p - 1) / p * parameter_count(config) * B
+    gradients = 2 * (p - 1) / p * count_parameters(config) * B
     assert sent["ulysses"] == pytest.approx(ulysses_activations + gradients)
     assert ulysses_activations < sent["tp"] / p  # all-to-alls of 1/p of the activations, against all-reduces
-
-
-@pytest.mark.parametrize("tie", [False, True])
-def test_parameter_count_is_the_models(tie) -> None:
-    config = dataclasses.replace(CONFIG, tie_embeddings=tie)
-    assert parameter_count(config) == sum(param.numel() for param in Llama(config).parameters())

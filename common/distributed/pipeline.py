@@ -34,10 +34,12 @@ stage, and their gradients travel back. What you will learn:
 - Schedules as data. A schedule is each stage's ordered list of actions (forward i, backward i). The same
   list drives a unit-cost simulation (section 3) and the real step (section 4), whose measured timeline is
   drawn like the simulated one (section 5), so theory and measurement sit side by side.
-- Point-to-point (section 4). A stage receives what it needs with a blocking `recv` and sends with `isend`,
-  never waiting for its neighbour to take the message. A blocking `send` returns only once the receiver has
-  posted its `recv` (on gloo even for 16 numbers), so in 1F1B stage s would send its activation to s + 1
-  while s + 1 sends its gradient to s, each waiting for the other to receive: deadlock.
+- Point-to-point (section 4). A stage never waits for its neighbour to take a message. A blocking `send`
+  returns only once the receiver has posted its `recv` (on gloo even for 16 numbers), so in 1F1B stage s
+  would send its activation to s + 1 while s + 1 sends its gradient to s, each waiting for the other to
+  receive: deadlock. Sends are therefore posted asynchronously, and a send is held back until the stage's
+  next receive: when both go to the same neighbour they are posted together (`_Mailbox`), because NCCL runs
+  the messages between two ranks in the order they were posted.
 - Exact gradients. Each micro-batch's loss is divided by m, so the gradients accumulated over the
   micro-batches are the full batch's mean-loss gradients: the tests check them, and the weights after
   several SGD steps, against the single-process model.
@@ -407,7 +409,7 @@ def pipeline_step(
 
     inputs: dict[int, torch.Tensor] = {}  # micro-batch -> what this stage received (its .grad goes back)
     outputs: dict[int, torch.Tensor] = {}  # micro-batch -> what it sent on (or its loss, on the last stage)
-    sends: list[tuple[dist.Work, torch.Tensor]] = []  # isends in flight, with their tensors kept alive
+    mailbox = _Mailbox(group)
     spans: list[Span] = []
     loss, peak = 0.0, 0
     if stage.holds_tied_copy:  # set aside what .grad held: only this step's part is exchanged (see the end)
@@ -421,7 +423,7 @@ def pipeline_step(
                 x = micro_tokens[i]
             else:
                 x = torch.empty(hidden_shape, dtype=dtype, device=device)
-                dist.recv(x, group=group, group_src=previous, tag=i)
+                mailbox.receive(x, previous, tag=i)
                 x.requires_grad_()
             start = _now(device)
             if stage.is_last:  # divided by m, so the sum over micro-batches is the full batch's mean loss
@@ -433,7 +435,7 @@ def pipeline_step(
             peak = max(peak, len(outputs))
             end = _now(device)
             if not stage.is_last:
-                sends.append((dist.isend(y.detach(), group=group, group_dst=following, tag=i), y))
+                mailbox.send(y.detach(), following, tag=i)
         else:
             x, y = inputs.pop(i), outputs.pop(i)
             if stage.is_last:
@@ -441,19 +443,71 @@ def pipeline_step(
                 y.backward()
             else:
                 grad = torch.empty_like(y)
-                dist.recv(grad, group=group, group_src=following, tag=i)
+                mailbox.receive(grad, following, tag=i)
                 start = _now(device)
                 y.backward(grad)
             end = _now(device)
             if not stage.is_first:
-                sends.append((dist.isend(x.grad, group=group, group_dst=previous, tag=i), x.grad))
+                mailbox.send(x.grad, previous, tag=i)
         spans.append(Span(stage.stage, action, start, end))
-        sends = [(work, tensor) for work, tensor in sends if not work.is_completed()]  # free what has gone
-    for work, _ in sends:
-        work.wait()
+    mailbox.finish()
     if stage.holds_tied_copy:
         _add_tied_gradients(stage, group, held)
     return StepResult(loss if stage.is_last else None, spans, peak)
+
+
+class _Mailbox:
+    """One stage's point-to-point messages in a step: asynchronous sends, each held back until the next
+    receive and posted in one batch with it when both go to the same neighbour.
+
+    On NCCL the sends and receives between two ranks run in the order they were posted. In 1F1B's steady
+    state stage s sends an activation to s + 1 and then receives a gradient from it, while s + 1 sends that
+    gradient and then receives the activation: posted one by one, each send would wait for a receive queued
+    behind the other's send, once messages outgrow NCCL's buffers. Posted together (`batch_isend_irecv`,
+    Megatron's send_forward_recv_backward) they proceed at once. Sends complete in the background; their
+    tensors are kept alive until they have.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self.group = group
+        self.held: tuple[torch.Tensor, int, int] | None = None  # (tensor, neighbour, tag) not posted yet
+        self.in_flight: list[tuple[dist.Work, torch.Tensor]] = []
+
+    def send(self, tensor: torch.Tensor, neighbour: int, tag: int) -> None:
+        self._post_held()
+        self.held = (tensor, neighbour, tag)
+
+    def receive(self, buffer: torch.Tensor, neighbour: int, tag: int) -> None:
+        """Fill `buffer` from `neighbour` (returns once it has arrived), posting the held send with it."""
+        if self.held is not None and self.held[1] != neighbour:
+            self._post_held()
+        ops = [dist.P2POp(dist.irecv, buffer, group=self.group, group_peer=neighbour, tag=tag)]
+        if self.held is not None:
+            tensor, _, send_tag = self.held
+            ops.insert(
+                0, dist.P2POp(dist.isend, tensor, group=self.group, group_peer=neighbour, tag=send_tag)
+            )
+            self.held = None
+        works = dist.batch_isend_irecv(ops)
+        if len(ops) == 2:
+            self.in_flight.append((works[0], ops[0].tensor))
+        works[-1].wait()
+        self.in_flight = [(work, tensor) for work, tensor in self.in_flight if not work.is_completed()]
+
+    def finish(self) -> None:
+        """Post what is held and wait until every send has gone."""
+        self._post_held()
+        for work, _ in self.in_flight:
+            work.wait()
+        self.in_flight = []
+
+    def _post_held(self) -> None:
+        if self.held is not None:
+            tensor, neighbour, tag = self.held
+            self.in_flight.append(
+                (dist.isend(tensor, group=self.group, group_dst=neighbour, tag=tag), tensor)
+            )
+            self.held = None
 
 
 def _add_tied_gradients(

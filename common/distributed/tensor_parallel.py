@@ -63,7 +63,7 @@ from torch.distributed.tensor.parallel import (
 
 from common.distributed.cost_model import Cost, bus_bandwidth_factor, ring_cost
 from common.errors import EffdlError
-from common.models.llama import Attention, Block, FeedForward, Llama, LlamaConfig
+from common.models.llama import Attention, Block, FeedForward, Llama, LlamaConfig, count_parameters
 
 __all__ = [
     "AllToAll",
@@ -82,7 +82,6 @@ __all__ = [
     "apply_ulysses",
     "bytes_sent_per_rank",
     "communication_volume",
-    "parameter_count",
     "shard_sequence",
     "tensor_parallel_plan",
 ]
@@ -412,6 +411,8 @@ def apply_tensor_parallel(model: Llama, group: Group = None, *, sequence_paralle
     With sequence_parallel=True, norms and residual adds run on 1/p of the sequence (its length must divide
     by p); the communication volume is the same (`communication_volume`).
     """
+    if any(isinstance(module, ColumnParallelLinear | RowParallelLinear) for module in model.modules()):
+        raise EffdlError("the model is tensor-parallel already; apply_tensor_parallel once, to a fresh model")
     _check_divisible(_split_sizes(model, hidden_units=True), _world(group), TENSOR_PARALLEL)
     for pattern, style in tensor_parallel_plan(sequence_parallel).items():
         names = [name for name, _ in model.named_modules() if fnmatch(name, pattern)]
@@ -453,6 +454,12 @@ def apply_tensor_parallel_dtensor(
             "use_kernels=True computes the loss from output.weight directly, outside the layer's DTensor "
             "hooks; use apply_tensor_parallel(model, sequence_parallel=True), or a config with "
             "use_kernels=False"
+        )
+    if sequence_parallel and model.config.tie_embeddings:
+        raise EffdlError(
+            "apply_tensor_parallel_dtensor(sequence_parallel=True) splits the embedding by rows and the "
+            "output layer by columns, each into a parameter of its own, which would untie tied embeddings; "
+            "use apply_tensor_parallel(model, sequence_parallel=True), or a config with tie_embeddings=False"
         )
     sequence = Shard(1) if sequence_parallel else Replicate()  # where the residual stream lives
     plan: dict[str, ParallelStyle] = {
@@ -551,6 +558,9 @@ def apply_ulysses(model: Llama, group: Group = None) -> Llama:
     data-parallel (or ZeRO/FSDP) ranks, and the weights' memory is then sharded by those.
     """
     p, rank = _world(group), _rank(group)
+    attends = [getattr(module, "attend", None) for module in model.modules() if isinstance(module, Attention)]
+    if any(isinstance(attend, partial) and attend.func is _ulysses_attend for attend in attends):
+        raise EffdlError("the model runs Ulysses attention already; apply_ulysses once, to a fresh model")
     # DeepSpeed repeats kv heads up to a multiple of p where there are fewer; that is not done here.
     _check_divisible(_split_sizes(model, hidden_units=False), p, "Ulysses")
 
@@ -644,18 +654,9 @@ def communication_volume(
         return [
             Collective("all_to_all", activations // p, 4 * L, "q and the attention output, both ways"),
             Collective("all_to_all", b * s * kv_dim * B // p, 4 * L, "k and v, both ways"),
-            Collective("all_reduce", parameter_count(config) * B, 1, "gradients (apply_ddp)"),
+            Collective("all_reduce", count_parameters(config) * B, 1, "gradients (apply_ddp)"),
         ]
     raise ValueError(f"scheme must be 'tp', 'tp_sp' or 'ulysses', got {scheme!r}")
-
-
-def parameter_count(config: LlamaConfig) -> int:
-    """Parameters of Llama(config): embeddings, output layer (unless tied), blocks, final norm."""
-    d, hd = config.d_model, config.head_dim
-    attention = d * config.n_heads * hd * 2 + d * config.n_kv_heads * hd * 2  # wq, wo; wk, wv
-    block = attention + 3 * d * config.d_ff + 2 * d  # + SwiGLU's three matrices + two norms
-    embeddings = config.vocab_size * d * (1 if config.tie_embeddings else 2)
-    return embeddings + config.n_layers * block + d
 
 
 def bytes_sent_per_rank(collectives: list[Collective], world: int) -> float:

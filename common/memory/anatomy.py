@@ -95,7 +95,7 @@ from typing import Literal
 
 import torch
 
-from common.models.llama import Llama, LlamaConfig, count_parameters, layer_matmul_parameters
+from common.models.llama import Llama, LlamaConfig, count_parameters, layer_matmul_parameters, random_batch
 
 Attention = Literal["flash", "efficient", "math"]
 ATTENTIONS = ("flash", "efficient", "math")
@@ -221,7 +221,9 @@ def predict_step_memory(
 
     static = parameters + buffers + optimizer_states
     layer_params = layer_matmul_parameters(config) + 2 * d  # + the block's two norms
-    head_grads = (d + (0 if config.tie_embeddings else vocab * d)) * p
+    # The final norm's and the output projection's weight gradients, alive through every block's backward.
+    # Tied or not: a tied weight's output-side gradient waits in autograd's input buffer for the embedding's.
+    head_grads = (d + vocab * d) * p
     # At the backward of SwiGLU's product: the residual gradient coming in, the product's gradient and the
     # two it makes, less the product itself (freed by w2's backward), and w2's weight gradient.
     block_temporary = tokens * d * p + 2 * tokens * config.d_ff * c + config.d_ff * d * p
@@ -367,11 +369,7 @@ def measure_step_memory(
     device = next(model.parameters()).device
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"measure_step_memory measures on CUDA or the CPU, but the model is on {device}")
-    generator = torch.Generator(device).manual_seed(0)
-    tokens, targets = (
-        torch.randint(model.config.vocab_size, (batch, seq_len), device=device, generator=generator)
-        for _ in range(2)
-    )
+    tokens, targets = random_batch(model.config, batch, seq_len, device=device)
     # A tiny learning rate: the step must run, not train; weight decay off, to change nothing it need not.
     opt = (
         torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0, foreach=True)
