@@ -232,9 +232,8 @@ class ParameterOffload:
 
     def remove(self) -> nn.Module:
         """Undo the offload: hooks removed, block parameters (and gradients) back on the device."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        while self._handles:
+            self._handles.pop().remove()
         for p, master in self._master.items():
             p.data = master.to(self.device)
             p.grad = master.grad.to(self.device) if master.grad is not None else None
