@@ -21,7 +21,7 @@ TOLERANCE = {torch.float64: {"rtol": 1e-9, "atol": 1e-9}, torch.float32: {"rtol"
 # name: (ranks, n_heads, n_kv_heads, batch, seq, head_dim, dtype)
 CASES = {
     "2 ranks": (2, 2, 2, 2, 6, 4, torch.float64),
-    "2 ranks, grouped-query": (2, 4, 2, 1, 8, 4, torch.float64),
+    "2 ranks, grouped-query, 2 kv heads per rank": (2, 8, 4, 1, 8, 2, torch.float64),
     "4 ranks, grouped-query": (4, 8, 4, 1, 8, 2, torch.float64),
     "4 ranks, float32": (4, 4, 4, 2, 4, 4, torch.float32),
 }
@@ -103,7 +103,7 @@ def test_forward_and_gradients_equal_attention_on_the_whole_sequence(
     check(seen, reference(data), list(range(ranks)), dtype)
 
 
-@pytest.mark.parametrize("case", ["2 ranks, grouped-query", "4 ranks, grouped-query"])
+@pytest.mark.parametrize("case", ["2 ranks, grouped-query, 2 kv heads per rank", "4 ranks, grouped-query"])
 def test_four_all_to_alls_in_forward_and_four_in_backward(submission: Submission, case: str) -> None:
     ranks, n_heads, n_kv_heads, batch, seq, head_dim, dtype = CASES[case]
     data = make(n_heads, n_kv_heads, batch, seq, head_dim, dtype, seed=1)
