@@ -104,7 +104,7 @@ def ulysses_attention(
 
 def _exchange(x: torch.Tensor, group: dist.ProcessGroup | None, split_dim: int, cat_dim: int) -> torch.Tensor:
     """Split x into p equal blocks along split_dim, send block j to rank j of `group` (one all_to_all), and
-    concatenate the blocks that arrive, rank i's i-th, along cat_dim. A private helper: change it if you like."""
+    concatenate the blocks that arrive, rank i's i-th, along cat_dim. Private: change or drop it if you like."""
     # BEGIN SOLUTION: _exchange: chunk along split_dim, contiguous blocks, dist.all_to_all, cat along cat_dim
     p = dist.get_world_size(group)
     if x.shape[split_dim] % p:
