@@ -86,6 +86,7 @@ T = TypeVar("T")
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 STACK_DUMP_WAIT_S = 2.0  # how long a hung rank gets to write its stack before it is killed
+FAILURE_GRACE_S = 1.0  # after a rank fails, how long the others get to report theirs (see _wait_for_ranks)
 
 
 class RankError(EffdlError, RuntimeError):
@@ -272,16 +273,26 @@ def _read(path: Path) -> str:
 
 
 def _wait_for_ranks(processes, connections, timeout_s: float, stack_files: Sequence[Path]) -> dict[int, Any]:
-    """Collect every rank's answer; raise RankError for the first failure, RankTimeoutError for hangs."""
+    """Collect every rank's answer; raise RankError for the failure that came first, RankTimeoutError for hangs.
+
+    After the first failure the others get FAILURE_GRACE_S to report theirs, and a rank that died without
+    answering (killed, crashed) is named before ranks that raised: when one rank dies, its peers' collectives
+    fail too ("connection reset by peer"), often before the launcher has even seen the death.
+    """
     world_size = len(processes)
     results: dict[int, Any] = {}
-    failures: dict[int, tuple[float, str]] = {}  # rank -> (when it failed, what happened)
+    failures: dict[int, tuple[bool, float, str]] = {}  # rank -> (raised, when it failed, what happened)
     deadline = time.monotonic() + timeout_s
+    grace_ends: float | None = None  # set at the first failure
     readers = {conn: rank for rank, conn in enumerate(connections)}
     sentinels = {process.sentinel: rank for rank, process in enumerate(processes)}
-    while len(results) < world_size and not failures:
-        remaining = deadline - time.monotonic()
-        ready = multiprocessing.connection.wait([*readers, *sentinels], timeout=max(remaining, 0))
+    while len(results) + len(failures) < world_size:
+        until = deadline if grace_ends is None else min(deadline, grace_ends)
+        ready = multiprocessing.connection.wait(
+            [*readers, *sentinels], timeout=max(until - time.monotonic(), 0)
+        )
+        if not ready and failures:
+            break  # the grace period is over: report what failed
         if not ready:
             hung = [rank for rank in range(world_size) if rank not in results]
             raise RankTimeoutError(hung, world_size, timeout_s, _stacks_of(hung, processes, stack_files))
@@ -295,17 +306,23 @@ def _wait_for_ranks(processes, connections, timeout_s: float, stack_files: Seque
             if status == "ok":
                 results[rank] = pickle.loads(payload[0])
             else:
-                failures[rank] = (payload[1], payload[0])
+                failures[rank] = (True, payload[1], payload[0])
         for sentinel in [s for s in ready if s in sentinels]:
             rank = sentinels.pop(sentinel)
             if rank not in results and rank not in failures:
                 processes[rank].join()  # it has exited: this only collects its exit code
                 code = processes[rank].exitcode
                 how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-                failures[rank] = (time.time(), f"the process died ({how}) without returning or raising")
+                failures[rank] = (
+                    False,
+                    time.time(),
+                    f"the process died ({how}) without returning or raising",
+                )
+        if failures and grace_ends is None:
+            grace_ends = time.monotonic() + FAILURE_GRACE_S
     if failures:
-        first, *others = sorted(failures, key=lambda rank: failures[rank][0])
-        raise RankError(first, world_size, failures[first][1], also_failed=others)
+        first, *others = sorted(failures, key=lambda rank: failures[rank][:2])  # deaths first, then by time
+        raise RankError(first, world_size, failures[first][2], also_failed=others)
     return dict(sorted(results.items()))
 
 
