@@ -576,13 +576,14 @@ def test_a_setup_that_fails_leaves_no_temporary_folder(
 
 
 @pytest.mark.slow
-def test_an_unsandboxed_grade_says_so_in_every_report(toy, tmp_path: Path) -> None:
+def test_an_unsandboxed_grade_says_so_in_every_report(toy, tmp_path: Path, monkeypatch) -> None:
     from common.grading.grade import grade
     from common.grading.sandbox import UNSANDBOXED
 
     (tmp_path / "alice" / "toy").mkdir(parents=True)
     (tmp_path / "alice" / "toy" / "ops.py").write_text(reference_source(REFERENCE, "ops.py"))
-    (result,) = grade(toy, [tmp_path / "alice"], tmp_path / "out", gpus=[], sandboxed=False)
+    monkeypatch.chdir(tmp_path)  # relative paths, as a TA types them (`--out out`)
+    (result,) = grade(toy, [Path("alice")], Path("out"), gpus=[], sandboxed=False)
     assert result.score == 3
     assert json.loads((tmp_path / "out" / "alice" / "results.json").read_text())["output"].startswith(
         UNSANDBOXED

@@ -99,7 +99,8 @@ class GradingContext:
                     f"cannot sandbox submissions: {error}; or pass --no-sandbox to grade without isolation"
                 ) from None
         own_workdir = workdir is None
-        workdir = Path(workdir or tempfile.mkdtemp(prefix="effdl-grade-"))
+        # Absolute: the checker's pytest runs in the assignment's folder, and is given paths inside workdir.
+        workdir = Path(workdir or tempfile.mkdtemp(prefix="effdl-grade-")).resolve()
         try:
             (workdir / "runs").mkdir(parents=True, exist_ok=True)
             starter = build_src(assignment, workdir / "starter" / "src", starter_source)
