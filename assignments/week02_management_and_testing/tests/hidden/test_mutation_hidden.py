@@ -26,7 +26,7 @@ def test_your_tests_catch_the_bug(submission: Submission, bug: str) -> None:
         f"{planted.tail(correct.run)}"
     )
     bugged_tree = planted.with_students_tests(planted.reference_tree((bug,)), submission)
-    bugged = planted.run_suite(submission, bugged_tree, coverage=False)
+    bugged = planted.run_suite(submission, bugged_tree, coverage=False, must="failed")
     assert bugged.outcome == "failed", (
         f"your tests do not catch one of the starter's bugs: on a program with only that bug they {bugged.outcome}"
     )
