@@ -240,6 +240,15 @@ def cmd_bench_ddp(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_large_models(args: argparse.Namespace) -> int:
+    """Week 5: memory predictor, checkpointing, offloading and the Triton path of the Llama model on this GPU."""
+    from common.memory.benchmark import run_large_model_benchmarks
+
+    paths = run_large_model_benchmarks(results_dir(args.out), quick=args.quick)
+    print("\n".join(f"saved {path}" for path in paths))
+    return 0
+
+
 def cmd_wheelhouse(args: argparse.Namespace) -> int:
     """Download the wheels uv.lock pins for an offline Linux runner (a cluster's GPU node), sha256-checked."""
     from common import wheelhouse
@@ -468,6 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
     ddp.add_argument("--ranks", type=int, default=4, help="number of CPU ranks (default 4)")
     ddp.add_argument("--quick", action="store_true", help="a tiny model, to check that everything runs")
     ddp.add_argument("--out", help=OUT_HELP)
+    large = _add_command(
+        bench_sub, "large-models", cmd_bench_large_models, epilog="example:\n  effdl bench large-models"
+    )
+    large.add_argument("--quick", action="store_true", help="the toy model, to check that everything runs")
+    large.add_argument("--out", help=OUT_HELP)
 
     test = _add_command(
         sub,

@@ -12,6 +12,8 @@ What you will learn:
 - Host memory is large and cheap, but PCIe (or NVLink-C2C) is 10-100x slower than HBM: offloading pays
   only when each copy hides behind compute. So block i+1's weights are copied on a side CUDA stream while
   block i computes (prefetch), and the compute stream waits for the copy's event, not for the whole GPU.
+  Gradients travel back on a second side stream: PCIe carries both directions at once, and neither
+  direction's copies then wait in line behind compute.
 - Pinned (page-locked) host memory is what makes a host-to-device copy asynchronous: from pageable
   memory the driver first copies into a pinned staging buffer, and the copy blocks the host.
 - The caching allocator is stream-ordered: memory freed on a stream goes back to that stream's pool at
@@ -101,15 +103,15 @@ class ParameterOffload:
         self.prefetch = prefetch
         self.blocks: list[nn.Module] = [m for m in model.modules() if isinstance(m, Block)]
         on_cuda = self.device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
+        self.copy_stream = torch.cuda.Stream(self.device) if on_cuda else None  # weights, host to device
+        self.grad_stream = torch.cuda.Stream(self.device) if on_cuda else None  # gradients, device to host
         names = {p: name for name, p in model.named_parameters()}
         self.params: list[list[nn.Parameter]] = [list(b.parameters()) for b in self.blocks]
         self.masters: dict[str, torch.Tensor] = {}
         self._master: dict[nn.Parameter, torch.Tensor] = {}
-        self._staged: dict[nn.Parameter, torch.Tensor] = {}  # gradients on their way to the host
+        self._staged: dict[nn.Parameter, torch.Tensor] = {}  # this backward's gradients, on the host
         for p in (p for ps in self.params for p in ps):
             self._master[p] = self.masters[names[p]] = _host_copy(p, pin=on_cuda)
-            self._staged[p] = torch.empty_like(self._master[p], pin_memory=on_cuda)
             p.data = torch.empty(p.shape, dtype=p.dtype, device=self.device)
             p.untyped_storage().resize_(0)  # the parameter object stays; its device memory goes
         model.to(self.device)  # everything outside the blocks lives on the device
@@ -196,11 +198,24 @@ class ParameterOffload:
     def _post_grad(self, i: int, p: nn.Parameter) -> None:
         """Runs once p.grad holds p's gradient: send it to the host, free the block when all have come.
 
-        The copy is queued on the compute stream, behind the kernel that wrote the gradient, so the
-        gradient's memory is free for the next kernels once the host drops it. (On the copy stream it would
-        overlap compute, but its memory would have to wait for the copy: see the module docstring.)
+        The copy runs on a stream of its own, after the kernel that wrote the gradient, so it overlaps the
+        next blocks' backward (and the weight copies, which go the other way over PCIe). The gradient's
+        device memory must outlive the copy: record_stream makes the allocator hold it until the work
+        queued on grad_stream so far is done. That is the deferred free the module docstring warns about,
+        bounded here: at worst every block's gradient at once, the memory a plain model's gradients take.
+        The host buffer is pinned (so the copy is asynchronous) and comes from PyTorch's caching host
+        allocator, which hands a freed buffer out again once the copies that used it are done.
         """
-        self._staged[p].copy_(p.grad, non_blocking=True)
+        grad = p.grad
+        staged = torch.empty_like(self._master[p], pin_memory=self.grad_stream is not None)
+        if self.grad_stream is not None:
+            self.grad_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.grad_stream):
+                staged.copy_(grad, non_blocking=True)
+            grad.record_stream(self.grad_stream)
+        else:
+            staged.copy_(grad)
+        self._staged[p] = staged
         p.grad = None
         self._arrived.add(p)
         self._grads_pending[i] -= 1
@@ -210,13 +225,12 @@ class ParameterOffload:
     def _post_backward(self) -> None:
         """End of backward: wait for the gradient copies, then add them to the masters' gradients."""
         self._callback_queued = False
-        if self.copy_stream is not None:
-            torch.cuda.synchronize(
-                self.device
-            )  # note: a host-device sync, so the host can read the gradients
+        if self.grad_stream is not None:
+            torch.cuda.synchronize(self.device)  # a host-device sync: the host reads the gradients next
         for p in self._arrived:
-            master, staged = self._master[p], self._staged[p]
-            master.grad = staged.clone() if master.grad is None else master.grad.add_(staged)
+            master, staged = self._master[p], self._staged.pop(p)
+            # The first gradient is the host buffer itself: no copy of a model's worth of gradients.
+            master.grad = staged if master.grad is None else master.grad.add_(staged)
         self._arrived.clear()
         for i in range(len(self.blocks)):
             if self._ready[i] is not None:  # a block some of whose parameters got no gradient
@@ -484,7 +498,8 @@ def measure_offload(
     results = {}
     for variant in variants:
         torch.manual_seed(seed)
-        model = Llama(config).to(dtype=dtype)
+        with device:  # initialised on the device (seconds faster for 1B); offloading copies it to the host
+            model = Llama(config).to(dtype=dtype)
         offload = (
             apply_parameter_offload(model, device, prefetch=variant == "offload+prefetch")
             if variant.startswith("offload")
