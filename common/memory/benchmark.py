@@ -157,7 +157,10 @@ def _kernel_step(config: LlamaConfig, batch: int, seq: int, device: torch.device
     kernels.load_state_dict(plain.state_dict())
     tokens, targets = random_batch(config, batch, seq, device=device)
     with torch.no_grad():
-        losses = {"plain": plain.loss(tokens, targets).item(), "kernels": kernels.loss(tokens, targets).item()}
+        losses = {
+            "plain": plain.loss(tokens, targets).item(),
+            "kernels": kernels.loss(tokens, targets).item(),
+        }
     if abs(losses["kernels"] - losses["plain"]) > LOSS_RTOL * abs(losses["plain"]):
         raise AssertionError(f"the Triton path's loss differs from the plain path's: {losses}")
 
@@ -177,7 +180,12 @@ def _kernels(sizes: list, device: torch.device) -> dict[str, Any]:
         return {"skipped": "the Triton kernels run on a CUDA GPU only"}
     rows = {name: _kernel_step(config, batch, seq, device) for name, config, batch, seq in sizes}
     worst = min(row["comparison"].speedup for row in rows.values())
-    return {"models": rows, "goal": GOALS["kernels"], "worst_speedup": worst, "met": worst >= GOALS["kernels"]}
+    return {
+        "models": rows,
+        "goal": GOALS["kernels"],
+        "worst_speedup": worst,
+        "met": worst >= GOALS["kernels"],
+    }
 
 
 def _dtype(device: torch.device) -> torch.dtype:
@@ -233,7 +241,9 @@ def run_large_model_benchmarks(out_dir: Path, quick: bool = False) -> list[Path]
         print(f"running {name}{' (quick)' if quick else ''} ...", flush=True)
         records[name] = run()
         path = Path(out_dir) / f"large_models_{name}{'_quick' if quick else ''}.json"
-        paths.append(save_results({"benchmark": name, **records[name], "quick": quick, "environment": env}, path))
+        paths.append(
+            save_results({"benchmark": name, **records[name], "quick": quick, "environment": env}, path)
+        )
         _empty_cache(device)
     print(_summary(records))
     return paths
