@@ -91,7 +91,12 @@ from common.distributed.tensor_parallel import (
 from common.environment import environment
 from common.hardware import SPECS
 from common.memory.anatomy import measure_saved_activations, measure_step_memory, predict_step_memory
-from common.memory.checkpointing import OpCounter, apply_activation_checkpointing, measure_checkpointing
+from common.memory.checkpointing import (
+    OpCounter,
+    apply_activation_checkpointing,
+    measure_checkpointing,
+    saved_activation_bytes,
+)
 from common.memory.offload import (
     HostOptimizer,
     apply_parameter_offload,
@@ -179,7 +184,12 @@ TERMS = ("parameters", "gradients", "optimizer_states", "activations", "loss_buf
 show_table(
     ["model", *(t.replace("_", " ") + ", GB" for t in TERMS), "peak, GB", "peak comes"],
     [
-        (name, *(f"{getattr(m, t) / GB:.1f}" for t in TERMS), f"{m.peak / GB:.1f}", m.peak_phase.split(" (")[0])
+        (
+            name,
+            *(f"{getattr(m, t) / GB:.1f}" for t in TERMS),
+            f"{m.peak / GB:.1f}",
+            m.peak_phase.split(" (")[0],
+        )
         for name, m in predicted.items()
     ],
 )
@@ -189,7 +199,9 @@ for term in TERMS:
     values = np.array([getattr(m, term) / GB for m in predicted.values()])
     ax.bar(list(predicted), values, bottom=bottom, label=term.replace("_", " "))
     bottom += values
-ax.scatter(list(predicted), [m.peak / GB for m in predicted.values()], color="k", marker="_", s=400, label="peak")
+ax.scatter(
+    list(predicted), [m.peak / GB for m in predicted.values()], color="k", marker="_", s=400, label="peak"
+)
 ax.axhline(HBM_H200 / GB, color="r", linestyle="--", label="H200, 141 GB")
 ax.set_yscale("log")
 ax.set_ylabel("GB (log scale)")
@@ -199,13 +211,14 @@ plt.show()
 fits = [name for name, m in predicted.items() if m.peak <= HBM_H200]
 print(f"fit on one H200 by the prediction: {', '.join(fits)}")
 states_7b = predicted["7b"].parameters + predicted["7b"].gradients + predicted["7b"].optimizer_states
-print(f"7b: weights, gradients and AdamW states {states_7b / GB:.0f} GB, {states_7b / HBM_H200:.0%} of an H200")
+print(
+    f"7b: weights, gradients and AdamW states {states_7b / GB:.0f} GB, {states_7b / HBM_H200:.0%} of an H200"
+)
 assert predicted["1b"].peak < HBM_H200 < predicted["7b"].peak, "the 1B model fits one H200, the 7B does not"
 assert states_7b > HBM_H200 / 2, "...and the 7B model's states take more than half of it before any token"
 assert all(m.activations == max(getattr(m, t) for t in TERMS) for m in predicted.values()), "the largest term"
-RESULTS["anatomy"] = (
-    f"predicted peak at {BATCH}x{SEQ}: "
-    + ", ".join(f"{name} {m.peak / GB:.0f} GB" for name, m in predicted.items())
+RESULTS["anatomy"] = f"predicted peak at {BATCH}x{SEQ}: " + ", ".join(
+    f"{name} {m.peak / GB:.0f} GB" for name, m in predicted.items()
 )
 
 # %% [markdown]
@@ -253,7 +266,7 @@ assert abs(cpu_measured.peak / cpu_predicted.peak - 1) < 0.10, "the peak predict
 #   recomputes only the cheap elementwise ops (norms, rotary, SiLU).
 #
 # On the toy model, below: the same gradients in all three modes; the bytes held for the backward
-# (`measure_checkpointing` counts the live storages the forward leaves); and, with `OpCounter`, the
+# (`saved_activation_bytes` counts the storages a forward leaves alive, the logits included); and, with `OpCounter`, the
 # matmuls each mode runs in a forward and backward. The cell checks that selective runs not one matmul more
 # than no checkpointing, and full runs more.
 
@@ -261,33 +274,29 @@ assert abs(cpu_measured.peak / cpu_predicted.peak - 1) < 0.10, "the peak predict
 tokens, targets = random_batch(toy, toy_batch, toy_seq)
 
 
-def gradients_and_matmuls(mode: str) -> tuple[dict[str, torch.Tensor], int]:
-    """One forward and backward of the seeded toy model under a checkpointing mode: its gradients, matmuls."""
+def checkpointed(mode: str) -> tuple[dict[str, torch.Tensor], int, int]:
+    """The seeded toy model under a checkpointing mode: its gradients, its matmuls, the bytes it holds."""
     torch.manual_seed(0)
     model = Llama(toy)
     if mode != "none":
         apply_activation_checkpointing(model, mode)
+    held = saved_activation_bytes(model, tokens)  # what a forward leaves alive for the backward
     with OpCounter() as ops:
         model.loss(tokens, targets).backward()
     # A checkpointed block's parameters are named layers.i.block.*: drop "block." to compare by name.
-    return {n.replace(".block.", "."): p.grad for n, p in model.named_parameters()}, ops.matmuls
+    return {n.replace(".block.", "."): p.grad for n, p in model.named_parameters()}, ops.matmuls, held
 
 
 modes = ("none", "selective", "full")
-runs = {mode: gradients_and_matmuls(mode) for mode in modes}
-checkpointing_cpu = measure_checkpointing(toy, toy_batch, toy_seq, device="cpu", dtype=torch.float32, cache="warm", warmup_ms=0, min_reps=3, rep_ms=0)
+runs = {mode: checkpointed(mode) for mode in modes}
 show_table(
-    ["mode", "held for backward, MB", "matmuls in forward + backward", "step on this CPU, ms"],
-    [
-        (mode, f"{checkpointing_cpu[mode].saved_activation_bytes / 1e6:.2f}", runs[mode][1],
-         f"{checkpointing_cpu[mode].step_ms:.1f}")
-        for mode in modes
-    ],
-)  # fmt: skip
+    ["mode", "held for backward, MB", "matmuls in forward + backward"],
+    [(mode, f"{runs[mode][2] / 1e6:.2f}", runs[mode][1]) for mode in modes],
+)
 for mode in ("selective", "full"):
     grads = runs[mode][0]
     assert all(torch.allclose(grads[n], g, rtol=1e-5, atol=1e-7) for n, g in runs["none"][0].items()), mode
-held = {mode: checkpointing_cpu[mode].saved_activation_bytes for mode in modes}
+held = {mode: runs[mode][2] for mode in modes}
 assert held["full"] < held["selective"] < held["none"], "each mode keeps less than the one before"
 assert runs["selective"][1] == runs["none"][1], "selective checkpointing re-runs no matmul"
 assert runs["full"][1] > runs["none"][1], "full checkpointing re-runs every block's matmuls"
@@ -303,7 +312,7 @@ assert full_1b.activations < predicted["1b"].activations / 4
 
 # %% [markdown]
 # The three modes give the same gradients (to fp32 rounding: the assert's tolerance), and hold less in that
-# order. The CPU's step times are printed but not compared: on a CPU the elementwise ops that selective
+# order. What they cost in time is not measured here: on a CPU the elementwise ops that selective
 # checkpointing recomputes are not cheap next to the matmuls, as they are on a GPU, and a shared CI machine
 # cannot hold timing claims. Section 8 measures the time each mode adds on the 1B model on a GPU.
 #
@@ -367,7 +376,9 @@ print(f"AdamW's states are {optimizer_share:.0%} of the 1B model's predicted pea
 # the collectives each rank calls, to compare with section 7's formulas.
 
 # %%
-PCONFIG = LlamaConfig(vocab_size=128, d_model=64, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=128, max_seq_len=64)
+PCONFIG = LlamaConfig(
+    vocab_size=128, d_model=64, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=128, max_seq_len=64
+)
 PBATCH, PSEQ = 4, 32  # heads, kv heads, d_ff and the sequence divide by 4 ranks; 4 layers for 4 stages
 TOLERANCE = 1e-5  # relative to each tensor's largest entry: sums reordered across ranks, in fp32
 VARIANTS = ("tp", "tp_sp", "dtensor", "dtensor_sp", "ulysses")
@@ -450,7 +461,12 @@ def parallel_step(variant: str) -> dict:
     block_weights = sum(
         p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.layers.parameters()
     )
-    return {"loss": loss.item(), "grads": full_gradients(model), "counts": counts, "block_weights": block_weights}
+    return {
+        "loss": loss.item(),
+        "grads": full_gradients(model),
+        "counts": counts,
+        "block_weights": block_weights,
+    }
 
 
 def all_variants() -> dict[str, dict]:
@@ -458,7 +474,11 @@ def all_variants() -> dict[str, dict]:
 
 
 def relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float("inf") if got.shape != expected.shape else ((got - expected).abs().max() / expected.abs().max()).item()
+    return (
+        float("inf")
+        if got.shape != expected.shape
+        else ((got - expected).abs().max() / expected.abs().max()).item()
+    )
 
 
 reference = fresh_model()
@@ -515,7 +535,9 @@ P_STAGES, MICRO = NPROCS, 8
 simulated = {name: simulate(schedule, P_STAGES, MICRO) for name, schedule in SCHEDULES.items()}
 for name, timeline in simulated.items():
     display(plot_timeline(timeline, f"{name}, simulated: {P_STAGES} stages, {MICRO} micro-batches"))
-in_flight = {name: activations_in_flight(schedule(P_STAGES, MICRO, 0)) for name, schedule in SCHEDULES.items()}
+in_flight = {
+    name: activations_in_flight(schedule(P_STAGES, MICRO, 0)) for name, schedule in SCHEDULES.items()
+}
 show_table(
     ["schedule", "bubble (simulated)", "(p-1)/(m+p-1)", "micro-batches held by stage 0"],
     [
@@ -564,7 +586,9 @@ for name in SCHEDULES:
     print(f"{name}: worst gradient {worst:.1e} (relative); micro-batches held per stage {held}")
     display(plot_timeline(Timeline([stages[r][name]["spans"] for r in stages]), f"{name}, measured on gloo"))
     assert held[0] == (MICRO if name == "gpipe" else NPROCS)
-RESULTS["pipeline"] = f"GPipe and 1F1B on {NPROCS} stages, {MICRO} micro-batches: the single process's gradients"
+RESULTS["pipeline"] = (
+    f"GPipe and 1F1B on {NPROCS} stages, {MICRO} micro-batches: the single process's gradients"
+)
 
 # %% [markdown]
 # ## 7. What each scheme sends, and what it would cost on a cluster
@@ -586,7 +610,9 @@ for variant, scheme in (("tp", "tp"), ("tp_sp", "tp_sp"), ("ulysses", "ulysses")
          or scheme != "ulysses"],
     )  # fmt: skip
     for c in formula:
-        if scheme == "ulysses" and c.kind == "all_reduce":  # in DDP's buckets: compare the bytes they add up to
+        if (
+            scheme == "ulysses" and c.kind == "all_reduce"
+        ):  # in DDP's buckets: compare the bytes they add up to
             bucketed = sum(n * k for (kind, n), k in counted.items() if kind == "all_reduce")
             assert bucketed == c.nbytes, (bucketed, c.nbytes)
         else:
@@ -621,13 +647,20 @@ for name, config in (("7b", LLAMA_7B), ("70b", LLAMA_70B)):
     rows.append((name, f"pipeline ({MICRO} micro-batches)", f"{2 * boundary / GB:.2f}", f"{seconds * 1e3:.1f}",
                  f"{compute_s * 1e3:.0f}", f"{seconds / compute_s:.0%}"))  # fmt: skip
 show_table(
-    ["model", "scheme on 8 GPUs", "GB sent per rank", "comm., ms", "compute at 40% of peak, ms", "comm./compute"],
+    [
+        "model",
+        "scheme on 8 GPUs",
+        "GB sent per rank",
+        "comm., ms",
+        "compute at 40% of peak, ms",
+        "comm./compute",
+    ],
     rows,
 )
 for name in ("7b", "70b"):
     assert at_scale[(name, "pipeline")] < at_scale[(name, "tp")], "pipeline stages send far less than TP"
-RESULTS["at scale"] = (
-    "8 GPUs on NVLink (model): " + ", ".join(f"{n} {s} {t * 1e3:.0f} ms" for (n, s), t in at_scale.items())
+RESULTS["at scale"] = "8 GPUs on NVLink (model): " + ", ".join(
+    f"{n} {s} {t * 1e3:.0f} ms" for (n, s), t in at_scale.items()
 )
 
 # %% [markdown]
@@ -646,20 +679,26 @@ RESULTS["at scale"] = (
 # sizes are chosen so that every model fits in its memory with room to spare: the 1B model with AdamW at
 # 8 x 2048 tokens is predicted at the peak printed in section 1, well under 141 GB.
 #
-# **8.1 The memory predictor against CUDA's allocator.** For the 125M, 350M and 1B models (toy sizes in
-# small mode): one AdamW step with fp32 weights under bf16 autocast, its peak from
+# **8.1 The memory predictor against CUDA's allocator.** For the 125M, 350M and 1B models at 8 x 2048
+# tokens (in small mode, the 125M model at 2 x 512: large enough that what the predictor leaves out, such
+# as cuBLAS's workspace, stays a small part of the peak): one AdamW step with fp32 weights under bf16 autocast, its peak from
 # `torch.cuda.max_memory_allocated`, against `predict_step_memory` with "flash" attention (what SDPA picks
 # for bf16). The assert checks that every prediction is within 10% of the measured peak.
 
 # %%
+SMALL_GPU = (CONFIGS["125m"], 2, 512)  # the size of every GPU cell in small mode
 if DEVICE == "cuda":
-    gpu_sizes = {"toy": (toy, 2, 64)} if SMALL else {n: (CONFIGS[n], BATCH, SEQ) for n in ("125m", "350m", "1b")}
-    measured_peaks = {}
+    gpu_sizes = (
+        {"125m": SMALL_GPU} if SMALL else {n: (CONFIGS[n], BATCH, SEQ) for n in ("125m", "350m", "1b")}
+    )
+    measured_peaks = {}  # name -> (predicted, measured) peak in bytes
     for name, (config, batch, seq) in gpu_sizes.items():
         torch.manual_seed(0)
         model = Llama(config).to(DEVICE)
         step = measure_step_memory(model, batch, seq, compute_dtype=torch.bfloat16)
-        prediction = predict_step_memory(config, batch, seq, param_dtype=torch.float32, compute_dtype=torch.bfloat16)
+        prediction = predict_step_memory(
+            config, batch, seq, param_dtype=torch.float32, compute_dtype=torch.bfloat16
+        )
         measured_peaks[name] = (prediction.peak, step.peak)
         del model
         torch.cuda.empty_cache()
@@ -676,19 +715,21 @@ if DEVICE == "cuda":
     ax.legend()
     plt.show()
     assert all(abs(m / p - 1) <= 0.10 for p, m in measured_peaks.values()), "predicted within 10% of measured"
-    RESULTS["predictor on the GPU"] = ", ".join(f"{n} {m / p - 1:+.1%}" for n, (p, m) in measured_peaks.items())
+    RESULTS["predictor on the GPU"] = ", ".join(
+        f"{n} {m / p - 1:+.1%}" for n, (p, m) in measured_peaks.items()
+    )
 
 # %% [markdown]
 # **8.2 Checkpointing: memory saved against time added.** `measure_checkpointing` times a forward and
-# backward of the 1B model in bf16 (8 x 2048 tokens; the toy model in small mode) in each mode with
+# backward of the 1B model in bf16 (8 x 2048 tokens; the 125M model at 2 x 512 in small mode) in each mode with
 # `common.bench`, and reports the step's peak memory above the model. The asserts check the bounds this
 # week sets: full checkpointing adds at most 35% to the step time and selective at most 15%, and each mode
-# holds less memory at its peak than the one before. (They are checked at full size only: a toy model's
-# step is too short for its time to be anything but launch overhead.)
+# holds less memory at its peak than the one before. (The times are checked at full size only: a small
+# model's step is too short for its time to be set by its FLOPs rather than by kernel launches.)
 
 # %%
 if DEVICE == "cuda":
-    config, batch, seq = (toy, 2, 64) if SMALL else (CONFIGS["1b"], BATCH, SEQ)
+    config, batch, seq = SMALL_GPU if SMALL else (CONFIGS["1b"], BATCH, SEQ)
     checkpointing_gpu = measure_checkpointing(config, batch, seq, device=DEVICE, dtype=torch.bfloat16)
     base = checkpointing_gpu["none"]
     show_table(
@@ -713,18 +754,22 @@ if DEVICE == "cuda":
 
 # %% [markdown]
 # **8.3 Offloading: throughput, and a trace of copies against compute.** `measure_offload` times the
-# forward and backward of the 1B model in bf16, with 16 x 2048 tokens (the toy model in small mode), with
+# forward and backward of the 1B model in bf16, with 16 x 2048 tokens (the 125M model at 2 x 512 in small
+# mode), with
 # its block weights on the GPU, offloaded without prefetch, and offloaded with prefetch. The batch is large
 # on purpose: offloading pays only when each block's copy can hide behind that block's compute, and the
 # compute grows with the tokens while the copies do not. The assert checks, at full size, that offloading
-# with prefetch keeps at least 70% of the no-offload throughput. (Activation offloading,
+# with prefetch keeps at least 70% of the no-offload throughput, and that its peak device memory (the
+# model's resident part included) is below the plain model's. (Activation offloading,
 # `offload_activations`, is left out of the timing: at this batch it would pin tens of GB of host memory
 # per step.)
 
 # %%
 if DEVICE == "cuda":
-    config, batch, seq = (toy, 2, 64) if SMALL else (CONFIGS["1b"], 16, SEQ)
-    offload_gpu = measure_offload(config, batch, seq, variants=("none", "offload", "offload+prefetch"), device=DEVICE)
+    config, batch, seq = SMALL_GPU if SMALL else (CONFIGS["1b"], 16, SEQ)
+    offload_gpu = measure_offload(
+        config, batch, seq, variants=("none", "offload", "offload+prefetch"), device=DEVICE
+    )
     show_table(
         ["variant", "step, ms", "tokens/s", "of no offload", "peak device memory, GB"],
         [
@@ -747,7 +792,7 @@ if DEVICE == "cuda":
 
 # %%
 if DEVICE == "cuda":
-    config, batch, seq = (toy, 2, 64) if SMALL else (CONFIGS["1b"], 16, SEQ)
+    config, batch, seq = SMALL_GPU if SMALL else (CONFIGS["1b"], 16, SEQ)
     inputs, labels = random_batch(config, batch, seq, device=DEVICE)
     overlaps = {}
     fig, axes = plt.subplots(2, 1, figsize=(10, 3.5), sharex=False)
@@ -765,7 +810,11 @@ if DEVICE == "cuda":
         trace = WORK / f"offload_prefetch_{prefetch}.json"
         overlaps[prefetch] = record_timeline(step, trace_path=trace, steps=3)
         print(f"prefetch={prefetch}: {overlaps[prefetch]}; trace: {trace.relative_to(REPO_ROOT)}")
-        events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy")]
+        events = [
+            e
+            for e in json.loads(trace.read_text())["traceEvents"]
+            if e.get("cat") in ("kernel", "gpu_memcpy")
+        ]
         steps = sorted(e["ts"] for e in events)
         first = steps[0]
         window = overlaps[prefetch].span_ms * 1e3 / 3  # about one step, in µs
@@ -775,7 +824,9 @@ if DEVICE == "cuda":
                 ax.broken_barh([((e["ts"] - first) / 1e3, e["dur"] / 1e3)], (row - 0.4, 0.8),
                                color="tab:orange" if row else "tab:blue")  # fmt: skip
         ax.set_yticks([0, 1], ["compute", "copies"])
-        ax.set_title(f"prefetch={prefetch}: {overlaps[prefetch].hidden:.0%} of copy time hidden behind compute")
+        ax.set_title(
+            f"prefetch={prefetch}: {overlaps[prefetch].hidden:.0%} of copy time hidden behind compute"
+        )
         offload.remove()
         del model, offload, params, step
         torch.cuda.empty_cache()
@@ -783,7 +834,9 @@ if DEVICE == "cuda":
     fig.tight_layout()
     plt.show()
     assert overlaps[True].hidden > overlaps[False].hidden, "prefetch hides more of the copies"
-    RESULTS["offload trace"] = ", ".join(f"prefetch={k}: {v.hidden:.0%} of copy time hidden" for k, v in overlaps.items())
+    RESULTS["offload trace"] = ", ".join(
+        f"prefetch={k}: {v.hidden:.0%} of copy time hidden" for k, v in overlaps.items()
+    )
 
 # %% [markdown]
 # ## Summary
