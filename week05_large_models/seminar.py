@@ -122,10 +122,11 @@ RESULTS: dict[str, str] = {}  # one line per key result; the summary cell at the
 # Profiler traces go to build/ (ignored by git), printed relative to the repository.
 WORK = REPO_ROOT / "build" / "week05_large_models"
 WORK.mkdir(parents=True, exist_ok=True)
-machine = environment(DEVICE)
+machine = environment("cpu")  # not the GPU's yet: asking CUDA about it would initialize CUDA (see above)
 print(
-    f"sizes: {'small' if SMALL else 'full'}; {NPROCS} ranks on {BACKEND}; section 8 on {DEVICE}"
-    f"{' (' + str(machine.get('gpu')) + ')' if DEVICE == 'cuda' else ' (skipped)'}; torch {torch.__version__}"
+    f"sizes: {'small' if SMALL else 'full'}; {NPROCS} ranks on {BACKEND}; CPU: {machine['cpu']}, "
+    f"{os.cpu_count()} cores; section 8 {'on the GPU' if DEVICE == 'cuda' else 'skipped (no GPU)'}; "
+    f"torch {torch.__version__}"
 )
 
 # %% [markdown]
@@ -486,6 +487,7 @@ reference_loss = reference.loss(*parallel_batch())
 reference_loss.backward()
 reference_grads = {n: p.grad for n, p in reference.named_parameters()}
 start = time.perf_counter()
+assert not torch.cuda.is_initialized(), "launch forks its ranks: nothing above may have used CUDA"
 parallel = launch(all_variants, NPROCS, backend=BACKEND, timeout_s=600)
 print(f"{len(VARIANTS)} variants on {NPROCS} ranks: {time.perf_counter() - start:.1f} s")
 rows = []
@@ -688,6 +690,8 @@ RESULTS["at scale"] = "8 GPUs on NVLink (model): " + ", ".join(
 # %%
 SMALL_GPU = (CONFIGS["125m"], 2, 512)  # the size of every GPU cell in small mode
 if DEVICE == "cuda":
+    gpu = environment(DEVICE)
+    print(f"GPU: {gpu['gpu']}, {gpu['memory_bytes'] / GB:.0f} GB")
     gpu_sizes = (
         {"125m": SMALL_GPU} if SMALL else {n: (CONFIGS[n], BATCH, SEQ) for n in ("125m", "350m", "1b")}
     )
