@@ -172,8 +172,9 @@ assert 6.5e9 < count_parameters(LLAMA_7B) < 7e9 and 68e9 < count_parameters(LLAM
 # backward on, and activations are freed as the backward walks down the blocks, so the predictor also says
 # *when* in the step the peak comes.
 #
-# Below: a batch of 8 sequences of 2048 tokens, for every size. The table gives the terms, the chart stacks
-# the ones that are alive together. H200's memory, 141 GB (NVIDIA H200 datasheet), is drawn as a line.
+# Below: a batch of 8 sequences of 2048 tokens, for every size. The table gives the terms and the peak, the
+# chart draws them side by side (on a log scale: the sizes span more than three orders of magnitude).
+# H200's memory, 141 GB (NVIDIA H200 datasheet), is drawn as a line.
 
 # %%
 BATCH, SEQ = 8, 2048
@@ -195,16 +196,19 @@ show_table(
         for name, m in predicted.items()
     ],
 )
-fig, ax = plt.subplots(figsize=(8, 3.5))
-bottom = np.zeros(len(predicted))
-for term in TERMS:
-    values = np.array([getattr(m, term) / GB for m in predicted.values()])
-    ax.bar(list(predicted), values, bottom=bottom, label=term.replace("_", " "))
-    bottom += values
-ax.scatter(
-    list(predicted), [m.peak / GB for m in predicted.values()], color="k", marker="_", s=400, label="peak"
-)
+fig, ax = plt.subplots(figsize=(9, 3.5))
+x, width = np.arange(len(predicted)), 0.14
+for k, term in enumerate((*TERMS, "peak")):  # side by side, not stacked: the peak is not their sum
+    values = [getattr(m, term) / GB for m in predicted.values()]
+    ax.bar(
+        x + (k - 2.5) * width,
+        values,
+        width,
+        label=term.replace("_", " "),
+        color="k" if term == "peak" else None,
+    )
 ax.axhline(HBM_H200 / GB, color="r", linestyle="--", label="H200, 141 GB")
+ax.set_xticks(x, list(predicted))
 ax.set_yscale("log")
 ax.set_ylabel("GB (log scale)")
 ax.set_title(f"Predicted memory of one AdamW step, batch {BATCH} x {SEQ} tokens, fp32 weights, bf16 autocast")
