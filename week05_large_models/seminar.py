@@ -275,9 +275,9 @@ assert abs(cpu_measured.peak / cpu_predicted.peak - 1) < 0.10, "the peak predict
 #   recomputes only the cheap elementwise ops (norms, rotary, SiLU).
 #
 # On the toy model, below: the same gradients in all three modes; the bytes held for the backward
-# (`saved_activation_bytes` counts the storages a forward leaves alive, the logits included); and, with `OpCounter`, the
-# matmuls each mode runs in a forward and backward. The cell checks that selective runs not one matmul more
-# than no checkpointing, and full runs more.
+# (`saved_activation_bytes` counts the storages a forward leaves alive, the logits included); and, with
+# `OpCounter`, the matmuls each mode runs in a forward and backward. The cell checks that selective runs
+# not one matmul more than no checkpointing, and full runs more.
 
 # %%
 tokens, targets = random_batch(toy, toy_batch, toy_seq)
@@ -327,9 +327,9 @@ assert full_1b.activations < predicted["1b"].activations / 4
 # ## 3. Offloading
 #
 # Host memory is larger than the GPU's, and slower to reach: PCIe 5.0 x16 is specified at 64 GB/s each way,
-# where the H200's HBM moves 4.8 TB/s (its datasheet). `apply_parameter_offload` keeps every block's weights in (pinned) host memory and copies a
-# block in just before its forward and again before its backward; with **prefetch**, block i+1's copy runs
-# on a side stream while block i computes. `HostOptimizer` keeps AdamW's states on the host and steps there.
+# where the H200's HBM moves 4.8 TB/s (its datasheet). `apply_parameter_offload` keeps every block's
+# weights in (pinned) host memory and copies a block in just before its forward and again before its
+# backward; with **prefetch**, block i+1's copy runs on a side stream while block i computes. `HostOptimizer` keeps AdamW's states on the host and steps there.
 # `offload_activations` sends the tensors saved for backward to the host and brings them back when the
 # backward needs them.
 #
@@ -616,13 +616,14 @@ for variant, scheme in (("tp", "tp"), ("tp_sp", "tp_sp"), ("ulysses", "ulysses")
     formula = communication_volume(scheme, PCONFIG, PBATCH, PSEQ, NPROCS)
     show_table(
         [f"{variant}: collective", "message bytes", "calls (formula)", "calls (counted on rank 0)"],
-        [(c.kind, c.nbytes, c.calls, counted.get((c.kind, c.nbytes), 0)) for c in formula if c.kind != "all_reduce"
-         or scheme != "ulysses"],
-    )  # fmt: skip
+        [
+            (c.kind, c.nbytes, c.calls, counted.get((c.kind, c.nbytes), 0))
+            for c in formula
+            if not (scheme == "ulysses" and c.kind == "all_reduce")  # checked by its total below
+        ],
+    )
     for c in formula:
-        if (
-            scheme == "ulysses" and c.kind == "all_reduce"
-        ):  # in DDP's buckets: compare the bytes they add up to
+        if scheme == "ulysses" and c.kind == "all_reduce":  # in DDP's buckets: compare what they add up to
             bucketed = sum(n * k for (kind, n), k in counted.items() if kind == "all_reduce")
             assert bucketed == c.nbytes, (bucketed, c.nbytes)
         else:
@@ -692,9 +693,10 @@ RESULTS["at scale"] = "8 GPUs on NVLink (model): " + ", ".join(
 #
 # **8.1 The memory predictor against CUDA's allocator.** For the 125M, 350M and 1B models at 8 x 2048
 # tokens (in small mode, the 125M model at 2 x 512: large enough that what the predictor leaves out, such
-# as cuBLAS's workspace, stays a small part of the peak): one AdamW step with fp32 weights under bf16 autocast, its peak from
-# `torch.cuda.max_memory_allocated`, against `predict_step_memory` with "flash" attention (what SDPA picks
-# for bf16). The assert checks that every prediction is within 10% of the measured peak.
+# as cuBLAS's workspace, stays a small part of the peak): one AdamW step with fp32 weights under bf16
+# autocast, its peak from `torch.cuda.max_memory_allocated`, against `predict_step_memory` with "flash"
+# attention (what SDPA picks for bf16). The assert checks that every prediction is within 10% of the
+# measured peak.
 
 # %%
 SMALL_GPU = (CONFIGS["125m"], 2, 512)  # the size of every GPU cell in small mode
@@ -734,8 +736,8 @@ if DEVICE == "cuda":
 
 # %% [markdown]
 # **8.2 Checkpointing: memory saved against time added.** `measure_checkpointing` times a forward and
-# backward of the 1B model in bf16 (8 x 2048 tokens; the 125M model at 2 x 512 in small mode) in each mode with
-# `common.bench`, and reports the step's peak memory above the model. The asserts check the bounds this
+# backward of the 1B model in bf16 (8 x 2048 tokens; the 125M model at 2 x 512 in small mode) in each
+# mode with `common.bench`, and reports the step's peak memory above the model. The asserts check the bounds this
 # week sets: full checkpointing adds at most 35% to the step time and selective at most 15%, and each mode
 # holds less memory at its peak than the one before. (The times are checked at full size only: a small
 # model's step is too short for its time to be set by its FLOPs rather than by kernel launches.)
