@@ -329,9 +329,9 @@ assert full_1b.activations < predicted["1b"].activations / 4
 # Host memory is larger than the GPU's, and slower to reach: PCIe 5.0 x16 is specified at 64 GB/s each way,
 # where the H200's HBM moves 4.8 TB/s (its datasheet). `apply_parameter_offload` keeps every block's
 # weights in (pinned) host memory and copies a block in just before its forward and again before its
-# backward; with **prefetch**, block i+1's copy runs on a side stream while block i computes. `HostOptimizer` keeps AdamW's states on the host and steps there.
-# `offload_activations` sends the tensors saved for backward to the host and brings them back when the
-# backward needs them.
+# backward; with **prefetch**, block i+1's copy runs on a side stream while block i computes.
+# `HostOptimizer` keeps AdamW's states on the host and steps there. `offload_activations` sends the tensors
+# saved for backward to the host and brings them back when the backward needs them.
 #
 # Every one of them also runs with device "cpu" (each copy a plain copy), which is how we check here that
 # none changes the result: one AdamW step with offloaded weights, the optimizer on the host, and activations
@@ -737,9 +737,9 @@ if DEVICE == "cuda":
 # %% [markdown]
 # **8.2 Checkpointing: memory saved against time added.** `measure_checkpointing` times a forward and
 # backward of the 1B model in bf16 (8 x 2048 tokens; the 125M model at 2 x 512 in small mode) in each
-# mode with `common.bench`, and reports the step's peak memory above the model. The asserts check the bounds this
-# week sets: full checkpointing adds at most 35% to the step time and selective at most 15%, and each mode
-# holds less memory at its peak than the one before. (The times are checked at full size only: a small
+# mode with `common.bench`, and reports the step's peak memory above the model. The asserts check the
+# bounds this week sets: full checkpointing adds at most 35% to the step time and selective at most 15%,
+# and each mode holds less memory at its peak than the one before. (The times are checked at full size only: a small
 # model's step is too short for its time to be set by its FLOPs rather than by kernel launches.)
 
 # %%
