@@ -739,8 +739,8 @@ if DEVICE == "cuda":
 # backward of the 1B model in bf16 (8 x 2048 tokens; the 125M model at 2 x 512 in small mode) in each
 # mode with `common.bench`, and reports the step's peak memory above the model. The asserts check the
 # bounds this week sets: full checkpointing adds at most 35% to the step time and selective at most 15%,
-# and each mode holds less memory at its peak than the one before. (The times are checked at full size only: a small
-# model's step is too short for its time to be set by its FLOPs rather than by kernel launches.)
+# and each mode holds less memory at its peak than the one before. (The times are checked at full size
+# only, on the ~1B model the bounds are set for.)
 
 # %%
 if DEVICE == "cuda":
