@@ -836,18 +836,18 @@ if DEVICE == "cuda":
         trace = WORK / f"offload_prefetch_{prefetch}.json"
         overlaps[prefetch] = record_timeline(step, trace_path=trace, steps=3)
         print(f"prefetch={prefetch}: {overlaps[prefetch]}; trace: {trace.relative_to(REPO_ROOT)}")
+        # The Chrome trace's GPU activity: "kernel" (compute) and "gpu_memcpy" events, ts and dur in µs.
         events = [
-            e
+            (e["cat"], float(e["ts"]), float(e.get("dur", 0)))
             for e in json.loads(trace.read_text())["traceEvents"]
-            if e.get("cat") in ("kernel", "gpu_memcpy")
+            if e.get("cat") in ("kernel", "gpu_memcpy") and "ts" in e
         ]
-        steps = sorted(e["ts"] for e in events)
-        first = steps[0]
-        window = overlaps[prefetch].span_ms * 1e3 / 3  # about one step, in µs
-        for e in events:
-            if e["ts"] - first <= window:
-                row = 1 if e["cat"] == "gpu_memcpy" else 0
-                ax.broken_barh([((e["ts"] - first) / 1e3, e["dur"] / 1e3)], (row - 0.4, 0.8),
+        first = min(ts for _, ts, _ in events)
+        window = overlaps[prefetch].span_ms * 1e3 / 3  # about one of the three steps, in µs
+        for cat, ts, dur in events:
+            if ts - first <= window:
+                row = 1 if cat == "gpu_memcpy" else 0
+                ax.broken_barh([((ts - first) / 1e3, dur / 1e3)], (row - 0.4, 0.8),
                                color="tab:orange" if row else "tab:blue")  # fmt: skip
         ax.set_yticks([0, 1], ["compute", "copies"])
         ax.set_title(
