@@ -14,8 +14,8 @@
 #
 # A model trained with AdamW in fp32 needs 16 bytes per parameter for its weights, gradients and AdamW's two
 # states, about 17 GB for 1B parameters (section 1's table), and its activations grow with every token of
-# the batch. This seminar first asks where a training step's memory
-# goes, then tries the three ways to make it fit on one GPU, and then cuts the model over several:
+# the batch. This seminar first asks where a training step's memory goes, then tries the ways to make it
+# fit on one GPU, and then cuts the model over several:
 #
 # 1. **Memory anatomy**: parameters, gradients, optimizer states and activations, predicted term by term for
 #    several model sizes by `common.memory.anatomy`, and checked against what a step really holds.
