@@ -3,10 +3,13 @@
 - Where there is no CUDA GPU, `gpu` tests are skipped, so the CPU suite runs anywhere.
 - `pytest -m gpu` is how a TA checks a GPU runner, so there "all skipped" would be a false green: a run that
   selects only GPU tests on a machine without one stops at once with one line saying so.
+- Under xdist, each worker gets its share of the cores for torch's intra-op threads: by default every worker
+  would take all of them, and on CI's two cores two workers of two threads each made tiny ops far slower.
 """
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -29,6 +32,8 @@ def selects_only_gpu_tests(markexpr: str) -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):  # an xdist worker: the controller has checked already
+        workers = int(config.workerinput.get("workercount", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
         return
     if selects_only_gpu_tests(config.option.markexpr) and not torch.cuda.is_available():
         raise pytest.UsageError(

@@ -43,7 +43,7 @@ from torch.utils.checkpoint import (
 )
 
 from common.bench import BenchResult, bench
-from common.models.llama import Block, Llama, LlamaConfig
+from common.models.llama import Block, Llama, LlamaConfig, random_batch
 
 __all__ = [
     "MODES",
@@ -252,10 +252,7 @@ def measure_checkpointing(
         if device is not None
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    tokens = torch.randint(
-        0, config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(seed)
-    )
-    inputs, targets = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+    inputs, targets = random_batch(config, batch, seq_len, seed=seed, device=device)
     results = {}
     for mode in modes:
         torch.manual_seed(seed)

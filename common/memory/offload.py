@@ -47,7 +47,7 @@ from torch import nn
 
 from common.bench import BenchResult, bench
 from common.memory.checkpointing import CheckpointedBlock
-from common.models.llama import Block, Llama, LlamaConfig
+from common.models.llama import Block, Llama, LlamaConfig, random_batch
 from common.profiling import profile_steps
 
 __all__ = [
@@ -481,10 +481,7 @@ def measure_offload(
         if v not in OFFLOAD_VARIANTS:
             raise ValueError(f"variant={v!r} is not one of {', '.join(repr(x) for x in OFFLOAD_VARIANTS)}")
     device = _resolve(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokens = torch.randint(
-        0, config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(seed)
-    )
-    inputs, targets = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+    inputs, targets = random_batch(config, batch, seq_len, seed=seed, device=device)
     results = {}
     for variant in variants:
         torch.manual_seed(seed)

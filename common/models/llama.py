@@ -6,7 +6,7 @@
     loss = model.loss(tokens, targets)      # scalar mean cross-entropy
 
 What you will learn, reading top to bottom: what Llama changed in the GPT-2 block and why each change is
-cheap. RMSNorm instead of LayerNorm (no mean, no bias: one reduction per row); rotary position embeddings
+cheap. RMSNorm instead of LayerNorm (no mean subtracted, no bias: one reduction per row); rotary position embeddings
 (positions enter as a rotation of queries and keys, so scores depend on relative distance only, and no
 position table is learned); grouped-query attention (several query heads share one key/value head, which
 shrinks the KV cache and the k/v projections); and the SwiGLU feed-forward (a gated MLP with three
@@ -16,6 +16,19 @@ The model knows nothing about distribution: tensor parallelism shards wq/wk/wv/w
 columns from the outside (the attention reads its local number of heads from the projections' outputs), and
 sequence-parallel attention replaces `Attention.attend` on an instance. `use_kernels=True` swaps RMSNorm,
 attention and the loss for the course's Triton kernels (common.kernels), chosen once in `__init__`.
+
+Named sizes, `LlamaConfig.preset(name)`; parameters as counted by `count_parameters` (a test checks this
+table), training FLOPs per token from `training_flops` at sequence length 2048:
+
+| preset | d_model | layers | heads (kv) | d_ff | vocab | tied | parameters | training GFLOP/token |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| toy | 64 | 2 | 4 (2) | 176 | 256 | no | 125,248 | - |
+| 125m | 768 | 12 | 12 (4) | 2048 | 32000 | no | 124,668,672 | 0.71 |
+| 350m | 1024 | 24 | 16 (8) | 2816 | 32000 | no | 348,701,696 | 2.20 |
+| 1b | 2048 | 16 | 32 (8) | 8192 | 32000 | yes | 1,038,682,112 | 6.63 |
+
+"1b" is Llama-3.2-1B's shape with a 32000-token vocabulary; with its own 128256 tokens the same shape has
+1,235,814,400 parameters, Llama-3.2-1B's published count.
 """
 
 from __future__ import annotations
@@ -26,6 +39,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Head sizes common.kernels.flash_attention is tuned for (its HEAD_DIMS; a test checks they agree): written
+# here so that a config can be checked without importing common.kernels, which switches on Triton's
+# interpreter on a machine without a GPU.
+KERNEL_HEAD_DIMS = (64, 128)
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -68,6 +86,12 @@ class LlamaConfig:
                 f"head_dim = d_model // n_heads = {self.head_dim} is odd; rotary embeddings rotate pairs of "
                 f"numbers, so head_dim must be even: change d_model={self.d_model} or n_heads={self.n_heads}"
             )
+        if self.use_kernels and self.head_dim not in KERNEL_HEAD_DIMS:
+            raise ValueError(
+                f"use_kernels=True needs head_dim in {KERNEL_HEAD_DIMS} (the flash-attention kernel's sizes), "
+                f"got d_model // n_heads = {self.d_model} // {self.n_heads} = {self.head_dim}: change n_heads, "
+                "or set use_kernels=False"
+            )
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ValueError(
                 f"rope_theta={self.rope_theta} and norm_eps={self.norm_eps} must both be positive"
@@ -76,6 +100,74 @@ class LlamaConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @classmethod
+    def preset(cls, name: str, **changes: object) -> LlamaConfig:
+        """A named size from PRESETS (see the module docstring's table), with optional field changes."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **changes})
+
+
+# Named sizes. Apart from the toy: head dim 64 (a size of the flash-attention kernel), vocabulary 32000
+# (Llama 2's tokenizer); d_ff about 8/3 d_model rounded up to a multiple of 256, as Llama does.
+PRESETS: dict[str, dict] = {
+    "toy": {},
+    "125m": dict(
+        vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, d_ff=2048, max_seq_len=2048
+    ),
+    "350m": dict(
+        vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=8, d_ff=2816, max_seq_len=2048
+    ),
+    # Llama-3.2-1B's shape (16 layers, width 2048, 32 query and 8 kv heads, SwiGLU 8192, tied embeddings,
+    # theta 500000) with a 32000-token vocabulary instead of its 128256.
+    "1b": dict(
+        vocab_size=32000,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        d_ff=8192,
+        max_seq_len=2048,
+        rope_theta=500000.0,
+        tie_embeddings=True,
+    ),
+}
+
+
+def layer_matmul_parameters(config: LlamaConfig) -> int:
+    """Weights of one block's matmuls: wq, wo (d x n_heads head_dim), wk, wv (d x n_kv_heads head_dim), SwiGLU."""
+    d, attn, kv = config.d_model, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    return 2 * d * attn + 2 * d * kv + 3 * d * config.d_ff
+
+
+def count_parameters(config: LlamaConfig) -> int:
+    """The number of parameters of Llama(config), from the shapes alone (a tied matrix counted once)."""
+    d = config.d_model
+    per_layer = layer_matmul_parameters(config) + 2 * d  # + attention_norm and ffn_norm weights
+    embeddings = config.vocab_size * d * (1 if config.tie_embeddings else 2)  # tok_embeddings (+ output)
+    return embeddings + config.n_layers * per_layer + d  # + the final norm
+
+
+def training_flops(config: LlamaConfig, n_tokens: int, seq_len: int, *, causal: bool = True) -> float:
+    """FLOPs of training on n_tokens tokens in sequences of seq_len: forward and backward, matmuls only.
+
+        training_flops = 6 N D + 6 L s (n_heads head_dim) D          (causal; 12 L s ... when not causal)
+
+    N is the number of parameters that multiply: the blocks' matmul weights and the output projection
+    (counted even when tied to the embedding, since its matmul runs), not the embedding lookup (an index)
+    nor the norms' weights (elementwise); D = n_tokens. A forward pass costs 2 N FLOPs per token (a
+    multiply and an add per weight), the backward twice that (gradients for inputs and for weights): 6 N D.
+    Attention: per token, per layer and query head, the scores q K^T and the weighted sum P V are each
+    2 s head_dim FLOPs: 4 L s (n_heads head_dim) forward, times 3 for training. A causal kernel that skips
+    the masked half (as FlashAttention does) does half of it: 6 L s (n_heads head_dim) per token. PyTorch's
+    math backend computes the whole s x s square and does the non-causal amount.
+    Not counted: norms, rotary, softmax, SwiGLU's product, the loss (O(D d) or O(D V) each, not O(D N)).
+    """
+    matmul_params = config.n_layers * layer_matmul_parameters(config) + config.vocab_size * config.d_model
+    attention_heads = config.n_heads * config.head_dim
+    attention_per_token = 3 * 4 * config.n_layers * seq_len * attention_heads * (0.5 if causal else 1.0)
+    return float(6 * matmul_params * n_tokens + attention_per_token * n_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -101,6 +193,8 @@ class KernelRMSNorm(RMSNorm):
     """RMSNorm through the fused Triton kernel of common.kernels.norms (same parameters, same result)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The kernels are imported where they are used, not at the top: importing common.kernels switches
+        # on Triton's interpreter on a machine without a GPU, which a plain model should not do.
         from common.kernels.norms import rms_norm
 
         return rms_norm(x, self.weight.to(x.dtype), self.eps)
@@ -114,9 +208,8 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> tupl
     transformer. A query at p and a key at p' then score q R(p)^T R(p') k = q R(p' - p) k: relative position.
     """
     freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (head_dim // 2,)
-    angles = torch.outer(
-        torch.arange(max_seq_len, dtype=torch.float64), freqs
-    )  # (max_seq_len, head_dim // 2)
+    positions = torch.arange(max_seq_len, dtype=torch.float64)
+    angles = torch.outer(positions, freqs)  # (max_seq_len, head_dim // 2)
     return angles.cos().float(), angles.sin().float()
 
 
@@ -286,3 +379,14 @@ class Llama(nn.Module):
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the next-token predictions; tokens and targets (b, s) long."""
         return self.head_loss(self.output, self.hidden_states(tokens), targets)
+
+
+def random_batch(
+    config: LlamaConfig, batch: int, seq_len: int, *, seed: int = 0, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens for timing and memory measurements: inputs and targets (the inputs shifted by one),
+    each (batch, seq_len) long on `device`, the same for the same seed on every device."""
+    tokens = torch.randint(
+        0, config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(seed)
+    )
+    return tokens[:, :-1].to(device), tokens[:, 1:].to(device)
