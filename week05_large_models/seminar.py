@@ -33,10 +33,11 @@
 #
 # Every parallel scheme runs on N ranks started by `common.distributed.launch` (2 at small size, 4 at full
 # size), CPU processes that talk through gloo, and is checked against the single-process model: the same
-# loss and the same gradients. The GPU measurements come last, in section 8, for a reason of mechanics:
-# `launch` forks the ranks from this notebook, and a process that has used CUDA cannot be forked into ranks
-# that use it, so every launch runs before the first CUDA operation. Sections 1 to 3 run their checks on
-# the CPU and leave the GPU's numbers to section 8, which runs only where `DEVICE == "cuda"`.
+# loss and the same gradients. The ranks are spawned, fresh interpreters that import what they run from
+# `parallel_runs.py` beside this notebook: ranks forked from the notebook could not run autograd on a GPU
+# machine once the notebook has run a backward pass (autograd then keeps a thread per GPU, which a fork does
+# not copy). Sections 1 to 3 run their checks on the CPU and leave the GPU's numbers to section 8, which
+# runs only where `DEVICE == "cuda"`.
 #
 # Cells that state a fact check it with `assert`. A sentence about a GPU measurement says what the cell
 # measures and what its `assert` checks; the numbers are the ones printed beside it.
@@ -53,41 +54,39 @@ SMALL = os.environ.get("EFFDL_SMALL", "0" if torch.cuda.is_available() else "1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # %%
-import contextlib
+import inspect
 import json
 import time
-from collections import Counter
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch._dynamo  # noqa: F401  DTensor imports it on first use (seconds): here once, for every rank
-import torch.distributed as dist
 from IPython.display import display
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
+from parallel_runs import (  # beside this notebook: what the ranks of sections 4 and 6 run
+    MICRO,
+    PBATCH,
+    PCONFIG,
+    PSEQ,
+    VARIANTS,
+    all_variants,
+    both_schedules,
+    fresh_model,
+    parallel_batch,
+    parallel_step,
+)
 
 from common.distributed import cost_model
-from common.distributed.ddp import apply_ddp
 from common.distributed.launch import launch
 from common.distributed.pipeline import (
     SCHEDULES,
     Timeline,
     activations_in_flight,
     bubble_formula,
-    pipeline_step,
     plot_timeline,
     simulate,
-    split_into_stages,
 )
 from common.distributed.tensor_parallel import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    apply_tensor_parallel,
-    apply_tensor_parallel_dtensor,
-    apply_ulysses,
     bytes_sent_per_rank,
     communication_volume,
-    shard_sequence,
 )
 from common.environment import environment
 from common.hardware import SPECS
@@ -384,101 +383,9 @@ print(f"AdamW's states are {optimizer_share:.0%} of the 1B model's predicted pea
 # the collectives each rank calls, to compare with section 7's formulas.
 
 # %%
-PCONFIG = LlamaConfig(
-    vocab_size=128, d_model=64, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=128, max_seq_len=64
-)
-PBATCH, PSEQ = 4, 32  # heads, kv heads, d_ff and the sequence divide by 4 ranks; 4 layers for 4 stages
 TOLERANCE = 1e-5  # relative to each tensor's largest entry: sums reordered across ranks, in fp32
-VARIANTS = ("tp", "tp_sp", "dtensor", "dtensor_sp", "ulysses")
-COUNTED = {  # collective -> (its name in cost_model, which argument is the message it counts)
-    "all_reduce": ("all_reduce", 0),
-    "all_gather_into_tensor": ("all_gather", 0),
-    "reduce_scatter_tensor": ("reduce_scatter", 1),
-    "all_to_all_single": ("all_to_all", 1),
-}
-
-
-def fresh_model() -> Llama:
-    torch.manual_seed(0)
-    return Llama(PCONFIG)
-
-
-def parallel_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    return random_batch(PCONFIG, PBATCH, PSEQ, seed=1)
-
-
-@contextlib.contextmanager
-def counting_collectives():
-    """Count (kind, message bytes) of every call of the torch.distributed collectives above, on this rank."""
-    counts: Counter = Counter()
-    originals = {name: getattr(dist, name) for name in COUNTED}
-
-    def counted(name: str, *args, **kwargs):  # noqa: ANN202
-        kind, position = COUNTED[name]
-        counts[(kind, args[position].numel() * args[position].element_size())] += 1
-        return originals[name](*args, **kwargs)
-
-    for name in COUNTED:
-        setattr(dist, name, lambda *args, _name=name, **kwargs: counted(_name, *args, **kwargs))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
-
-
-def gather(t: torch.Tensor, dim: int) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, dim=dim)
-
-
-def full_gradients(model: Llama) -> dict[str, torch.Tensor]:
-    """Every gradient at its full shape: column shards hold output rows, row shards input columns."""
-    grads = {}
-    for module_name, module in model.named_modules():
-        for name, param in module.named_parameters(recurse=False):
-            grad = param.grad
-            if isinstance(grad, DTensor):
-                grad = grad.full_tensor()
-            elif isinstance(module, ColumnParallelLinear):
-                grad = gather(grad, dim=0)
-            elif isinstance(module, RowParallelLinear) and name == "weight":
-                grad = gather(grad, dim=1)
-            grads[f"{module_name}.{name}"] = grad
-    return grads
-
-
-def parallel_step(variant: str) -> dict:
-    """On every rank: one forward and backward of the parallelized model; loss, full gradients, collectives."""
-    model, (tokens, targets) = fresh_model(), parallel_batch()
-    if variant in ("tp", "tp_sp"):
-        apply_tensor_parallel(model, sequence_parallel=variant == "tp_sp")
-    elif variant in ("dtensor", "dtensor_sp"):
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-        apply_tensor_parallel_dtensor(model, mesh, sequence_parallel=variant == "dtensor_sp")
-    elif variant == "ulysses":
-        apply_ulysses(model)
-        apply_ddp(model)  # each rank's gradients come from its slice of the sequence: average them
-        tokens, targets = shard_sequence(tokens), shard_sequence(targets)
-    with counting_collectives() as counts:
-        loss = model.loss(tokens, targets)
-        loss.backward()
-    if variant == "ulysses":  # each rank's loss is the mean over its positions: the mean of the means
-        loss = gather(loss.detach()[None], dim=0).mean()
-    block_weights = sum(
-        p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.layers.parameters()
-    )
-    return {
-        "loss": loss.item(),
-        "grads": full_gradients(model),
-        "counts": counts,
-        "block_weights": block_weights,
-    }
-
-
-def all_variants() -> dict[str, dict]:
-    return {variant: parallel_step(variant) for variant in VARIANTS}
+# What each rank runs is in parallel_runs.py beside this notebook (spawned ranks import it by name):
+print(inspect.getsource(parallel_step))
 
 
 def relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -494,8 +401,7 @@ reference_loss = reference.loss(*parallel_batch())
 reference_loss.backward()
 reference_grads = {n: p.grad for n, p in reference.named_parameters()}
 start = time.perf_counter()
-assert not torch.cuda.is_initialized(), "launch forks its ranks: nothing above may have used CUDA"
-parallel = launch(all_variants, NPROCS, backend=BACKEND, timeout_s=600)
+parallel = launch(all_variants, NPROCS, backend=BACKEND, timeout_s=600, start_method="spawn")
 print(f"{len(VARIANTS)} variants on {NPROCS} ranks: {time.perf_counter() - start:.1f} s")
 rows = []
 for variant in VARIANTS:
@@ -541,7 +447,7 @@ RESULTS["parallel = single process"] = (
 # data: simulated on paper below, then run for real.
 
 # %%
-P_STAGES, MICRO = NPROCS, 8
+P_STAGES = NPROCS  # MICRO = 8 micro-batches, from parallel_runs.py
 simulated = {name: simulate(schedule, P_STAGES, MICRO) for name, schedule in SCHEDULES.items()}
 for name, timeline in simulated.items():
     display(plot_timeline(timeline, f"{name}, simulated: {P_STAGES} stages, {MICRO} micro-batches"))
@@ -567,25 +473,11 @@ assert in_flight == {"gpipe": MICRO, "1f1b": P_STAGES}, "GPipe holds m micro-bat
 
 
 # %%
-def pipelined(name: str) -> dict:
-    """One pipelined step on this rank: its stage's gradients by the model's names, loss, spans, peak."""
-    stage = split_into_stages(fresh_model(), dist.get_world_size(), dist.get_rank())
-    actions = SCHEDULES[name](dist.get_world_size(), MICRO, dist.get_rank())
-    tokens, targets = random_batch(PCONFIG, MICRO, PSEQ, seed=1)  # one sequence per micro-batch
-    result = pipeline_step(stage, actions, tokens, targets)
-    grads = {n: p.grad for n, p in stage.named_parameters()}
-    return {"grads": grads, "loss": result.loss, "spans": result.spans, "in_flight": result.peak_in_flight}
-
-
-def both_schedules() -> dict[str, dict]:
-    return {name: pipelined(name) for name in SCHEDULES}
-
-
 reference = fresh_model()
 pipeline_loss = reference.loss(*random_batch(PCONFIG, MICRO, PSEQ, seed=1))
 pipeline_loss.backward()
 reference_grads = {n: p.grad for n, p in reference.named_parameters()}
-stages = launch(both_schedules, NPROCS, backend=BACKEND, timeout_s=600)
+stages = launch(both_schedules, NPROCS, backend=BACKEND, timeout_s=600, start_method="spawn")
 for name in SCHEDULES:
     grads = {n: g for rank in stages for n, g in stages[rank][name]["grads"].items()}
     assert grads.keys() == reference_grads.keys(), "the stages hold the whole model between them"
