@@ -9,7 +9,6 @@ read its report.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections import Counter
 
@@ -23,13 +22,14 @@ from torch.distributed.tensor import DTensor
 from common.distributed.ddp import apply_ddp
 from common.distributed.launch import launch, rank_device
 from common.distributed.tensor_parallel import (
-    ColumnParallelLinear,
-    RowParallelLinear,
     apply_tensor_parallel,
     apply_tensor_parallel_dtensor,
     apply_ulysses,
     bytes_sent_per_rank,
     communication_volume,
+    count_collectives,
+    full_gradients,
+    gather_shards,
     shard_sequence,
 )
 from common.errors import EffdlError
@@ -50,61 +50,10 @@ VARIANTS = ("tp", "tp_sp", "dtensor", "dtensor_sp", "ulysses")
 RELATIVE_TOLERANCE = 1e-5
 STEPS, LR = 2, 0.5  # the second step runs on weights that the first updated, shard by shard on every rank
 
-# The collectives this module calls, and which argument is the message whose size cost_model counts.
-COUNTED = {
-    "all_reduce": ("all_reduce", 0),
-    "all_gather_into_tensor": ("all_gather", 0),  # the gathered output
-    "reduce_scatter_tensor": ("reduce_scatter", 1),  # the input that is reduced
-    "all_to_all_single": ("all_to_all", 1),  # what this rank passes in
-}
-
-
-@contextlib.contextmanager
-def counting_collectives():
-    """Count (kind, message bytes) of every call to the collectives above, on this rank."""
-    counts: Counter = Counter()
-    originals = {name: getattr(dist, name) for name in COUNTED}
-
-    def counting(name, *args, **kwargs):
-        kind, position = COUNTED[name]
-        message = args[position]
-        counts[(kind, message.numel() * message.element_size())] += 1
-        return originals[name](*args, **kwargs)
-
-    for name in COUNTED:
-        setattr(dist, name, lambda *args, _name=name, **kwargs: counting(_name, *args, **kwargs))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
-
 
 def fresh_model(config: LlamaConfig = CONFIG) -> Llama:
     torch.manual_seed(0)
     return Llama(config).to(rank_device())
-
-
-def gather(t: torch.Tensor, dim: int) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, dim=dim)
-
-
-def full_gradients(model: Llama) -> dict[str, torch.Tensor]:
-    """Every parameter's gradient at its full shape: shards of the parallel linears gathered, DTensors too."""
-    grads = {}
-    for module_name, module in model.named_modules():
-        for name, param in module.named_parameters(recurse=False):
-            grad = param.grad
-            if isinstance(grad, DTensor):
-                grad = grad.full_tensor()
-            elif isinstance(module, ColumnParallelLinear):
-                grad = gather(grad, dim=0)  # rank r holds output features r*out/p ...
-            elif isinstance(module, RowParallelLinear) and name == "weight":
-                grad = gather(grad, dim=1)  # rank r holds input features r*in/p ...
-            grads[f"{module_name}.{name}"] = grad
-    return grads
 
 
 def relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -147,11 +96,11 @@ def train(model: Llama, variant: str) -> list[dict]:
         if variant == "ulysses":
             tokens, targets = shard_sequence(tokens), shard_sequence(targets)  # (b, s/p): this rank's slice
         logits = model(tokens)
-        with counting_collectives() as counts:  # a training step: forward and backward of the loss
+        with count_collectives() as counts:  # a training step: forward and backward of the loss
             loss = model.loss(tokens, targets)
             loss.backward()
         if variant == "ulysses":  # the slices back together; the mean of the ranks' means is the mean
-            logits, loss = gather(logits, dim=1), gather(loss[None], dim=0).mean()
+            logits, loss = gather_shards(logits, 1), gather_shards(loss[None], 0).mean()
         steps.append(
             {
                 "logits": logits.detach(),

@@ -8,9 +8,6 @@ thread per GPU, and a forked copy of a process with threads cannot run autograd.
 
 from __future__ import annotations
 
-import contextlib
-from collections import Counter
-
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -19,13 +16,14 @@ from torch.distributed.tensor import DTensor
 from common.distributed.ddp import apply_ddp
 from common.distributed.pipeline import SCHEDULES, pipeline_step, split_into_stages
 from common.distributed.tensor_parallel import (
-    ColumnParallelLinear,
-    RowParallelLinear,
     apply_tensor_parallel,
     apply_tensor_parallel_dtensor,
     apply_ulysses,
+    full_gradients,
     shard_sequence,
 )
+from common.distributed.tensor_parallel import count_collectives as counting_collectives
+from common.distributed.tensor_parallel import gather_shards as gather
 from common.models.llama import Llama, LlamaConfig, random_batch
 
 PCONFIG = LlamaConfig(
@@ -34,12 +32,6 @@ PCONFIG = LlamaConfig(
 PBATCH, PSEQ = 4, 32  # heads, kv heads, d_ff and the sequence divide by 4 ranks; 4 layers for 4 stages
 MICRO = 8  # micro-batches of the pipeline schedules, one sequence each
 VARIANTS = ("tp", "tp_sp", "dtensor", "dtensor_sp", "ulysses")
-COUNTED = {  # collective -> (its name in cost_model, which argument is the message it counts)
-    "all_reduce": ("all_reduce", 0),
-    "all_gather_into_tensor": ("all_gather", 0),
-    "reduce_scatter_tensor": ("reduce_scatter", 1),
-    "all_to_all_single": ("all_to_all", 1),
-}
 
 
 def fresh_model() -> Llama:
@@ -49,48 +41,6 @@ def fresh_model() -> Llama:
 
 def parallel_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return random_batch(PCONFIG, PBATCH, PSEQ, seed=1)
-
-
-@contextlib.contextmanager
-def counting_collectives():
-    """Count (kind, message bytes) of every call of the torch.distributed collectives above, on this rank."""
-    counts: Counter = Counter()
-    originals = {name: getattr(dist, name) for name in COUNTED}
-
-    def counted(name: str, *args, **kwargs):  # noqa: ANN202
-        kind, position = COUNTED[name]
-        counts[(kind, args[position].numel() * args[position].element_size())] += 1
-        return originals[name](*args, **kwargs)
-
-    for name in COUNTED:
-        setattr(dist, name, lambda *args, _name=name, **kwargs: counted(_name, *args, **kwargs))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
-
-
-def gather(t: torch.Tensor, dim: int) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, dim=dim)
-
-
-def full_gradients(model: Llama) -> dict[str, torch.Tensor]:
-    """Every gradient at its full shape: column shards hold output rows, row shards input columns."""
-    grads = {}
-    for module_name, module in model.named_modules():
-        for name, param in module.named_parameters(recurse=False):
-            grad = param.grad
-            if isinstance(grad, DTensor):
-                grad = grad.full_tensor()
-            elif isinstance(module, ColumnParallelLinear):
-                grad = gather(grad, dim=0)
-            elif isinstance(module, RowParallelLinear) and name == "weight":
-                grad = gather(grad, dim=1)
-            grads[f"{module_name}.{name}"] = grad
-    return grads
 
 
 def parallel_step(variant: str) -> dict:

@@ -40,7 +40,9 @@ collectives concatenate, and so saves the transposes that `_all_gather_sequence`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from functools import partial
@@ -51,7 +53,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -82,6 +84,10 @@ __all__ = [
     "apply_ulysses",
     "bytes_sent_per_rank",
     "communication_volume",
+    "COUNTED_COLLECTIVES",
+    "count_collectives",
+    "full_gradients",
+    "gather_shards",
     "shard_sequence",
     "tensor_parallel_plan",
 ]
@@ -662,3 +668,71 @@ def communication_volume(
 def bytes_sent_per_rank(collectives: list[Collective], world: int) -> float:
     """Bytes each rank sends in one training step: the sum of calls x bytes of `Collective.cost`."""
     return sum(c.calls * c.cost(world).bytes for c in collectives)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checking a parallel model: its gradients at full shape, and the collectives a rank really calls
+# ----------------------------------------------------------------------------------------------------
+
+# The torch.distributed collectives the schemes call -> (the kind communication_volume names, which argument
+# is the message whose size it counts).
+COUNTED_COLLECTIVES: dict[str, tuple[CollectiveKind, int]] = {
+    "all_reduce": ("all_reduce", 0),
+    "all_gather_into_tensor": ("all_gather", 0),  # the gathered output
+    "reduce_scatter_tensor": ("reduce_scatter", 1),  # the input that is reduced
+    "all_to_all_single": ("all_to_all", 1),  # what this rank passes in
+}
+
+
+@contextlib.contextmanager
+def count_collectives() -> Iterator[Counter]:
+    """Count (kind, message bytes) of every call of the collectives above on this rank, while inside.
+
+    The functions of torch.distributed are replaced for the duration, so the schemes' own calls are counted
+    (DTensor's functional collectives go another way and are not). Compare with communication_volume.
+    """
+    counts: Counter = Counter()
+    originals = {name: getattr(dist, name) for name in COUNTED_COLLECTIVES}
+
+    def counting(name: str, *args: object, **kwargs: object) -> object:
+        kind, position = COUNTED_COLLECTIVES[name]
+        message = args[position]
+        assert isinstance(message, torch.Tensor)
+        counts[(kind, message.numel() * message.element_size())] += 1
+        return originals[name](*args, **kwargs)
+
+    for name in COUNTED_COLLECTIVES:
+        setattr(dist, name, partial(counting, name))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
+def gather_shards(t: torch.Tensor, dim: int, group: Group = None) -> torch.Tensor:
+    """The whole tensor on every rank: each rank's shard t, concatenated in rank order along dim."""
+    parts = [torch.empty_like(t) for _ in range(_world(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def full_gradients(model: nn.Module, group: Group = None) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient at its full shape, by name, on every rank (a collective: all ranks call it).
+
+    Shards are gathered: a ColumnParallelLinear's rank r holds output features r*out/p.., a
+    RowParallelLinear's weight input features r*in/p..; a DTensor gradient is made whole. Other gradients
+    are returned as they are. The result compares name by name with the single-process model's gradients.
+    """
+    grads = {}
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            grad = param.grad
+            if isinstance(grad, DTensor):
+                grad = grad.full_tensor()
+            elif isinstance(module, ColumnParallelLinear):
+                grad = gather_shards(grad, 0, group)
+            elif isinstance(module, RowParallelLinear) and name == "weight":
+                grad = gather_shards(grad, 1, group)
+            grads[f"{module_name}.{name}" if module_name else name] = grad
+    return grads
