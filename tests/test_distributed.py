@@ -24,7 +24,14 @@ from torch import nn
 from common.distributed import collectives
 from common.distributed.cost_model import halving_doubling_cost, ring_cost
 from common.distributed.ddp import UnusedParameterError, apply_ddp
-from common.distributed.launch import RankError, RankTimeoutError, launch, rank_device, under_torchrun
+from common.distributed.launch import (
+    FORKED_AUTOGRAD,
+    RankError,
+    RankTimeoutError,
+    launch,
+    rank_device,
+    under_torchrun,
+)
 from common.errors import EffdlError
 from common.hardware import NoGPUError
 
@@ -108,6 +115,22 @@ def test_a_failing_rank_raises_with_its_rank_and_traceback(no_process_left_behin
     message = str(info.value)
     assert message.startswith("rank 1 of 3 failed")
     assert "ValueError: bad shard 17" in message and "fail_on_rank_1" in message  # the rank's traceback
+
+
+def test_a_forked_rank_that_cannot_run_autograd_is_told_why(no_process_left_behind) -> None:
+    """On a GPU machine, a rank forked after the parent ran backward gets autograd's RuntimeError (seen on an
+    H200). Without a GPU the real error cannot happen here, so the rank raises autograd's own words."""
+
+    def backward_in_a_forked_rank() -> None:
+        raise RuntimeError(
+            f"{FORKED_AUTOGRAD}. See https://github.com/pytorch/pytorch/wiki/Autograd-and-Fork"
+        )
+
+    with pytest.raises(RankError) as info:
+        launch(backward_in_a_forked_rank, 2, timeout_s=60)
+    message = str(info.value)
+    assert FORKED_AUTOGRAD in message, "the rank's own traceback stays"
+    assert "already run a backward pass" in message and "start_method='spawn'" in message
 
 
 def test_a_rank_that_dies_without_an_exception_is_reported(no_process_left_behind) -> None:

@@ -36,7 +36,9 @@ defined in a notebook cell or a closure, and a rank starts in milliseconds. "spa
 interpreter, which then imports torch (seconds) and must import fn by name, so fn must live in a module.
 The default is fork, except where it cannot work: on a platform without fork, or when this process has
 already initialized CUDA (a forked child cannot use it); then spawn, and an fn that spawn cannot import is
-a clear error, not a hang.
+a clear error, not a hang. One case fork cannot see coming: on a machine with a GPU, once this process has
+run a backward pass, autograd keeps a thread per device, and a forked rank refuses to run autograd. The
+rank's error then says so: launch before the first backward, or spawn with fn in a module.
 
 Under torchrun (or Slurm running torchrun), RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
 are set: then launch starts nothing, joins the process group torchrun describes, runs fn as this rank and
@@ -197,6 +199,16 @@ def _join_process_group(backend: Backend, rank: int, world_size: int, timeout_s:
     )
 
 
+# What autograd says in a forked process whose parent had started its per-device threads.
+FORKED_AUTOGRAD = "Unable to handle autograd's threading in combination with fork-based multiprocessing"
+FORKED_AUTOGRAD_HINT = (
+    "This rank was forked from a process that had already run a backward pass on a machine with a GPU: "
+    "autograd then keeps a worker thread per device, which a forked copy does not have, so the rank cannot "
+    "run autograd. Call launch before the first backward, or pass start_method='spawn' with fn defined in "
+    "a module that the fresh interpreters can import.\n"
+)
+
+
 def _run_rank(setup: _RankSetup, fn: Callable[..., Any], args: tuple, conn) -> None:
     """The body of one child: join the group, run fn, send back ("ok", result) or ("error", traceback)."""
     os.setpgrp()  # lead a process group of our own: killing it kills whatever fn started, too
@@ -225,8 +237,11 @@ def _run_rank(setup: _RankSetup, fn: Callable[..., Any], args: tuple, conn) -> N
         message = ("ok", pickle.dumps(fn(*args)))
         if dist.is_initialized():  # fn may have ended the group itself
             dist.destroy_process_group()
-    except BaseException:
-        message = ("error", traceback.format_exc(), time.time())
+    except BaseException as error:
+        report = traceback.format_exc()
+        if FORKED_AUTOGRAD in str(error):
+            report += FORKED_AUTOGRAD_HINT
+        message = ("error", report, time.time())
     conn.send(message)
     conn.close()
 
