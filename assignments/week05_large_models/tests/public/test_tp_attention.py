@@ -1,8 +1,9 @@
 """Public tests of `largemodels.tp_attention`: equal to the whole attention on one process.
 
-The hidden tests check more head counts (grouped-query attention), 4 ranks, two groups side by side, both
-Functions alone and errors for heads that do not split, and count your collectives: exactly one all-reduce in
-forward and one in backward, on the group given.
+The hidden tests check more head counts (one kv head per query head, multi-query, float32), 4 ranks, two
+groups side by side, both Functions alone and errors for heads that do not split; they give each rank weights
+whose rows and columns of other ranks are NaN, and count your collectives: exactly one all-reduce in forward
+and one in backward, on the group given.
 """
 
 from __future__ import annotations
@@ -10,12 +11,22 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from conftest import on_ranks
-from largemodels.tp_attention import TensorParallelAttention
+from largemodels.tp_attention import TensorParallelAttention, shard_rows
 
 from common.models.llama import Attention, LlamaConfig, rope_tables
 
-RANKS = 2
-CONFIG = LlamaConfig(d_model=16, n_heads=4, n_kv_heads=2)  # head_dim 4; 2 query heads and 1 kv head per rank
+RANKS = 4
+CONFIG = LlamaConfig(d_model=16, n_heads=4, n_kv_heads=2)  # head_dim 4; 1 query head per rank, kv heads on 2
+
+
+def fused(whole: Attention) -> torch.Tensor:
+    """wqkv in the fused layout: per kv head j, q of its query heads, then k of j, then v of j."""
+    hd, g = CONFIG.head_dim, CONFIG.n_heads // CONFIG.n_kv_heads
+    blocks = []
+    for j in range(CONFIG.n_kv_heads):
+        blocks += [whole.wq.weight[j * g * hd : (j + 1) * g * hd], whole.wk.weight[j * hd : (j + 1) * hd]]
+        blocks.append(whole.wv.weight[j * hd : (j + 1) * hd])
+    return torch.cat(blocks).detach()
 
 
 def whole_attention() -> Attention:
@@ -30,13 +41,20 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rank_step() -> dict[str, torch.Tensor]:
-    tp = TensorParallelAttention(whole_attention(), dist.group.WORLD)
+    whole = whole_attention()
+    tp = TensorParallelAttention(fused(whole), whole.wo.weight.detach(), CONFIG.n_heads, CONFIG.n_kv_heads)
     x, grad = data()
     x.requires_grad_(True)
     cos, sin = rope_tables(CONFIG.head_dim, x.shape[1])
     y = tp(x, cos, sin)
-    y.backward(grad)
-    return {"y": y.detach(), "dx": x.grad, "dwq": tp.wq.weight.grad, "dwo": tp.wo.weight.grad}
+    y.backward(grad.clone())
+    return {"y": y.detach(), "dx": x.grad, "dwqkv": tp.wqkv.weight.grad, "dwo": tp.wo.weight.grad}
+
+
+def test_shard_rows_of_a_replicated_kv_head() -> None:
+    # 4 query heads, 2 kv heads, head_dim 2: groups [q0 q1 k0 v0][q2 q3 k1 v1], rows 0-7 and 8-15; 4 ranks
+    assert shard_rows(4, 2, 2, 1, 4).tolist() == [2, 3, 4, 5, 6, 7]  # q1, then k0 and v0 (shared with rank 0)
+    assert shard_rows(4, 2, 2, 2, 4).tolist() == [8, 9, 12, 13, 14, 15]  # q2, k1, v1
 
 
 def test_equals_the_whole_attention() -> None:
@@ -47,10 +65,15 @@ def test_equals_the_whole_attention() -> None:
     cos, sin = rope_tables(CONFIG.head_dim, x.shape[1])
     y = whole(x, cos, sin)
     y.backward(grad)
-    rows = CONFIG.n_heads // RANKS * CONFIG.head_dim  # of wq, per rank
+    hd = CONFIG.head_dim
     for rank in range(RANKS):
         ours = results[rank]
         torch.testing.assert_close(ours["y"], y.detach())
         torch.testing.assert_close(ours["dx"], x.grad)
-        torch.testing.assert_close(ours["dwq"], whole.wq.weight.grad[rank * rows : (rank + 1) * rows])
-        torch.testing.assert_close(ours["dwo"], whole.wo.weight.grad[:, rank * rows : (rank + 1) * rows])
+        torch.testing.assert_close(ours["dwqkv"][:hd], whole.wq.weight.grad[rank * hd : (rank + 1) * hd])
+        torch.testing.assert_close(ours["dwo"], whole.wo.weight.grad[:, rank * hd : (rank + 1) * hd])
+    # kv head j is kept on ranks 2j and 2j + 1: each holds the part of its gradient from its own query head
+    for j in range(CONFIG.n_kv_heads):
+        dk = results[2 * j]["dwqkv"][hd : 2 * hd] + results[2 * j + 1]["dwqkv"][hd : 2 * hd]
+        torch.testing.assert_close(dk, whole.wk.weight.grad[j * hd : (j + 1) * hd])
+    assert dist.is_available()

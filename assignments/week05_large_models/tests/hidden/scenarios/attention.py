@@ -67,25 +67,7 @@ def _group(groups: list[list[int]] | None) -> dist.ProcessGroup | None:
 
 
 # ------------------------------------------------------------------------------- tensor-parallel attention
-def _attention(weights: dict[str, torch.Tensor], head_dim: int):
-    """A whole common.models.llama.Attention holding `weights` (wq, wk, wv, wo), in their dtype."""
-    from common.models.llama import Attention, LlamaConfig
-
-    d_model = weights["wq"].shape[1]
-    config = LlamaConfig(
-        d_model=d_model,
-        n_heads=weights["wq"].shape[0] // head_dim,
-        n_kv_heads=weights["wk"].shape[0] // head_dim,
-    )
-    assert config.head_dim == head_dim
-    attention = Attention(config).to(weights["wq"].dtype)
-    with torch.no_grad():
-        for name, weight in weights.items():
-            getattr(attention, name).weight.copy_(weight)
-    return attention
-
-
-def _tp_attention(weights: dict[str, torch.Tensor], head_dim: int, x: torch.Tensor, grad: torch.Tensor,
+def _tp_attention(wqkv: torch.Tensor, wo: torch.Tensor, heads: list[int], x: torch.Tensor, grad: torch.Tensor,
                   groups: list[list[int]] | None) -> dict:  # fmt: skip
     refuse_off_limits()
     from largemodels.tp_attention import TensorParallelAttention
@@ -93,23 +75,26 @@ def _tp_attention(weights: dict[str, torch.Tensor], head_dim: int, x: torch.Tens
     from common.models.llama import rope_tables
 
     group = _group(groups)
-    tp = TensorParallelAttention(_attention(weights, head_dim), group)
+    n_heads, n_kv_heads = heads
+    tp = TensorParallelAttention(wqkv, wo, n_heads, n_kv_heads, group)
+    head_dim = wo.shape[1] // n_heads
     cos, sin = rope_tables(head_dim, x.shape[1])
     x = x.clone().requires_grad_(True)
     y = tp(x, cos, sin)
     dist.barrier()  # the checker's marker: forward ends here
-    y.backward(grad)
+    y.backward(grad.clone())  # a clone: the submission may all-reduce the gradient it receives in place
     seen = {"y": y.detach().clone(), "dx": x.grad.clone()}
-    for name in ("wq", "wk", "wv", "wo"):
+    for name in ("wqkv", "wo"):
         seen[name] = getattr(tp, name).weight.detach().clone()
         seen["d" + name] = getattr(tp, name).weight.grad.clone()
     return seen
 
 
-def tp_attention(weights: dict[str, torch.Tensor], head_dim: int, xs: list[torch.Tensor],
+def tp_attention(wqkvs: list[torch.Tensor], wos: list[torch.Tensor], heads: list[int], xs: list[torch.Tensor],
                  grads: list[torch.Tensor], groups: list[list[int]] | None = None) -> dict:  # fmt: skip
-    """Rank r builds TensorParallelAttention from the whole attention, runs it on xs[r], backpropagates grads[r]."""
-    args = [(weights, head_dim, x, grads[r], groups) for r, x in enumerate(xs)]
+    """Rank r builds TensorParallelAttention from wqkvs[r] and wos[r] (the whole weights with the rows and
+    columns that rank r does not own set to NaN), runs it on xs[r] and backpropagates grads[r]."""
+    args = [(wqkvs[r], wos[r], heads, x, grads[r], groups) for r, x in enumerate(xs)]
     return run_ranks(_tp_attention, args, package=PACKAGE)
 
 
@@ -124,7 +109,7 @@ def _tp_functions(x: torch.Tensor, grad: torch.Tensor, groups: list[list[int]] |
         leaf = x.clone().requires_grad_(True)
         out = function.apply(leaf, group)
         dist.barrier()
-        out.backward(grad)
+        out.backward(grad.clone())  # a clone: the submission may all-reduce the gradient it receives in place
         seen[name], seen[name + "_grad"] = out.detach().clone(), leaf.grad.clone()
     dist.barrier()
     return seen
@@ -149,7 +134,7 @@ def _ulysses(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tens
     seen = {"out": out.detach().clone()}
     if grad is not None:
         dist.barrier()  # the checker's marker: forward ends here
-        out.backward(grad)
+        out.backward(grad.clone())  # a clone: the submission may change the gradient it receives in place
         seen.update(dq=q.grad.clone(), dk=k.grad.clone(), dv=v.grad.clone())
     return seen
 
