@@ -103,4 +103,6 @@ def test_offloaded_step_equals_the_whole_model_and_stays_under_the_budget(submis
     for i in range(DEPTH):
         close(seen["bias"][i], ref["bias"][i], f"layer {i}'s bias gradient (added to the one it had)")
         close(seen["rows"][i], ref["rows"][i], f"layer {i}'s weight gradient (times a random vector)")
-        close(seen["columns"][i], ref["columns"][i], f"layer {i}'s weight gradient (a random vector times it)")
+        close(
+            seen["columns"][i], ref["columns"][i], f"layer {i}'s weight gradient (a random vector times it)"
+        )

@@ -36,7 +36,9 @@ def make(stages: int, layers: int, m: int, size: int, seed: int = 0) -> dict[str
     def draw(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=generator, dtype=torch.float64)
 
-    weights = [[[draw(WIDTH, WIDTH) / WIDTH**0.5, draw(WIDTH) / 10] for _ in range(layers)] for _ in range(stages)]
+    weights = [
+        [[draw(WIDTH, WIDTH) / WIDTH**0.5, draw(WIDTH) / 10] for _ in range(layers)] for _ in range(stages)
+    ]
     inputs = [[draw(size, WIDTH) for _ in range(m)] for _ in range(STEPS)]
     targets = [[draw(size, WIDTH) / 2 for _ in range(m)] for _ in range(STEPS)]
     return {"weights": weights, "inputs": inputs, "targets": targets, "m": m, "shape": [size, WIDTH]}
@@ -44,7 +46,9 @@ def make(stages: int, layers: int, m: int, size: int, seed: int = 0) -> dict[str
 
 def reference(data: dict[str, Any]) -> dict[str, list]:
     """The whole model on one process: each step's per-micro-batch losses, every stage's parameters after it."""
-    params = [[[t.clone().requires_grad_(True) for t in layer] for layer in stage] for stage in data["weights"]]
+    params = [
+        [[t.clone().requires_grad_(True) for t in layer] for layer in stage] for stage in data["weights"]
+    ]
     losses, after = [], []
     for step in range(STEPS):
         step_losses = []
@@ -126,7 +130,9 @@ def test_parameters_and_losses_equal_the_whole_model_trained_on_one_process(subm
                 assert type(a) is torch.Tensor and a.shape == b.shape and a.dtype == torch.float64, (
                     f"stage {s}, parameter {k}: expected a float64 tensor of shape {list(b.shape)}"
                 )
-                torch.testing.assert_close(a, b, **TOLERANCE, msg=f"stage {s}, parameter {k} after step {step}")
+                torch.testing.assert_close(
+                    a, b, **TOLERANCE, msg=f"stage {s}, parameter {k} after step {step}"
+                )
     for s in range(stages - 1):
         assert seen[s]["losses"] == [None] * STEPS, f"stage {s} is not the last: it returns None"
 

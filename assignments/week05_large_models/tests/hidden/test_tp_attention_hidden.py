@@ -49,7 +49,9 @@ def row_labels(n_heads: int, n_kv_heads: int) -> list[tuple[str, int]]:
 def rows_of(n_heads: int, n_kv_heads: int, kind: str, heads: list[int]) -> torch.Tensor:
     """The rows of wqkv holding `kind` of `heads`, head by head."""
     where = {label: b for b, label in enumerate(row_labels(n_heads, n_kv_heads))}
-    return torch.cat([torch.arange(where[kind, h] * HEAD_DIM, (where[kind, h] + 1) * HEAD_DIM) for h in heads])
+    return torch.cat(
+        [torch.arange(where[kind, h] * HEAD_DIM, (where[kind, h] + 1) * HEAD_DIM) for h in heads]
+    )
 
 
 def owned(n_heads: int, n_kv_heads: int, rank: int, ranks: int) -> tuple[torch.Tensor, slice]:
@@ -58,7 +60,9 @@ def owned(n_heads: int, n_kv_heads: int, rank: int, ranks: int) -> tuple[torch.T
     heads = list(range(rank * per_rank, (rank + 1) * per_rank))
     g = n_heads // n_kv_heads
     kv_heads = sorted({h // g for h in heads})
-    rows = torch.cat([rows_of(n_heads, n_kv_heads, kind, kv_heads if kind != "q" else heads) for kind in "qkv"])
+    rows = torch.cat(
+        [rows_of(n_heads, n_kv_heads, kind, kv_heads if kind != "q" else heads) for kind in "qkv"]
+    )
     return rows, slice(heads[0] * HEAD_DIM, (heads[-1] + 1) * HEAD_DIM)
 
 
@@ -118,8 +122,13 @@ def run(submission: Submission, data: dict, ranks: int, groups: list[list[int]] 
     weights = [poisoned(data, *position[rank]) for rank in range(len(xs))]
     return RankRun.from_data(
         submission.run(
-            attention.tp_attention, [w[0] for w in weights], [w[1] for w in weights], data["heads"], xs,
-            [data["grad"]] * len(xs), groups,
+            attention.tp_attention,
+            [w[0] for w in weights],
+            [w[1] for w in weights],
+            data["heads"],
+            xs,
+            [data["grad"]] * len(xs),
+            groups,
         )  # fmt: skip
     )
 
@@ -132,7 +141,9 @@ def close(ours: torch.Tensor, expected: torch.Tensor, what: str, dtype: torch.dt
     torch.testing.assert_close(ours.double(), expected, **TOLERANCE[dtype], msg=what)
 
 
-def check_group(seen: list[dict], ref: dict, members: list[int], heads: list[int], dtype: torch.dtype) -> None:
+def check_group(
+    seen: list[dict], ref: dict, members: list[int], heads: list[int], dtype: torch.dtype
+) -> None:
     """Every rank of the group: the whole output and input gradient, its shard of wo's gradient, its rows of
     wqkv's gradient; the rows of a kv head kept on several ranks summed over them (each holds its part)."""
     summed = torch.zeros_like(ref["dwqkv"])
@@ -253,7 +264,11 @@ def test_indivisible_heads_raise_value_error(submission: Submission, heads: tupl
     data = make(n_heads, n_kv_heads, 1, 3, torch.float64, seed=6)
     ran = RankRun.from_data(
         submission.run(
-            attention.tp_attention, [data["wqkv"]] * 4, [data["wo"]] * 4, data["heads"], [data["x"]] * 4,
+            attention.tp_attention,
+            [data["wqkv"]] * 4,
+            [data["wo"]] * 4,
+            data["heads"],
+            [data["x"]] * 4,
             [data["grad"]] * 4,
         )  # fmt: skip
     )

@@ -126,7 +126,9 @@ def test_four_all_to_alls_in_forward_and_four_in_backward(submission: Submission
 
 
 def test_forward_only_communicates_four_times(submission: Submission) -> None:
-    ranks, n_heads, n_kv_heads, batch, seq, head_dim, dtype = CASES["4 ranks, 2 kv heads, each sent to 2 ranks"]
+    ranks, n_heads, n_kv_heads, batch, seq, head_dim, dtype = CASES[
+        "4 ranks, 2 kv heads, each sent to 2 ranks"
+    ]
     data = make(n_heads, n_kv_heads, batch, seq, head_dim, dtype, seed=2)
     ran = run(submission, data, ranks, backward=False)
     check(ran.returned(dict[str, torch.Tensor]), reference(data), list(range(ranks)), dtype, keys=("out",))

@@ -28,7 +28,8 @@ def batch() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 
 def rank_step() -> dict:
-    from largemodels.pipeline import one_f_one_b_step  # in the rank only: the hub's process must not import it
+    # in the rank only: the hub's process must not import the submission
+    from largemodels.pipeline import one_f_one_b_step
 
     rank = dist.get_rank()
     stage = model()[2 * rank : 2 * rank + 2]  # stage 0: the first linear layer and tanh; stage 1: the second

@@ -43,7 +43,9 @@ def test_equals_attention_on_the_whole_sequence() -> None:
     results = on_hub(rank_step, RANKS, module="largemodels.ulysses")
     whole = data()
     q, k, v = (whole[name].requires_grad_(True) for name in ("q", "k", "v"))
-    out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
+    out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(
+        1, 2
+    )
     out.backward(whole["grad"])
     expected = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
     for key, value in expected.items():
