@@ -344,13 +344,18 @@ def spawned_main(link_fd: int) -> None:
 
 
 def _run_spec(sock: socket.socket) -> None:
-    """Receive this rank's spec on `sock` (`_rank_spec`), find its function, run it as the rank. Never returns."""
+    """Receive this rank's spec on `sock` (`_rank_spec`) and run its function as the rank. Never returns.
+
+    The function is looked up when the rank runs it, so a module that fails to load is the rank's exception."""
     spec = wire.receive(sock)
-    if "source" in spec:
-        module = load_scenario(spec["module"].removeprefix("scenarios."), spec["source"])
-    else:
-        module = importlib.import_module(spec["module"])
-    fn = functools.reduce(getattr, spec["function"].split("."), module)
+
+    def fn(*args: Any) -> Any:
+        if "source" in spec:
+            module = load_scenario(spec["module"].removeprefix("scenarios."), spec["source"])
+        else:
+            module = importlib.import_module(spec["module"])
+        return functools.reduce(getattr, spec["function"].split("."), module)(*args)
+
     setup = _RankSetup(spec["rank"], spec["world_size"], spec["backend"], spec["store"], spec["timeout_s"])
     _rank_main(setup, sock, fn, tuple(wire.decode(spec["args"])))
 
@@ -416,9 +421,9 @@ def _zygote_main(sock: socket.socket) -> None:
                 # A fresh sys.stdout on the pipe, buffered as a process's stdout into a pipe is.
                 sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 (lives as long as the rank)
                 _close_inherited({0, 1, 2, theirs.fileno()})
-            except BaseException:
+                _run_spec(theirs)
+            finally:  # never back into the zygote's loop
                 os._exit(70)
-            _run_spec(theirs)
         os.close(stdout_fd)
         theirs.close()
         with contextlib.suppress(OSError):

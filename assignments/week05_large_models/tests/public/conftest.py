@@ -1,4 +1,10 @@
-"""Make `largemodels` importable from this assignment's src/ folder, and run test functions on gloo ranks."""
+"""Make `largemodels` importable from this assignment's src/ folder, and run test functions on ranks.
+
+The ranks run on the grader's own process group (the hub of `common.grading.ranks`), as in the hidden tests:
+gloo has no `all_to_all` with tensor lists, and the hub logs every collective. They are forked from a process
+started here, before any test runs: a rank forked after this process ran a backward pass on a machine with a
+GPU could not run autograd.
+"""
 
 import sys
 from collections.abc import Callable
@@ -9,29 +15,15 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from common.distributed.launch import RankError, launch  # noqa: E402
-
-
-def on_ranks(fn: Callable[..., Any], nprocs: int, *args: Any) -> dict[int, Any]:
-    """`launch(fn, nprocs)` on gloo; a rank's NotImplementedError (the starter's stubs) is raised as such."""
-    try:
-        return launch(fn, nprocs, args=args, backend="gloo", timeout_s=60)
-    except RankError as error:
-        last = error.details.strip().splitlines()[-1]
-        if last.startswith("NotImplementedError"):
-            raise NotImplementedError(last.partition(": ")[2]) from None
-        raise
+from common.grading.ranks import RankRun, run_ranks, start_zygote  # noqa: E402
 
 
 def on_hub(fn: Callable[..., Any], nprocs: int, *args: Any, module: str) -> dict[int, Any]:
-    """Run fn(*args) on nprocs ranks whose process group is the grader's hub (`common.grading.ranks`).
+    """Run fn(*args) on nprocs ranks of the grader's process group; {rank: what fn returned}.
 
-    gloo has no all_to_all with tensor lists (only all_to_all_single), and the grader's hub has only that one:
-    the Ulysses tests run on the hub, as the grader does. `module` (the submission's module fn imports) must not
-    be imported into this process. A rank's NotImplementedError (the starter's stubs) is raised as such.
+    fn must be a function of a test module, and import the submission's module (`module`, which must not be
+    imported into this process) inside. A rank's NotImplementedError (the starter's stubs) is raised as such.
     """
-    from common.grading.ranks import RankRun, run_ranks
-
     ran = RankRun.from_data(run_ranks(fn, [args] * nprocs, package=module, timeout_s=60))
     for error in ran.errors:
         if error is not None and error["name"] == "NotImplementedError":
@@ -40,3 +32,6 @@ def on_hub(fn: Callable[..., Any], nprocs: int, *args: Any, module: str) -> dict
     if problem is not None:
         raise AssertionError(problem)
     return dict(enumerate(ran.values))
+
+
+start_zygote()  # last: a rank imports its test module, which imports this one, from the zygote's copy

@@ -1,7 +1,7 @@
 """Public tests of `largemodels.ulysses`: equal to causal attention over the whole sequence on one process.
 
-gloo has no `all_to_all` with tensor lists, so these ranks run on the grader's own process group (the hub of
-`common.grading.ranks`), as the hidden tests do. The hidden tests check grouped-query heads, 4 ranks, two groups
+The ranks run on the grader's own process group (the hub of `common.grading.ranks`), as the hidden tests do:
+gloo has no `all_to_all` with tensor lists. The hidden tests check grouped-query heads, 4 ranks, two groups
 side by side, fewer kv heads than ranks, each exchange alone and errors for heads that do not split, and
 count your collectives:
 all_to_all only, 4 in forward and 4 in backward.
