@@ -837,10 +837,12 @@ def run_ranks(
 ) -> dict[str, Any]:
     """Run `fn(*rank_args[r])` as rank r of len(rank_args) ranks; what happened, as data (see RankRun).
 
-    `fn` is a function of a scenario module (it may import `package`, the submission, inside); `package`
-    must not have been imported into this process. backend: the hub (counted collectives, CPU) or a real one,
-    "gloo" or "nccl" (nothing counted). spawn: start the ranks as fresh interpreters (fn's arguments must then
-    be data) instead of forks; by default only where this process has initialised CUDA.
+    `fn` is a function of a scenario module, or of a module the ranks can import by name (it may import
+    `package`, the submission, inside); `package` must not have been imported into this process. Each rank
+    receives its own arguments only, as data (`wire`): they must be data. backend: the hub (counted
+    collectives, CPU) or a real one, "gloo" or "nccl" (nothing counted). spawn: start the ranks as fresh
+    interpreters (fn from a scenario module only) instead of forks of the zygote (`start_zygote`); by default
+    only where this process has initialised CUDA.
     """
     if package in sys.modules or any(name.startswith(package + ".") for name in sys.modules):
         raise RuntimeError(
