@@ -31,7 +31,8 @@ def make(seed: int, width: int, depth: int, batch: int) -> dict:
         return torch.randn(shape, generator=generator) * scale
 
     weights = [[draw(width, width, scale=width**-0.5), draw(width, scale=0.1)] for _ in range(depth)]
-    grads = [[draw(width, width, scale=0.01), draw(width, scale=0.01)] for _ in range(depth)]
+    # as large as the step's own gradients, so that dropping them (not adding to .grad) is caught
+    grads = [[draw(width, width), draw(width)] for _ in range(depth)]
     return {"weights": weights, "grads": grads, "x": draw(batch, width), "grad": draw(batch, width)}
 
 
