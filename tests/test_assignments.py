@@ -106,3 +106,52 @@ def test_the_source_scan_flags_reading_the_code_but_not_ordinary_tests() -> None
         "    sys.exit(0)\n"
     )
     assert suspicious(reading) == ["'.py'", "eval", "exit", "importlib"]
+
+
+def _load(path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_week05_offload_grader_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The week-5 offload task is graded on a GPU only; its checker's arithmetic is checked here on the CPU: the
+    reference solution, run by the task's scenario on device "cpu" at small sizes, matches the checker's float64
+    reference, and a solution that overwrites .grad instead of adding to it does not."""
+    import types
+
+    assignment = find_assignment("week05_large_models")
+    hidden = assignment.hidden_tests
+    scenario = _load(hidden / "scenarios" / "offload.py", "week05_offload_scenario")
+    package = types.ModuleType("scenarios")
+    package.offload = scenario
+    monkeypatch.setitem(sys.modules, "scenarios", package)
+    monkeypatch.setitem(sys.modules, "scenarios.offload", scenario)
+    checker = _load(hidden / "test_offload_hidden.py", "week05_offload_checker")
+    monkeypatch.syspath_prepend(str(assignment.root / "src"))
+    try:
+        ref = checker.reference(scenario.make(0, 32, 3, 4))
+        seen = scenario.train(0, [32, 3, 4], 0, checker.SEED, device="cpu")
+        assert seen["on_cpu"] == [True] * 3
+        checker.close(seen["out"], ref["out"], "the output")
+        for i in range(3):
+            for key in ("bias", "rows", "columns"):
+                checker.close(seen[key][i], ref[key][i], f"layer {i}: {key}")
+        from largemodels import offload
+
+        original = offload.offloaded_step
+
+        def overwrites(layers, x, grad, device):  # what the mutant offload_gradient_overwritten does
+            for layer in layers:
+                for p in layer.parameters():
+                    p.grad = None
+            return original(layers, x, grad, device)
+
+        monkeypatch.setattr(offload, "offloaded_step", overwrites)
+        wrong = scenario.train(0, [32, 3, 4], 0, checker.SEED, device="cpu")
+        with pytest.raises(AssertionError):
+            checker.close(wrong["bias"][0], ref["bias"][0], "layer 0: bias")
+    finally:
+        for name in [n for n in sys.modules if n == "largemodels" or n.startswith("largemodels.")]:
+            del sys.modules[name]

@@ -463,7 +463,7 @@ def test_the_sandbox_sees_nothing_of_the_machine(probe_src: Path) -> None:
         "CUDA_VISIBLE_DEVICES", "LC_CTYPE", "PWD"}  # fmt: skip
     assert len(seen["pids"]) <= 4, (
         f"the sandbox sees other processes: {seen['pids']}"
-    )  # init, template, worker
+    )  # init, template, worker, the zygote ranks are forked from
     assert "home" not in seen["root"] and "etc" in seen["root"] and "assignments" not in seen["root"]
 
 

@@ -234,19 +234,27 @@ import ctypes, os
 from common.grading.ranks import run_ranks
 
 
-def _reach_the_hub():
+def _reach(pid):
     try:
-        open(f"/proc/{os.getppid()}/mem", "rb").close()
+        open(f"/proc/{pid}/mem", "rb").close()
         memory = "opened"
     except OSError as error:
         memory = type(error).__name__
     ptrace_attach, ptrace_detach = 16, 17
     libc = ctypes.CDLL(None, use_errno=True)
-    attached = libc.ptrace(ptrace_attach, os.getppid(), 0, 0) == 0
+    attached = libc.ptrace(ptrace_attach, pid, 0, 0) == 0
     if attached:
-        os.waitpid(os.getppid(), 0)  # the hub stops on attach; let it go again
-        libc.ptrace(ptrace_detach, os.getppid(), 0, 0)
-    return {"memory": memory, "attached": attached, "uid": os.getuid()}
+        os.waitpid(pid, 0)  # it stops on attach; let it go again
+        libc.ptrace(ptrace_detach, pid, 0, 0)
+    return memory, attached
+
+
+def _reach_the_hub():
+    zygote = os.getppid()  # the process ranks are forked from; its parent is the hub
+    hub = int(open(f"/proc/{zygote}/stat").read().rpartition(")")[2].split()[1])
+    (memory, attached), (zygote_memory, zygote_attached) = _reach(hub), _reach(zygote)
+    return {"memory": memory, "attached": attached, "zygote": [zygote_memory, zygote_attached],
+            "uid": os.getuid()}
 
 
 def reach_the_hub():
@@ -264,7 +272,72 @@ def test_in_the_sandbox_a_rank_can_neither_ptrace_the_hub_nor_read_its_memory(tm
     finally:
         session.kill()
     seen = RankRun.from_data(wire.decode(reply["value"])).returned(dict)
-    assert seen == [{"memory": "PermissionError", "attached": False, "uid": 65534}] * 2
+    expected = {
+        "memory": "PermissionError",
+        "attached": False,
+        "zygote": ["PermissionError", False],
+        "uid": 65534,
+    }
+    assert seen == [expected] * 2
+
+
+RANK_SPY = """
+import gc, sys
+import torch
+from common.grading.ranks import run_ranks
+
+
+def _markers_in(value, depth=0):
+    if isinstance(value, torch.Tensor):
+        return {int(v) for v in value.reshape(-1)[:1].tolist() if 1000 <= v < 1100}
+    if depth < 4 and isinstance(value, (list, tuple, dict)):
+        items = value.values() if isinstance(value, dict) else value
+        return set().union(*(_markers_in(item, depth + 1) for item in items))
+    return set()
+
+
+def _spy(own):
+    seen = set()
+    for obj in gc.get_objects():  # every object the rank inherited, from any frame or container
+        seen |= _markers_in(obj, 3)
+    frame = sys._getframe()
+    while frame is not None:
+        seen |= _markers_in(list(frame.f_locals.values()))
+        frame = frame.f_back
+    return sorted(seen - {int(own[0])})
+
+
+def spy(secrets):
+    return run_ranks(_spy, [(secret,) for secret in secrets], package="probe")
+"""
+
+
+def test_in_the_sandbox_a_rank_holds_its_own_arguments_and_no_other_ranks(tmp_path: Path) -> None:
+    """Ranks forked from the worker would inherit every rank's arguments (a Ulysses submission once computed
+    from the other ranks' shards and sent empty all-to-alls); forked from the zygote, each holds only its own."""
+    (tmp_path / "src").mkdir()
+    session = Session(SandboxSpec(src=tmp_path / "src", scratch=tmp_path / "scratch"))
+    secrets = [torch.full((64,), 1000.0 + r) for r in range(3)]
+    try:
+        session.spawn(WorkerLimits(address_space_bytes=8 * 2**30), "/tmp/task")
+        target = {"scenario": "rank_spy", "source": RANK_SPY, "function": "spy"}
+        request = {"op": "call", "id": 1, "target": target, "args": wire.encode([secrets])}
+        reply = session.exchange(request, 120)
+    finally:
+        session.kill()
+    assert RankRun.from_data(wire.decode(reply["value"])).returned(list) == [[], [], []], (
+        "a rank found another rank's arguments in its memory"
+    )
+
+
+def all_to_all_into_smaller_tensors() -> None:
+    received = [torch.empty(0), torch.empty(0)]
+    dist.all_to_all(received, [torch.ones(3), torch.ones(3)])
+
+
+def test_a_collective_must_deliver_into_tensors_of_the_payloads_shape() -> None:
+    run = ranks(all_to_all_into_smaller_tensors, 2)
+    assert run.failure() is not None and "payload is a float32 tensor of shape [3]" in run.failure()
 
 
 def test_the_hub_refuses_a_process_that_imported_the_submission(monkeypatch: pytest.MonkeyPatch) -> None:

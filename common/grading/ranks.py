@@ -21,6 +21,11 @@ code can unwrap any wrapper and reset any counter), so here the count is a by-pr
   another rank's data only from the hub, and the hub's log of who called which collective on which group, in
   which order, is complete. To hide a collective from it, a submission would have to move the data by other
   means, its ranks' own sockets or files: writing a transport, not calling torch.distributed.
+- Each rank holds its own arguments and nothing else. Ranks are not forked from the worker, which holds the
+  whole call (every rank's arguments, the input a scenario split into shards), but from a *zygote*, a fork
+  the worker took before it read its first request; a rank receives its own arguments, as data, on its link.
+  The hub checks every payload against the shape and dtype of the tensor it is delivered into, so a
+  collective carries what its shapes say (an empty all-to-all cannot stand in for a real one).
 - The hub is trusted only because no student code ever ran in its process: `run_ranks` refuses to start if
   the student's package was imported into the worker (a hidden test of a distributed task reaches the
   submission only through ranks). It is non-dumpable, as the worker template it was forked from, so a rank can
@@ -50,8 +55,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import importlib
 import linecache
+import math
 import os
+import select
 import selectors
 import signal
 import socket
@@ -138,7 +146,8 @@ class HubGroup(dist.ProcessGroup):
               root: int | None = None, reduce: Any = None, **extra: Any) -> dist.Work:  # fmt: skip
         message = {
             "op": "collective", "kind": kind, "group": self.name, "members": self.members, "root": root,
-            "reduce": _reduce_name(reduce), "inputs": [wire.encode(t.detach()) for t in inputs], **extra,
+            "reduce": _reduce_name(reduce), "inputs": [wire.encode(t.detach()) for t in inputs],
+            "outputs": [[list(t.shape), str(t.dtype).removeprefix("torch.")] for t in outputs], **extra,
         }  # fmt: skip
         values = [wire.decode(value) for value in self.link.request(message)["outputs"]]
         if len(values) != len(outputs):
@@ -293,36 +302,26 @@ def _close_inherited(keep: set[int]) -> None:
                 os.close(fd)
 
 
-def _fork_rank(
-    setup: _RankSetup, fn: Callable[..., Any], args: tuple, stdout_fd: int
-) -> tuple[int, socket.socket]:
-    ours, theirs = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:  # the rank
-        try:
-            ours.close()
-            os.setsid()
-            die_with_parent()
-            os.dup2(stdout_fd, 1)
-            # A fresh sys.stdout on the pipe, buffered as a process's stdout into a pipe is (the hub's own,
-            # flushed before the fork, may be a test runner's capture).
-            sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 (lives as long as the rank)
-            _close_inherited({0, 1, 2, theirs.fileno()})
-        except BaseException:
-            os._exit(70)
-        _rank_main(setup, theirs, fn, args)
-    theirs.close()
-    return pid, ours
+def _rank_spec(setup: _RankSetup, fn: Callable[..., Any], args: tuple, *, by_source: bool) -> dict[str, Any]:
+    """What a rank process is told: its setup, where fn lives, and its own arguments only (as data)."""
+    module = sys.modules[fn.__module__]
+    spec: dict[str, Any] = {
+        "rank": setup.rank, "world_size": setup.world_size, "backend": setup.backend, "store": setup.store,
+        "timeout_s": setup.timeout_s, "module": module.__name__, "function": fn.__qualname__,
+        "args": wire.encode(list(args)),
+    }  # fmt: skip
+    if module.__name__.startswith("scenarios."):  # loaded from the checker's text after the zygote was forked
+        spec["source"] = "".join(linecache.getlines(module.__file__ or ""))
+    elif by_source:
+        raise RuntimeError(f"spawned ranks run functions of scenario modules only, not {fn.__qualname__}")
+    return spec
 
 
 def _spawn_rank(
     setup: _RankSetup, fn: Callable[..., Any], args: tuple, stdout_fd: int
 ) -> tuple[int, socket.socket]:
     """A fresh interpreter as the rank (for CUDA after the worker initialised it); it gets fn by source."""
-    module = sys.modules[fn.__module__]
-    source = "".join(linecache.getlines(module.__file__ or ""))
-    if not module.__name__.startswith("scenarios.") or not source:
-        raise RuntimeError(f"spawned ranks run functions of scenario modules only, not {fn.__qualname__}")
+    spec = _rank_spec(setup, fn, args, by_source=True)
     ours, theirs = socket.socketpair()
     command = [
         sys.executable,
@@ -333,9 +332,7 @@ def _spawn_rank(
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stdout_fd,
                                pass_fds=(theirs.fileno(),), start_new_session=True)  # fmt: skip
     theirs.close()
-    wire.send(ours, {"rank": setup.rank, "world_size": setup.world_size, "backend": setup.backend,
-                     "store": setup.store, "timeout_s": setup.timeout_s, "module": module.__name__,
-                     "source": source, "function": fn.__qualname__, "args": wire.encode(list(args))})  # fmt: skip
+    wire.send(ours, spec)
     return process.pid, ours
 
 
@@ -343,11 +340,115 @@ def spawned_main(link_fd: int) -> None:
     """The body of a spawned rank (its link to the hub is `link_fd`): get the setup, then run as a forked one."""
     sock = socket.socket(fileno=link_fd)
     die_with_parent()
+    _run_spec(sock)
+
+
+def _run_spec(sock: socket.socket) -> None:
+    """Receive this rank's spec on `sock` (`_rank_spec`) and run its function as the rank. Never returns.
+
+    The function is looked up when the rank runs it, so a module that fails to load is the rank's exception."""
     spec = wire.receive(sock)
-    module = load_scenario(spec["module"].removeprefix("scenarios."), spec["source"])
-    fn = functools.reduce(getattr, spec["function"].split("."), module)
+
+    def fn(*args: Any) -> Any:
+        if "source" in spec:
+            module = load_scenario(spec["module"].removeprefix("scenarios."), spec["source"])
+        else:
+            module = importlib.import_module(spec["module"])
+        return functools.reduce(getattr, spec["function"].split("."), module)(*args)
+
     setup = _RankSetup(spec["rank"], spec["world_size"], spec["backend"], spec["store"], spec["timeout_s"])
     _rank_main(setup, sock, fn, tuple(wire.decode(spec["args"])))
+
+
+# ----------------------------------------------------------------------------------------- the zygote
+# A forked rank is a copy of the process it was forked from. Forked from the worker, it would hold everything
+# the worker holds: every rank's arguments, the whole input a scenario split into shards (a red-team
+# submission computed Ulysses attention from the other ranks' shards and sent empty all-to-alls). So ranks are
+# forked from a *zygote*: a fork of the worker taken before the worker reads its first request, which never
+# receives a call's data. It only forks; each child then receives its own spec, and nothing else, on its link.
+class _Zygote(NamedTuple):
+    pid: int
+    sock: socket.socket  # SOCK_SEQPACKET: a request is b"fork" + the ranks' stdout pipe; a reply, pid + link
+
+
+_zygote: _Zygote | None = None
+
+
+def start_zygote() -> None:
+    """Fork the process that ranks are forked from, now (once per process; later calls do nothing).
+
+    The sandbox's worker calls this before it reads its first request, while it holds no call's data. Outside
+    the worker (the repository's tests, public tests) `run_ranks` starts it on first use.
+    """
+    global _zygote
+    if _zygote is not None:
+        return
+    sys.stdout.flush()  # a fork copies what is still buffered
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ours.close()
+            die_with_parent()
+            _close_inherited({0, 1, 2, theirs.fileno()})
+            # The kernel reaps its ranks; the hub waits on pidfds.
+            signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+            _zygote_main(theirs)
+        finally:
+            os._exit(0)
+    theirs.close()
+    _zygote = _Zygote(pid, ours)
+
+
+def _zygote_main(sock: socket.socket) -> None:
+    while True:
+        try:
+            _, fds, _, _ = socket.recv_fds(sock, 16, 1)
+        except OSError:
+            return
+        if not fds:  # the hub's end closed
+            return
+        stdout_fd = fds[0]
+        ours, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # the rank
+            try:
+                ours.close()
+                sock.close()
+                os.setsid()
+                die_with_parent()
+                os.dup2(stdout_fd, 1)
+                # A fresh sys.stdout on the pipe, buffered as a process's stdout into a pipe is.
+                sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 (lives as long as the rank)
+                _close_inherited({0, 1, 2, theirs.fileno()})
+                _run_spec(theirs)
+            finally:  # never back into the zygote's loop
+                os._exit(70)
+        os.close(stdout_fd)
+        theirs.close()
+        with contextlib.suppress(OSError):
+            socket.send_fds(sock, [pid.to_bytes(8, "little")], [ours.fileno()])
+        ours.close()
+
+
+def _fork_rank(
+    setup: _RankSetup, fn: Callable[..., Any], args: tuple, stdout_fd: int
+) -> tuple[int, socket.socket]:
+    """A fork of the zygote as the rank; it receives its own arguments, and no other rank's, on its link."""
+    start_zygote()
+    assert _zygote is not None
+    spec = _rank_spec(setup, fn, args, by_source=False)
+    try:
+        socket.send_fds(_zygote.sock, [b"fork"], [stdout_fd])
+        data, fds, _, _ = socket.recv_fds(_zygote.sock, 16, 1)
+    except OSError as error:
+        raise RuntimeError(f"the process ranks are forked from is gone ({error}): a rank of an earlier run "
+                           "killed it") from None  # fmt: skip
+    if len(data) != 8 or len(fds) != 1:
+        raise RuntimeError("the process ranks are forked from is gone: a rank of an earlier run killed it")
+    ours = socket.socket(fileno=fds[0])
+    wire.send(ours, spec)
+    return int.from_bytes(data, "little"), ours
 
 
 # ====================================================================================================
@@ -365,6 +466,7 @@ class _Post:
     root: int | None  # a global rank
     reduce: str | None
     inputs: list[torch.Tensor]
+    outputs: list[tuple[tuple[int, ...], str]]  # the shape and dtype of each tensor the rank receives into
     tag: int = 0
 
     @property
@@ -484,6 +586,9 @@ class _Hub:
         if root is not None and not 0 <= root < len(members):
             raise ValueError(f"root {root} is not a rank of a group of {len(members)}")
         inputs = [wire.decode(t) for t in expect(message["inputs"], list[Any], "inputs")]
+        outputs = expect(message["outputs"], list[list[Any]], "outputs")
+        if not all(len(o) == 2 and type(o[1]) is str and all(type(n) is int for n in o[0]) for o in outputs):
+            raise TypeError("a collective's outputs must be [shape, dtype] pairs")
         if not all(type(t) is torch.Tensor for t in inputs):
             raise TypeError("a collective's inputs must be tensors")
         return _Post(
@@ -493,6 +598,7 @@ class _Hub:
             root=None if root is None else members[root],
             reduce=expect(message["reduce"], str | None, "reduce"),
             inputs=inputs,
+            outputs=[(tuple(shape), dtype) for shape, dtype in outputs],
             tag=expect(message.get("tag", 0), int, "tag"),
         )
 
@@ -541,6 +647,8 @@ class _Hub:
 
     def _reply(self, post: _Post, outputs: list[torch.Tensor] | None, error: str | None = None) -> None:
         rank = self.ranks[post.rank]
+        if error is None and outputs is not None:
+            error = _payload_mismatch(post, outputs)
         if rank.post is post:
             rank.post, rank.state = None, "running"
         message = {"error": error} if error else {"outputs": [wire.encode(t) for t in outputs]}
@@ -592,16 +700,24 @@ def _matches(send: _Post, recv: _Post) -> bool:
 
 
 def _reap(pid: int, timeout_s: float, while_waiting: Callable[[], None] = lambda: None) -> None:
-    """Wait for the child `pid` to exit (calling `while_waiting` meanwhile), at most `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        while_waiting()
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                return
-        except ChildProcessError:
-            return
-        time.sleep(0.002)
+    """Wait for the rank `pid` to exit (calling `while_waiting` meanwhile), at most `timeout_s`.
+
+    A forked rank is the zygote's child, not ours: its exit is seen through a pidfd, and the kernel reaps it.
+    A spawned rank is our child: it is reaped here."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            while_waiting()
+            if select.select([pidfd], [], [], 0.002)[0]:
+                break
+    finally:
+        os.close(pidfd)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 # ----------------------------------------------------------------------------------------- arithmetic
@@ -659,6 +775,25 @@ def _carry_out(posts: list[_Post]) -> list[list[torch.Tensor]]:
     raise HubError(f"the grader's process group does not support {kind}")
 
 
+_FLAT_OUTPUTS = ("all_gather_into_tensor", "reduce_scatter_tensor")  # outputs a flat result is copied into
+
+
+def _payload_mismatch(post: _Post, outputs: list[torch.Tensor]) -> str | None:
+    """Why `outputs` cannot go into the tensors `post`'s rank receives into, or None: the same number of
+    tensors, each of the same dtype and shape (the same size, for the flat `*_tensor` collectives). A rank
+    cannot make a collective carry less than its shapes say (an empty all_to_all, say) and fill in the rest."""
+    if len(outputs) != len(post.outputs):
+        return f"{post.describe()}: rank {post.rank} receives into {len(post.outputs)} tensors, the result has {len(outputs)}"
+    for out, (shape, dtype) in zip(outputs, post.outputs, strict=True):
+        fits = out.numel() == math.prod(shape) if post.kind in _FLAT_OUTPUTS else tuple(out.shape) == shape
+        if not fits or str(out.dtype).removeprefix("torch.") != dtype:
+            return (
+                f"{post.describe()}: rank {post.rank} receives into a {dtype} tensor of shape {list(shape)}, "
+                f"the payload is a {str(out.dtype).removeprefix('torch.')} tensor of shape {list(out.shape)}"
+            )
+    return None
+
+
 def _single(post: _Post) -> torch.Tensor:
     if len(post.inputs) != 1:
         raise HubError(
@@ -702,10 +837,12 @@ def run_ranks(
 ) -> dict[str, Any]:
     """Run `fn(*rank_args[r])` as rank r of len(rank_args) ranks; what happened, as data (see RankRun).
 
-    `fn` is a function of a scenario module (it may import `package`, the submission, inside); `package`
-    must not have been imported into this process. backend: the hub (counted collectives, CPU) or a real one,
-    "gloo" or "nccl" (nothing counted). spawn: start the ranks as fresh interpreters (fn's arguments must then
-    be data) instead of forks; by default only where this process has initialised CUDA.
+    `fn` is a function of a scenario module, or of a module the ranks can import by name (it may import
+    `package`, the submission, inside); `package` must not have been imported into this process. Each rank
+    receives its own arguments only, as data (`wire`): they must be data. backend: the hub (counted
+    collectives, CPU) or a real one, "gloo" or "nccl" (nothing counted). spawn: start the ranks as fresh
+    interpreters (fn from a scenario module only) instead of forks of the zygote (`start_zygote`); by default
+    only where this process has initialised CUDA.
     """
     if package in sys.modules or any(name.startswith(package + ".") for name in sys.modules):
         raise RuntimeError(

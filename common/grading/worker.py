@@ -144,6 +144,9 @@ def _apply_limits(spawn: dict[str, Any]) -> None:
 def _run_worker(channel: socket.socket, spawn: dict[str, Any]) -> None:
     os.setsid()  # its own process group: outside a PID namespace, the template cleans up by group
     _apply_limits(spawn)
+    from common.grading.ranks import start_zygote
+
+    start_zygote()  # before the first request: ranks forked from it never hold another rank's arguments
     wire.send(channel, {"event": "worker ready", "pid": os.getpid()})
     Worker(channel).serve()
 
