@@ -35,6 +35,7 @@ COURSE_PACKAGES = frozenset({
     "jupyterlab", "ipykernel", "jupytext", "nbclient", "nbformat",
     "pytest", "xdist", "pytest_timeout", "nbval", "hypothesis", "ruff", "pytest_cov",
     "wandb", "dvc", "hydra",
+    "fastapi", "uvicorn", "python_multipart", "grpc", "grpc_tools", "grpc_health", "httpx", "prometheus_client",
 })  # fmt: skip
 
 MAIN_EPILOG = """\
