@@ -12,7 +12,6 @@ to classify one image, so the forward pass, not HTTP, dominates a request, which
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from common.bench import save_results
 from common.environment import environment
 from common.serving.loadgen import LoadResult, Upload, run_load
 from common.weeks import REPO_ROOT
-from week07_application_deployment.classifier import META_FILE
+from week07_application_deployment.classifier import load_classifier
 from week07_application_deployment.images import example_images
 from week07_application_deployment.process import ServerProcess
 
@@ -64,16 +63,11 @@ def batch_size_histogram(metrics_text: str) -> dict[str, float]:
 
 def _model(out_dir: Path, params: dict[str, int]) -> Path:
     """The benchmark's model, trained once and kept in build/ (reused while its parameters match)."""
-    import torch
-
     from week07_application_deployment.train import TrainConfig, export, train
 
     path = out_dir / f"bench_w{params['width']}_d{params['depth']}_s{params['steps']}.pt2"
-    if path.is_file():
-        extra = {META_FILE: ""}
-        torch.export.load(path, extra_files=extra)
-        if all(json.loads(extra[META_FILE])["train"].get(k) == v for k, v in params.items()):
-            return path
+    if path.is_file() and all(load_classifier(path).meta["train"].get(k) == v for k, v in params.items()):
+        return path
     config = TrainConfig(**params)
     print(f"training the benchmark model ({params}) ...", flush=True)
     model, stats = train(config)
