@@ -3,7 +3,7 @@
 For each batching setting the server starts in its own process, warms up, then takes closed-loop load from
 the async load generator (common.serving.loadgen) for a fixed time; throughput and latency percentiles come
 from the client side, the batch sizes the server really ran from its /metrics histogram. The settings run in
-rounds (A B C D, A B C D) so that a change in background load hits all of them; a setting's figures pool its
+rounds (A B C D, A B C D, ...) so that a change in background load hits all of them; a setting's figures pool its
 rounds. Results: serving_batching.json, and serving_batching.png (throughput against p99 latency).
 
 The model is the wide one (train.py --width 4096 --depth 3): a batch-1 forward pass reads ~230 MB of weights
@@ -109,7 +109,7 @@ def run_serving_benchmark(
     import torch
 
     duration_s = duration_s or (2.0 if quick else 10.0)
-    rounds = rounds or (1 if quick else 2)
+    rounds = rounds or (1 if quick else 3)
     model = _model(REPO_ROOT / "build" / "week07", QUICK_MODEL if quick else BENCH_MODEL)
     uploads = [Upload(png) for png, _ in example_images(64, num_classes=4, size=32, seed=10_000)]
     pooled: dict[Setting, list[tuple[LoadResult, dict[str, float]]]] = {s: [] for s in settings}
@@ -192,7 +192,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, concurrency: int) -> Path:
     ax.set_xlabel("throughput (requests/s)")
     ax.set_ylabel("p99 latency (ms)")
     ax.set_title(f"dynamic batching, {concurrency} concurrent clients")
-    ax.set_xlim(left=0)
+    ax.set_xlim(0, 1.6 * max(row["throughput_rps"] for row in rows))  # room for the labels
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
