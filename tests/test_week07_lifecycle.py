@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -23,7 +24,8 @@ def queue_depth(server: ServerProcess) -> float:
     raise AssertionError("no classifier_queue_depth in /metrics")
 
 
-def test_sigterm_finishes_in_flight_requests_then_exits(week07_model) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_finishes_in_flight_requests_then_exits(week07_model, sig: signal.Signals) -> None:
     # A long max wait holds the requests in the batcher, so they are surely in flight when SIGTERM comes.
     with ServerProcess.start(week07_model, grpc_port=None, max_batch=64, max_wait_ms=3000) as server:
         uploads = [Upload(png) for png, _ in example_images(IN_FLIGHT, num_classes=4, size=32, seed=1)]
@@ -39,7 +41,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits(week07_model) -> None:
                 f"the requests never queued; server output:\n{server.output()}"
             )
             time.sleep(0.02)
-        code = server.stop(grace_s=60)  # SIGTERM while all of them wait in the batcher
+        code = server.stop(grace_s=60, sig=sig)  # while all of them wait in the batcher
         client.join(60)
         assert code == 0, server.output()
         assert "shutting down" in server.output() and "stopped" in server.output()

@@ -111,10 +111,10 @@ class ServerProcess:
             tmp.cleanup()
             raise
 
-    def stop(self, grace_s: float = 30.0) -> int:
-        """SIGTERM, wait up to grace_s for a graceful exit, else SIGKILL; return the exit code."""
-        code = _stop(self.process, grace_s)
-        return code
+    def stop(self, grace_s: float = 30.0, sig: signal.Signals = signal.SIGTERM) -> int:
+        """Send sig (SIGTERM or SIGINT), wait up to grace_s for a graceful exit, else SIGKILL; return the
+        exit code."""
+        return _stop(self.process, grace_s, sig)
 
     def __enter__(self) -> ServerProcess:
         return self
@@ -124,9 +124,9 @@ class ServerProcess:
         self._tmp.cleanup()
 
 
-def _stop(process: subprocess.Popen, grace_s: float) -> int:
+def _stop(process: subprocess.Popen, grace_s: float, sig: signal.Signals = signal.SIGTERM) -> int:
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(sig)
         try:
             process.wait(grace_s)
         except subprocess.TimeoutExpired:

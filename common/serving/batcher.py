@@ -67,7 +67,8 @@ class DynamicBatcher(Generic[In, Out]):
     """Groups concurrent submit() calls into calls of `run_batch(inputs) -> outputs` on one worker thread.
 
     on_batch(n) is called on the event loop after each batch (e.g. to observe a batch-size histogram);
-    on_queue_depth(n) whenever the number of waiting requests changes (e.g. to set a gauge).
+    on_queue_depth(n) whenever the number of waiting requests changes (e.g. to set a gauge); waiting means
+    submitted and not yet in a running forward pass, so the batch being formed counts.
     """
 
     def __init__(
@@ -86,6 +87,9 @@ class DynamicBatcher(Generic[In, Out]):
         self._worker: asyncio.Task | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._accepting = False
+        self._waiting = (
+            0  # submitted, not yet in a running forward pass (queued or in the batch being formed)
+        )
 
     @property
     def running(self) -> bool:
@@ -105,14 +109,14 @@ class DynamicBatcher(Generic[In, Out]):
         """Queue one input and wait for its output (or the exception its batch raised)."""
         if not self.running or self._queue is None:
             raise BatcherNotRunningError("the batcher is not running (not started yet, or stopping)")
-        waiting = self._queue.qsize()
-        if waiting >= self.config.max_queue:
+        if self._waiting >= self.config.max_queue:
             raise QueueFullError(
-                f"{waiting} requests are already queued (max_queue={self.config.max_queue}); retry later"
+                f"{self._waiting} requests are already waiting (max_queue={self.config.max_queue}); retry later"
             )
         future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((item, future))
-        self._on_queue_depth(waiting + 1)
+        self._waiting += 1
+        self._on_queue_depth(self._waiting)
         return await future
 
     async def stop(self) -> None:
@@ -156,7 +160,8 @@ class DynamicBatcher(Generic[In, Out]):
         stop = False
         while not stop:
             batch, stop = await self._next_batch()
-            self._on_queue_depth(self._queue.qsize())
+            self._waiting -= len(batch)  # these leave the wait: their forward pass starts now
+            self._on_queue_depth(self._waiting)
             batch = [(item, future) for item, future in batch if not future.cancelled()]  # caller gave up
             if not batch:
                 continue
