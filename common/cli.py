@@ -35,6 +35,7 @@ COURSE_PACKAGES = frozenset({
     "jupyterlab", "ipykernel", "jupytext", "nbclient", "nbformat",
     "pytest", "xdist", "pytest_timeout", "nbval", "hypothesis", "ruff", "pytest_cov",
     "wandb", "dvc", "hydra",
+    "fastapi", "uvicorn", "python_multipart", "grpc", "grpc_tools", "grpc_health", "httpx", "prometheus_client",
 })  # fmt: skip
 
 MAIN_EPILOG = """\
@@ -245,6 +246,15 @@ def cmd_bench_large_models(args: argparse.Namespace) -> int:
     from common.memory.benchmark import run_large_model_benchmarks
 
     paths = run_large_model_benchmarks(results_dir(args.out), quick=args.quick)
+    print("\n".join(f"saved {path}" for path in paths))
+    return 0
+
+
+def cmd_bench_serving(args: argparse.Namespace) -> int:
+    """Week 7: the classifier service at batch size 1 against dynamic batching under 64 concurrent clients."""
+    from week07_application_deployment.benchmark import run_serving_benchmark
+
+    paths = run_serving_benchmark(results_dir(args.out), quick=args.quick, concurrency=args.clients)
     print("\n".join(f"saved {path}" for path in paths))
     return 0
 
@@ -482,6 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     large.add_argument("--quick", action="store_true", help="the toy model, to check that everything runs")
     large.add_argument("--out", help=OUT_HELP)
+    serving = _add_command(
+        bench_sub,
+        "serving",
+        cmd_bench_serving,
+        epilog="examples:\n  effdl bench serving\n  effdl bench serving --quick --clients 8",
+    )
+    serving.add_argument("--clients", type=int, default=64, help="concurrent clients (default 64)")
+    serving.add_argument("--quick", action="store_true", help="a tiny model and 2 s per setting")
+    serving.add_argument("--out", help=OUT_HELP)
 
     test = _add_command(
         sub,

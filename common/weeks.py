@@ -27,6 +27,13 @@ SYLLABUS: tuple[tuple[str, str], ...] = (
 # Week 2 (tracking, pipelines, tests) has no GPU part at all: its full run is a CPU run.
 FULL_ON_CPU: frozenset[str] = frozenset({"week02_management_and_testing", "week04_data_parallel"})
 
+# Weeks whose folder already holds code while their seminar and slides are still to be written, with what is
+# there. The repository's shape test asks these for their README only, and fails once a listed week has its
+# seminar and slides, so the entry is removed then.
+IN_PROGRESS: dict[str, str] = {
+    "week07_application_deployment": "the model service (HTTP, gRPC, dynamic batching) and its benchmark",
+}
+
 
 class UnknownWeekError(EffdlError):
     """A week name that is not in the syllabus."""

@@ -49,3 +49,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def week07_model(tmp_path_factory: pytest.TempPathFactory, worker_id: str):
+    """A tiny week-7 classifier, trained and exported once per test run and shared by the xdist workers
+    (the first worker to get the lock trains it; the others wait and reuse the file)."""
+    from filelock import FileLock
+
+    from week07_application_deployment.train import TrainConfig, export, train
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # the run's folder, shared by its workers
+    path = root / "week07_classifier.pt2"
+    with FileLock(f"{path}.lock"):
+        if not path.is_file():
+            config = TrainConfig(channels=8, width=32, steps=40)
+            model, stats = train(config)
+            assert stats["held_out_accuracy"] >= 0.95, (
+                f"the tiny test model did not learn the gratings: {stats}"
+            )
+            export(model, config, path, stats)
+    return path
