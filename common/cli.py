@@ -187,6 +187,12 @@ def cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_saved(paths: list[Path]) -> int:
+    """Print where a benchmark saved its results; the command's exit status."""
+    print("\n".join(f"saved {path}" for path in paths))
+    return 0
+
+
 def cmd_bench_timers(args: argparse.Namespace) -> int:
     """Check common.bench against triton.testing on this GPU and save the figures as JSON."""
     from common.bench_validation import run_timer_validation
@@ -210,8 +216,7 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
         paths = run_kernel_benchmarks(results_dir(args.out), kernels=args.kernel, quick=args.quick)
     except ValueError as error:  # an unknown kernel name: the message lists the valid ones
         raise EffdlError(str(error)) from None
-    print("\n".join(f"saved {path}" for path in paths))
-    return 0
+    return _report_saved(paths)
 
 
 def cmd_bench_pipelines(args: argparse.Namespace) -> int:
@@ -219,8 +224,7 @@ def cmd_bench_pipelines(args: argparse.Namespace) -> int:
     from common.bench_pipelines import run_pipeline_benchmarks
 
     paths = run_pipeline_benchmarks(results_dir(args.out), quick=args.quick)
-    print("\n".join(f"saved {path}" for path in paths))
-    return 0
+    return _report_saved(paths)
 
 
 def cmd_bench_allreduce(args: argparse.Namespace) -> int:
@@ -228,8 +232,7 @@ def cmd_bench_allreduce(args: argparse.Namespace) -> int:
     from common.distributed.benchmark import run_all_reduce_benchmark
 
     paths = run_all_reduce_benchmark(results_dir(args.out), quick=args.quick)
-    print("\n".join(f"saved {path}" for path in paths))
-    return 0
+    return _report_saved(paths)
 
 
 def cmd_bench_ddp(args: argparse.Namespace) -> int:
@@ -237,8 +240,7 @@ def cmd_bench_ddp(args: argparse.Namespace) -> int:
     from common.distributed.benchmark import run_ddp_benchmark
 
     paths = run_ddp_benchmark(results_dir(args.out), quick=args.quick, world=args.ranks)
-    print("\n".join(f"saved {path}" for path in paths))
-    return 0
+    return _report_saved(paths)
 
 
 def cmd_bench_large_models(args: argparse.Namespace) -> int:
@@ -246,8 +248,7 @@ def cmd_bench_large_models(args: argparse.Namespace) -> int:
     from common.memory.benchmark import run_large_model_benchmarks
 
     paths = run_large_model_benchmarks(results_dir(args.out), quick=args.quick)
-    print("\n".join(f"saved {path}" for path in paths))
-    return 0
+    return _report_saved(paths)
 
 
 def cmd_bench_serving(args: argparse.Namespace) -> int:
@@ -255,8 +256,7 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
     from week07_application_deployment.benchmark import run_serving_benchmark
 
     paths = run_serving_benchmark(results_dir(args.out), quick=args.quick, concurrency=args.clients)
-    print("\n".join(f"saved {path}" for path in paths))
-    return 0
+    return _report_saved(paths)
 
 
 def cmd_wheelhouse(args: argparse.Namespace) -> int:
