@@ -22,6 +22,7 @@ _quick in the file names.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,7 @@ def _kernel_step(config: LlamaConfig, batch: int, seq: int, device: torch.device
     torch.manual_seed(0)
     with device:
         plain = Llama(config).to(dtype=torch.bfloat16)
-        kernels = Llama(LlamaConfig(**{**vars(config), "use_kernels": True})).to(dtype=torch.bfloat16)
+        kernels = Llama(dataclasses.replace(config, use_kernels=True)).to(dtype=torch.bfloat16)
     kernels.load_state_dict(plain.state_dict())
     tokens, targets = random_batch(config, batch, seq, device=device)
     with torch.no_grad():
