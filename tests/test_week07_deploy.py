@@ -140,7 +140,7 @@ def test_dockerfile_builds_in_stages_and_runs_as_a_user() -> None:
     found = stages()
     names = [name for _, name in found]
     assert len(found) >= 2 and "build" in names, f"expected a `build` stage and a runtime stage: {found}"
-    final_base, final_name = found[-1]
+    final_base = found[-1][0]
     assert final_base not in names, f"the runtime stage must start from a base image, not from {final_base}"
     copied_from = {re.search(r"--from=(\S+)", c)[1] for c in in_final_stage("COPY") if "--from=" in c}
     assert "build" in copied_from, "the runtime stage should copy what the build stage made"
