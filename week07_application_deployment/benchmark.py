@@ -6,7 +6,7 @@ from the client side, the batch sizes the server really ran from its /metrics hi
 rounds (A B C D, A B C D, ...) so that a change in background load hits all of them; a setting's figures pool its
 rounds. Results: serving_batching.json, and serving_batching.png (throughput against p99 latency).
 
-The model is the wide one (train.py --width 4096 --depth 3): a batch-1 forward pass reads ~230 MB of weights
+The model is the wide one (train.py --width 4096 --depth 3): a batch-1 forward pass reads ~235 MB of weights
 to classify one image, so the forward pass, not HTTP, dominates a request, which is when batching can pay.
 """
 

@@ -4,7 +4,7 @@
     python -m week07_application_deployment.train --out build/week07/wide.pt2 --width 2048 --depth 3
 
 The model is a small conv stem and an MLP head of `depth` residual blocks of `width` units. The head's width
-sets how expensive a forward pass is: at width 2048 a batch-1 pass reads ~50 MB of weights to classify one
+sets how expensive a forward pass is: at width 2048 a batch-1 pass reads ~67 MB of weights to classify one
 image, which is what makes batching pay on a CPU (see the README). It trains on CPU in seconds (tiny) to
 about half a minute (wide), and reports its accuracy on held-out images before it exports.
 """
@@ -65,9 +65,8 @@ class GratingClassifier(nn.Module):
             nn.Linear(2 * c * (s // 4) ** 2, config.width),
         )  # fmt: skip
         self.blocks = nn.ModuleList(nn.Linear(config.width, config.width) for _ in range(config.depth))
-        for (
-            block
-        ) in self.blocks:  # each block starts as the identity: deep heads train as fast as shallow ones
+        # Each block starts as the identity: deep heads train as fast as shallow ones.
+        for block in self.blocks:
             nn.init.zeros_(block.weight)
             nn.init.zeros_(block.bias)
         self.out = nn.Linear(config.width, config.num_classes)
