@@ -469,38 +469,54 @@ class Prometheus:
         return last
 
 
+BIND_ATTEMPTS = 3  # a port found free can be taken before Prometheus binds it: then try another
+
+
 @contextlib.contextmanager
 def running_prometheus(config: dict, folder: Path) -> Iterator[Prometheus]:
     """/usr/bin/prometheus on a free loopback port with `config`, storage in `folder`; always stopped."""
-    executable = needs_tool("prometheus")
-    config_path, log_path = folder / "prometheus.yml", folder / "prometheus.log"
+    config_path = folder / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config))
+    for attempt in range(1, BIND_ATTEMPTS + 1):
+        log_path = folder / f"prometheus-{attempt}.log"
+        process, prometheus = _start_prometheus(config_path, folder / "data", log_path)
+        try:
+            if _wait_until_ready(process, prometheus, last_attempt=attempt == BIND_ATTEMPTS):
+                yield prometheus
+                return
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _start_prometheus(config: Path, storage: Path, log_path: Path) -> tuple[subprocess.Popen, Prometheus]:
     port = free_port()
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [
-                executable, f"--config.file={config_path}", f"--storage.tsdb.path={folder / 'data'}",
+                needs_tool("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={storage}",
                 f"--web.listen-address=127.0.0.1:{port}",
             ],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-    prometheus = Prometheus(f"http://127.0.0.1:{port}", log_path)
-    try:
-        deadline = time.monotonic() + WAIT_S
-        while not _answers(f"{prometheus.url}/-/ready"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(
-                    f"Prometheus did not become ready (exit code {process.poll()}):\n{prometheus.log()}"
-                )
-            time.sleep(0.1)
-        yield prometheus
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    return process, Prometheus(f"http://127.0.0.1:{port}", log_path)
+
+
+def _wait_until_ready(process: subprocess.Popen, prometheus: Prometheus, last_attempt: bool) -> bool:
+    """True once Prometheus answers /-/ready; False if it lost its port to another program (try again)."""
+    deadline = time.monotonic() + WAIT_S
+    while not _answers(f"{prometheus.url}/-/ready"):
+        exited = process.poll() is not None
+        if exited and "address already in use" in prometheus.log() and not last_attempt:
+            return False
+        if exited or time.monotonic() > deadline:
+            pytest.fail(f"Prometheus did not become ready (exit code {process.poll()}):\n{prometheus.log()}")
+        time.sleep(0.1)
+    return True
 
 
 def _answers(url: str) -> bool:
