@@ -118,7 +118,8 @@ def _load(path, name: str):
 def test_week05_offload_grader_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The week-5 offload task is graded on a GPU only; its checker's arithmetic is checked here on the CPU: the
     reference solution, run by the task's scenario on device "cpu" at small sizes, matches the checker's float64
-    reference, and a solution that overwrites .grad instead of adding to it does not."""
+    reference, and a solution that overwrites .grad instead of adding to it does not; the memory verdict, on
+    figures as the allocator reports them, passes a step within the budget that used the GPU and nothing else."""
     import types
 
     assignment = find_assignment("week05_large_models")
@@ -132,8 +133,8 @@ def test_week05_offload_grader_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.syspath_prepend(str(assignment.root / "src"))
     try:
         ref = checker.reference(scenario.make(0, 32, 3, 4))
-        seen = scenario.train(0, [32, 3, 4], 0, checker.SEED, device="cpu")
-        assert seen["on_cpu"] == [True] * 3
+        seen = scenario.train(0, [32, 3, 4], 0, checker.SEED, on_gpu=False)
+        assert seen["on_cpu"] == [True] * 3 and seen["out_device"] == "cpu"
         checker.close(seen["out"], ref["out"], "the output")
         for i in range(3):
             for key in ("bias", "rows", "columns"):
@@ -149,9 +150,24 @@ def test_week05_offload_grader_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> No
             return original(layers, x, grad, device)
 
         monkeypatch.setattr(offload, "offloaded_step", overwrites)
-        wrong = scenario.train(0, [32, 3, 4], 0, checker.SEED, device="cpu")
+        wrong = scenario.train(0, [32, 3, 4], 0, checker.SEED, on_gpu=False)
         with pytest.raises(AssertionError):
             checker.close(wrong["bias"][0], ref["bias"][0], "layer 0: bias")
     finally:
         for name in [n for n in sys.modules if n == "largemodels" or n.startswith("largemodels.")]:
             del sys.modules[name]
+    mib, weights = 2**20, 512 * 2**20
+
+    def stats(peak: int, allocated: int) -> dict[str, int]:  # what step_memory reads of memory_stats
+        return {"reserved_bytes.all.peak": peak, "allocated_bytes.all.allocated": allocated}
+
+    memory = scenario.step_memory(stats(0, 10 * mib), stats(300 * mib, 10 * mib + 1536 * mib))
+    assert memory == {"peak_reserved": 300 * mib, "allocated": 1536 * mib}
+    checker.check_memory(memory, 384 * mib, weights)
+    for wrong_memory, why in [
+        ({"peak_reserved": 385 * mib, "allocated": 1536 * mib}, "budget is 384 MiB"),  # every layer kept
+        ({"peak_reserved": 2 * mib, "allocated": 0}, "compute on `device`"),  # the step ran on the CPU
+        (None, "could not be read"),
+    ]:
+        with pytest.raises(AssertionError, match=why):
+            checker.check_memory(wrong_memory, 384 * mib, weights)

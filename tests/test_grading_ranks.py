@@ -262,16 +262,23 @@ def reach_the_hub():
 """
 
 
-def test_in_the_sandbox_a_rank_can_neither_ptrace_the_hub_nor_read_its_memory(tmp_path: Path) -> None:
+def in_the_sandbox(tmp_path: Path, source: str, function: str, *args: object) -> RankRun:
+    """Call `function` of the scenario `source` (which calls run_ranks) in a sandboxed worker, as a task does."""
     (tmp_path / "src").mkdir()
     session = Session(SandboxSpec(src=tmp_path / "src", scratch=tmp_path / "scratch"))
     try:
         session.spawn(WorkerLimits(address_space_bytes=8 * 2**30), "/tmp/task")
-        target = {"scenario": "hub_probe", "source": HUB_PROBE, "function": "reach_the_hub"}
-        reply = session.exchange({"op": "call", "id": 1, "target": target, "args": wire.encode([])}, 120)
+        target = {"scenario": "probe", "source": source, "function": function}
+        request = {"op": "call", "id": 1, "target": target, "args": wire.encode(list(args))}
+        reply = session.exchange(request, 120)
     finally:
         session.kill()
-    seen = RankRun.from_data(wire.decode(reply["value"])).returned(dict)
+    assert "value" in reply, f"the scenario raised: {reply}"
+    return RankRun.from_data(wire.decode(reply["value"]))
+
+
+def test_in_the_sandbox_a_rank_can_neither_ptrace_the_hub_nor_read_its_memory(tmp_path: Path) -> None:
+    seen = in_the_sandbox(tmp_path, HUB_PROBE, "reach_the_hub").returned(dict)
     expected = {
         "memory": "PermissionError",
         "attached": False,
@@ -315,19 +322,67 @@ def spy(secrets):
 def test_in_the_sandbox_a_rank_holds_its_own_arguments_and_no_other_ranks(tmp_path: Path) -> None:
     """Ranks forked from the worker would inherit every rank's arguments (a Ulysses submission once computed
     from the other ranks' shards and sent empty all-to-alls); forked from the zygote, each holds only its own."""
-    (tmp_path / "src").mkdir()
-    session = Session(SandboxSpec(src=tmp_path / "src", scratch=tmp_path / "scratch"))
     secrets = [torch.full((64,), 1000.0 + r) for r in range(3)]
-    try:
-        session.spawn(WorkerLimits(address_space_bytes=8 * 2**30), "/tmp/task")
-        target = {"scenario": "rank_spy", "source": RANK_SPY, "function": "spy"}
-        request = {"op": "call", "id": 1, "target": target, "args": wire.encode([secrets])}
-        reply = session.exchange(request, 120)
-    finally:
-        session.kill()
-    assert RankRun.from_data(wire.decode(reply["value"])).returned(list) == [[], [], []], (
+    assert in_the_sandbox(tmp_path, RANK_SPY, "spy", secrets).returned(list) == [[], [], []], (
         "a rank found another rank's arguments in its memory"
     )
+
+
+RANK_FILES = """
+import os, socket
+import torch.distributed as dist
+from common.grading.ranks import run_ranks
+
+
+def _folders():  # where a rank might leave a file for another: its own view, and through another's /proc
+    pids = [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+    seen_through = [f"/proc/{p}/{where}" for p in pids for where in ("root/tmp", "root/dev/shm", "cwd")]
+    return ["/tmp", os.getcwd(), "/dev/shm", "/dev", *seen_through]
+
+
+def _leave_and_look(rank):
+    mine, wrote, found, reached = f"rank-{rank}", [], [], []
+    for folder in _folders():
+        try:
+            open(os.path.join(folder, mine), "w").close()
+            wrote.append(folder)
+        except OSError:
+            pass
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(f"\\0effdl-{mine}")  # abstract Unix sockets belong to a network namespace
+    listener.listen()
+    dist.barrier()  # every rank has written and listens
+    for folder in _folders():
+        try:
+            found += [f"{folder}/{n}" for n in os.listdir(folder) if n.startswith("rank-") and n != mine]
+        except OSError:
+            pass
+    for other in range(dist.get_world_size()):
+        try:
+            socket.socket(socket.AF_UNIX).connect(f"\\0effdl-rank-{other}")
+            reached.append(other)
+        except OSError:
+            pass
+    dist.barrier()  # no rank stops listening before every rank has tried
+    return {"wrote": wrote, "found": found, "reached": reached}
+
+
+def leave_and_look():
+    return run_ranks(_leave_and_look, [(r,) for r in range(3)], package="probe")
+"""
+
+
+def test_in_the_sandbox_a_rank_sees_no_file_or_socket_of_another(tmp_path: Path) -> None:
+    """Each rank has its own /tmp (its working folder in it) and /dev/shm, a read-only /dev and its own network
+    namespace: the hub stays the only way between ranks. No rank finds another's file, through /proc either,
+    or reaches another's abstract socket."""
+    seen = in_the_sandbox(tmp_path, RANK_FILES, "leave_and_look").returned(dict)
+    for rank, rank_seen in enumerate(seen):
+        assert rank_seen["found"] == [], f"rank {rank} found another rank's files: {rank_seen['found']}"
+        assert rank_seen["reached"] == [rank], f"rank {rank} reached ranks {rank_seen['reached']}' sockets"
+        assert rank_seen["wrote"] == ["/tmp", "/tmp/task", "/dev/shm"], (
+            f"rank {rank} could write {rank_seen['wrote']}: its own /tmp, working folder and /dev/shm only"
+        )
 
 
 def all_to_all_into_smaller_tensors() -> None:

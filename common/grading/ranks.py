@@ -32,9 +32,13 @@ code can unwrap any wrapper and reset any counter), so here the count is a by-pr
   neither ptrace it nor write its memory through /proc; no folder on its sys.path is writable (`sandbox`); and
   each rank closes every socket but its own link (the checker's channel too) before any scenario or student
   code runs.
-- What it cannot see: the ranks share the sandbox's /tmp and loopback network, so a submission that writes its
-  own transport (a socket or a file between its ranks) moves data the hub never carries. That is deliberate
-  work, visible in the submitted source, and not a collective call too many; the statement forbids it.
+- Nothing else is shared. In the sandbox (`start_zygote(private=True)`), each rank forked for the hub enters
+  namespaces of its own before it runs anything (`isolate_rank`): a private /tmp (its working folder
+  recreated there) and /dev/shm, a read-only /dev, no network (not even loopback, nor abstract Unix sockets),
+  its own System V and POSIX IPC; and it keeps no capability that could undo that. What remains between ranks
+  are signals and the other ranks' /proc entries, channels of a few bits per system call that a submission
+  would have to build on purpose, plain in its source; the statement forbids them. Ranks of a real backend
+  are not isolated: their rendezvous is a file in the worker's folder, and NCCL needs /dev/shm.
 - The schedule is adversarial, so that output which relies on luck fails every time: ranks start one at a
   time, highest rank first, each running until its first collective or its end, and leave one at a time,
   highest first. Text that a rank printed without synchronising, or without flushing, comes out reversed.
@@ -53,6 +57,7 @@ everything the ranks wrote to stdout in the order it arrived, and a hang report 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import functools
 import importlib
@@ -302,6 +307,74 @@ def _close_inherited(keep: set[int]) -> None:
                 os.close(fd)
 
 
+# ----------------------------------------------------------------------------------------- a rank's own files
+_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWUSER, _CLONE_NEWNET = 0x20000, 0x8000000, 0x10000000, 0x40000000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND = 0x1, 0x2, 0x4, 0x20, 0x1000
+PRIVATE_TMP_BYTES = 256 * 2**20  # each of a rank's /tmp and /dev/shm: memory, counted when written
+
+
+def isolate_rank() -> None:
+    """Give this process (a rank just forked, so single-threaded) its own /tmp and /dev/shm, a read-only /dev,
+    no network and its own IPC, then give up the power to change any of it.
+
+    unshare() needs no privilege when it also makes a user namespace (the sandbox's uid is mapped onto itself
+    there); in it the rank may mount. A second, nested user namespace then drops that power: mounts belong to
+    the namespace that made them, so the rank can no longer unmount its /tmp to uncover the sandbox's, and a
+    mount namespace it makes later copies them locked. The working folder is made again in the new /tmp.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    cwd = os.getcwd()
+    _enter_user_namespace(libc, _CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWIPC)
+    private = f"size={PRIVATE_TMP_BYTES},mode=0700".encode()
+    for where in (b"/tmp", b"/dev/shm"):
+        _mount(libc, b"tmpfs", where, b"tmpfs", _MS_NOSUID | _MS_NODEV, private)
+    _mount(libc, b"tmpfs", b"/dev/pts", b"tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV, None)  # no shared ptys
+    _mount(libc, None, b"/dev", None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV, None)
+    if cwd == "/tmp" or cwd.startswith("/tmp/"):
+        os.makedirs(cwd, exist_ok=True)
+    os.chdir(cwd)  # the old one is the sandbox's /tmp, shared: a relative path must not reach it
+    _enter_user_namespace(libc, _CLONE_NEWUSER)
+
+
+def _enter_user_namespace(libc: ctypes.CDLL, flags: int) -> None:
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(flags) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"a rank could not get namespaces of its own: unshare: {os.strerror(error)}")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as file:
+            file.write(text)
+
+
+def _mount(libc: ctypes.CDLL, source: bytes | None, target: bytes, kind: bytes | None, flags: int,
+           options: bytes | None) -> None:  # fmt: skip
+    if libc.mount(source, target, kind, flags, options) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"a rank could not mount {target.decode()}: {os.strerror(error)}")
+
+
+def check_rank_isolation() -> None:
+    """Raise RuntimeError, with the reason, unless a fork of this process can `isolate_rank()` (the sandbox's
+    template calls this before it says ready: a kernel that refuses is the machine's fault, never a rank's)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(read)
+            isolate_rank()
+        except BaseException as error:
+            os.write(write, str(error).encode()[:500])
+            code = 1
+        os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        reason = pipe.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise RuntimeError(f"the ranks cannot be isolated in this sandbox: {reason or f'status {status}'}")
+
+
 def _rank_spec(setup: _RankSetup, fn: Callable[..., Any], args: tuple, *, by_source: bool) -> dict[str, Any]:
     """What a rank process is told: its setup, where fn lives, and its own arguments only (as data)."""
     module = sys.modules[fn.__module__]
@@ -348,6 +421,8 @@ def _run_spec(sock: socket.socket) -> None:
 
     The function is looked up when the rank runs it, so a module that fails to load is the rank's exception."""
     spec = wire.receive(sock)
+    if spec.get("isolate"):
+        isolate_rank()  # before anything of the scenario's or the student's runs
 
     def fn(*args: Any) -> Any:
         if "source" in spec:
@@ -369,16 +444,18 @@ def _run_spec(sock: socket.socket) -> None:
 class _Zygote(NamedTuple):
     pid: int
     sock: socket.socket  # SOCK_SEQPACKET: a request is b"fork" + the ranks' stdout pipe; a reply, pid + link
+    private: bool  # whether its hub ranks get namespaces of their own (`isolate_rank`)
 
 
 _zygote: _Zygote | None = None
 
 
-def start_zygote() -> None:
+def start_zygote(private: bool = False) -> None:
     """Fork the process that ranks are forked from, now (once per process; later calls do nothing).
 
-    The sandbox's worker calls this before it reads its first request, while it holds no call's data. Outside
-    the worker (the repository's tests, public tests) `run_ranks` starts it on first use.
+    The sandbox's worker calls this before it reads its first request, while it holds no call's data, with
+    `private`: each rank forked for the hub then gets its own /tmp, /dev/shm, network and IPC (`isolate_rank`).
+    Outside the worker (the repository's tests, public tests) `run_ranks` starts it on first use, without.
     """
     global _zygote
     if _zygote is not None:
@@ -397,7 +474,7 @@ def start_zygote() -> None:
         finally:
             os._exit(0)
     theirs.close()
-    _zygote = _Zygote(pid, ours)
+    _zygote = _Zygote(pid, ours, private)
 
 
 def _zygote_main(sock: socket.socket) -> None:
@@ -438,6 +515,7 @@ def _fork_rank(
     start_zygote()
     assert _zygote is not None
     spec = _rank_spec(setup, fn, args, by_source=False)
+    spec["isolate"] = _zygote.private and setup.backend == HUB_BACKEND  # a real backend's store is a file
     try:
         socket.send_fds(_zygote.sock, [b"fork"], [stdout_fd])
         data, fds, _, _ = socket.recv_fds(_zygote.sock, 16, 1)

@@ -141,12 +141,14 @@ def _apply_limits(spawn: dict[str, Any]) -> None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, spawn["gpu_memory_bytes"] / total), index)
 
 
-def _run_worker(channel: socket.socket, spawn: dict[str, Any]) -> None:
+def _run_worker(channel: socket.socket, spawn: dict[str, Any], sandboxed: bool) -> None:
     os.setsid()  # its own process group: outside a PID namespace, the template cleans up by group
     _apply_limits(spawn)
     from common.grading.ranks import start_zygote
 
-    start_zygote()  # before the first request: ranks forked from it never hold another rank's arguments
+    # Before the first request: ranks forked from it never hold another rank's arguments. In the sandbox each
+    # also gets its own /tmp, /dev/shm, network and IPC, so the hub stays the ranks' only channel.
+    start_zygote(private=sandboxed)
     wire.send(channel, {"event": "worker ready", "pid": os.getpid()})
     Worker(channel).serve()
 
@@ -190,6 +192,10 @@ def serve_template(channel: socket.socket, pid_namespace: bool, preload: list[st
     make_undumpable()
     for module in ["torch", *preload]:  # the point of the template: imported once, shared by every fork
         importlib.import_module(module)
+    if pid_namespace:  # sandboxed: a kernel that refuses ranks their namespaces fails here, not in a task
+        from common.grading.ranks import check_rank_isolation
+
+        check_rank_isolation()
     wire.send(channel, {"event": "template ready"})
     while True:
         try:
@@ -202,7 +208,7 @@ def serve_template(channel: socket.socket, pid_namespace: bool, preload: list[st
         if pid == 0:
             code = 0
             try:
-                _run_worker(channel, request)
+                _run_worker(channel, request, sandboxed=pid_namespace)
             except BaseException:  # the channel broke, or a limit could not be applied: the status says so
                 code = 70
             os._exit(code)

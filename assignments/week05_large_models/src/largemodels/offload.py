@@ -40,9 +40,9 @@ def offloaded_step(
     - Afterwards each parameter's .grad (a CPU tensor) holds the gradient of (output * grad).sum() with
       respect to it, added to what .grad held before (None counts as zero). The parameters themselves are
       unchanged and still on the CPU.
-    - Device memory (the grader measures it from outside your process): the parameters and gradients of at
-      most two layers, the layer being computed and optionally the next one (prefetching), plus activations
-      of one layer; between layers, activations live on the host.
+    - Device memory (the grader reads the caching allocator's peak on `device`): the parameters and gradients
+      of at most two layers, the layer being computed and optionally the next one (prefetching), plus
+      activations of one layer; between layers, activations live on the host.
     """
     # BEGIN SOLUTION: offloaded_step: forward layer by layer keeping host inputs, then backward by recomputation
     device = torch.device(device)

@@ -10,8 +10,9 @@ alternates one forward and one backward, then runs the backwards left:
     stage 1 of 2, m = 4:      | F0 B0 F1 B1 F2 B2 F3 B3 |
 
 GPipe (every forward, then every backward) computes the same gradients but keeps all m micro-batches'
-activations alive on stage 0; 1F1B keeps at most p - s. The grader checks the gradients against the whole
-model on one process and the order of your sends and receives against this schedule.
+activations alive on stage 0; 1F1B keeps at most min(p - s, m). The grader checks the gradients against the
+whole model on one process, the order of your sends and receives against this schedule, and, through the
+stage module it gives you, how many micro-batches' saved activations are alive at once on each stage.
 
 The communication of one action, on stage s:
 

@@ -3,7 +3,10 @@
 Reference: the whole model (every stage's layers in a row) trained here, in the checker, in float64 on the
 whole batch, loss = the mean over the micro-batches of their MSE, plain SGD: its parameters after every step
 and each micro-batch's loss must equal the pipeline's. The order of each stage's sends and receives, from the
-hub's log, must be 1F1B's: GPipe computes the same numbers but keeps every micro-batch's activations alive.
+hub's log, must be 1F1B's, and so must its memory: the grader's stage (`scenarios.pipeline.CountedStage`)
+counts the micro-batches whose saved activations are alive at once, which 1F1B bounds by min(p - s, m) on
+stage s of p. GPipe computes the same numbers but keeps all m alive on stage 0, and stage 0, which receives
+nothing, can run GPipe's forwards early and still send in 1F1B's order: only the count catches that.
 """
 
 from __future__ import annotations
@@ -90,6 +93,25 @@ def expected_messages(stages: int, m: int, stage: int) -> list[tuple[str, int]]:
     return messages
 
 
+def in_flight_bound(stages: int, m: int, stage: int) -> int:
+    """The most micro-batches whose activations stage s of p holds at once under 1F1B: the w = min(p - s - 1, m)
+    warm-up forwards, plus the one each steady-phase forward adds before the backward that frees the oldest;
+    w = m (no steady phase) when there are fewer micro-batches than that: m."""
+    return min(stages - stage, m)
+
+
+def check_in_flight(seen: list[dict[str, Any]], m: int) -> None:
+    """Each stage's count of micro-batches in flight, per step, within 1F1B's bound."""
+    stages = len(seen)
+    for s in range(stages):
+        counts, bound = seen[s]["in_flight"], in_flight_bound(stages, m, s)
+        assert type(counts) is list and all(type(n) is int and n <= bound for n in counts), (
+            f"stage {s} of {stages} held the activations of {counts} micro-batches at once (per step); 1F1B "
+            f"holds at most {bound}: run each backward as soon as the schedule allows, and let a micro-batch's "
+            "activations go with its backward"
+        )
+
+
 def run(submission: Submission, data: dict[str, Any]) -> RankRun:
     return RankRun.from_data(
         submission.run(
@@ -138,11 +160,12 @@ def test_parameters_and_losses_equal_the_whole_model_trained_on_one_process(subm
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_sends_and_receives_follow_1f1b(submission: Submission, case: str) -> None:
+def test_sends_receives_and_activations_alive_follow_1f1b(submission: Submission, case: str) -> None:
     stages, layers, m, size = CASES[case]
     ran = run(submission, make(stages, layers, m, size, seed=1))
-    ran.returned(dict[str, Any])
+    seen = ran.returned(dict[str, Any])
     world = tuple(range(stages))
+    check_in_flight(seen, m)
     for s in range(stages):
         expected = expected_messages(stages, m, s)
         for step, part in enumerate(steps_of(ran.collectives[s], s)):
@@ -161,3 +184,4 @@ def test_one_stage_does_not_communicate(submission: Submission) -> None:
         for a, b in zip(seen[0]["params"][step], ref["params"][step][0], strict=True):
             torch.testing.assert_close(a, b, **TOLERANCE)
     assert [c.kind for c in ran.collectives[0]] == ["barrier"] * STEPS, "one stage needs no messages"
+    check_in_flight(seen, data["m"])

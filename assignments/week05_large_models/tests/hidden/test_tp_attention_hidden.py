@@ -6,7 +6,10 @@ Each rank receives the whole weights with the rows and columns it does not own s
 computes with exactly its own shard returns finite, correct values. The student's code runs on each rank through the grader's hub
 (`common.grading.ranks`), which carries out every collective itself and so counts them where the submission
 cannot reach: exactly one all-reduce (sum) in forward and one in backward, on the group given. The scenario
-calls one barrier between forward and backward: the marker that splits the log.
+calls one barrier between forward and backward: the marker that splits the log. The scenario's refusal to
+import `common.distributed.tensor_parallel` and DTensor is a message, not a guard (a submission can undo it):
+the fused layout, the NaN outside each shard and the replicated kv heads, which the library cannot answer,
+are the guard (`scenarios/attention.py`).
 """
 
 from __future__ import annotations

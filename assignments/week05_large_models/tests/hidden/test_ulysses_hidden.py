@@ -6,7 +6,9 @@ must return, and get the gradients of, its own slice of the sequence. Tensors ar
 head_dim), and the cases include fewer kv heads than ranks: the course library's Ulysses (heads before
 positions, kv heads divisible by the ranks) answers neither. The student's code runs on each rank
 through the grader's hub, which counts every collective: all_to_all only, 4 in forward and 4 in backward, on
-the group given (the scenario's one barrier between forward and backward splits the log).
+the group given (the scenario's one barrier between forward and backward splits the log). The scenario's
+refusal to import the library is a message, not a guard (a submission can undo it): these cases, which the
+library cannot answer, are the guard (`scenarios/attention.py`).
 """
 
 from __future__ import annotations

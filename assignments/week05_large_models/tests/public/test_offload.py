@@ -1,7 +1,7 @@
 """Public tests of `largemodels.offload`, on the CPU: the offloaded step equals the plain model's.
 
 The hidden test runs the same function on a GPU, on 8 layers of 4096 x 4096 (512 MiB of parameters) under a
-384 MiB budget measured from outside your process; it also checks that gradients add to those already in
+384 MiB budget (the caching allocator's peak on the GPU); it also checks that gradients add to those already in
 .grad and that the parameters end on the CPU.
 """
 

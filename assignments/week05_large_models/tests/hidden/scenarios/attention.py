@@ -7,6 +7,14 @@ reference (a whole `common.models.llama.Attention`, float64) itself.
 
 Before the submission is imported, every rank refuses `common.distributed.tensor_parallel` (the course's own
 Megatron and Ulysses) and `torch.distributed.tensor` (DTensor): the tasks are to write that communication.
+That refusal states the rule where a student meets it; it is not what enforces it. It runs in the rank, in the
+submission's own interpreter, which can take the finder off sys.meta_path, or exec the library's source as
+the mutants `tp_calls_the_library` and `ulysses_calls_the_library` do. Nor can the trusted side see the
+difference: the library's collectives reach the hub as the student's would, and a scan of the submitted source
+misses a module name built at run time. What makes the library useless is the problem itself: a fused QKV
+weight interleaved per kv-head group, NaN outside each rank's shard and kv heads fewer than ranks (tensor
+parallel); (batch, positions, heads, head_dim) tensors and replicated kv heads (Ulysses). The library answers
+other layouts, and the two mutants, which call it past the refusal, lose the task's points.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ class _RefuseOffLimits(importlib.abc.MetaPathFinder):
 
 
 def refuse_off_limits() -> None:
-    """Make the off-limits modules unimportable in this rank (a forked child: the hub's process is unchanged).
+    """Make the off-limits modules unimportable in this rank (a forked child: the hub's process is unchanged),
+    for a clear message to a student who tries; a submission can undo it (see the module docstring).
 
     torch may have imported parts of torch.distributed.tensor already (torch._dynamo does): they are dropped
     from sys.modules and from their parent package, so `import` has to find them again, and the finder says no.
