@@ -147,7 +147,12 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     from common.grading.manifest import find_assignment
     from common.grading.selftest import selftest
 
-    verdicts = selftest(find_assignment(args.assignment), jobs=args.jobs, only_gpu_tasks=args.gpu_only)
+    verdicts = selftest(
+        find_assignment(args.assignment),
+        jobs=args.jobs,
+        only_gpu_tasks=args.gpu_only,
+        mutants_on_targets_only=args.targets_only,
+    )
     return 0 if all(v.ok for v in verdicts) else 1
 
 
@@ -429,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     selftest.add_argument("assignment", help="assignment folder name under assignments/ (or a unique prefix)")
     selftest.add_argument("--jobs", type=int, default=2, help="variants graded in parallel (default 2)")
     selftest.add_argument("--gpu-only", action="store_true", help="check only the tasks that need a GPU")
+    selftest.add_argument(
+        "--targets-only",
+        action="store_true",
+        help="grade each mutant only on the tasks it targets (faster; skips checking that it keeps the others)",
+    )
 
     release = _add_command(
         sub,

@@ -26,10 +26,17 @@ def _verdicts_ok(verdicts) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ASSIGNMENTS)
 def test_selftest_on_cpu(name: str) -> None:
-    verdicts = selftest(find_assignment(name), jobs=2, console=Console(quiet=True))
+    """Each mutant graded on the tasks it targets only (`effdl selftest` grades it on every task)."""
+    assignment = find_assignment(name)
+    verdicts = selftest(assignment, jobs=2, console=Console(quiet=True), mutants_on_targets_only=True)
     _verdicts_ok(verdicts)
     assert {v.variant for v in verdicts} >= {"reference", "starter"}
-    assert len(verdicts) - 2 == len(find_assignment(name).mutants), "every mutant must be tried"
+    assert len(verdicts) - 2 == len(assignment.mutants), "every mutant must be tried"
+    targets = {m.name: set(m.targets) for m in assignment.mutants}
+    for verdict in verdicts:
+        graded = {t.task.id for t in verdict.result.tasks}
+        expected = targets.get(verdict.variant, {t.id for t in assignment.tasks})
+        assert graded == expected, f"{verdict.variant} graded on {graded}, not {expected}"
 
 
 @pytest.mark.gpu

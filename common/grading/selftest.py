@@ -6,7 +6,9 @@ A grader is only as good as what it rejects. Graded with the same harness as stu
 - the starter (solution blocks stubbed) must score zero, and each public test must fail with the stub's
   `NotImplementedError`, never an import error (in a bug hunt, whose starter is the program with its planted
   bugs, with an `AssertionError`);
-- every mutant must lose points on each task it targets, and keep full marks on the others.
+- every mutant must lose points on each task it targets, and keep full marks on the others (with
+  `mutants_on_targets_only`, as in the course's CI, each mutant is graded on the tasks it targets and nothing
+  else: the same proof that the grader catches it, at a fraction of the sandboxed runs).
 
 Tasks that need a GPU are checked only where a GPU is present (elsewhere they show `needs GPU runner`);
 with `--gpu-only` a GPU task that could not run is a failure, and so is an infrastructure error anywhere:
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -144,6 +146,7 @@ def selftest(
     gpus: Sequence[int] | None = None,
     only_gpu_tasks: bool = False,
     console: Console | None = None,
+    mutants_on_targets_only: bool = False,
 ) -> list[Verdict]:
     """Grade the reference, the starter and every mutant; print a table; return the verdicts."""
     require_hidden_tests(assignment, "effdl selftest")
@@ -165,6 +168,9 @@ def selftest(
         )
 
     tasks = tuple(t for t in assignment.tasks if t.id in task_ids)
+    graded_on = {name: tasks for name, _, _ in variants}
+    if mutants_on_targets_only:
+        graded_on |= {m.name: tuple(t for t in tasks if t.id in m.targets) for m in mutants}
     with console.status(f"{assignment.name}: checking the sandbox and collecting the hidden tests"):
         context = GradingContext.prepare(replace(assignment, tasks=tasks))
     try:
@@ -174,8 +180,8 @@ def selftest(
                 for name, transform in (("reference", reference_source), ("starter", starter_source)):
                     public[name] = _public_outcomes(assignment, transform, context.workdir)
         label = f"self-test: {len(variants)} variants"
-        with task_progress(console, len(variants) * len(tasks), label) as done:
-            results = grade_batch(context, [v[2] for v in variants], jobs=jobs, gpus=gpus, on_task_done=done)
+        with task_progress(console, sum(map(len, graded_on.values())), label) as done:
+            results = _grade_each_on_its_tasks(context, variants, graded_on, jobs, gpus, done)
     finally:
         shutil.rmtree(context.workdir, ignore_errors=True)
     verdicts = []
@@ -192,6 +198,29 @@ def selftest(
     return verdicts
 
 
+def _grade_each_on_its_tasks(
+    context: GradingContext,
+    variants: list[tuple[str, str, Submission]],
+    graded_on: dict[str, tuple[Task, ...]],
+    jobs: int,
+    gpus: Sequence[int] | None,
+    on_task_done: Callable[[str, TaskResult], None],
+) -> list[SubmissionResult]:
+    """Grade every variant on the tasks `graded_on` names for it: one batch per set of tasks, sharing the
+    prepared context (its sandbox check, starter and collected hidden tests); results in variant order."""
+    by_tasks: dict[tuple[str, ...], list[int]] = {}
+    for index, (name, _, _) in enumerate(variants):
+        by_tasks.setdefault(tuple(t.id for t in graded_on[name]), []).append(index)
+    results: list[SubmissionResult | None] = [None] * len(variants)
+    for indices in by_tasks.values():
+        tasks = graded_on[variants[indices[0]][0]]
+        narrowed = replace(context, assignment=replace(context.assignment, tasks=tasks))
+        batch = grade_batch(narrowed, [variants[i][2] for i in indices], jobs, gpus, on_task_done)
+        for index, result in zip(indices, batch, strict=True):
+            results[index] = result
+    return results
+
+
 def _print(verdicts: list[Verdict], tasks: list[Task], console: Console) -> None:
     table = Table(title="grader self-test (points per task)")
     table.add_column("variant", overflow="fold")
@@ -202,7 +231,8 @@ def _print(verdicts: list[Verdict], tasks: list[Task], console: Console) -> None
         public = verdict.public or []
         passed = f"{sum(c.outcome == 'passed' for c in public)}/{len(public)}" if public else "-"
         outcome = "[green]ok[/green]" if verdict.ok else "[red]WRONG[/red]: " + "; ".join(verdict.problems)
-        cells = [task_cell(t) for t in verdict.result.tasks]
+        graded = {t.task.id: t for t in verdict.result.tasks}
+        cells = [task_cell(graded[t.id]) if t.id in graded else "[dim]-[/dim]" for t in tasks]
         table.add_row(verdict.variant, *cells, passed, f"{outcome} ({verdict.expectation})")
     console.print(table)
     print_legend(console, tasks, [v.result.tasks for v in verdicts])
