@@ -204,7 +204,8 @@ class ZeroOptimizer:
         )
 
     def remove(self) -> None:
-        """Take stage 2's hooks off the parameters."""
+        """Take stage 2's hooks off the parameters: they refer to this optimizer, and so to the parameters,
+        through autograd's C++ side, which Python's garbage collector cannot see; unhooked, both can be freed."""
         for hook in self._hooks:
             hook.remove()
 
