@@ -18,7 +18,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from common.distributed.fsdp import apply_fsdp, full_parameters, local_slice, train_steps
+from common.distributed.fsdp import (
+    apply_fsdp,
+    full_parameters,
+    load_checkpoint,
+    local_slice,
+    save_checkpoint,
+    train_steps,
+)
 from common.distributed.launch import launch
 from common.distributed.zero import ZeroOptimizer, shard_numel
 from common.errors import EffdlError
@@ -262,6 +269,38 @@ def test_sizes_that_do_not_divide_are_padded(runs) -> None:
             for got, want in zip(params, references["odd_sizes"], strict=True):
                 where = f"stage {stage}, rank {rank} of {world}"
                 torch.testing.assert_close(got, want, **PARAM_TOL["adamw"], msg=where)
+
+
+def fsdp2_with_a_checkpoint(path: str, resume: bool) -> dict:
+    """FSDP2 with AdamW over STEPS + 2 batches: resume=False trains the first STEPS, saves a DCP checkpoint
+    to path and trains on; resume=True loads that checkpoint into a fresh model and trains the last 2."""
+    model = apply_fsdp(fresh_model())
+    cls, options = OPTIMIZERS["adamw"]
+    optimizer = cls(model.parameters(), **options)
+    data = batches() + batches()[:2]  # two more steps, on batches the model has seen once
+    if resume:
+        load_checkpoint(model, optimizer, path)
+    else:
+        train_steps(model, optimizer, data[:STEPS])
+        save_checkpoint(model, optimizer, path)
+    losses = train_steps(model, optimizer, data[STEPS:])
+    return {"losses": losses, "params": full_parameters(model)}
+
+
+@pytest.mark.distributed
+def test_fsdp2_checkpoint_saved_on_4_ranks_resumes_on_2(tmp_path) -> None:
+    """Loaded on 2 ranks, the checkpoint of 4 continues as the 4 ranks did. The two runs reduce their
+    gradients over 2 and 4 ranks, so they agree to PARAM_TOL's fp32 rounding, not bit for bit; a run that
+    lost the optimizer's state (AdamW's moments, its step count) or took a wrong shard is off by whole steps."""
+    uninterrupted = launch(fsdp2_with_a_checkpoint, 4, args=(str(tmp_path), False), timeout_s=300)[0]
+    resumed = launch(fsdp2_with_a_checkpoint, 2, args=(str(tmp_path), True), timeout_s=300)
+    for rank, report in resumed.items():
+        assert report["losses"] == pytest.approx(uninterrupted["losses"], rel=LOSS_RTOL), rank
+        for name, value in report["params"].items():
+            torch.testing.assert_close(value, uninterrupted["params"][name], **PARAM_TOL["adamw"], msg=name)
+    # The checkpoint mattered: a fresh model's loss on these batches is far from the trained one's.
+    first_loss = reference("adamw")["losses"][0]
+    assert abs(uninterrupted["losses"][0] - first_loss) > 0.05
 
 
 def test_bad_arguments_are_clear_errors() -> None:
