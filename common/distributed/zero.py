@@ -80,10 +80,7 @@ class _Shard:
 
     param: nn.Parameter  # the model's parameter: whole, the same on every rank
     shard: torch.Tensor  # this rank's ceil(n / p) elements of it, flat: what the inner optimizer updates
-
-    @property
-    def padded_numel(self) -> int:
-        return self.shard.numel() * dist.get_world_size()
+    padded_numel: int  # p ceil(n / p): the parameter flattened and zero-padded, as the collectives see it
 
 
 class ZeroOptimizer:
@@ -126,7 +123,11 @@ class ZeroOptimizer:
             inner_groups.append({**param_group, "params": [s.shard for s in shards]})
         self.optimizer = optimizer_class(inner_groups, **defaults)
         self._hooks = (
-            [s.param.register_post_accumulate_grad_hook(self._reduce_scatter_hook(s)) for s in self.shards]
+            [
+                s.param.register_post_accumulate_grad_hook(self._reduce_scatter_hook(s))
+                for s in self.shards
+                if s.param.requires_grad  # a frozen parameter never gets a gradient, nor a hook
+            ]
             if stage == 2
             else []
         )
@@ -139,7 +140,7 @@ class ZeroOptimizer:
             padded = torch.zeros(size * self.world_size, dtype=param.dtype, device=param.device)
             padded[: param.numel()] = param.reshape(-1)
             shard = padded[self.rank * size : (self.rank + 1) * size].clone()  # only 1/p stays alive
-        return _Shard(param, shard.requires_grad_(param.requires_grad))
+        return _Shard(param, shard.requires_grad_(param.requires_grad), size * self.world_size)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
