@@ -21,7 +21,7 @@ week 5 (forward in the loss, backward at the loss, in each block, optimizer.step
 | --- | --- | --- |
 | DDP | S_5 + P (gradient buckets) | every W5 phase + P: apply_ddp's flat buckets hold a copy of every gradient, always |
 | ZeRO-1 | P + buffers + P_s (the optimizer's shard copy) + k P_s | W5 forward and backward phases - S_5 + static; step: static + P (gradients, whole) + P_s (shard gradients) + max(t P_s, G + G / p) (foreach temporary; one parameter's padded copy and its shard in the reduce-scatter) |
-| ZeRO-2 | as ZeRO-1 | W5 forward and at-the-loss phases - S_5 + static; backward at the output layer (untied): the at-the-loss phase + the layer's gradient, its padded copy and its shard, O (2 + 1/p) with O = V d B; the largest gradient last (a tied embedding): static + P_s + G (2 + 1/p); step: static + P_s + max(t P_s, G) (the all-gather's buffer) |
+| ZeRO-2 | as ZeRO-1 | W5 forward and at-the-loss phases - S_5 + static; backward at the output layer (untied): the at-the-loss phase + the layer's gradient, its padded copy and its shard, O (2 + 1/p) with O = V d B; the largest gradient reduce-scattered after every other's (a tied embedding's is): static + P_s + G (2 + 1/p); step: static + P_s + max(t P_s, G) (the all-gather's buffer) |
 | FSDP2 | P_s + buffers + k P_s | forward, gathering the last block: static + R + (activations of the blocks before it) + 3 L_b; forward, in the loss: static + R + activations + the logits + L_b; backward in the last block: static + R + (activations - head) + (V d + d) B (output and final-norm gradients) + 3 L_b + L_b / p; step: static + P_s + t P_s |
 
 FSDP2 with reshard_after_forward=False keeps every block's gathered parameters from its forward to its
@@ -58,6 +58,7 @@ from common.memory.anatomy import (
     OPTIMIZER_STATES,
     OPTIMIZER_TEMPORARIES,
     MeasuredStep,
+    StepMemory,
     _peak_on_gpu,
     predict_step_memory,
 )
@@ -129,83 +130,127 @@ def predict_sharded_memory(
     step = predict_step_memory(
         config, batch, seq_len, param_dtype=param_dtype, compute_dtype=compute_dtype, optimizer=optimizer
     )
-    b = param_dtype.itemsize
     shapes = _parameter_shapes(config)
-    whole = step.parameters
-    k, t = OPTIMIZER_STATES[optimizer], OPTIMIZER_TEMPORARIES[optimizer]
-    static_5 = step.parameters + step.buffers + step.optimizer_states
-    forward_and_loss = [(n, v) for n, v in step.phases if n.startswith(("forward", "backward, at the loss"))]
-    backward_blocks = [(n, v) for n, v in step.phases if n.startswith("backward, in block")]
-
     if scheme == "ddp":
-        buckets = whole
-        phase, peak = max(((n, v + buckets) for n, v in step.phases), key=lambda item: item[1])
-        return ShardedMemory(
-            scheme, world_size, whole, whole, step.optimizer_states, 0, buckets, step.activations, peak, phase
-        )
-
+        return _ddp(step, world_size)
     if scheme in ("zero1", "zero2"):
-        shard = sum(shard_numel(s.numel(), world_size) for s in shapes.values()) * b
-        largest = max(s.numel() for s in shapes.values())
-        padded_largest = shard_numel(largest, world_size) * world_size * b
-        static = whole + step.buffers + shard + k * shard
-        shift = static - static_5
-        if scheme == "zero1":
-            communication = padded_largest + padded_largest // world_size
-            phases = [(n, v + shift) for n, v in forward_and_loss + backward_blocks]
-            phases.append(
-                (
-                    "optimizer.step() (gradients whole, their shards, the step's temporary)",
-                    static + whole + shard + max(t * shard, communication),
-                )
-            )
-            gradients = whole
-        else:
-            communication = 2 * padded_largest + padded_largest // world_size
-            at_loss = next(v for n, v in forward_and_loss if n.startswith("backward, at the loss"))
-            phases = [(n, v + shift) for n, v in forward_and_loss]
-            if not config.tie_embeddings:  # (tied, its gradient is complete only after the embedding's)
-                output = shard_numel(config.vocab_size * config.d_model, world_size) * world_size * b
-                phases.append(
-                    (
-                        "backward, reduce-scattering the output layer's gradient",
-                        at_loss + shift + 2 * output + output // world_size,
-                    )
-                )
-            phases.append(
-                (
-                    "backward, reduce-scattering the largest gradient, after every other's",
-                    static + shard + communication,
-                )
-            )
-            phases.append(
-                (
-                    "optimizer.step() (gradient shards, the step's temporary)",
-                    static + shard + max(t * shard, padded_largest),
-                )
-            )
-            gradients = shard
-        phase, peak = max(phases, key=lambda item: item[1])
-        return ShardedMemory(
-            scheme,
-            world_size,
-            whole,
-            gradients,
-            k * shard,
-            shard,
-            communication,
-            step.activations,
-            peak,
-            phase,
-        )
+        return _zero(config, step, shapes, world_size, int(scheme[-1]), param_dtype.itemsize, optimizer)
+    return _fsdp2(
+        config,
+        step,
+        shapes,
+        world_size,
+        reshard_after_forward,
+        param_dtype.itemsize,
+        optimizer,
+        batch * seq_len,
+    )
 
-    # FSDP2: one unit per block, and the root (embeddings, final norm, output layer).
+
+def _ddp(step: StepMemory, world_size: int) -> ShardedMemory:
+    """Every phase of the whole-model step, plus the buckets: apply_ddp keeps a copy of every gradient."""
+    buckets = step.parameters
+    phase, peak = max(((n, v + buckets) for n, v in step.phases), key=lambda item: item[1])
+    return ShardedMemory(
+        "ddp",
+        world_size,
+        step.parameters,
+        step.gradients,
+        step.optimizer_states,
+        0,
+        buckets,
+        step.activations,
+        peak,
+        phase,
+    )
+
+
+def _zero(
+    config: LlamaConfig,
+    step: StepMemory,
+    shapes: dict[str, torch.Size],
+    world_size: int,
+    stage: int,
+    b: int,
+    optimizer: str,
+) -> ShardedMemory:
+    """ZeRO-1 and ZeRO-2: week 5's forward and backward with the static memory changed, and their own step."""
+    k, t = OPTIMIZER_STATES[optimizer], OPTIMIZER_TEMPORARIES[optimizer]
+    whole = step.parameters
+    shard = sum(shard_numel(s.numel(), world_size) for s in shapes.values()) * b
+    padded_largest = shard_numel(max(s.numel() for s in shapes.values()), world_size) * world_size * b
+    static = whole + step.buffers + shard + k * shard
+    shift = static - (step.parameters + step.buffers + step.optimizer_states)
+    forward_and_loss = [(n, v) for n, v in step.phases if n.startswith(("forward", "backward, at the loss"))]
+    if stage == 1:
+        communication = padded_largest + padded_largest // world_size
+        blocks = [(n, v) for n, v in step.phases if n.startswith("backward, in block")]
+        phases = [(n, v + shift) for n, v in forward_and_loss + blocks]
+        phases.append(
+            (
+                "optimizer.step() (gradients whole, their shards, the step's temporary)",
+                static + whole + shard + max(t * shard, communication),
+            )
+        )
+        gradients = whole
+    else:
+        communication = 2 * padded_largest + padded_largest // world_size
+        at_loss = next(v for n, v in forward_and_loss if n.startswith("backward, at the loss"))
+        phases = [(n, v + shift) for n, v in forward_and_loss]
+        if not config.tie_embeddings:  # (tied, its gradient is complete only after the embedding's)
+            output = shard_numel(config.vocab_size * config.d_model, world_size) * world_size * b
+            phases.append(
+                (
+                    "backward, reduce-scattering the output layer's gradient",
+                    at_loss + shift + 2 * output + output // world_size,
+                )
+            )
+        phases.append(
+            (
+                "backward, reduce-scattering the largest gradient, after every other's",
+                static + shard + communication,
+            )
+        )
+        phases.append(
+            (
+                "optimizer.step() (gradient shards, the step's temporary)",
+                static + shard + max(t * shard, padded_largest),
+            )
+        )
+        gradients = shard
+    phase, peak = max(phases, key=lambda item: item[1])
+    return ShardedMemory(
+        f"zero{stage}",
+        world_size,
+        whole,
+        gradients,
+        k * shard,
+        shard,
+        communication,
+        step.activations,
+        peak,
+        phase,
+    )
+
+
+def _fsdp2(
+    config: LlamaConfig,
+    step: StepMemory,
+    shapes: dict[str, torch.Size],
+    world_size: int,
+    reshard_after_forward: bool,
+    b: int,
+    optimizer: str,
+    tokens: int,
+) -> ShardedMemory:
+    """FSDP2: one unit per block and the root (embeddings, final norm, output layer); its own phases."""
+    k, t = OPTIMIZER_STATES[optimizer], OPTIMIZER_TEMPORARIES[optimizer]
     shard = sum(_fsdp_shard_numel(s, world_size) for s in shapes.values()) * b
     block = sum(s.numel() for n, s in shapes.items() if n.startswith("layers.0.")) * b
     root = sum(s.numel() for n, s in shapes.items() if not n.startswith("layers.")) * b
     static = shard + step.buffers + k * shard
     kept = 0 if reshard_after_forward else config.n_layers * block  # gathered blocks kept for the backward
-    logits = batch * seq_len * config.vocab_size * 4
+    logits = tokens * config.vocab_size * 4
     before_last = step.activations - step.activations_per_layer - step.head_activations
     output_grads = (config.vocab_size * config.d_model + config.d_model) * b
     phases = [
@@ -229,7 +274,7 @@ def predict_sharded_memory(
     ]
     phase, peak = max(phases, key=lambda item: item[1])
     return ShardedMemory(
-        scheme, world_size, shard, shard, k * shard, 0, 3 * block + kept, step.activations, peak, phase
+        "fsdp2", world_size, shard, shard, k * shard, 0, 3 * block + kept, step.activations, peak, phase
     )
 
 
