@@ -95,18 +95,26 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def stage2_frees_full_gradients() -> dict:
-    """After a stage-2 backward: no parameter holds a gradient; each shard holds ceil(n / p) averaged values."""
+    """After a stage-2 backward: no parameter holds a gradient; each shard holds ceil(n / p) averaged values.
+    A second backward without zero_grad accumulates into the shards: the same batch twice gives twice the
+    gradient (the same sums in the same order, and x + x = 2x exactly)."""
     model = fresh_model()
     optimizer = ZeroOptimizer(model.parameters(), torch.optim.AdamW, stage=2, lr=1e-3)
     tokens, targets = batches()[0]
     model.loss(local_slice(tokens), local_slice(targets)).backward()
-    return {
+    once = [s.shard.grad.clone() for s in optimizer.shards]
+    report = {
         "param_grads": sum(p.grad is not None for p in model.parameters()),
         "shard_grad_sizes_ok": all(
             s.shard.grad.numel() == shard_numel(s.param.numel(), dist.get_world_size())
             for s in optimizer.shards
         ),
     }
+    model.loss(local_slice(tokens), local_slice(targets)).backward()
+    report["accumulated_twice"] = all(
+        torch.equal(s.shard.grad, 2 * g) for s, g in zip(optimizer.shards, once, strict=True)
+    )
+    return report
 
 
 def odd_sizes_train(stage: int) -> list[torch.Tensor]:
@@ -255,10 +263,14 @@ def test_fsdp2_optimizer_state_is_sharded_too(runs) -> None:
 
 
 @pytest.mark.distributed
-def test_stage2_keeps_only_gradient_shards_after_backward(runs) -> None:
+def test_stage2_keeps_only_gradient_shards_and_accumulates_them(runs) -> None:
     _, by_rank, _ = runs
     for report in by_rank.values():
-        assert report["stage2_backward"] == {"param_grads": 0, "shard_grad_sizes_ok": True}
+        assert report["stage2_backward"] == {
+            "param_grads": 0,
+            "shard_grad_sizes_ok": True,
+            "accumulated_twice": True,
+        }
 
 
 @pytest.mark.distributed
