@@ -8,6 +8,9 @@
   a plan dict), the same through torch's DTensor API, DeepSpeed-Ulysses attention, and the bytes each sends.
 - pipeline: pipeline parallelism (GPipe, 1F1B) on a plain Llama: balanced stages, schedules as data, their
   simulated bubble, a measured step's timeline.
+- zero: ZeRO stages 1 and 2 around any elementwise torch.optim optimizer: optimizer states, then gradients,
+  sharded over the ranks.
+- fsdp: FSDP2 (ZeRO stage 3) with torch's fully_shard on the Llama, and the loop every scheme is tested with.
 
 README.md in this folder says what each module teaches and how to run it on one machine or a cluster.
 """

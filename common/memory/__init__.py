@@ -5,4 +5,6 @@
 - checkpointing: full and selective activation checkpointing applied to a plain model.
 - offload: parameters streamed from pinned host memory with prefetch, optimizer states on the host,
   activations offloaded through saved-tensor hooks.
+- probe: live tensor storage bytes and their peak, for the CPU, where the allocator keeps no statistics.
+- sharded (week 6): one rank's memory under DDP, ZeRO-1, ZeRO-2 and FSDP2, predicted and measured.
 """

@@ -122,14 +122,20 @@ class StepMemory:
     optimizer_states: int
     activations_per_layer: int  # saved for backward by one block (its input only, with checkpointing)
     activations: int  # everything saved for backward at the end of the forward
+    head_activations: int  # the part of it saved outside the blocks: final norm, output layer, loss
     loss_buffers: int  # the loss's gradients beside its saved log-probabilities, at the start of backward
     temporary: int  # the largest temporary of the peak's phase
     peak: int
     peak_phase: str
+    phases: tuple[tuple[str, int], ...] = ()  # every candidate for the peak: (phase, bytes alive then)
 
     def rows(self) -> list[tuple[str, int]]:
         """(term, bytes) pairs for a table, in the order the docstring explains them."""
-        return [(name, getattr(self, name)) for name in self.__dataclass_fields__ if name != "peak_phase"]
+        return [
+            (name, getattr(self, name))
+            for name in self.__dataclass_fields__
+            if name not in ("peak_phase", "phases")
+        ]
 
 
 def _norm_saved(tokens: int, d: int, p: int, c: int, consumers: int, autocast: bool) -> int:
@@ -273,10 +279,12 @@ def predict_step_memory(
         optimizer_states=optimizer_states,
         activations_per_layer=per_layer,
         activations=activations,
+        head_activations=head,
         loss_buffers=loss_buffers,
         temporary=temporary,
         peak=peak,
         peak_phase=phase,
+        phases=tuple((name, live) for name, _, live in phases),
     )
 
 
