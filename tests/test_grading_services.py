@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from common.grading.client import Sandboxes, Submission, TaskRunner
 from common.grading.faults import CommandDidNotStartError, ProcessLimitError, TimeLimitError, WorkerEndedError
 from common.grading.services import start_service
-from common.grading.session import process_tree
+from common.grading.session import WorkerLimits, process_tree
 from common.grading.suites import IsolatedSettings
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bubblewrap runs on Linux only")
@@ -118,3 +119,21 @@ def test_without_the_sandbox_the_socket_folder_is_a_host_folder(tmp_path: Path) 
     finally:
         service.stop()
     assert process_tree(service.process.pid) == []
+
+
+@linux
+def test_a_tasks_server_runs_on_the_tasks_time_and_ends_the_task_when_it_runs_out(tmp_path: Path) -> None:
+    """Through the `submission` fixture: the server's whole run is charged to the task; at the limit the task
+    stops, and its later tests are not run."""
+    no_worker = Sandboxes(lambda: pytest.fail("a server needs no worker"), str(tmp_path))
+    runner = TaskRunner(
+        "serving", 2.0, WorkerLimits(), no_worker, tmp_path, isolated=IsolatedSettings(tmp_path)
+    )
+    submission = Submission(runner, tmp_path)
+    with pytest.raises(TimeLimitError, match="time limit of 2 s ran out while the server"):
+        with submission.serve({"a": b""}, ["sleep", "300"]) as server:
+            server.wait_ready(lambda: False)
+    assert runner.used_s >= 2.0 and isinstance(runner.stopped, TimeLimitError)
+    with pytest.raises(TimeLimitError, match="not run"):
+        with submission.serve({"a": b""}, ["true"]):
+            pass

@@ -116,9 +116,9 @@ class Batcher(Generic[In, Out]):
             if len(outputs) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(outputs)} outputs for {len(batch)} inputs")
         except Exception as error:  # every waiting request learns of it; the worker goes on
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
+            waiting = [future for _, future in batch if not future.done()]
+            for future in waiting:
+                future.set_exception(error)
             return
         for (_, future), output in zip(batch, outputs, strict=True):
             if not future.done():  # its request may have been cancelled (the client went away)

@@ -11,6 +11,7 @@ batch), the same metrics, counted with protocol="grpc". For the same image it an
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,7 +30,7 @@ async def add_classifier_servicer(
 
     # BEGIN SOLUTION: add_classifier_servicer: a ClassifierServicer whose Predict counts, calls service.predict and aborts with INVALID_ARGUMENT on Rejected; plus the health service
     class ClassifierServicer(pb2_grpc.ClassifierServicer):
-        async def Predict(self, request, context: grpc.aio.ServicerContext):  # noqa: N802 (the .proto's name)
+        async def Predict(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802 (the .proto's)
             service.metrics.count_request("grpc")
             try:
                 prediction = await service.predict(request.image)
@@ -37,9 +38,9 @@ async def add_classifier_servicer(
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
             return pb2.PredictReply(label=prediction.label, probabilities=prediction.probabilities)
 
-    pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(), server)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(), server)
     # END SOLUTION

@@ -71,8 +71,19 @@ class Server:
     http: httpx.Client
     channel: grpc.Channel
 
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """An HTTP request; an AssertionError that says so if the server dropped the connection unanswered."""
+        try:
+            return self.http.request(method, path, **kwargs)
+        except httpx.TransportError as error:
+            self.service.check_running(f"during {method} {path}")  # it exited, or the task's time ran out
+            raise AssertionError(
+                f"{method} {path}: the server closed the connection without an answer "
+                f"({type(error).__name__}: {error}); an error in a request must become a 4xx answer"
+            ) from None
+
     def predict(self, png: bytes, field: str = "image") -> httpx.Response:
-        return self.http.post("/predict", files={field: ("image.png", png, "image/png")})
+        return self.request("POST", "/predict", files={field: ("image.png", png, "image/png")})
 
     def grpc_predict(self, png: bytes) -> Any:
         """The PredictReply; grpc.RpcError if the server answered with an error status."""
@@ -87,7 +98,7 @@ class Server:
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Every sample of GET /metrics, keyed by (sample name, sorted labels), parsed by prometheus_client."""
-        response = self.http.get("/metrics")
+        response = self.request("GET", "/metrics")
         assert response.status_code == 200, f"GET /metrics answered {response.status_code}, expected 200"
         return {
             (sample.name, tuple(sorted(sample.labels.items()))): sample.value

@@ -30,7 +30,7 @@ def test_bad_requests_get_their_4xx_and_the_service_still_serves(
             "a file that is not an image": (server.predict(b"this is not an image"), 400),
             "the image in field 'file' instead of 'image'": (server.predict(png, field="file"), 400),
             "the PNG as the raw body (Content-Type image/png)": (
-                server.http.post("/predict", content=png, headers={"content-type": "image/png"}), 415),
+                server.request("POST", "/predict", content=png, headers={"content-type": "image/png"}), 415),
             "an image above --max-image-bytes": (server.predict(noise_png(64)), 413),
         }  # fmt: skip
         after = server.predict(png)

@@ -10,7 +10,7 @@ from common.grading.client import Submission
 
 def test_http_and_grpc_health_say_serving(submission: Submission, model) -> None:
     with served.running(submission, model[0]) as server:
-        response = server.http.get("/health")
+        response = server.request("GET", "/health")
         assert response.status_code == 200, f"GET /health answered {response.status_code} while serving"
         assert response.json() == {"status": "ok"}, (
             f'GET /health must answer {{"status": "ok"}}, got {response.text[:120]}'

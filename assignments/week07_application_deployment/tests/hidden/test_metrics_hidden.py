@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 import served
 
@@ -16,8 +18,9 @@ def test_the_counter_rises_by_one_per_request_and_protocol(submission: Submissio
         before = server.metrics()
         for png in pngs:
             server.predict(png)
-        server.predict(b"not an image")  # refused requests count too
-        server.http.get("/health")  # not a predict request
+        with contextlib.suppress(AssertionError):  # its answer is another task's; it counts all the same
+            server.predict(b"not an image")
+        server.request("GET", "/health")  # not a predict request
         middle = server.metrics()  # nor is reading the metrics
         for png in pngs[:2]:
             server.grpc_predict(png)
