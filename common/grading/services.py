@@ -79,10 +79,6 @@ class Service:
         """The host path of the socket the server was told to create as `{sockets}/name`."""
         return str(self.sockets / name)
 
-    @property
-    def running(self) -> bool:
-        return self.process.poll() is None and not self._ended.is_set()
-
     def output(self) -> str:
         """The tail of everything the server printed (stdout and stderr)."""
         with self._lock:
@@ -96,14 +92,11 @@ class Service:
             with contextlib.suppress(Exception):
                 if probe():
                     return time.monotonic() - self.started
-            self._raise_if_ended("before it was ready")
+            self.check_running("before it was ready")
             time.sleep(POLL_INTERVAL_S)
 
     def check_running(self, when: str) -> None:
-        """Raise the fault that ended the server, if it has ended (for a test to call after a failed request)."""
-        self._raise_if_ended(when)
-
-    def _raise_if_ended(self, when: str) -> None:
+        """Raise the fault that ended the server, if it has ended (a test calls it after a failed request)."""
         if self.stopped == "time limit":
             raise TimeLimitError(
                 f"the task's time ran out ({self.budget_s:.0f} s were left) {when}: {self._tail()}"
