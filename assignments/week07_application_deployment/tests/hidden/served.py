@@ -120,7 +120,12 @@ def running(submission: Submission, model: bytes, *options: str) -> Iterator[Ser
             "--http-socket", "{sockets}/http.sock", "--grpc-socket", "{sockets}/grpc.sock", *options]  # fmt: skip
     with submission.serve(tree, argv) as service:
         transport = httpx.HTTPTransport(uds=service.socket("http.sock"))
-        with httpx.Client(transport=transport, base_url="http://service", timeout=TIMEOUT_S) as http:
+        # A connection per request: how the server ends one request (a 500 that resets the connection) must not
+        # fail the next one, whose task may be another.
+        headers = {"Connection": "close"}
+        with httpx.Client(
+            transport=transport, base_url="http://service", headers=headers, timeout=TIMEOUT_S
+        ) as http:
             service.wait_ready(lambda: _answers(http))
             with grpc.insecure_channel(f"unix:{service.socket('grpc.sock')}") as channel:
                 yield Server(service, http, channel)

@@ -13,8 +13,9 @@ from common.grading.client import Submission
 
 REQUESTS = 16
 MAX_BATCH = 8
-# Long enough that 16 requests sent at once meet in the batcher even on a loaded machine.
-MAX_WAIT_MS = 300
+# Long enough that 16 requests sent at once meet in the batcher even on a loaded machine; a full batch does
+# not wait for it.
+MAX_WAIT_MS = 1000
 HISTOGRAM = "predict_batch_size"
 
 
