@@ -22,6 +22,7 @@ HISTOGRAM = "predict_batch_size"
 def test_concurrent_requests_are_batched_and_answered_each_their_own(
     submission: Submission, model, known
 ) -> None:
+    assert_batcher_written_here(submission.source("modelserver/batching.py"))
     model_file, centroids = model
     pngs = [png for png, _ in known[:REQUESTS]]  # distinct images: a swapped answer shows
     expected = reference.expected_probabilities(pngs, centroids)
