@@ -10,6 +10,8 @@ The hidden tests run in the trusted checker and never import the submission. The
         submission.call("fastpipe.batching:first_fit_decreasing", [3, 12], 10)
     source = submission.source("fastpipe/loss_scaling.py")     # the submitted text, for static checks
     run = submission.run_isolated(tree, [python, "-m", "pytest", ...], time_limit_s=60)   # a fresh sandbox
+    with submission.serve(tree, [python, "-m", "pkg.server", "--socket", "{sockets}/http.sock"]) as server:
+        ...                                                  # a server in a fresh sandbox, over Unix sockets
 
 `call` runs a function or class of the submission in the worker and returns its result as data (see `wire`);
 `returns=` states the exact type the test accepts (no subclasses, `bool` is not an `int`), and anything else
@@ -23,7 +25,8 @@ import it too and run the same function on a reference. Every expected value is 
 `run_isolated` runs a command (a student's test suite, a pipeline) once in a fresh sandbox of its own, on a
 source tree the test chose (`tree()` is the submission's; a test may swap in a reference with a bug planted
 back), and returns what the harness observed: the exit status, which limit stopped it, the files it left in
-its outbox (`suites.IsolatedRun`). Its time counts against the task's limit too.
+its outbox (`suites.IsolatedRun`). Its time counts against the task's limit too. `serve` runs a server the
+same way for as long as a `with` block lasts, reached over Unix sockets (`services`).
 
 Each task has its own worker, forked when the task's first test calls it and forked again after it dies. The
 time the worker spends on a task's calls counts against the task's time limit; when it runs out, or the
@@ -32,6 +35,7 @@ submission starts too many processes, the sandbox is killed and every later call
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 import types
@@ -53,6 +57,7 @@ from common.grading.faults import (
     WorkerEndedError,
     WrongTypeError,
 )
+from common.grading.services import Service, start_service
 from common.grading.session import Session, WorkerLimits
 from common.grading.suites import IsolatedRun, IsolatedSettings, run_isolated
 
@@ -190,6 +195,34 @@ class TaskRunner:
             raise self.stopped
         return run
 
+    @contextmanager
+    def serve(
+        self, what: str, tree: dict[str, bytes], argv: list[str], env: dict[str, str]
+    ) -> Iterator[Service]:
+        """`services.start_service` on what is left of the task's time; the server's whole run counts
+        against it, and it is killed (with everything it started) when the block ends."""
+        if self.stopped is not None:
+            raise type(self.stopped)(f"not run: {self.stopped}")
+        if self.isolated is None:
+            raise RuntimeError("this checker was not configured for isolated runs")
+        left = max(self.time_limit_s - self.used_s, 0.001)
+        service = start_service(tree, argv, self.isolated, left, env)
+        self.calls += 1
+        try:
+            yield service
+        finally:
+            self.used_s += service.stop()
+            if service.stopped == "time limit":
+                self.stopped = TimeLimitError(
+                    f"the task's time limit of {self.time_limit_s:g} s ran out while {what} ran"
+                )
+            elif service.stopped == "process limit":
+                self.stopped = ProcessLimitError(
+                    f"{what} started more than {service.max_processes} processes"
+                )
+            if service.stopped:  # whatever the test saw (a refused connection) follows from this
+                raise self.stopped
+
     def _encode(self, value: Any) -> Any:
         try:
             return wire.encode(_handles_to_wire(value, self))
@@ -308,6 +341,17 @@ class Submission:
         are separate runs (a verdict that must hold every time runs the command with repeat 0, 1, ...)."""
         what = PurePosixPath(argv[0]).name if argv else "a command"
         return self._runner.run_isolated(what, tree, argv, time_limit_s, env or {}, repeat)
+
+    def serve(
+        self, tree: dict[str, bytes], argv: list[str], env: dict[str, str] | None = None
+    ) -> contextlib.AbstractContextManager[Service]:
+        """Run a server (`argv`, on `tree`) in a fresh sandbox for the length of a `with` block; the test talks
+        to it over Unix sockets it told the server to create in `{sockets}` (see `common.grading.services`).
+
+        The server runs on the task's time from start to the block's end, and is killed with every process it
+        started when the block ends."""
+        what = "the server" if not argv else f"the server ({PurePosixPath(argv[0]).name})"
+        return self._runner.serve(what, tree, argv, env or {})
 
 
 @contextmanager

@@ -171,36 +171,19 @@ def _run_fresh(
     settings.workdir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="isolated-", dir=settings.workdir))
     try:
-        src, outbox, scratch = folder / "src", folder / "outbox", folder / "scratch"
-        for path, data in tree.items():
-            (src / path).parent.mkdir(parents=True, exist_ok=True)
-            (src / path).write_bytes(data)
-        src.mkdir(exist_ok=True)
+        outbox = folder / "outbox"
         outbox.mkdir()
-        (scratch / "tmp").mkdir(parents=True)
-        spec = SandboxSpec(src=src, scratch=scratch, threads=settings.threads, sandboxed=settings.sandboxed,
-                           outbox=outbox)  # fmt: skip
-        where = {"{outbox}": outbox_path(spec), "{src}": SRC_MOUNT if spec.sandboxed else str(src)}
-        command = [_fill(arg, where) for arg in argv]
-        status_read, status_write = os.pipe()
-        launcher = [sys.executable, "-P", "-m", "common.grading.launcher",
-                    f"--address-space={settings.address_space_bytes}", f"--file-size={settings.max_file_bytes}",
-                    f"--open-files={settings.max_open_files}", f"--status-fd={status_write}",
-                    "--", *command]  # fmt: skip
+        launch = sandboxed_command(tree, argv, settings, env, folder, outbox)
         try:
-            run = _run(wrap(spec, launcher, env), time_limit_s, settings.max_processes + 2, status_write)
-            status = _read_status(status_read)
+            run = _run(launch.argv, time_limit_s, settings.max_processes + 2, launch.status_write)
+            status = read_status(launch.status_read)
         finally:
-            os.close(status_read)
+            os.close(launch.status_read)
         # The sandbox or the launcher failed before the command ran (see launcher): the machine's fault, unless
         # the run was given less time than a sandbox may take to start (what was left of a task's time).
         cut_short = run.stopped == "time limit" and time_limit_s < LAUNCH_TIMEOUT_S
         if status != b"exec\n" and not cut_short:
-            said = status.decode(errors="replace").strip() or "nothing"
-            raise CommandDidNotStartError(
-                f"{PurePosixPath(command[0]).name} did not start in its sandbox (the launcher said {said!r}): "
-                f"{run.output[-600:]}"
-            )
+            raise did_not_start(argv, status, run.output)
         run = IsolatedRun(
             run.returncode, run.stopped, run.duration_s, _read_outbox(outbox, settings), run.output
         )
@@ -209,13 +192,60 @@ def _run_fresh(
     return run
 
 
+@dataclass(frozen=True)
+class Launch:
+    """A command wrapped in its sandbox and the launcher, with the launcher's status pipe (see `launcher`)."""
+
+    argv: list[str]
+    status_read: int  # the harness reads "exec" here once the command has started
+    status_write: int  # passed to the launcher; the caller closes it once the sandbox has started
+
+
+def sandboxed_command(
+    tree: dict[str, bytes],
+    argv: list[str],
+    settings: IsolatedSettings,
+    env: dict[str, str],
+    folder: Path,
+    outbox: Path,
+) -> Launch:
+    """Write `tree` below `folder` and wrap `argv` (its `{src}` and `{outbox}` filled in) in a sandbox whose
+    one writable folder besides /tmp is `outbox`, behind the launcher that applies the per-process limits."""
+    _check_tree(tree)
+    src, scratch = folder / "src", folder / "scratch"
+    for path, data in tree.items():
+        (src / path).parent.mkdir(parents=True, exist_ok=True)
+        (src / path).write_bytes(data)
+    src.mkdir(exist_ok=True)
+    (scratch / "tmp").mkdir(parents=True)
+    spec = SandboxSpec(src=src, scratch=scratch, threads=settings.threads, sandboxed=settings.sandboxed,
+                       outbox=outbox)  # fmt: skip
+    where = {"{outbox}": outbox_path(spec), "{src}": SRC_MOUNT if spec.sandboxed else str(src)}
+    command = [_fill(arg, where) for arg in argv]
+    status_read, status_write = os.pipe()
+    launcher = [sys.executable, "-P", "-m", "common.grading.launcher",
+                f"--address-space={settings.address_space_bytes}", f"--file-size={settings.max_file_bytes}",
+                f"--open-files={settings.max_open_files}", f"--status-fd={status_write}",
+                "--", *command]  # fmt: skip
+    return Launch(wrap(spec, launcher, env), status_read, status_write)
+
+
+def did_not_start(argv: list[str], status: bytes, output: str) -> CommandDidNotStartError:
+    """The machine's fault: the sandbox or the launcher failed before `argv` ran."""
+    said = status.decode(errors="replace").strip() or "nothing"
+    name = PurePosixPath(argv[0]).name if argv else "the command"
+    return CommandDidNotStartError(
+        f"{name} did not start in its sandbox (the launcher said {said!r}): {output[-600:]}"
+    )
+
+
 def _fill(arg: str, where: dict[str, str]) -> str:
     for placeholder, path in where.items():
         arg = arg.replace(placeholder, path)
     return arg
 
 
-def _read_status(fd: int) -> bytes:
+def read_status(fd: int) -> bytes:
     """What the launcher wrote to its status pipe (read once the run is over, without waiting for more)."""
     os.set_blocking(fd, False)
     data = b""
