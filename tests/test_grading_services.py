@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,7 +16,7 @@ import pytest
 from common.grading.client import Sandboxes, Submission, TaskRunner
 from common.grading.faults import CommandDidNotStartError, ProcessLimitError, TimeLimitError, WorkerEndedError
 from common.grading.services import start_service
-from common.grading.session import WorkerLimits, process_tree
+from common.grading.session import WorkerLimits, kill_all, live_tree, process_tree, session_members
 from common.grading.suites import IsolatedSettings
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bubblewrap runs on Linux only")
@@ -39,6 +43,37 @@ def _ask(path: str) -> bytes:
         return client.recv(1024)
 
 
+def alive(pids: list[int]) -> list[int]:
+    """Those of `pids` that still run (zombies waiting for their parent count as ended)."""
+    return [pid for pid in pids if _running(pid)]
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+
+
+@linux
+def test_a_reaped_command_has_no_tree_and_what_it_left_in_its_session_is_found_and_killed() -> None:
+    leader = subprocess.Popen(
+        ["sh", "-c", "sleep 60 & echo $!"], stdout=subprocess.PIPE, start_new_session=True
+    )
+    leftover = int(leader.stdout.readline())
+    leader.wait()
+    try:
+        assert live_tree(leader) == [], "a reaped PID may be another program's by now: never walk it"
+        assert leftover in session_members(leader.pid)
+        kill_all(lambda: session_members(leader.pid))
+        assert not alive([leftover])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(leftover, signal.SIGKILL)
+        leader.stdout.close()
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> IsolatedSettings:
     return IsolatedSettings(workdir=tmp_path / "runs")
@@ -53,10 +88,11 @@ def test_a_server_in_the_sandbox_is_reached_at_its_socket_and_killed_with_its_ch
     try:
         service.wait_ready(lambda: Path(service.socket("echo.sock")).exists())
         assert _ask(service.socket("echo.sock")) == b"chosen 65534", "the sandboxed server answers"
-        assert len(process_tree(service.process.pid)) >= 3, "bwrap, the server and its child"
+        running = process_tree(service.process.pid)
+        assert len(running) >= 3, "bwrap, the server and its child"
     finally:
         ran_s = service.stop()
-    assert process_tree(service.process.pid) == [] and ran_s > 0
+    assert not alive(running) and ran_s > 0
     assert not Path(service.socket("echo.sock")).parent.exists(), "the socket folder is removed"
 
 
@@ -80,13 +116,14 @@ def test_a_server_that_exits_before_it_is_ready_fails_at_once_with_its_output(
 @linux
 def test_a_server_that_never_becomes_ready_is_stopped_at_the_time_left(settings: IsolatedSettings) -> None:
     service = start_service({"a": b""}, ["sh", "-c", "sleep 300 & sleep 300"], settings, budget_s=2)
+    running = process_tree(service.process.pid)
     try:
         with pytest.raises(TimeLimitError, match="time ran out"):
             service.wait_ready(lambda: False)
         assert service.stopped == "time limit"
     finally:
         service.stop()
-    assert process_tree(service.process.pid) == []
+    assert not alive(running)
 
 
 @linux
@@ -116,9 +153,10 @@ def test_without_the_sandbox_the_socket_folder_is_a_host_folder(tmp_path: Path) 
     try:
         service.wait_ready(lambda: Path(service.socket("echo.sock")).exists())
         assert _ask(service.socket("echo.sock")).startswith(b"plain ")
+        running = process_tree(service.process.pid)
     finally:
         service.stop()
-    assert process_tree(service.process.pid) == []
+    assert not alive(running)
 
 
 @linux

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.grading.faults import CommandDidNotStartError, ProcessLimitError, TimeLimitError, WorkerEndedError
-from common.grading.session import WATCH_INTERVAL_S, kill_all, process_tree
+from common.grading.session import WATCH_INTERVAL_S, kill_all, live_tree
 from common.grading.suites import (
     LAUNCH_TIMEOUT_S,
     OUTPUT_BYTES,
@@ -117,7 +117,7 @@ class Service:
         if not self._ended.is_set():
             self._ended.set()
             self.duration_s = time.monotonic() - self.started
-        kill_all(lambda: process_tree(self.process.pid))
+        kill_all(lambda: live_tree(self.process))
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=10)
         shutil.rmtree(self._folder, ignore_errors=True)
@@ -133,10 +133,10 @@ class Service:
         while not self._ended.wait(WATCH_INTERVAL_S):
             if time.monotonic() - self.started > self.budget_s:
                 self.stopped = "time limit"
-            elif len(process_tree(self.process.pid)) > self.max_processes + 2:  # + bwrap and its init
+            elif len(live_tree(self.process)) > self.max_processes + 2:  # + bwrap and its init
                 self.stopped = "process limit"
             if self.stopped:
-                kill_all(lambda: process_tree(self.process.pid))
+                kill_all(lambda: live_tree(self.process))
                 return
 
 

@@ -169,20 +169,20 @@ class Session:
 
     def _watch(self) -> None:
         while not self._dead.wait(WATCH_INTERVAL_S):
-            if len(process_tree(self.process.pid)) > self.max_processes + 2:  # + bwrap and its init
+            if len(live_tree(self.process)) > self.max_processes + 2:  # + bwrap and its init
                 self.process_limit_hit = True
                 self.kill()
 
     def pids(self) -> set[int]:
         """Host pids of every process in the sandbox (for telling our GPU memory from another's)."""
-        return set(process_tree(self.process.pid))
+        return set(live_tree(self.process))
 
     def kill(self) -> None:
         """SIGKILL every process of the sandbox; safe to call twice."""
         if self._dead.is_set():
             return
         self._dead.set()
-        kill_all(lambda: process_tree(self.process.pid))
+        kill_all(lambda: live_tree(self.process))
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=10)
         self.channel.close()
@@ -210,6 +210,27 @@ def process_tree(root: int) -> list[int]:
         found.append(pid)
         stack.extend(children.get(pid, []))
     return found if any(root in pids for pids in children.values()) else []
+
+
+def session_members(session_id: int) -> list[int]:
+    """Living processes of a session (a command started with `start_new_session=True` leads the session of
+    its own PID). Safe after the leader is reaped: the kernel does not reuse a PID while a process still has
+    it as its session id."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                    fields = stat.read().rsplit(b")", 1)[1].split()
+                if fields[0] not in (b"Z", b"X") and int(fields[3]) == session_id:
+                    members.append(int(entry.name))
+    return members
+
+
+def live_tree(process: subprocess.Popen) -> list[int]:
+    """`process` and its living descendants while it has not been reaped; nothing once it has: its PID may
+    then belong to an unrelated process (PIDs are reused), whose tree must not be killed."""
+    return [] if process.returncode is not None else process_tree(process.pid)
 
 
 def kill_all(pids_of: Callable[[], list[int]]) -> int:

@@ -48,7 +48,7 @@ from pathlib import Path, PurePosixPath
 
 from common.grading.faults import CommandDidNotStartError
 from common.grading.sandbox import SRC_MOUNT, SandboxSpec, outbox_path, wrap
-from common.grading.session import WATCH_INTERVAL_S, kill_all, process_tree
+from common.grading.session import WATCH_INTERVAL_S, kill_all, live_tree, session_members
 
 OUTPUT_BYTES = 16 * 1024  # of a run's output, for the TA's log and a failure message
 # A sandbox and the launcher start in well under a second: one that has not started in this long is the machine's.
@@ -281,14 +281,14 @@ def _run(argv: list[str], time_limit_s: float, max_processes: int, status_fd: in
     while process.poll() is None:
         if time.monotonic() - start > time_limit_s:
             stopped = "time limit"
-        elif len(process_tree(process.pid)) > max_processes:
+        elif len(live_tree(process)) > max_processes:
             stopped = "process limit"
         if stopped:
-            kill_all(lambda: process_tree(process.pid))
+            kill_all(lambda: live_tree(process))
             break
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=WATCH_INTERVAL_S)
-    kill_all(lambda: process_tree(process.pid))  # whatever the command left behind (outside bwrap: detached)
+    kill_all(lambda: session_members(process.pid))  # what the command left running in its session
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=10)
     reader.join(timeout=5)
