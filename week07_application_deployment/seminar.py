@@ -510,20 +510,17 @@ show_table(
 )
 gain = per_image_ms[1] / min(per_image_ms.values())
 print(f"one thread: {gain:.1f}x more images per second at the best batch than at batch 1")
-first_step, last_step = per_image_ms[1] / per_image_ms[4], per_image_ms[16] / per_image_ms[64]
-print(f"per image, batch 1 -> 4: {first_step:.2f}x faster; batch 16 -> 64: {last_step:.2f}x faster")
 if not SMALL:  # the full-size model; a CI machine running other tests beside this one cannot hold timings
     assert gain > 3, "the wide model's forward pass is memory-bound at batch 1"
-    assert last_step < first_step, "bigger batches gain less and less: compute becomes the limit"
 RESULTS["forward pass"] = (
     f"wide model, one thread: {per_image_ms[1]:.2f} ms per image at batch 1, "
     f"{min(per_image_ms.values()):.2f} ms at the best batch ({gain:.1f}x)"
 )
 
 # %% [markdown]
-# In the full run the best batch gave more than 3 times the images per second of batch 1, and going from 16
-# to 64 images per batch gained less than going from 1 to 4 (the asserts): once each weight read serves
-# enough images, compute is the limit, and a bigger batch buys less and less.
+# In the full run the best batch gave more than 3 times the images per second of batch 1 (the assert; the
+# table has the whole curve, which on a CPU is not smooth: the matrix library picks different kernels for
+# different batch sizes). This is the gain that the service can pass on, if it can form the batches.
 #
 # Now the real service, in its own process, at `--max-batch 1` (the baseline) and with dynamic batching
 # (`--max-batch 32 --max-wait-ms 5`), each driven by the closed-loop load generator
@@ -672,8 +669,9 @@ plt.show()
 #   request waits up to `--max-wait-ms` for company that never comes (in the full run the batched server's
 #   fastest request at one client was slower than batch size 1's, the assert; both are printed). A real
 #   service sets `max_wait_ms` to a small fraction of its latency budget.
-# - **At large batches.** The per-image time of the first table gains less and less: once the forward pass
-#   is compute-bound, a bigger batch mostly makes each request wait for more others.
+# - **At the batch limit.** A batch never exceeds `--max-batch`: at 64 clients the batched server ran
+#   batches of up to 32 (the table's mean batch), so half the clients wait a whole forward pass for the
+#   next batch. A larger limit helps only while the first table's per-image time still falls.
 # - **When the model is cheap.** With the tiny model the forward pass is less than half of a request's time
 #   (section 6 checks it), so batching it can save at most that part; the rest is the serving stack.
 #
