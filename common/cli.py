@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--record",
         action="store_true",
         help="store the outputs in the committed seminar.ipynb (full runs only: on a GPU, or on a CPU for "
-        "week 4, whose full size is 4 CPU ranks)",
+        "the weeks whose full size is a CPU run, common.weeks.FULL_ON_CPU)",
     )
     seminar.add_argument("--timeout", type=int, default=1800, help="seconds one cell may run (default 1800)")
 

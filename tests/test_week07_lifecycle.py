@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import threading
@@ -13,6 +14,7 @@ import pytest
 from common.serving.loadgen import LoadResult, Upload, run_load
 from week07_application_deployment.images import example_images
 from week07_application_deployment.process import ServerDidNotStartError, ServerProcess
+from week07_application_deployment.serve import bind_socket
 
 IN_FLIGHT = 6
 
@@ -61,3 +63,25 @@ def test_a_port_in_use_is_a_clear_error(week07_model) -> None:
     message = str(error.value)
     assert "exited with code 2" in message
     assert f"HTTP port {port} on 127.0.0.1 is already in use" in message and "--http-port" in message
+
+
+def test_connections_to_the_listening_socket_send_without_nagle_delay() -> None:
+    """asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets made with proto IPPROTO_TCP. With it
+    on, a response's body waits for the client's acknowledgement of its headers, up to 40 ms per answer."""
+
+    async def nodelay_of_an_accepted_connection() -> int:
+        accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=bind_socket("127.0.0.1", 0, "HTTP"))
+        async with server:
+            _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+            value = await asyncio.wait_for(accepted, 30)
+            writer.close()
+        return value
+
+    assert asyncio.run(nodelay_of_an_accepted_connection()) != 0

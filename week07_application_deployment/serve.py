@@ -303,7 +303,11 @@ def add_grpc_services(server: grpc.aio.Server, state: ServiceState) -> health.ai
 
 def bind_socket(host: str, port: int, what: str) -> socket.socket:
     """A listening TCP socket, or a PortInUseError that names the port and the fix."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP. Without
+    # it, Nagle's algorithm holds a response's body until the client acknowledges its headers, which a client
+    # delays by up to 40 ms: every HTTP answer took 40 ms longer.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart reuses a port in TIME_WAIT
     try:
         sock.bind((host, port))
