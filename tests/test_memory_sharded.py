@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch._dynamo  # noqa: F401  torch.optim and FSDP import it on first use (seconds): here once, the ranks inherit it
 
 from common.distributed.launch import launch
 from common.distributed.zero import shard_numel
@@ -21,8 +20,9 @@ from common.memory.sharded import (
     TABLE_CONFIG,
     TABLE_RUNS,
     TABLE_SEQ,
-    _measure_all,
+    MeasuredStep,
     _run_name,
+    measure_every_scheme,
     predict_sharded_memory,
 )
 from common.models.llama import Llama, LlamaConfig, count_parameters, random_batch
@@ -30,9 +30,8 @@ from common.models.llama import Llama, LlamaConfig, count_parameters, random_bat
 WORLD_SIZES = (2, 4)
 
 
-def test_probe_equals_the_profilers_count_on_one_process() -> None:
-    """Both count whole storages of torch's CPU tensors, so on one process they must agree to the byte,
-    apart from AdamW's step counters (0-dim, created by the warm-up step in either case)."""
+def probe_and_profiler() -> tuple[MeasuredStep, MeasuredStep, int]:
+    """One step measured by both, and AdamW's step counters' bytes (run in a fresh process: see below)."""
     config = LlamaConfig(vocab_size=256, d_model=64, n_layers=2, d_ff=176, max_seq_len=64)
     torch.manual_seed(0)
     profiled = measure_step_memory(Llama(config), 4, 32)
@@ -50,6 +49,14 @@ def test_probe_equals_the_profilers_count_on_one_process() -> None:
     with LiveTensorBytes() as probe:
         step()
     counters = 4 * len(list(model.parameters()))  # AdamW's fp32 step counters
+    return MeasuredStep(probe.before, probe.peak), MeasuredStep(profiled.before, profiled.peak), counters
+
+
+def test_probe_equals_the_profilers_count_on_one_process() -> None:
+    """Both count whole storages of torch's CPU tensors, so on one process they must agree to the byte,
+    apart from AdamW's step counters (0-dim, created by the warm-up step in either case). The process is a
+    fresh one: the probe counts every tensor alive in its process, and this test session holds others'."""
+    probe, profiled, counters = launch(probe_and_profiler, 1, start_method="spawn")[0]
     assert abs(probe.before - profiled.before) <= counters, (probe.before, profiled.before)
     assert abs(probe.peak - profiled.peak) <= counters, (probe.peak, profiled.peak)
     assert probe.peak > probe.before
@@ -120,7 +127,7 @@ def test_bad_arguments_are_clear_errors() -> None:
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"{w}ranks")
 def measured(request) -> tuple[int, dict]:
     """Every scheme measured on every rank: one launch per world size."""
-    return request.param, launch(_measure_all, request.param, args=(TABLE_CONFIG, TABLE_BATCH, TABLE_SEQ))
+    return request.param, measure_every_scheme(request.param)
 
 
 # 15%: what the predictions leave out or bound from above is a few percent here (FSDP2's backward counts a

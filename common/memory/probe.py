@@ -18,6 +18,8 @@ it happens:
 - FSDP2 frees and re-allocates a gathered parameter by resizing its storage in place (to 0 bytes, then
   back), which no op reports: UntypedStorage.resize_ is wrapped while the probe is open.
 
+It counts every tensor of the process, not only the step's: measure in a fresh process (a rank started
+with start_method="spawn"), not in one that holds other work's tensors, such as a notebook or a test session.
 What it does not see: memory that is not a tensor's (gloo's own buffers, Python objects), scratch a kernel
 allocates and frees inside itself, and tensors created on threads where the mode is not active (gloo's
 workers, which allocate little). A test holds it to the profiler's count on one process, where the profiler

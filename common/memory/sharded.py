@@ -370,6 +370,18 @@ class TableRow:
         return self.predicted.peak / self.measured_peak - 1
 
 
+def measure_every_scheme(
+    world_size: int, config: LlamaConfig = TABLE_CONFIG, batch: int = TABLE_BATCH, seq_len: int = TABLE_SEQ
+) -> dict[int, dict[str, MeasuredStep]]:
+    """Every scheme of TABLE_RUNS measured on `world_size` gloo ranks: {rank: {run name: MeasuredStep}}.
+
+    The ranks are fresh interpreters (start_method="spawn"): LiveTensorBytes counts every tensor alive in its
+    process, and a rank forked from a notebook or a test session would count that process's tensors too."""
+    return launch(
+        _measure_all, world_size, args=(config, batch, seq_len), timeout_s=600, start_method="spawn"
+    )
+
+
 def memory_table(
     config: LlamaConfig = TABLE_CONFIG,
     batch: int = TABLE_BATCH,
@@ -379,7 +391,7 @@ def memory_table(
     """Predicted against measured per-rank peaks, every scheme, on gloo ranks (one launch per world size)."""
     rows = []
     for world in world_sizes:
-        measured = launch(_measure_all, world, args=(config, batch, seq_len), timeout_s=600)
+        measured = measure_every_scheme(world, config, batch, seq_len)
         for scheme, reshard in TABLE_RUNS:
             name = _run_name(scheme, reshard)
             predicted = predict_sharded_memory(
