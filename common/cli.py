@@ -307,6 +307,7 @@ def test_command(extra: list[str]) -> list[str]:
         sys.executable, "-m", "pytest",
         "-n", "auto", "--dist", "loadfile",  # nbval needs a notebook's cells on one worker
         "--nbval-lax", "--nbval-current-env",
+        "--durations=25",  # the slowest tests, printed at the end: where the suite's time goes
         "tests", *notebooks, *extra,
     ]  # fmt: skip
 
