@@ -65,6 +65,10 @@ class Sampling:
         return probs
 
 
+GREEDY = Sampling(temperature=0)
+PLAIN = Sampling()  # the model's softmax as it is
+
+
 def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Logits with every token below the k-th largest of its row set to -inf (ties with it are kept)."""
     kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
