@@ -37,7 +37,15 @@ class KVCache(nn.Module):
     """Keys and values of every layer, (n_layers, batch, n_kv_heads, max_len, head_dim) each, zeros at first."""
 
     def __init__(
-        self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, *, dtype, device
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
         super().__init__()
         shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
@@ -86,9 +94,7 @@ def cached_attention(
 class CachedDecoder(nn.Module):
     """A Llama beside a static KV cache for `batch_size` sequences of up to `max_len` tokens."""
 
-    def __init__(
-        self, model: Llama, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None
-    ) -> None:
+    def __init__(self, model: Llama, batch_size: int, max_len: int) -> None:
         super().__init__()
         config = model.config
         if max_len < 1 or batch_size < 1:
@@ -106,7 +112,7 @@ class CachedDecoder(nn.Module):
             config.n_kv_heads,
             max_len,
             config.head_dim,
-            dtype=dtype or weight.dtype,
+            dtype=weight.dtype,  # keys and values in the model's dtype, on its device
             device=weight.device,
         )
         self.batch_size, self.max_len = batch_size, max_len
