@@ -90,7 +90,7 @@ def keep_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token from each row of probs (..., vocab) -> (...,) long.
+    """One token from each row of probs (..., vocab) -> (...,) long; a generator must be on probs' device.
 
     The exponential race: with E_i independent Exp(1), argmax_i p_i / E_i is token i with probability p_i
     (E_i / p_i is Exp(p_i), and the smallest of independent exponentials is i with probability p_i / sum p).
