@@ -16,6 +16,7 @@ import torch
 from inference_toys import CONFIG, greedy_without_cache, perturbed_copy, random_llama, random_prompt
 
 from common.inference.generate import generate
+from common.inference.kv_cache import CachedDecoder
 from common.inference.speculative import (
     SpeculativeStats,
     expected_tokens_per_round,
@@ -108,6 +109,31 @@ def test_draft_equal_to_target_is_always_accepted(draft_len: int):
     assert stats == SpeculativeStats(rounds=rounds, drafted=rounds * draft_len, accepted=rounds * draft_len)
     assert stats.acceptance_rate == 1.0
     assert stats.tokens_per_round == draft_len + 1 == expected_tokens_per_round(1.0, draft_len)
+
+
+def test_compiled_decoders_see_few_shapes_and_change_nothing():
+    """Decoders compiled with fullgraph=True (a graph break fails) and static shapes: the target sees
+    s + k tokens once and then 1 + k; the draft s once, then 1 or 2. So five graphs serve every round."""
+    graphs = []
+
+    def counting_backend(graph_module: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    target = random_llama(20)
+    draft = perturbed_copy(target, noise=0.2, seed=21)
+    prompt = random_prompt(CONFIG, 1, PROMPT_LEN, seed=22)
+    expected, stats = speculative_generate(target, draft, prompt, NEW_TOKENS, 3)
+    torch._dynamo.reset()
+    decoders = {}
+    for name, model in (("target_decoder", target), ("draft_decoder", draft)):
+        decoders[name] = CachedDecoder(model, batch_size=1, max_len=PROMPT_LEN + NEW_TOKENS + 3 - 1)
+        decoders[name].compile(backend=counting_backend, fullgraph=True, dynamic=False)
+    tokens, compiled_stats = speculative_generate(target, draft, prompt, NEW_TOKENS, 3, **decoders)
+    torch._dynamo.reset()
+    assert torch.equal(tokens, expected) and compiled_stats == stats
+    assert 0 < stats.accepted < stats.drafted, "the rounds should include partial acceptances"
+    assert len(graphs) <= 5, f"{len(graphs)} graphs: some shape depends on a value"
 
 
 def test_expected_tokens_per_round_is_the_geometric_sum():

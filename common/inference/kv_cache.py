@@ -150,7 +150,9 @@ class CachedDecoder(nn.Module):
                 f"{self.max_len} positions; allocate a CachedDecoder with max_len >= {self.length + s}"
             )
         positions = torch.arange(self.length, self.length + s, device=tokens.device)
-        logits = self(tokens, positions)
+        # A slice of a longer sequence has the longer one's strides, and a compiled forward guards on
+        # strides: a fresh copy with standard strides keeps one graph per shape (a copy of a few ids).
+        logits = self(tokens.clone(memory_format=torch.contiguous_format), positions)
         self.length += s
         return logits
 

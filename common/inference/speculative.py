@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.inference.generate import check_prompt
+from common.inference.generate import check_prompt, decoder_for
 from common.inference.kv_cache import CachedDecoder
 from common.inference.sampling import GREEDY, Sampling, sample
 from common.models.llama import Llama
@@ -153,11 +153,15 @@ def speculative_generate(
     sampling: Sampling = GREEDY,
     *,
     generator: torch.Generator | None = None,
+    target_decoder: CachedDecoder | None = None,
+    draft_decoder: CachedDecoder | None = None,
 ) -> tuple[torch.Tensor, SpeculativeStats]:
     """The prompt (1, s) and max_new_tokens tokens with the target's distribution, and the round counts.
 
     One sequence at a time: rows of a batch would accept different numbers of tokens and fall out of step.
-    The last round may emit more tokens than asked for; the extra ones are cut off.
+    The last round may emit more tokens than asked for; the extra ones are cut off. Decoders passed in
+    (e.g. compiled ones, batch 1, max_len >= s + max_new_tokens + draft_len - 1) are reset and reused; the
+    shapes they see are few: the target s + draft_len then 1 + draft_len, the draft s, then 1 or 2.
     """
     check_prompt(target, prompt)
     if prompt.shape[0] != 1:
@@ -180,7 +184,8 @@ def speculative_generate(
                 f"a prompt of {s} tokens, {max_new_tokens} new ones and draft_len={draft_len} need {max_len} "
                 f"positions, more than the {name}'s max_seq_len={model.config.max_seq_len}"
             )
-    target_decoder, draft_decoder = CachedDecoder(target, 1, max_len), CachedDecoder(draft, 1, max_len)
+    target_decoder = decoder_for(target, 1, max_len, target_decoder)
+    draft_decoder = decoder_for(draft, 1, max_len, draft_decoder)
     sequence, stats = prompt, SpeculativeStats()
     while sequence.shape[1] < s + max_new_tokens:
         n = sequence.shape[1]
