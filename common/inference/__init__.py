@@ -1,0 +1,22 @@
+"""Inference algorithms (week 9): sampling, generation with a static KV cache, speculative decoding.
+
+One small module per idea, each readable on its own, in this order:
+
+- `sampling`: greedy, temperature, top-k, top-p as distributions (`Sampling.probs`) and a graph-safe draw
+  (`sample`);
+- `kv_cache`: `CachedDecoder`, the week-5 Llama (common.models.llama, unchanged) beside a cache allocated
+  once; `feed` prefills or decodes, `rollback` forgets; compiles to one graph per input shape;
+- `generate`: `generate(model, prompt, max_new_tokens, sampling)`, prefill then one token per step;
+- `speculative`: `speculative_generate(target, draft, prompt, max_new_tokens, draft_len, sampling)`, exact
+  under greedy decoding and under sampling (the proof is in `verify`'s docstring), with acceptance counts;
+- `toy_language` and `acceptance`: a generated language to train a target and a draft on, and
+  `python -m common.inference.acceptance`, which measures the acceptance rate against the formula.
+
+    from common.inference.generate import generate
+    from common.inference.sampling import Sampling
+    from common.inference.speculative import speculative_generate
+
+    tokens = generate(model, prompt, 32, Sampling(temperature=0.8, top_p=0.95), generator=generator)
+    tokens, stats = speculative_generate(target, draft, prompt, 32, draft_len=4)   # greedy
+    print(stats.acceptance_rate, stats.tokens_per_round)
+"""
