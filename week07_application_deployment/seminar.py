@@ -384,9 +384,8 @@ RESULTS["GIL"] = (
 # Threads gave no real speed-up (the assert: less than 1.25x, a margin for noise): one GIL, one thread
 # at a time. Processes each have their own interpreter and GIL, so they can run on two cores at once, if
 # the cores are free: the cell asserts more than 1.3x in a full run when the machine's load average is below
-# its core count, and prints whether it did. The committed run was recorded on a 2-core machine shared with
-# other work, so read its processes' row with the printed load average beside it. The start-up row is what
-# `python -c` itself costs, included in the processes' time.
+# its core count, and prints whether it did (with the load average it saw: a shared machine gives processes
+# no second core). The start-up row is what `python -c` itself costs, included in the processes' time.
 #
 # So how can the batcher run the model in a thread while the event loop parses requests? **PyTorch releases
 # the GIL** inside its operators: while a matrix product runs in C++, other Python threads run. To see it,
