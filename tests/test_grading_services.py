@@ -16,7 +16,14 @@ import pytest
 from common.grading.client import Sandboxes, Submission, TaskRunner
 from common.grading.faults import CommandDidNotStartError, ProcessLimitError, TimeLimitError, WorkerEndedError
 from common.grading.services import start_service
-from common.grading.session import WorkerLimits, kill_all, live_tree, process_tree, session_members
+from common.grading.session import (
+    WorkerLimits,
+    kill_all,
+    live_tree,
+    living_processes,
+    process_tree,
+    session_members,
+)
 from common.grading.suites import IsolatedSettings
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bubblewrap runs on Linux only")
@@ -45,15 +52,8 @@ def _ask(path: str) -> bytes:
 
 def alive(pids: list[int]) -> list[int]:
     """Those of `pids` that still run (zombies waiting for their parent count as ended)."""
-    return [pid for pid in pids if _running(pid)]
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except FileNotFoundError:
-        return False
+    running = {process.pid for process in living_processes()}
+    return [pid for pid in pids if pid in running]
 
 
 @linux

@@ -194,16 +194,33 @@ def _status(code: int | None) -> str:
     return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
 
-def process_tree(root: int) -> list[int]:
-    """`root` and its living descendants (zombies left out), from every process's /proc/PID/stat."""
-    children: dict[int, list[int]] = {}
+@dataclass(frozen=True)
+class LivingProcess:
+    """A process that has not exited (zombies left out), as /proc/PID/stat describes it."""
+
+    pid: int
+    parent: int
+    session: int
+
+
+def living_processes() -> list[LivingProcess]:
+    """Every process that still runs, read from /proc/PID/stat (one that ends while being read is left out)."""
+    found = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             with contextlib.suppress(OSError, ValueError, IndexError):
                 with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                    state, parent = stat.read().rsplit(b")", 1)[1].split()[:2]
+                    state, parent, _, session = stat.read().rsplit(b")", 1)[1].split()[:4]
                 if state not in (b"Z", b"X"):
-                    children.setdefault(int(parent), []).append(int(entry.name))
+                    found.append(LivingProcess(int(entry.name), int(parent), int(session)))
+    return found
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and its living descendants (zombies left out)."""
+    children: dict[int, list[int]] = {}
+    for process in living_processes():
+        children.setdefault(process.parent, []).append(process.pid)
     found, stack = [], [root]
     while stack:
         pid = stack.pop()
@@ -216,15 +233,7 @@ def session_members(session_id: int) -> list[int]:
     """Living processes of a session (a command started with `start_new_session=True` leads the session of
     its own PID). Safe after the leader is reaped: the kernel does not reuse a PID while a process still has
     it as its session id."""
-    members = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                    fields = stat.read().rsplit(b")", 1)[1].split()
-                if fields[0] not in (b"Z", b"X") and int(fields[3]) == session_id:
-                    members.append(int(entry.name))
-    return members
+    return [process.pid for process in living_processes() if process.session == session_id]
 
 
 def live_tree(process: subprocess.Popen) -> list[int]:
