@@ -68,6 +68,7 @@ class Service:
         self._output = bytearray()
         self._lock = threading.Lock()
         self._ended = threading.Event()
+        self._watchdog_killed = threading.Event()  # set once the watchdog's kill has ended every process
         self.started = time.monotonic()
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, start_new_session=True, env={},
@@ -97,6 +98,8 @@ class Service:
 
     def check_running(self, when: str) -> None:
         """Raise the fault that ended the server, if it has ended (a test calls it after a failed request)."""
+        if self.stopped:
+            self._watchdog_killed.wait()  # whoever catches the fault may rely on nothing still running
         if self.stopped == "time limit":
             raise TimeLimitError(
                 f"the task's time ran out ({self.budget_s:.0f} s were left) {when}: {self._tail()}"
@@ -137,6 +140,7 @@ class Service:
                 self.stopped = "process limit"
             if self.stopped:
                 kill_all(lambda: live_tree(self.process))
+                self._watchdog_killed.set()
                 return
 
 

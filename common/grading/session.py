@@ -242,8 +242,10 @@ def live_tree(process: subprocess.Popen) -> list[int]:
     return [] if process.returncode is not None else process_tree(process.pid)
 
 
-def kill_all(pids_of: Callable[[], list[int]]) -> int:
-    """SIGKILL every process `pids_of()` lists until none is left (a fork bomb may race the first rounds)."""
+def kill_all(pids_of: Callable[[], list[int]], wait_s: float = 10.0) -> int:
+    """SIGKILL every process `pids_of()` lists until none is left (a fork bomb may race the first rounds),
+    then wait up to `wait_s` until each one killed has ended: a killed PID namespace init is still exiting
+    (its namespace's processes are reaped first) after its parent has been reaped."""
     killed: set[int] = set()
     for _ in range(200):
         pids = [pid for pid in pids_of() if pid != os.getpid()]
@@ -253,5 +255,8 @@ def kill_all(pids_of: Callable[[], list[int]]) -> int:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
                 killed.add(pid)
+        time.sleep(0.01)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and killed & {process.pid for process in living_processes()}:
         time.sleep(0.01)
     return len(killed)
