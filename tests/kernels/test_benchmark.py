@@ -79,9 +79,15 @@ def test_resolve_kernels() -> None:
 
 def test_registry_covers_every_kernel_module() -> None:
     # Kernel modules are imported lazily by name: each must exist and expose benchmark_cases.
-    assert {"softmax", "rmsnorm", "layernorm", "matmul", "linear_cross_entropy", "flash_attention"} <= set(
-        KERNEL_MODULES
-    )
+    assert {
+        "softmax",
+        "rmsnorm",
+        "layernorm",
+        "matmul",
+        "matmul_decode",
+        "linear_cross_entropy",
+        "flash_attention",
+    } <= set(KERNEL_MODULES)
     for module_name in set(KERNEL_MODULES.values()):
         assert callable(importlib.import_module(module_name).benchmark_cases), module_name
 
@@ -92,6 +98,10 @@ def test_without_gpu_the_runner_says_so(tmp_path: Path) -> None:
         run_kernel_benchmarks(tmp_path, kernels=["softmax"])
     with pytest.raises(NoGPUError, match="softmax benchmark needs a CUDA GPU"):
         importlib.import_module("common.kernels.softmax").benchmark_cases(quick=True)
+    with pytest.raises(NoGPUError, match="matmul_decode benchmark needs a CUDA GPU"):
+        importlib.import_module("common.kernels.matmul").decode_benchmark_cases(quick=True)
+    with pytest.raises(NoGPUError, match="needs a CUDA GPU"):
+        run_kernel_benchmarks(tmp_path, kernels=["matmul_decode"])
     with pytest.raises(NoGPUError):
         require_gpu("x")
     # A bad name is reported before the missing GPU: the user fixes the command first.

@@ -339,6 +339,45 @@ def test_gpu_split_k_decode_shapes(m: int, split_k: int | None) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 100, 256])
+@pytest.mark.parametrize("split_k", [None, 1])
+def test_gpu_small_m_and_decode_regime(m: int, split_k: int | None) -> None:
+    # Compiled and autotuned: the small-M tiles (M <= 64, one slice or the rule's split) and the regime
+    # above, where the rule splits K (M = 100, 256 at N = 4096: fewer tiles than SMs) or not (split_k=1).
+    a, b = inputs(m, 4096, 4096, torch.bfloat16, seed=m)
+    y, z = matmul_forward(a, b, "silu", split_k=split_k, store_preactivation=True)
+    assert_close(y, reference64(a, b, "silu"), torch.bfloat16, 4096)
+    assert_close(z, reference64(a, b), torch.bfloat16, 4096)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_benchmark_cases() -> None:
+    """The matmul_decode sweep: every weight and M, each against cuBLAS and against split_k=1, goals on
+    M <= 16 only; and its closures compute the product (one case run, not timed)."""
+    cases = matmul_module.decode_benchmark_cases()
+    weights, rows = matmul_module.DECODE_WEIGHTS, matmul_module.DECODE_ROWS
+    assert len(cases) == 2 * len(weights) * len(rows)
+    assert len({c.label for c in cases}) == len(cases) and {c.kernel for c in cases} == {"matmul_decode"}
+    for case in cases:
+        goals = {g.text for g in case.goals}
+        if case.x > matmul_module.DECODE_GOAL_MAX_M:
+            assert not goals, case.label
+        elif case.baseline_name.startswith("cuBLAS"):
+            assert goals == {">= 0.9x cuBLAS"}, case.label
+        else:
+            assert goals == {">= 1.2x split_k=1"}, case.label
+    down = [c for c in cases if c.label.startswith("mlp_down 14336x4096 M=16 ")]
+    assert len(down) == 2
+    u, k = UNIT[torch.bfloat16], 14336
+    for case in down:
+        # Both sides multiply the case's inputs: each is within one bf16 rounding (and fp32 accumulation
+        # error) of the exact product, so within two of each other; 4u leaves room for the accumulation.
+        ours, baseline = case.ours(), case.baseline()
+        assert ours.shape == baseline.shape == (16, 4096)
+        torch.testing.assert_close(ours.double(), baseline.double(), rtol=4 * u, atol=4 * u * math.sqrt(k))
+
+
+@pytest.mark.gpu
 def test_gpu_split_k_is_deterministic_and_leaves_its_tickets_at_zero() -> None:
     """The last slice of each tile sums all slices in slice order: bit-identical results, whichever
     finishes last; and it resets the tile's counter, so the reused counters are zero between calls."""
@@ -402,8 +441,9 @@ def test_gpu_backward_bf16(activation: str | None) -> None:
         ((512, 384, 256), {"use_tma": True}),
         ((512, 384, 256), {"use_tma": False, "activation": "silu"}),
         ((16, 512, 4096), {"split_k": 4}),
+        ((16, 512, 4096), {"split_k": 1}),
     ],
-    ids=["tma", "portable", "split_k"],
+    ids=["tma", "portable", "split_k", "small_m"],
 )
 def test_gpu_cached_launches_compute_each_calls_inputs(mnk: tuple[int, int, int], kwargs: dict) -> None:
     """After the first call per geometry, matmul_forward launches the compiled kernel directly (launch.py).
