@@ -115,6 +115,8 @@ def test_series_name_drops_sizes() -> None:
     assert series_name("decode 16x4096x14336 bf16") == "decode bf16"
     assert series_name("4096 M=16 N=4096") == "ours"
     assert series_name("portable 4096³ bf16") == "portable bf16"
+    # matmul_decode: one line per weight and comparison, whatever M and the split.
+    assert series_name("mlp_down 14336x4096 M=16 S=9 vs unsplit") == "mlp_down vs unsplit"
 
 
 # ---------------------------------------------------------------------------------------------------
