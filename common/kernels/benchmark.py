@@ -70,6 +70,7 @@ KERNEL_MODULES: dict[str, str] = {
     "rmsnorm": "common.kernels.norms",
     "layernorm": "common.kernels.norms",
     "matmul": "common.kernels.matmul",
+    "matmul_decode": "common.kernels.matmul",
     "linear_cross_entropy": "common.kernels.cross_entropy",
     "flash_attention": "common.kernels.flash_attention",
 }

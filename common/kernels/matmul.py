@@ -15,15 +15,21 @@ Three kernels, one entry point (matmul() picks):
 - _matmul_tma_kernel: Hopper and later, fp16/bf16, 16-byte aligned rows. Tiles are moved by the TMA
   unit (no address arithmetic in the kernel, out-of-bounds handled by the hardware) and a persistent
   grid of one program per SM walks the tiles, so the epilogue of one tile overlaps the loads of the next.
-- _matmul_split_k_kernel: few output tiles and a long K (decode: M = 1..64 tokens). Each program
-  multiplies one K-slice; the last slice of each tile to finish adds them up, in slice order
-  (deterministic), in the same launch.
+- _matmul_split_k_kernel: skinny products (decode: M = 1..64 tokens, or few output tiles and a long
+  K). Tiles as short as M needs (16 rows, tl.dot's minimum, for M <= 16), so the weight is read once,
+  and K split over SPLIT_K programs per tile until there are about two programs per SM; the last slice
+  of each tile to finish adds them up, in slice order (deterministic), in the same launch. With
+  SPLIT_K = 1 it is a plain small-M GEMM.
+
+Which kernel (matmul_forward's plan, section 6): M <= SMALL_M_MAX rows, or a split chosen or asked for,
+take the split-K kernel; otherwise the TMA kernel where it applies, else the portable one.
 
 Precision (see PRECISION POLICY below): fp16/bf16 inputs, fp32 accumulation, output in the input dtype.
 fp32 inputs follow torch.get_float32_matmul_precision(), like torch.matmul.
 
     pytest tests/kernels/test_matmul.py             # add -m gpu on a GPU machine
     effdl bench kernels --kernel matmul             # TFLOP/s against cuBLAS (torch.matmul)
+    effdl bench kernels --kernel matmul_decode      # Llama decode shapes: split-K, unsplit and cuBLAS
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from common.kernels.workspace import StreamWorkspace, current_raw_stream
 __all__ = [
     "ACTIVATIONS",
     "benchmark_cases",
+    "decode_benchmark_cases",
     "fp32_input_precision",
     "matmul",
     "matmul_forward",
@@ -113,6 +120,15 @@ def _activation(x, ACTIVATION: tl.constexpr):
     elif ACTIVATION == "silu":
         x = x * tl.sigmoid(x)
     return x
+
+
+@triton.jit
+def _store_output(y_ptr, z_ptr, offsets, acc, mask, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr):
+    """The pointer kernels' last step: y = act(acc) and, if asked, z = acc (the pre-activation, which
+    the backward needs), each rounded once to the output dtype."""
+    if STORE_Z:
+        tl.store(z_ptr + offsets, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offsets, _activation(acc, ACTIVATION).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -204,10 +220,7 @@ def _matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     offsets = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-    mask = m_mask[:, None] & n_mask[None, :]
-    if STORE_Z:  # the pre-activation, kept for the backward
-        tl.store(z_ptr + offsets, acc.to(z_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + offsets, _activation(acc, ACTIVATION).to(y_ptr.dtype.element_ty), mask=mask)
+    _store_output(y_ptr, z_ptr, offsets, acc, m_mask[:, None] & n_mask[None, :], ACTIVATION, STORE_Z)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -313,15 +326,35 @@ _matmul_tma_device_descriptors = triton.autotune(_tma_configs(None), key=["M", "
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Split-K for skinny products
+# 5. Skinny products: small-M tiles and split-K
 # ----------------------------------------------------------------------------------------------------
 #
-# Decode multiplies a handful of token rows by a weight: M = 16, N = 4096, K = 14336 makes 32 tiles of
-# 16 x 128, for 132 SMs: three quarters of the GPU would idle while each program walks all of K. Split-K
-# gives each tile SPLIT_K programs, one per K-slice (about two programs per SM in all, so that each SM has
-# two streams of the weight in flight). Each writes its fp32 partial tile to a (SPLIT_K, M, N) buffer; the
-# extra traffic (SPLIT_K x M x N x 4 bytes, written and read once) is small next to reading the K x N
-# weight, which is what a skinny GEMM's time is made of.
+# Decode multiplies a handful of token rows by a weight: y (M x N) = a (M x K) @ w (K x N), M = 1..64.
+# It does 2·M·N·K FLOPs on ~2·K·N bytes of bf16 weight (a and y are M rows: small), about M FLOPs per
+# byte, while an H200's datasheet ridge is 989 TFLOP/s / 4.8 TB/s ~ 206 FLOPs per byte. So the product
+# is bound by reading the weight, up to M ~ 200, and the kernel is good when it reads it once, at close
+# to DRAM bandwidth. Two things decide that:
+#
+# - Tile height. A tile of BLOCK_M rows reads its column block of the weight once per row of tiles, so
+#   the weight is read ceil(M / BLOCK_M) times; a tile taller than M pads it with masked rows that cost
+#   tensor-core work and shared memory for the A slab and buy nothing. The big-M kernels' 128-row tiles
+#   spend 1 - M/128 of their MMA work on padding (99% at M = 1, 88% at M = 16) and, worse, make few
+#   tiles: N / BLOCK_N, 16 to 32 for N = 4096, on 132 SMs. Here BLOCK_M is the smallest of 16 (tl.dot's
+#   minimum), 32 and 64 that covers M: one row of tiles, the weight read once, and the tile's width spent
+#   on what matters, a wide BLOCK_N and a long BLOCK_K with a deep pipeline, so that every program keeps
+#   tens of KB of the weight in flight.
+# - Programs per SM. Even with narrow tiles there are few of them: M = 16, N = 4096 makes 32 tiles of
+#   16 x 128, and one program per tile walking all of K would leave three quarters of the GPU idle.
+#   Split-K gives each tile SPLIT_K programs, one per K-slice, up to about two programs per SM (so that
+#   each SM has two streams of the weight in flight: see SPLIT_K_WAVES). Each writes its fp32 partial
+#   tile to a (SPLIT_K, M, N) buffer; the extra traffic (SPLIT_K x M x N x 4 bytes, written and read
+#   once) is small next to the K x N weight.
+#
+# Between M = 64 and the ridge (~200 rows) the weight still sets the time, but one row of tiles would
+# need accumulators of 128 to 256 rows, which leave few registers for the pipeline; tiles of 64 and 128
+# rows run there, the rows of tiles of one weight slab next to each other in the grid (axis 0, the
+# fastest), so that its second read comes from L2. Those M take this kernel only when the split rule
+# finds too few tiles for the GPU; otherwise the big-M kernels do.
 #
 # Who adds the slices up? A second kernel would cost a second launch: ~10 µs of host time, as much as the
 # GPU work of a small decode GEMM. Atomic adds onto y would make the float sum's order, so the result, vary
@@ -332,12 +365,19 @@ _matmul_tma_device_descriptors = triton.autotune(_tma_configs(None), key=["M", "
 # next launch. The ordering that makes this correct: a barrier, so that all of the program's threads have
 # stored their part of the partial before the ticket is taken; the ticket taken with release-acquire
 # semantics at GPU scope, so that the last program sees the other programs' stores; and the partials read
-# back from L2 (".cg"), not from a possibly stale L1.
+# back from L2 (".cg"), not from a possibly stale L1. With one slice (ONE_SLICE) there is nothing to add:
+# the program writes y directly, like the portable kernel.
 
-SPLIT_K_INTERPRETER_CONFIG = _config(32, 32, 16, 4, 1, group_m=None)
+# Under the interpreter: 16-row tiles, the small-M tile, which also leaves ragged rows for M = 17 or 37.
+SPLIT_K_INTERPRETER_CONFIG = _config(16, 32, 16, 4, 1, group_m=None)
 # A skinny product streams the weight: the configs differ in how much of it each program keeps in flight
 # (BLOCK_K x BLOCK_N x (stages - 1) elements) and how long its contiguous runs along N are (BLOCK_N x 2
 # bytes in bf16: 128 to 512 bytes per row of B), which is what decides how close to DRAM bandwidth it gets.
+# Shared memory, from compiling these for sm_90 in bf16: 60 to 192 KiB per program, the larger of the
+# pipeline's slabs of A and B and the last slice's buffered fp32 partial tiles. Up to ~113 KiB two
+# programs share an SM's 228 KiB; the larger configs keep more of the weight in flight in one program.
+# The tuner weighs the two. A config that does not fit (fp32 inputs) fails with OutOfResources and the
+# tuner skips it.
 SPLIT_K_CONFIGS = [
     _config(bm, bn, bk, warps, stages, group_m=None)
     for bm, bn, bk, warps, stages in [
@@ -345,20 +385,36 @@ SPLIT_K_CONFIGS = [
         (16, 64, 256, 4, 4),
         (16, 128, 128, 4, 4),
         (16, 128, 64, 4, 6),
+        (16, 128, 256, 4, 3),
         (16, 256, 64, 4, 4),
         (16, 256, 64, 8, 5),
+        (16, 256, 128, 8, 3),
         (32, 64, 128, 4, 4),
         (32, 128, 64, 4, 4),
+        (32, 128, 128, 4, 4),
+        (32, 256, 64, 8, 4),
         (64, 64, 64, 4, 4),
         (64, 128, 64, 4, 3),
+        (64, 128, 128, 4, 3),
+        (64, 256, 64, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 128, 128, 8, 3),
     ]
 ]
 
 
+def skinny_tile_rows(m: int) -> tuple[int, ...]:
+    """The tile heights (BLOCK_M) the split-K kernel may use for M rows: the smallest of 16, 32, 64 that
+    covers M (one row of tiles: the weight is read once), or 64 and 128 above 64 rows."""
+    if m <= 64:
+        return (max(16, triton.next_power_of_2(m)),)
+    return (64, 128)
+
+
 def _prune_split_k_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles taller than M needs (a 64-row tile for M = 16 wastes 3/4 of its tensor-core work)."""
-    tallest = max(16, triton.next_power_of_2(named_args["M"]))
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= tallest] or configs[:1]
+    """Keep the configs whose tile height suits M (skinny_tile_rows); the first config if none does."""
+    rows = skinny_tile_rows(named_args["M"])
+    return [c for c in configs if c.kwargs["BLOCK_M"] in rows] or configs[:1]
 
 
 @triton.autotune(
@@ -385,6 +441,7 @@ def _matmul_split_k_kernel(
     ACTIVATION: tl.constexpr,
     STORE_Z: tl.constexpr,
     PRECISION: tl.constexpr,
+    ONE_SLICE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -410,25 +467,24 @@ def _matmul_split_k_kernel(
         offs_k += BLOCK_K
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    # Every slice writes its tile, zeros if it got no K steps, so the buffer needs no zero-fill.
     mask = m_mask[:, None] & n_mask[None, :]
-    tile_offsets = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    tl.store(partial_ptr + pid_k.to(tl.int64) * M * N + tile_offsets, acc, mask=mask)
-
-    # The last slice to finish sums them all, in slice order.
-    tl.debug_barrier()
-    ticket_ptr = tickets_ptr + pid_m * tl.num_programs(1) + pid_n
-    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
-        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        part_ptrs = partial_ptr + tile_offsets
-        for _ in tl.range(SPLIT_K, num_stages=3):  # pipelined: the next slices load during this add
-            total += tl.load(part_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-            part_ptrs += M * N
-        out = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        if STORE_Z:
-            tl.store(z_ptr + out, total.to(z_ptr.dtype.element_ty), mask=mask)
-        tl.store(y_ptr + out, _activation(total, ACTIVATION).to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(ticket_ptr, 0)  # ready for the next launch
+    tile_offsets = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]  # y, z and each partial are M x N
+    if ONE_SLICE:
+        _store_output(y_ptr, z_ptr, tile_offsets, acc, mask, ACTIVATION, STORE_Z)
+    else:
+        # Every slice writes its tile, zeros if it got no K steps, so the buffer needs no zero-fill.
+        tl.store(partial_ptr + pid_k.to(tl.int64) * M * N + tile_offsets, acc, mask=mask)
+        # The last slice to finish sums them all, in slice order.
+        tl.debug_barrier()
+        ticket_ptr = tickets_ptr + pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            part_ptrs = partial_ptr + tile_offsets
+            for _ in tl.range(SPLIT_K, num_stages=3):  # pipelined: the next slices load during this add
+                total += tl.load(part_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                part_ptrs += M * N
+            _store_output(y_ptr, z_ptr, tile_offsets, total, mask, ACTIVATION, STORE_Z)
+            tl.store(ticket_ptr, 0)  # ready for the next launch
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -455,6 +511,10 @@ SPLIT_K_TILE = (64, 128)  # the tile size the auto rule assumes, close to what t
 SPLIT_K_WAVES = 2
 MIN_SPLIT_K_SLICE = 512
 MAX_SPLIT_K = 16
+# Up to this many rows the split-K kernel runs whatever the split (one slice included): its short tiles
+# read the weight once (section 5), where the big-M kernels' 64- to 256-row tiles pad M and make too few
+# tiles to fill the GPU. Above it, the big-M kernels unless the auto rule splits K.
+SMALL_M_MAX = 64
 
 
 def fp32_input_precision() -> str:
@@ -481,7 +541,7 @@ def _check(a: torch.Tensor, b: torch.Tensor, activation: str | None, split_k: in
         raise ValueError(f"a is on {a.device} but b is on {b.device}: move them to one device")
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; use None or one of {sorted(ACTIVATIONS)}")
-    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
+    if split_k is not None and (not isinstance(split_k, int) or isinstance(split_k, bool) or split_k < 1):
         raise ValueError(f"split_k must be a positive int (1: no split) or None (choose), got {split_k!r}")
 
 
@@ -527,7 +587,7 @@ DEVICE_DESCRIPTOR_MAX_WORK = 2048**3
 class _Plan:
     """How matmul_forward runs inputs of one geometry: the path, and the constexprs it launches with."""
 
-    path: str  # "empty" | "split_k" | "tma" | "portable"
+    path: str  # "empty" | "split_k" (small M, or K split: splits may be 1) | "tma" | "portable"
     activation: str
     precision: str
     splits: int
@@ -573,12 +633,12 @@ def _make_plan(a, b, activation, split_k, use_tma, input_precision) -> _Plan:
     if m == 0 or n == 0 or k == 0:
         return plan("empty", splits=1)
     splits = split_k if split_k is not None else 1 if use_tma else _auto_split_k(m, n, k, a.device)
-    if splits > 1:
+    if splits > 1 or (m <= SMALL_M_MAX and not use_tma):
         configs = _matmul_split_k_kernel.configs
         tiles = max(
             triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"]) for c in configs
         )
-        return plan("split_k", splits=splits, tickets=tiles)
+        return plan("split_k", splits=splits, tickets=tiles if splits > 1 else 0)
     tma_problem = _tma_ok(a2, b) if use_tma is not False else "not asked for"
     if use_tma and tma_problem is not None:
         raise ValueError(f"use_tma=True, but {tma_problem}; pass use_tma=None to let matmul choose")
@@ -604,9 +664,12 @@ def _launch_split_k(key, a2, b, y, z, plan: _Plan) -> None:
     m, k = a2.shape
     n = b.shape[1]
     splits = plan.splits
-    stream = current_raw_stream(a2.device) if a2.is_cuda else 0
-    partials = _PARTIALS.get(splits * m * n, a2.device, stream)
-    tickets = _TICKETS.get(plan.tickets, a2.device, stream)
+    if splits == 1:  # no partials to add up: the kernel never touches these two (any tensor will do)
+        partials, tickets = y, y
+    else:
+        stream = current_raw_stream(a2.device) if a2.is_cuda else 0
+        partials = _PARTIALS.get(splits * m * n, a2.device, stream)
+        tickets = _TICKETS.get(plan.tickets, a2.device, stream)
 
     def grid(meta: dict) -> tuple[int, int, int]:
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), splits
@@ -614,7 +677,7 @@ def _launch_split_k(key, a2, b, y, z, plan: _Plan) -> None:
     _SPLIT_K.launch(
         key, grid, a2, b, y, z, partials, tickets, m, n, k, splits,
         a2.stride(0), a2.stride(1), b.stride(0), b.stride(1),
-        ACTIVATION=plan.activation, STORE_Z=z is not y, PRECISION=plan.precision,
+        ACTIVATION=plan.activation, STORE_Z=z is not y, PRECISION=plan.precision, ONE_SLICE=splits == 1,
     )  # fmt: skip
 
 
@@ -674,9 +737,11 @@ def matmul_forward(
     """(act(a @ b), a @ b or None) with the Triton kernels; no autograd.
 
     split_k: slices of K (1: none); None chooses: splits only when the output has too few tiles to fill
-        the GPU, and never with use_tma=True.
+        the GPU, and never with use_tma=True. Up to SMALL_M_MAX rows the split-K kernel's short tiles
+        run whatever the split, one slice included.
     use_tma: force the TMA kernel on or off; None uses it where it applies (Hopper or newer, fp16/bf16,
-        16-byte aligned rows; never under the interpreter unless forced).
+        16-byte aligned rows) on products the split-K kernel does not take; never under the interpreter
+        unless forced.
     input_precision: for fp32 inputs only, "ieee" | "tf32" | "tf32x3"; None follows
         torch.get_float32_matmul_precision() (see the precision policy above).
     store_preactivation: also return z = a @ b (in the output dtype), which the backward needs.
@@ -758,8 +823,15 @@ def matmul(
 # compute-bound, and 0.9x at 2048, where the host's launch cost starts to show), the portable kernel
 # beside the TMA one at 4096 and 8192 to show what TMA buys, the fused gelu_tanh epilogue against cuBLAS
 # followed by F.gelu (unfused), and decode-shaped skinny GEMMs (M = 1..64, N = 4096, K = 14336) where
-# split-K matters, against cuBLAS (goal: 0.85x). Inputs are drawn once
-# and each side writes a fresh output per call, as torch.matmul does.
+# split-K matters, against cuBLAS (goal: 0.85x). Inputs are drawn once and each side writes a fresh output
+# per call, as torch.matmul does.
+#
+# The decode sweep is a kernel of its own in `effdl bench kernels` (matmul_decode, its own JSON and plot):
+# the weights of one Llama-3-8B-sized decoder layer (hidden 4096, MLP 14336; bf16) times M = 1..256 token
+# rows. Ours, as matmul_forward chooses (the split is in the label: S=...), is timed twice in the same
+# process: against cuBLAS, and against ours with split_k=1, which for M <= SMALL_M_MAX keeps the same
+# small-M tiles, so that the second comparison shows what splitting K alone buys. The goals, for
+# M <= 16: split-K at least 1.2x the unsplit kernel and at least 0.9x cuBLAS.
 
 # Timed eagerly, so the host's launch cost counts: at 2048³ cuBLAS's GEMM takes ~27 µs on an H200.
 LARGE_GOAL = Goal("speedup", ">=", 0.95, ">= 0.95x cuBLAS")
@@ -768,10 +840,16 @@ DECODE_GOAL = Goal("speedup", ">=", 0.85, ">= 0.85x cuBLAS")
 # What one call costs the host (common.bench.host_time_us), measured on the host-bound sizes and the decode
 # shapes, where our Python launch path, not the GPU, can decide the time.
 HOST_GOAL = Goal("host_us", "<=", 20.0, "<= 20 µs of host time per call")
+SPLIT_GOAL = Goal("speedup", ">=", 1.2, ">= 1.2x split_k=1")
+# (K, N) of the decode sweep's weights: attention's output projection (q's is the same shape), the MLP's
+# gate/up projection and its down projection.
+DECODE_WEIGHTS = {"attn_o": (4096, 4096), "mlp_up": (4096, 14336), "mlp_down": (14336, 4096)}
+DECODE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DECODE_GOAL_MAX_M = 16  # the goals hold up to this many rows
 
 
 def benchmark_cases(quick: bool = False) -> list[KernelCase]:
-    """bf16 square GEMMs, fused activation and skinny split-K cases; GPU only."""
+    """bf16 square GEMMs, fused activation and skinny split-K cases, then the decode sweep; GPU only."""
     device = require_gpu("matmul benchmark")
     dtype = torch.bfloat16
     cases: list[KernelCase] = []
@@ -839,4 +917,45 @@ def benchmark_cases(quick: bool = False) -> list[KernelCase]:
                 measure_host=True,
             )
         )
+    return cases + decode_benchmark_cases(quick)
+
+
+def decode_benchmark_cases(quick: bool = False) -> list[KernelCase]:
+    """The matmul_decode sweep: Llama weights times M = 1..256 rows, ours against cuBLAS and against
+    ours without split-K; GPU only."""
+    device = require_gpu("matmul_decode benchmark")
+    dtype = torch.bfloat16
+    cases: list[KernelCase] = []
+    for name, (k, n) in DECODE_WEIGHTS.items():
+        w = torch.randn(k, n, device=device, dtype=dtype)
+        for m in (1, 16, 256) if quick else DECODE_ROWS:
+            a = torch.randn(m, k, device=device, dtype=dtype)
+            splits = _make_plan(a, w, None, None, None, None).splits
+            goal_case = m <= DECODE_GOAL_MAX_M
+            shared = {
+                "kernel": "matmul_decode",
+                "x": m,
+                "ours": lambda a=a, w=w: matmul_forward(a, w),
+                "flops": 2.0 * m * n * k,
+                "bytes": (m * k + k * n + m * n) * 2,
+                "dtype": dtype,
+            }
+            cases.append(
+                KernelCase(
+                    label=f"{name} {k}x{n} M={m} S={splits} vs cuBLAS",
+                    baseline=lambda a=a, w=w: torch.matmul(a, w),
+                    baseline_name="cuBLAS (torch.matmul)",
+                    goals=(MEDIUM_GOAL,) if goal_case else (),
+                    **shared,
+                )
+            )
+            cases.append(
+                KernelCase(
+                    label=f"{name} {k}x{n} M={m} S={splits} vs unsplit",
+                    baseline=lambda a=a, w=w: matmul_forward(a, w, split_k=1),
+                    baseline_name="ours, split_k=1",
+                    goals=(SPLIT_GOAL,) if goal_case else (),
+                    **shared,
+                )
+            )
     return cases

@@ -79,9 +79,15 @@ def test_resolve_kernels() -> None:
 
 def test_registry_covers_every_kernel_module() -> None:
     # Kernel modules are imported lazily by name: each must exist and expose benchmark_cases.
-    assert {"softmax", "rmsnorm", "layernorm", "matmul", "linear_cross_entropy", "flash_attention"} <= set(
-        KERNEL_MODULES
-    )
+    assert {
+        "softmax",
+        "rmsnorm",
+        "layernorm",
+        "matmul",
+        "matmul_decode",
+        "linear_cross_entropy",
+        "flash_attention",
+    } <= set(KERNEL_MODULES)
     for module_name in set(KERNEL_MODULES.values()):
         assert callable(importlib.import_module(module_name).benchmark_cases), module_name
 
@@ -92,6 +98,10 @@ def test_without_gpu_the_runner_says_so(tmp_path: Path) -> None:
         run_kernel_benchmarks(tmp_path, kernels=["softmax"])
     with pytest.raises(NoGPUError, match="softmax benchmark needs a CUDA GPU"):
         importlib.import_module("common.kernels.softmax").benchmark_cases(quick=True)
+    with pytest.raises(NoGPUError, match="matmul_decode benchmark needs a CUDA GPU"):
+        importlib.import_module("common.kernels.matmul").decode_benchmark_cases(quick=True)
+    with pytest.raises(NoGPUError, match="needs a CUDA GPU"):
+        run_kernel_benchmarks(tmp_path, kernels=["matmul_decode"])
     with pytest.raises(NoGPUError):
         require_gpu("x")
     # A bad name is reported before the missing GPU: the user fixes the command first.
@@ -105,6 +115,8 @@ def test_series_name_drops_sizes() -> None:
     assert series_name("decode 16x4096x14336 bf16") == "decode bf16"
     assert series_name("4096 M=16 N=4096") == "ours"
     assert series_name("portable 4096³ bf16") == "portable bf16"
+    # matmul_decode: one line per weight and comparison, whatever M and the split.
+    assert series_name("mlp_down 14336x4096 M=16 S=9 vs unsplit") == "mlp_down vs unsplit"
 
 
 # ---------------------------------------------------------------------------------------------------

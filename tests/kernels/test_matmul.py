@@ -1,5 +1,5 @@
-"""common.kernels.matmul against a float64 matmul: each kernel (portable, TMA, split-K), each activation,
-the backward, the precision policy and bad input.
+"""common.kernels.matmul against a float64 matmul: each kernel (portable, TMA, split-K and its small-M
+tiles), each activation, the backward, the precision policy, which kernel a shape gets, and bad input.
 
 On a CPU the kernels run in Triton's interpreter on small, awkward shapes in fp32 and fp16 (one small
 autotune config each); the `gpu` tests run compiled, autotuned kernels at real sizes, bf16 included.
@@ -61,12 +61,22 @@ def assert_close(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dt
 # CPU (interpreter on a machine without a GPU): small awkward shapes, fp32 and fp16
 # ---------------------------------------------------------------------------------------------------
 
+
+@pytest.fixture
+def portable_for_small_m(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send small M to the portable kernel too (it is the split-K kernel's, up to SMALL_M_MAX rows), so
+    that the portable kernel is tested on the same awkward shapes; plans made meanwhile are dropped."""
+    monkeypatch.setattr(matmul_module, "SMALL_M_MAX", 0)
+    monkeypatch.setattr(matmul_module, "_PLANS", {})
+
+
 # With the interpreter's 32 x 32 x 16 tiles: (37, 129, 53) has ragged tiles in M, N and K and 10 tiles
 # in 5 groups of 2 rows (the grouped order's short last group too); (1, 40, 300): one row, a long K
 # (19 K-steps); (64, 64, 64): everything divides.
 SHAPES = [(37, 129, 53), (1, 40, 300), (64, 64, 64)]
 
 
+@pytest.mark.usefixtures("portable_for_small_m")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("mnk", SHAPES)
 def test_portable_kernel_matches_float64(mnk: tuple[int, int, int], dtype: torch.dtype) -> None:
@@ -76,6 +86,7 @@ def test_portable_kernel_matches_float64(mnk: tuple[int, int, int], dtype: torch
     assert_close(y, reference64(a, b), dtype, mnk[2])
 
 
+@pytest.mark.usefixtures("portable_for_small_m")
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 def test_fused_activations_and_preactivation(activation: str) -> None:
     a, b = inputs(37, 129, 53, torch.float16)
@@ -100,6 +111,66 @@ def test_split_k_with_more_slices_than_k_steps() -> None:
     assert_close(y, reference64(a, b), torch.float32, 64)
 
 
+# The small-M path: the split-K kernel with one slice (written straight to y) or three (summed by the
+# last slice), on the interpreter's 16-row tiles. M = 1 and 3 pad one tile; 16 fills it exactly; 17 leaves
+# a second tile of one row; 64 makes four. N = 45 and K = 83 are odd: ragged last tiles in N (32 wide)
+# and K (6 steps of 16, the last 3 deep), and 3 slices of 2 steps.
+@pytest.mark.parametrize("activation", [None, "gelu_tanh"])
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 64])
+def test_small_m_kernel_matches_float64(m: int, split_k: int, activation: str | None) -> None:
+    a, b = inputs(m, 45, 83, torch.float16, seed=m)
+    assert matmul_module._make_plan(a, b, activation, split_k, None, None).path == "split_k"
+    y, z = matmul_forward(a, b, activation, split_k=split_k, store_preactivation=activation is not None)
+    assert y.shape == (m, 45) and y.dtype == torch.float16
+    assert_close(y, reference64(a, b, activation), torch.float16, 83)
+    if activation is not None:
+        assert_close(z, reference64(a, b), torch.float16, 83)
+
+
+def test_small_m_tile_heights() -> None:
+    # One row of tiles, as short as M allows, up to 64 rows; 64- and 128-row tiles above.
+    rows = {m: matmul_module.skinny_tile_rows(m) for m in (1, 3, 16, 17, 32, 33, 64, 65, 256)}
+    assert rows == {
+        1: (16,), 3: (16,), 16: (16,), 17: (32,), 32: (32,), 33: (64,), 64: (64,), 65: (64, 128), 256: (64, 128)
+    }  # fmt: skip
+    configs = matmul_module.SPLIT_K_CONFIGS
+    for m, allowed in rows.items():
+        kept = matmul_module._prune_split_k_configs(configs, {"M": m})
+        assert kept and {c.kwargs["BLOCK_M"] for c in kept} == set(allowed), m
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "options", "path", "splits"),
+    [
+        # Decode, K = N = 4096: 32 tiles of 64 x 128 on 132 SMs, 8 slices (K / 512 caps the 9 wanted).
+        (16, 4096, 4096, {}, "split_k", 8),
+        (1, 4096, 14336, {}, "split_k", 9),  # the MLP's down projection: ceil(2 x 132 / 32 tiles)
+        (64, 14336, 4096, {}, "split_k", 3),  # its up projection: 112 tiles
+        (16, 4096, 4096, {"split_k": 1}, "split_k", 1),  # unsplit, still the small-M tiles
+        (64, 32768, 1024, {}, "split_k", 1),  # 256 tiles fill the GPU: no split, small-M tiles
+        (16, 4096, 4096, {"use_tma": True}, "tma", 1),  # forced
+        (256, 4096, 4096, {}, "split_k", 3),  # 128 tiles of 64 x 128: still short of 132 SMs
+        (65, 14336, 4096, {}, "big", 1),  # 224 tiles: the big-M kernels
+        (256, 4096, 4096, {"split_k": 1}, "big", 1),
+        (4096, 4096, 4096, {}, "big", 1),
+    ],
+)
+def test_path_selection_by_shape(
+    m: int, n: int, k: int, options: dict, path: str, splits: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if options.get("use_tma") and not INTERPRETED and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs a Hopper (sm_90) or newer GPU")
+    monkeypatch.setattr(matmul_module, "sm_count", lambda device: 132)  # an H100's or H200's SMs
+    a = torch.empty(m, k, device=DEVICE, dtype=torch.float16)  # never read: shapes and strides decide
+    b = torch.empty(k, n, device=DEVICE, dtype=torch.float16)
+    options = {"split_k": None, "use_tma": None, **options}
+    plan = matmul_module._make_plan(a, b, None, options["split_k"], options["use_tma"], None)
+    # "big": TMA where it applies (Hopper), else the portable kernel (always, under the interpreter).
+    assert plan.path in ("tma", "portable") if path == "big" else plan.path == path
+    assert plan.splits == splits
+
+
 @pytest.mark.parametrize("activation", [None, "gelu_tanh"])
 def test_tma_kernel_matches_float64(activation: str | None) -> None:
     # (40, 72, 48): K and N multiples of 8 (16-byte fp16 rows), M, N ragged against 32-wide tiles; 6 tiles
@@ -120,8 +191,12 @@ def test_tma_kernel_with_host_descriptors(monkeypatch: pytest.MonkeyPatch) -> No
     assert_close(z, reference64(a, b), torch.float16, 48)
 
 
-def test_batched_and_transposed_inputs() -> None:
-    # Leading dims of a are rows; transposed views are read through their strides, without copies.
+@pytest.mark.parametrize("small_m_max", [0, 64], ids=["portable", "split_k"])
+def test_batched_and_transposed_inputs(small_m_max: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Leading dims of a are rows; transposed views are read through their strides, without copies, by
+    # either pointer kernel (the 10 and 7 rows here are small M: the split-K kernel's unless sent away).
+    monkeypatch.setattr(matmul_module, "SMALL_M_MAX", small_m_max)
+    monkeypatch.setattr(matmul_module, "_PLANS", {})
     gen = torch.Generator().manual_seed(4)
     a = torch.randn(2, 5, 24, generator=gen).to(DEVICE)
     bt = torch.randn(33, 24, generator=gen).to(DEVICE)
@@ -193,6 +268,10 @@ def test_bad_input_raises_clear_errors() -> None:
         matmul(a, b, "gelu")
     with pytest.raises(ValueError, match="split_k must be a positive int"):
         matmul(a, b, split_k=0)
+    with pytest.raises(ValueError, match="split_k must be a positive int.*got True"):
+        matmul_forward(a, b, split_k=True)  # a bool is an int to Python, not a number of slices
+    with pytest.raises(ValueError, match="split_k must be a positive int.*got 2.0"):
+        matmul_forward(a[:1], b, split_k=2.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"b of shape \(K, N\)"):
         matmul(a, b.unsqueeze(0))
     with pytest.raises(ValueError, match="the TMA path takes fp16/bf16"):
@@ -260,6 +339,45 @@ def test_gpu_split_k_decode_shapes(m: int, split_k: int | None) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 100, 256])
+@pytest.mark.parametrize("split_k", [None, 1])
+def test_gpu_small_m_and_decode_regime(m: int, split_k: int | None) -> None:
+    # Compiled and autotuned: the small-M tiles (M <= 64, one slice or the rule's split) and the regime
+    # above, where the rule splits K (M = 100, 256 at N = 4096: fewer tiles than SMs) or not (split_k=1).
+    a, b = inputs(m, 4096, 4096, torch.bfloat16, seed=m)
+    y, z = matmul_forward(a, b, "silu", split_k=split_k, store_preactivation=True)
+    assert_close(y, reference64(a, b, "silu"), torch.bfloat16, 4096)
+    assert_close(z, reference64(a, b), torch.bfloat16, 4096)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_benchmark_cases() -> None:
+    """The matmul_decode sweep: every weight and M, each against cuBLAS and against split_k=1, goals on
+    M <= 16 only; and its closures compute the product (one case run, not timed)."""
+    cases = matmul_module.decode_benchmark_cases()
+    weights, rows = matmul_module.DECODE_WEIGHTS, matmul_module.DECODE_ROWS
+    assert len(cases) == 2 * len(weights) * len(rows)
+    assert len({c.label for c in cases}) == len(cases) and {c.kernel for c in cases} == {"matmul_decode"}
+    for case in cases:
+        goals = {g.text for g in case.goals}
+        if case.x > matmul_module.DECODE_GOAL_MAX_M:
+            assert not goals, case.label
+        elif case.baseline_name.startswith("cuBLAS"):
+            assert goals == {">= 0.9x cuBLAS"}, case.label
+        else:
+            assert goals == {">= 1.2x split_k=1"}, case.label
+    down = [c for c in cases if c.label.startswith("mlp_down 14336x4096 M=16 ")]
+    assert len(down) == 2
+    u, k = UNIT[torch.bfloat16], 14336
+    for case in down:
+        # Both sides multiply the case's inputs: each is within one bf16 rounding (and fp32 accumulation
+        # error) of the exact product, so within two of each other; 4u leaves room for the accumulation.
+        ours, baseline = case.ours(), case.baseline()
+        assert ours.shape == baseline.shape == (16, 4096)
+        torch.testing.assert_close(ours.double(), baseline.double(), rtol=4 * u, atol=4 * u * math.sqrt(k))
+
+
+@pytest.mark.gpu
 def test_gpu_split_k_is_deterministic_and_leaves_its_tickets_at_zero() -> None:
     """The last slice of each tile sums all slices in slice order: bit-identical results, whichever
     finishes last; and it resets the tile's counter, so the reused counters are zero between calls."""
@@ -323,8 +441,9 @@ def test_gpu_backward_bf16(activation: str | None) -> None:
         ((512, 384, 256), {"use_tma": True}),
         ((512, 384, 256), {"use_tma": False, "activation": "silu"}),
         ((16, 512, 4096), {"split_k": 4}),
+        ((16, 512, 4096), {"split_k": 1}),
     ],
-    ids=["tma", "portable", "split_k"],
+    ids=["tma", "portable", "split_k", "small_m"],
 )
 def test_gpu_cached_launches_compute_each_calls_inputs(mnk: tuple[int, int, int], kwargs: dict) -> None:
     """After the first call per geometry, matmul_forward launches the compiled kernel directly (launch.py).
