@@ -504,7 +504,11 @@ def scaled_mm(
             f"b must be column-major (stride(0) == 1), got strides {b.stride()}: pass b.t().contiguous().t()"
         )
     _check_scales(scale_a, scale_b, m, n, a.dtype, b.dtype, out_dtype)
-    _check_fp8_device(a)  # last, so that the checks above can be tried on any machine
+    # Last, so that the checks above can be tried on any machine. Skipped while torch.compile traces (an fp8
+    # layer compiled into a decoder): it is a host-side query of the device, there only to turn
+    # torch._scaled_mm's own refusal of a GPU without fp8 tensor cores into a clearer message.
+    if not torch.compiler.is_compiling():
+        _check_fp8_device(a)
     return torch._scaled_mm(
         a,
         b,

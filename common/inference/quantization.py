@@ -11,12 +11,15 @@ one vector. Halving the bytes per weight is what makes it faster, provided the m
 weights themselves and never writes a dequantized copy. Each quantizer's docstring says how far a restored
 value can be from the original: half a step of its grid.
 
-- int8, weight-only: q = round(w / s), s = max|w_row| / 127 per output row; the matmul is
-  torch._weight_int8pack_mm (bf16/fp16/fp32 activations times int8 weights, the row scales applied to the
-  output). It has CPU and CUDA kernels in torch 2.11 (native_functions.yaml) and an Inductor lowering, so
-  the same code runs in the CPU tests, on a GPU and under torch.compile with CUDA graphs. Chosen over
-  "F.linear(x, w.to(bf16)) * s under torch.compile" (gpt-fast's way), whose speed depends on Inductor
-  fusing the conversion into its matmul template, which a given shape may not get.
+- int8, weight-only: q = round(w / s), s = max|w_row| / 127 per output row, and
+  y = (x @ q^T) * s: the scale applies to the output, so the matmul takes the int8 weights converted to
+  x's dtype. Eager, that conversion writes a full bf16 copy (per weight: 1 byte read, 2 written, 2 read
+  again by the matmul, 2.5 times a bf16 matmul's traffic).
+  Compiled at batch 1 inside `fused_dequantization()` (Inductor's coordinate_descent_tuning, as gpt-fast
+  sets it), Inductor rewrites a (1, K) @ (K, N) product as a reduction and converts each weight as it loads
+  it: the step reads 1 byte per weight. The alternative, torch._weight_int8pack_mm, has a CUDA kernel
+  (aten/src/ATen/native/cuda/int8mm.cu) that gives each output to one thread walking all of K, so a warp's
+  weight loads are a row apart, not coalesced: not the kernel to show a bandwidth gain with.
 - int4, weight-only, groups of `group_size` weights along the input dimension, asymmetric:
   w ~ code * s + m with code in 0..15, m the group's minimum and s = (max - min) / 15. Asymmetric because
   16 levels are few: over [min, max] the step is (max - min) / 15, while a symmetric grid must cover
@@ -40,6 +43,7 @@ embedding never.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Literal, get_args
 
@@ -60,6 +64,7 @@ __all__ = [
     "dequantize_int4",
     "dequantize_int8",
     "fake_quantize_int8",
+    "fused_dequantization",
     "pack_int4",
     "quantize_int4",
     "quantize_int8",
@@ -271,18 +276,20 @@ class QuantizedLinear(nn.Module):
 
 
 class Int8WeightLinear(QuantizedLinear):
-    """nn.Linear with int8 weights, one scale per output channel; activations stay in their float dtype."""
+    """nn.Linear with int8 weights, one scale per output channel; activations stay in their float dtype.
+
+    Reads the weights as int8 only when compiled at batch 1 inside fused_dequantization() (module docstring).
+    """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)
         q, scale = quantize_int8(linear.weight, dim=-1)  # (out, in) int8, (out, 1)
         self.register_buffer("weight", q)
-        # _weight_int8pack_mm takes the scales (out,) in the activations' dtype: the layer's own dtype.
-        self.register_buffer("scale", scale.squeeze(1).to(linear.weight.dtype))
+        self.register_buffer("scale", scale.squeeze(1).to(linear.weight.dtype))  # (out,), the layer's dtype
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        # Reads the int8 weights directly: (x @ q^T) * scale, with no dequantized copy of the weights.
-        return torch._weight_int8pack_mm(x.contiguous(), self.weight, self.scale.to(x.dtype))
+        # (x @ q^T) * scale: gpt-fast's form, which Inductor fuses into one pass over the int8 weights.
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
 
 
 class Int4WeightLinear(QuantizedLinear):
@@ -354,6 +361,18 @@ class SmoothQuantLinear(QuantizedLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, alpha={self.alpha}"
+
+
+def fused_dequantization() -> contextlib.AbstractContextManager:
+    """Compile inside this for batch-1 decoding: Inductor turns each (1, K) @ (K, N) matmul into a reduction
+    that converts quantized weights as it loads them (and tunes its launch parameters, which takes longer).
+
+    It sets torch._inductor.config.coordinate_descent_tuning, which Inductor reads when it compiles: the
+    first call of a compiled function (torch.compile is lazy) must happen inside.
+    """
+    import torch._inductor.config  # here, not at the top: a model that is never compiled does not need it
+
+    return torch._inductor.config.patch(coordinate_descent_tuning=True)
 
 
 # ----------------------------------------------------------------------------------------------------

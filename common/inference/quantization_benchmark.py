@@ -12,8 +12,9 @@ Two parts, saved together in inference_quantization.json:
   dtype (bf16 on a GPU) is measured the same way, as the baseline: its error is bf16's own.
 - speed: decode tokens/s at batch 1 of a week-5 Llama preset (random weights: speed does not depend on
   them), each method's model against the unquantized one in the same run, each in a static KV cache
-  (CachedDecoder) compiled with CUDA graphs, timed interleaved by common.bench.compare. Goal: weight-only
-  int8 at least 1.5x the bf16 tokens/s. A decode step costs the same at every position of a static cache
+  (CachedDecoder) compiled with CUDA graphs inside fused_dequantization() (both sides: the same compiler
+  settings), timed interleaved by common.bench.compare. Goal: weight-only int8 at least 1.5x the bf16
+  tokens/s. A decode step costs the same at every position of a static cache
   (it reads all max_len keys under a mask), so each timed step rolls back to position 0 and decodes one token.
 
 SmoothQuant's W8A8 is fake-quantized (float matmuls around quantize-dequantize): its error is the format's,
@@ -38,7 +39,7 @@ from common.bench import compare, environment, save_results
 from common.hardware import NoGPUError
 from common.inference.acceptance import AcceptanceExperiment, held_out_loss, train
 from common.inference.kv_cache import CachedDecoder
-from common.inference.quantization import METHODS, linear_names, quantize_linears
+from common.inference.quantization import METHODS, fused_dequantization, linear_names, quantize_linears
 from common.inference.toy_language import TrigramLanguage
 from common.models.llama import Llama, LlamaConfig
 from common.tables import format_table
@@ -226,13 +227,19 @@ def speed_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.
     calibration = torch.randint(config.vocab_size, (1, 64), device=device)
     compiled = bench.compile and device.type == "cuda"
 
-    def decoder_of(model: nn.Module) -> CachedDecoder:
+    def compiled_step(model: nn.Module) -> Callable[[], torch.Tensor]:
         decoder = CachedDecoder(model, batch_size=1, max_len=bench.max_len)
+        step = _decode_step(decoder, token)
         if compiled:
-            decoder.compile(mode="reduce-overhead", fullgraph=True)
-        return decoder
+            # One static shape (1, 1), so that Inductor knows M = 1 and fuses the dequantization into the
+            # matmul; compiling happens at the first calls, which must run inside fused_dequantization().
+            decoder.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)
+            with fused_dequantization():
+                for _ in range(3):  # compile, then warm up and record the CUDA graph
+                    step()
+        return step
 
-    baseline_step = _decode_step(decoder_of(base), token)
+    baseline_step = compiled_step(base)
     results: dict[str, Any] = {
         "model": {"preset": bench.speed_preset, **asdict(config)},
         "compiled": compiled,
@@ -247,7 +254,7 @@ def speed_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.
         quantized = _quantized(base, method, bench, calibration)
         comparison = compare(
             baseline_step,
-            _decode_step(decoder_of(quantized), token),
+            compiled_step(quantized),
             names=(f"{dtype_name(dtype)} decode step", f"{method} decode step"),
             warmup_ms=bench.warmup_ms,
             rep_ms=bench.rep_ms,
