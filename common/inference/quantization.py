@@ -25,8 +25,10 @@ value can be from the original: half a step of its grid.
   16 levels are few: over [min, max] the step is (max - min) / 15, while a symmetric grid must cover
   [-max|w|, max|w|] with 15 usable levels (step 2 max|w| / 15 or worse), and a group of 128 weights is
   rarely centred on 0. The cost is one float offset per group beside the scale. Two codes per uint8 byte.
-  The matmul dequantizes and calls F.linear: it shows the format's error, not int4's speed (a fast int4
-  GEMM unpacks in registers, as tinygemm's torch._weight_int4pack_mm does with its own tile layout).
+  The matmul unpacks, dequantizes and calls F.linear: eager, through a full-size float copy; compiled at
+  batch 1 inside `fused_dequantization()`, Inductor may fold the unpacking into the matmul's loads as it
+  does int8's conversion (the benchmark measures what it gets). A dedicated int4 GEMM (tinygemm's
+  torch._weight_int4pack_mm, with its own tile layout) is not used here.
 - fp8 e4m3 with a scale per tensor or per row (weights per output row, activations per token, computed at
   run time), through torch._scaled_mm (common.amp.scaled_mm; sm_89+ GPUs only).
 - SmoothQuant (Xiao et al., 2023): activations have a few channels with huge values, so a per-token int8
@@ -65,6 +67,7 @@ __all__ = [
     "dequantize_int8",
     "fake_quantize_int8",
     "fused_dequantization",
+    "linear_names",
     "pack_int4",
     "quantize_int4",
     "quantize_int8",

@@ -5,11 +5,11 @@
 Two parts, saved together in inference_quantization.json:
 
 - error: a small Llama trained on the trigram language (common.inference.toy_language) is quantized with
-  each method of common.inference.quantization. Against a float64 copy of the same model: the held-out
-  next-token loss (beside the float64 model's and the language's own floor), the relative error of the
-  logits, and each replaced layer's relative output error on the same input (the float64 model's input to
-  that layer, so that the errors of earlier layers do not add in). The unquantized model in the run's
-  dtype (bf16 on a GPU) is measured the same way, as the baseline: its error is bf16's own.
+  each method of common.inference.quantization and compared with a float64 copy of itself by
+  common.inference.quantization_error: the held-out next-token loss (beside the float64 model's and the
+  language's own floor), the relative error of the logits, and each replaced layer's own relative output
+  error. The unquantized model in the run's dtype (bf16 on a GPU) is measured the same way, as the
+  baseline: its error is bf16's own.
 - speed: decode tokens/s at batch 1 of a week-5 Llama preset (random weights: speed does not depend on
   them), each method's model against the unquantized one in the same run, each in a static KV cache
   (CachedDecoder) compiled with CUDA graphs inside fused_dequantization() (both sides: the same compiler
@@ -39,7 +39,8 @@ from common.bench import compare, environment, save_results
 from common.hardware import NoGPUError
 from common.inference.acceptance import AcceptanceExperiment, held_out_loss, train
 from common.inference.kv_cache import CachedDecoder
-from common.inference.quantization import METHODS, fused_dequantization, linear_names, quantize_linears
+from common.inference.quantization import METHODS, fused_dequantization, quantize_linears
+from common.inference.quantization_error import measure_errors
 from common.inference.toy_language import TrigramLanguage
 from common.models.llama import Llama, LlamaConfig
 from common.tables import format_table
@@ -96,54 +97,6 @@ class QuantizationBenchmark:
         return LlamaConfig.preset(self.speed_preset, **self.speed_changes)
 
 
-def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
-    """||approx - exact|| / ||exact||, in float64."""
-    exact = exact.double()
-    return ((approx.double() - exact).norm() / exact.norm()).item()
-
-
-@torch.no_grad()
-def _layer_inputs(model: nn.Module, tokens: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-    """What each named layer of `model` receives when it runs on tokens."""
-    modules, inputs = dict(model.named_modules()), {}
-    hooks = [
-        modules[name].register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
-        for name in names
-    ]
-    try:
-        model(tokens)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return inputs
-
-
-@torch.no_grad()
-def _errors(
-    model: nn.Module,
-    reference: nn.Module,
-    held_out: torch.Tensor,
-    reference_inputs: dict[str, torch.Tensor],
-    dtype: torch.dtype,
-) -> dict[str, Any]:
-    """Loss, logits error and per-layer output errors of `model` against the float64 `reference`."""
-    modules, reference_modules = dict(model.named_modules()), dict(reference.named_modules())
-    layers = {}
-    for name, x in reference_inputs.items():
-        exact = reference_modules[name](x)  # float64 nn.Linear on the float64 model's input
-        layers[name] = _relative_error(modules[name](x.to(dtype)), exact)
-    logits = model(held_out[:, :-1])
-    return {
-        "loss": held_out_loss(model, held_out),
-        "logits_relative_error": _relative_error(logits, reference(held_out[:, :-1])),
-        "layer_relative_error": {
-            "mean": sum(layers.values()) / len(layers),
-            "max": max(layers.values()),
-            "per_layer": layers,
-        },
-    }
-
-
 def _skip_reason(method: str, device: torch.device) -> str | None:
     if method.startswith("fp8") and not fp8_supported(device):
         return "fp8 matmuls need an NVIDIA GPU with compute capability >= 8.9 (torch._scaled_mm)"
@@ -184,12 +137,10 @@ def error_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.
     calibration = language.sample(16, bench.train_seq_len, generator).to(device)
     reference = copy.deepcopy(model).double()
     base = copy.deepcopy(model).to(dtype)
-    names = linear_names(base)
-    reference_inputs = _layer_inputs(reference, held_out[:, :-1], names)
     results: dict[str, Any] = {
         "language_loss": language.loss(held_out.cpu()),
         "float64_loss": held_out_loss(reference, held_out),
-        "baseline": _errors(base, reference, held_out, reference_inputs, dtype),
+        "baseline": measure_errors(base, reference, held_out),
         "methods": {},
     }
     for method in METHODS:
@@ -198,7 +149,7 @@ def error_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.
             results["methods"][method] = {"skipped": skipped}
             continue
         quantized = _quantized(base, method, bench, calibration)
-        results["methods"][method] = _errors(quantized, reference, held_out, reference_inputs, dtype)
+        results["methods"][method] = measure_errors(quantized, reference, held_out)
     return results
 
 
