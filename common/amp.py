@@ -454,8 +454,8 @@ def _check_scales(
         return
     if tuple(scale_a.shape) != (m, 1) or tuple(scale_b.shape) != (1, n):
         raise ValueError(
-            f"scales must be per-tensor (one element each) or row-wise, scale_a ({m}, 1) and scale_b (1, {n}); "
-            f"got scale_a {tuple(scale_a.shape)} and scale_b {tuple(scale_b.shape)}"
+            f"scales must be per-tensor (one element each) or row-wise, scale_a ({m}, 1) and scale_b "
+            f"(1, {n}); got scale_a {tuple(scale_a.shape)} and scale_b {tuple(scale_b.shape)}"
         )
     if (a_dtype, b_dtype) != (E4M3, E4M3) or out_dtype != torch.bfloat16:
         raise ValueError(

@@ -125,7 +125,8 @@ def fake_quantize_int8(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Codes 0..15 (..., n) uint8, n even -> (..., n // 2) uint8: element 2i in the low nibble, 2i+1 in the high."""
+    """Codes 0..15 (..., n) uint8, n even -> (..., n // 2) uint8: element 2i in the low nibble, 2i+1 in
+    the high one."""
     if codes.dtype != torch.uint8:
         raise TypeError(f"int4 codes must be uint8 (values 0..15), got {codes.dtype}")
     if codes.shape[-1] % 2:
@@ -179,7 +180,7 @@ def dequantize_int4(
     out_features, in_features = codes.shape
     if scale.shape != minimum.shape or scale.dim() != 2 or in_features % scale.shape[1]:
         raise ValueError(
-            f"scale {tuple(scale.shape)} and minimum {tuple(minimum.shape)} must be equal (out, n_groups) with "
+            f"scale {tuple(scale.shape)} and minimum {tuple(minimum.shape)} must both be (out, n_groups), "
             f"n_groups dividing in_features={in_features}"
         )
     groups = codes.reshape(out_features, scale.shape[1], -1).float()  # (out, n_groups, group_size)
@@ -209,8 +210,8 @@ def smoothing_factors(input_absmax: torch.Tensor, weight: torch.Tensor, alpha: f
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if input_absmax.shape != (weight.shape[1],):
         raise ValueError(
-            f"input_absmax has shape {tuple(input_absmax.shape)}, expected ({weight.shape[1]},): one value per "
-            "input channel of the weight (out_features, in_features)"
+            f"input_absmax has shape {tuple(input_absmax.shape)}, expected ({weight.shape[1]},): one "
+            "value per input channel of the weight (out_features, in_features)"
         )
     x_max = input_absmax.detach().float()
     w_max = weight.detach().abs().amax(dim=0).float()
@@ -384,7 +385,7 @@ def fused_dequantization() -> contextlib.AbstractContextManager:
 
 
 def linear_names(model: nn.Module, include_output: bool = False) -> list[str]:
-    """The names of model's nn.Linear modules that quantize_linears replaces (all but `output`, by default)."""
+    """The names of model's nn.Linear modules that quantize_linears replaces (by default all but `output`)."""
     return [
         name
         for name, module in model.named_modules()

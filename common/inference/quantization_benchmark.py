@@ -157,6 +157,8 @@ def _decode_step(decoder: CachedDecoder, token: torch.Tensor) -> Callable[[], to
     """One decode step at position 0 of the static cache (every position costs the same)."""
 
     def step() -> torch.Tensor:
+        # A new step: CUDA graphs (if compiled) may reuse the previous step's output memory, unread here.
+        torch.compiler.cudagraph_mark_step_begin()
         decoder.rollback(0)
         return decoder.feed(token)
 
@@ -164,8 +166,9 @@ def _decode_step(decoder: CachedDecoder, token: torch.Tensor) -> Callable[[], to
 
 
 def _weight_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters and buffers a decode step reads (weights, scales; rotary tables included)."""
-    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}  # a tied weight counted once
+    """Bytes of the model's parameters and buffers (weights, scales, embedding and rotary tables), a tied
+    weight once: what quantization shrinks. A decode step reads all but the embedding rows it does not use."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -178,7 +181,7 @@ def speed_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.
     calibration = torch.randint(config.vocab_size, (1, 64), device=device)
     compiled = bench.compile and device.type == "cuda"
 
-    def compiled_step(model: nn.Module) -> Callable[[], torch.Tensor]:
+    def timed_step(model: nn.Module) -> Callable[[], torch.Tensor]:
         decoder = CachedDecoder(model, batch_size=1, max_len=bench.max_len)
         step = _decode_step(decoder, token)
         if compiled:
@@ -190,7 +193,7 @@ def speed_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.
                     step()
         return step
 
-    baseline_step = compiled_step(base)
+    baseline_step = timed_step(base)
     results: dict[str, Any] = {
         "model": {"preset": bench.speed_preset, **asdict(config)},
         "compiled": compiled,
@@ -205,7 +208,7 @@ def speed_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.
         quantized = _quantized(base, method, bench, calibration)
         comparison = compare(
             baseline_step,
-            compiled_step(quantized),
+            timed_step(quantized),
             names=(f"{dtype_name(dtype)} decode step", f"{method} decode step"),
             warmup_ms=bench.warmup_ms,
             rep_ms=bench.rep_ms,

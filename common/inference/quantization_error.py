@@ -1,4 +1,4 @@
-"""How much a quantized model differs from a float64 copy of the original: per layer, in the logits, in the loss.
+"""How far a quantized model is from a float64 copy of the original: per layer, in the logits, in the loss.
 
     reference = copy.deepcopy(model).double()            # before quantizing
     quantize_linears(model, "int8")
