@@ -57,7 +57,7 @@ def test_int8_round_trip_is_within_half_a_step_of_absmax_over_127(dim: int) -> N
     # The whole symmetric range is used (each nonzero slice reaches +-127) and -128 never appears.
     assert torch.equal(qx.abs().amax(dim), torch.where(absmax.squeeze(dim) > 0, 127, 0).to(torch.int8))
     assert qx.min().item() >= -127
-    assert not restored[5].any() if dim == -1 else True
+    assert not restored[5].any()  # zeros round to code 0 under any scale
 
 
 def test_int4_packing_round_trips_exactly_low_nibble_first() -> None:
@@ -96,6 +96,7 @@ def test_int4_round_trip_is_within_half_a_step_of_each_group() -> None:
 
 
 def test_int8_linear_matches_the_dequantized_weights_and_stays_within_the_format_bound() -> None:
+    torch.manual_seed(0)  # the layer's initial weights
     linear = nn.Linear(64, 48, bias=True)
     x = seeded(3, 5, 64, seed=1)
     layer = q.Int8WeightLinear(linear)
@@ -113,6 +114,7 @@ def test_int8_linear_matches_the_dequantized_weights_and_stays_within_the_format
 
 
 def test_int4_linear_stays_within_the_grouped_bound() -> None:
+    torch.manual_seed(0)  # the layer's initial weights
     linear = nn.Linear(128, 32, bias=False)
     layer = q.Int4WeightLinear(linear, group_size=32)
     x = seeded(7, 128, seed=2)
@@ -153,15 +155,17 @@ def test_smoothquant_cuts_the_w8a8_error_on_activations_with_outlier_channels() 
     s = layer.smooth
     manual = q.fake_quantize_int8(x / s) @ q.fake_quantize_int8(linear.weight.detach() * s).T
     torch.testing.assert_close(layer(x), manual, rtol=1e-5, atol=1e-4)
-    # Without smoothing, each token's int8 step is set by its outliers (~3 * 100 / 127 ~ 2.4) and the 508
-    # ordinary channels (|x| ~ 1) are rounded to 0 or 1 step: their part of the product is mostly lost.
-    # With alpha = 0.5 the outliers shrink by s ~ sqrt(300 / 3.5) ~ 9 and the step with them, while the
-    # weights' step grows by less (only 4 of 512 columns grow). At this seed the error drops from 4% to
-    # 0.7%; requiring 3x leaves room for other seeds while a no-op smoothing (s = 1) fails it.
+    # Without smoothing, each token's int8 step is set by its outliers (the largest of 4 values of std 100,
+    # over 127: about 1.2 here), so the 508 ordinary channels (std 1) keep a few levels each. With
+    # alpha = 0.5, s is about sqrt(100 * 3 / 3) = 10 on the outlier channels (|x| up to ~300, |w| up to ~3)
+    # and about 1 elsewhere: the token's step shrinks about 10x, while a weight row's step grows only where
+    # an outlier column now sets its max. At this seed the error drops from 4.0% to 0.7%; requiring 3x
+    # leaves room for other seeds, and a smoothing that did nothing (s = 1) would fail it.
     assert smoothed < plain / 3, (plain, smoothed)
 
 
 def test_fp8_linear_quantizes_weights_per_tensor_and_per_row_on_any_machine() -> None:
+    torch.manual_seed(0)  # the layer's initial weights
     linear = nn.Linear(64, 32, bias=False)
     with torch.no_grad():
         linear.weight[7] *= 1e5  # an outlier row: with its scale, the others fall to e4m3's subnormals
@@ -178,9 +182,11 @@ def test_fp8_linear_quantizes_weights_per_tensor_and_per_row_on_any_machine() ->
         restored = layer.weight.float() * (layer.scale if name == "tensor" else layer.scale.t())
         others = torch.arange(32) != 7
         errors[name] = ((restored - w)[others].norm() / w[others].norm()).item()
-    # Per row: every value is a normal e4m3 number, so within eps/2 = 6.25% (rms ~ eps / sqrt(12) = 3.6%).
+    # Per row: each row's values fill e4m3's normal range, each rounded to 3 mantissa bits (relative error
+    # at most eps/2 = 6.25%, less on average): the norm's relative error is below eps/2. Per tensor, the
+    # other rows sit 1e5 below the scale's top, among the subnormals: at this seed 20% against 2.5%.
     assert errors["row"] < torch.finfo(amp.E4M3).eps / 2
-    assert errors["tensor"] > 2 * errors["row"], errors
+    assert errors["tensor"] > 4 * errors["row"], errors
     with pytest.raises(Fp8UnsupportedError, match="compute capability"):
         per_row(seeded(2, 64).bfloat16())  # the GEMM itself needs an fp8 GPU
 
