@@ -188,7 +188,9 @@ def speed_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.
             # One static shape (1, 1), so that Inductor knows M = 1 and fuses the dequantization into the
             # matmul; compiling happens at the first calls, which must run inside fused_dequantization().
             decoder.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)
-            with fused_dequantization():
+            # Every decoder compiles the same code (nn.Module._call_impl), one cache entry per decoder: past
+            # Dynamo's default limit of 8 entries, the later ones would run uncompiled, with a logged warning.
+            with fused_dequantization(), torch._dynamo.config.patch(recompile_limit=4 * len(METHODS)):
                 for _ in range(3):  # compile, then warm up and record the CUDA graph
                     step()
         return step
