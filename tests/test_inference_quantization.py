@@ -306,7 +306,13 @@ def test_bad_inputs_get_errors_that_name_the_problem() -> None:
         q.quantize_linears(model, "smoothquant", calibration=[])
     with pytest.raises(ValueError, match="no nn.Linear layer"):
         q.quantize_linears(nn.Sequential(nn.ReLU()), "int8")
-    assert all(type(m) is not q.SmoothQuantLinear for m in model.modules()), "a refused call changes nothing"
+    # d_ff = 96: groups of 64 fit the attention's inputs (64 wide) but not w2's, the last layer of a block.
+    model = random_llama(0, LlamaConfig(vocab_size=32, d_model=64, n_heads=4, n_kv_heads=2, d_ff=96))
+    with pytest.raises(ValueError, match="group_size=64 must be even and divide in_features=96"):
+        q.quantize_linears(model, "int4", group_size=64)
+    assert all(type(m) is nn.Linear for name, m in model.named_modules() if name.endswith(("wq", "w2"))), (
+        "a refused call leaves every layer as it was"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -424,16 +424,20 @@ def quantize_linears(
             )
         input_absmax = calibrate_input_absmax(model, calibration, names)
     modules = dict(model.named_modules())
-    for name in names:
+    replacements: dict[str, nn.Module] = {}
+    for (
+        name
+    ) in names:  # every layer first, so that a layer that cannot be quantized leaves the model as it was
         linear = modules[name]
         if method == "int8":
-            replacement: nn.Module = Int8WeightLinear(linear)
+            replacements[name] = Int8WeightLinear(linear)
         elif method == "int4":
-            replacement = Int4WeightLinear(linear, group_size)
+            replacements[name] = Int4WeightLinear(linear, group_size)
         elif method in ("fp8-tensor", "fp8-row"):
-            replacement = Fp8Linear(linear, "tensor" if method == "fp8-tensor" else "row")
+            replacements[name] = Fp8Linear(linear, "tensor" if method == "fp8-tensor" else "row")
         else:
-            replacement = SmoothQuantLinear(linear, input_absmax[name], alpha)
+            replacements[name] = SmoothQuantLinear(linear, input_absmax[name], alpha)
+    for name, replacement in replacements.items():
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, replacement)
     return model
