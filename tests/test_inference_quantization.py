@@ -226,6 +226,17 @@ def test_a_quantized_llama_generates_the_same_with_and_without_the_kv_cache(meth
     assert torch.equal(tokens, expected)
 
 
+def test_fused_dequantization_sets_inductors_batch_1_matmul_rewrite_only_inside() -> None:
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.coordinate_descent_tuning
+    with q.fused_dequantization():
+        assert (
+            inductor_config.coordinate_descent_tuning is True
+        )  # what turns a (1, K) @ (K, N) into a reduction
+    assert inductor_config.coordinate_descent_tuning == before
+
+
 def test_an_int8_decode_step_compiles_without_graph_breaks() -> None:
     """fullgraph=True fails on any graph break: the int8 layers trace into the decoder's one graph per
     shape (so CUDA graphs can capture them). The counting backend runs the captured graph eagerly (no code

@@ -270,8 +270,8 @@ class QuantizedLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (tokens, in) @ W^T -> (tokens, out) in x's dtype."""
-        raise NotImplementedError
+        """x (tokens, in) @ W^T -> (tokens, out) in x's dtype: what each format defines."""
+        raise NotImplementedError(f"{type(self).__name__} must define matmul")
 
     def extra_repr(self) -> str:
         return (
