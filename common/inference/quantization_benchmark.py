@@ -247,10 +247,12 @@ def _summary(record: dict[str, Any]) -> str:
             "-",
         ),
     ]
+    skipped: dict[str, list[str]] = {}  # reason -> methods
     for method in METHODS:
         e, s = error["methods"][method], speed["methods"][method]
         if "skipped" in e:
-            rows.append((method, "skipped", "-", "-", "-", e["skipped"]))
+            rows.append((method, "skipped", "-", "-", "-", "-"))
+            skipped.setdefault(e["skipped"], []).append(method)
             continue
         rows.append((
             method,
@@ -261,7 +263,9 @@ def _summary(record: dict[str, Any]) -> str:
             f"{s['speedup']:.2f}x",
         ))  # fmt: skip
     header = ["method", "held-out loss", "logits rel. error", "worst layer error", "tokens/s", "vs baseline"]
-    return f"language floor {error['language_loss']:.4f} nats/token\n" + format_table(header, rows)
+    notes = [f"skipped {', '.join(methods)}: {reason}" for reason, methods in skipped.items()]
+    floor = f"language floor {error['language_loss']:.4f} nats/token"
+    return "\n".join([floor, format_table(header, rows), *notes])
 
 
 def run_quantization_benchmark(out_dir: Path, quick: bool = False) -> list[Path]:
