@@ -399,18 +399,24 @@ def fp8_supported(device: torch.device | str | None = None) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def to_fp8(x: torch.Tensor, dtype: torch.dtype = E4M3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize x to fp8 with one scale for the whole tensor: x ~ data.float() * scale.
+def to_fp8(
+    x: torch.Tensor, dtype: torch.dtype = E4M3, *, dim: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize x to fp8 with one scale for the whole tensor (dim=None) or one per slice along `dim`.
 
-    The scale maps x's largest magnitude onto the format's max, so the full range is used and nothing
-    overflows; the cost is that one outlier pushes every other value towards the subnormals.
-    Returns (data in `dtype`, scale as a float32 0-dim tensor on x's device). Computing amax reads x once.
+    x ~ data.float() * scale. The scale maps the largest magnitude it covers onto the format's max, so the full
+    range is used and nothing overflows; the cost is that one outlier pushes every other value it shares a
+    scale with towards the subnormals. dim=-1 on a matrix (M, K) gives one scale per row, (M, 1): an outlier
+    then costs only its own row (the row-wise scaling of torch._scaled_mm).
+    Returns (data in `dtype`, float32 scale on x's device: 0-dim, or x's shape with `dim` kept as size 1).
+    Computing amax reads x once.
     """
     if dtype not in (E4M3, E5M2):
         raise ValueError(f"fp8 dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}")
     fmax = torch.finfo(dtype).max
-    amax = x.detach().abs().amax().float()
-    # An all-zero tensor has amax 0: any scale works, 1 avoids a division by zero.
+    magnitude = x.detach().abs()
+    amax = (magnitude.amax() if dim is None else magnitude.amax(dim=dim, keepdim=True)).float()
+    # An all-zero tensor (or row) has amax 0: any scale works, 1 avoids a division by zero.
     scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
     # Clamp: rounding can push amax/scale a hair above fmax, and e4m3 turns anything beyond 448 into NaN.
     data = (x.float() / scale).clamp(-fmax, fmax).to(dtype)
@@ -431,6 +437,33 @@ def _check_fp8_device(t: torch.Tensor) -> None:
         )
 
 
+def _check_scales(
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    m: int,
+    n: int,
+    a_dtype: torch.dtype,
+    b_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> None:
+    """Refuse scales that are neither per-tensor nor row-wise ((M, 1) and (1, N)) float32 tensors."""
+    for name, s in (("scale_a", scale_a), ("scale_b", scale_b)):
+        if s.dtype != torch.float32:
+            raise ValueError(f"{name} must be a float32 tensor, got {s.dtype}")
+    if scale_a.numel() == 1 and scale_b.numel() == 1:
+        return
+    if tuple(scale_a.shape) != (m, 1) or tuple(scale_b.shape) != (1, n):
+        raise ValueError(
+            f"scales must be per-tensor (one element each) or row-wise, scale_a ({m}, 1) and scale_b "
+            f"(1, {n}); got scale_a {tuple(scale_a.shape)} and scale_b {tuple(scale_b.shape)}"
+        )
+    if (a_dtype, b_dtype) != (E4M3, E4M3) or out_dtype != torch.bfloat16:
+        raise ValueError(
+            f"row-wise scaled fp8 GEMMs take e4m3 operands and write bf16, got a {a_dtype}, b {b_dtype}, "
+            f"out_dtype {out_dtype}: use e4m3 and out_dtype=torch.bfloat16, or per-tensor scales"
+        )
+
+
 def scaled_mm(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -443,7 +476,10 @@ def scaled_mm(
     """(a * scale_a) @ (b * scale_b) on fp8 tensor cores: torch._scaled_mm with its requirements checked.
 
     a: (M, K) fp8, row-major; b: (K, N) fp8, column-major (b = b_rowmajor.t().contiguous().t());
-    M, K, N multiples of 16; scales: float32 0-dim tensors (dequantization scales, as from to_fp8).
+    K and N multiples of 16 (M may be anything, 1 included: torch's own check, _check_scaled_mm_sizes).
+    Scales are float32 dequantization scales, as from to_fp8: either one per tensor (one element each), or
+    row-wise, scale_a (M, 1) for a's rows and scale_b (1, N) for b's columns, both e4m3 and out_dtype bf16
+    (what torch 2.11's row-wise GEMM supports).
     use_fast_accum: cuBLAS's faster fp8 mode that accumulates in lower precision (the usual choice for
     forward passes, not for gradients).
     """
@@ -457,10 +493,8 @@ def scaled_mm(
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"inner dimensions differ: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
     (m, k), n = a.shape, b.shape[1]
-    if m % 16 or k % 16 or n % 16:
-        raise ValueError(
-            f"fp8 GEMM needs M, K, N to be multiples of 16, got M={m}, K={k}, N={n}: pad the matrices"
-        )
+    if k % 16 or n % 16:
+        raise ValueError(f"fp8 GEMM needs K and N to be multiples of 16, got K={k}, N={n}: pad the matrices")
     if a.stride(1) != 1:
         raise ValueError(
             f"a must be row-major (stride(1) == 1), got strides {a.stride()}: pass a.contiguous()"
@@ -469,14 +503,19 @@ def scaled_mm(
         raise ValueError(
             f"b must be column-major (stride(0) == 1), got strides {b.stride()}: pass b.t().contiguous().t()"
         )
-    for name, s in (("scale_a", scale_a), ("scale_b", scale_b)):
-        if s.numel() != 1 or s.dtype != torch.float32:
-            raise ValueError(
-                f"{name} must be a float32 tensor with one element, got {s.dtype} {tuple(s.shape)}"
-            )
-    _check_fp8_device(a)  # last, so that the checks above can be tried on any machine
+    _check_scales(scale_a, scale_b, m, n, a.dtype, b.dtype, out_dtype)
+    # Last, so that the checks above can be tried on any machine. Skipped while torch.compile traces (an fp8
+    # layer compiled into a decoder): it is a host-side query of the device, there only to turn
+    # torch._scaled_mm's own refusal of a GPU without fp8 tensor cores into a clearer message.
+    if not torch.compiler.is_compiling():
+        _check_fp8_device(a)
     return torch._scaled_mm(
-        a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=use_fast_accum
+        a,
+        b,
+        scale_a=scale_a.contiguous(),  # the row-wise GEMM reads its scales contiguously
+        scale_b=scale_b.contiguous(),
+        out_dtype=out_dtype,
+        use_fast_accum=use_fast_accum,
     )
 
 

@@ -264,6 +264,14 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
     return _report_saved(paths)
 
 
+def cmd_bench_quantization(args: argparse.Namespace) -> int:
+    """Week 9: error and batch-1 decode tokens/s of int8, int4, fp8 and SmoothQuant against bf16 on this GPU."""
+    from common.inference.quantization_benchmark import run_quantization_benchmark
+
+    paths = run_quantization_benchmark(results_dir(args.out), quick=args.quick)
+    return _report_saved(paths)
+
+
 def cmd_wheelhouse(args: argparse.Namespace) -> int:
     """Download the wheels uv.lock pins for an offline Linux runner (a cluster's GPU node), sha256-checked."""
     from common import wheelhouse
@@ -512,6 +520,16 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--clients", type=int, default=64, help="concurrent clients (default 64)")
     serving.add_argument("--quick", action="store_true", help="a tiny model and 2 s per setting")
     serving.add_argument("--out", help=OUT_HELP)
+    quantization = _add_command(
+        bench_sub,
+        "quantization",
+        cmd_bench_quantization,
+        epilog="examples:\n  effdl bench quantization\n  effdl bench quantization --quick      tiny models, runs on a CPU",
+    )
+    quantization.add_argument(
+        "--quick", action="store_true", help="tiny models and short timings, to check that everything runs"
+    )
+    quantization.add_argument("--out", help=OUT_HELP)
 
     test = _add_command(
         sub,

@@ -312,9 +312,14 @@ def test_scaled_mm_checks_shapes_layout_and_dtypes_before_running() -> None:
     b8, sb = amp.to_fp8(torch.randn(64, 48))
     with pytest.raises(ValueError, match="column-major.*b.t\\(\\).contiguous\\(\\).t\\(\\)"):
         amp.scaled_mm(a8, b8, sa, sb)
-    a8_odd, _ = amp.to_fp8(torch.randn(30, 64))
-    with pytest.raises(ValueError, match="multiples of 16, got M=30"):
-        amp.scaled_mm(a8_odd, b8.t().contiguous().t(), sa, sb)
+    a8_odd, _ = amp.to_fp8(torch.randn(32, 40))
+    b8_odd, _ = amp.to_fp8(torch.randn(40, 48))
+    with pytest.raises(ValueError, match="multiples of 16, got K=40"):
+        amp.scaled_mm(a8_odd, b8_odd.t().contiguous().t(), sa, sb)
+    # Any M passes the checks (torch requires only K and N to be multiples of 16): a decode step has M = 1.
+    a8_one_row, _ = amp.to_fp8(torch.randn(1, 64))
+    with pytest.raises(Fp8UnsupportedError):  # the device check, last, is what stops it on a CPU
+        amp.scaled_mm(a8_one_row, b8.t().contiguous().t(), sa, sb)
     with pytest.raises(TypeError, match="must be fp8"):
         amp.scaled_mm(torch.randn(32, 64), b8.t().contiguous().t(), sa, sb)
     with pytest.raises(ValueError, match="inner dimensions"):
@@ -323,6 +328,32 @@ def test_scaled_mm_checks_shapes_layout_and_dtypes_before_running() -> None:
     b5, _ = amp.to_fp8(torch.randn(64, 48), amp.E5M2)
     with pytest.raises(TypeError, match="at most one operand may be e5m2"):
         amp.scaled_mm(a5, b5.t().contiguous().t(), sa, sb)
+
+
+def test_to_fp8_per_row_scales_each_row_by_its_own_absmax() -> None:
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    x[3] *= 1000.0  # an outlier row: with one scale per row it costs no other row its precision
+    data, scale = amp.to_fp8(x, dim=-1)
+    assert scale.shape == (8, 1) and scale.dtype == torch.float32
+    assert torch.equal(data.float().abs().amax(dim=-1), torch.full((8,), torch.finfo(amp.E4M3).max))
+    # Each row within e4m3's half ulp (eps/2) of its values at normal magnitudes, as per tensor above.
+    normal = (x / scale).abs() >= FORMATS["fp8_e4m3"].smallest_normal
+    rel = ((data.float() * scale - x).abs() / x.abs())[normal]
+    assert rel.max().item() <= FORMATS["fp8_e4m3"].eps / 2 * (1 + 1e-5)
+
+
+def test_scaled_mm_checks_row_wise_scales() -> None:
+    a8, sa = amp.to_fp8(torch.randn(32, 64), dim=-1)  # (32, 1)
+    b8, sb = amp.to_fp8(torch.randn(48, 64), dim=-1)  # (48, 1): b's rows are the GEMM's columns
+    b8 = b8.t()  # (64, 48), column-major
+    with pytest.raises(ValueError, match=r"scale_b \(1, 48\).*got scale_a \(32, 1\) and scale_b \(48, 1\)"):
+        amp.scaled_mm(a8, b8, sa, sb)
+    with pytest.raises(ValueError, match="write bf16.*out_dtype torch.float32"):
+        amp.scaled_mm(a8, b8, sa, sb.t(), out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="scale_a must be a float32 tensor, got torch.bfloat16"):
+        amp.scaled_mm(a8, b8, sa.bfloat16(), sb.t())
+    with pytest.raises(Fp8UnsupportedError):  # the shapes are right: only the CPU stops it
+        amp.scaled_mm(a8, b8, sa, sb.t())
 
 
 def test_fp8_matmul_on_cpu_is_a_clear_error() -> None:
@@ -375,9 +406,24 @@ def test_fp8_matmul_matches_float_references(a_dtype: torch.dtype) -> None:
 def test_fp8_matmul_checks_shapes_on_the_gpu() -> None:
     if not amp.fp8_supported():
         pytest.skip("fp8 tensor cores need compute capability >= 8.9 (the refusal is tested above)")
-    a = torch.randn(24, 64, device="cuda")
-    with pytest.raises(ValueError, match="multiples of 16, got M=24"):
-        amp.fp8_matmul(a, torch.randn(64, 32, device="cuda"))
+    a = torch.randn(32, 24, device="cuda")
+    with pytest.raises(ValueError, match="multiples of 16, got K=24"):
+        amp.fp8_matmul(a, torch.randn(24, 32, device="cuda"))
+
+
+@pytest.mark.gpu
+def test_scaled_mm_row_wise_with_one_row_matches_the_dequantized_product() -> None:
+    if not amp.fp8_supported():
+        pytest.skip("fp8 tensor cores need compute capability >= 8.9 (the refusal is tested above)")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(1, 256, device="cuda", generator=g)  # M = 1: one decode step's activations
+    b = torch.randn(128, 256, device="cuda", generator=g)
+    (a8, sa), (b8, sb) = amp.to_fp8(a, dim=-1), amp.to_fp8(b, dim=-1)
+    out = amp.scaled_mm(a8, b8.t(), sa, sb.t())
+    exact = (a8.double() * sa.double()) @ (b8.double() * sb.double()).t()
+    # The product of the quantized operands, up to the bf16 rounding of the output (relative 2^-9 per
+    # element) and the tensor cores' accumulation (~1e-4, see above): 1% of the norm has a wide margin.
+    assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-2
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from common.weeks import ALL_WEEKS, SYLLABUS, UnknownWeekError, get_week
 SUBCOMMANDS = [
     ["env"], ["seminar"], ["slides"], ["check"], ["bench"], ["bench", "timers"], ["test"],
     ["grade"], ["selftest"], ["release"], ["bench", "kernels"], ["bench", "pipelines"],
-    ["bench", "allreduce"], ["bench", "ddp"], ["bench", "large-models"],
+    ["bench", "allreduce"], ["bench", "ddp"], ["bench", "large-models"], ["bench", "quantization"],
 ]  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Inference algorithms (week 9): sampling, generation with a static KV cache, speculative decoding.
+"""Inference algorithms (week 9): sampling, a static KV cache, speculative decoding, quantization.
 
 One small module per idea, each readable on its own, in this order:
 
@@ -10,13 +10,19 @@ One small module per idea, each readable on its own, in this order:
 - `speculative`: `speculative_generate(target, draft, prompt, max_new_tokens, draft_len, sampling)`, exact
   under greedy decoding and under sampling (the proof is in `verify`'s docstring), with acceptance counts;
 - `toy_language` and `acceptance`: a generated language to train a target and a draft on, and
-  `python -m common.inference.acceptance`, which measures the acceptance rate against the formula.
+  `python -m common.inference.acceptance`, which measures the acceptance rate against the formula;
+- `quantization`: int8 and int4 weight-only layers, fp8 layers (torch._scaled_mm), SmoothQuant W8A8 by fake
+  quantization, and `quantize_linears(model, method)`, which swaps them into a Llama;
+  `quantization_error`: a quantized model against its float64 original, per layer, in logits and loss;
+  `quantization_benchmark`: each method's error and decode speed (`effdl bench quantization`).
 
     from common.inference.generate import generate
+    from common.inference.quantization import quantize_linears
     from common.inference.sampling import Sampling
     from common.inference.speculative import speculative_generate
 
     tokens = generate(model, prompt, 32, Sampling(temperature=0.8, top_p=0.95), generator=generator)
     tokens, stats = speculative_generate(target, draft, prompt, 32, draft_len=4)   # greedy
     print(stats.acceptance_rate, stats.tokens_per_round)
+    tokens = generate(quantize_linears(model, "int8"), prompt, 32)   # int8 weights, in place
 """

@@ -69,13 +69,15 @@ class AcceptanceExperiment:
 
 
 def train(model: Llama, language: TrigramLanguage, steps: int, experiment: AcceptanceExperiment) -> float:
-    """`steps` of AdamW on freshly sampled sequences; the last step's loss."""
+    """`steps` of AdamW on freshly sampled sequences (drawn on the CPU, moved to the model's device); the last
+    step's loss."""
     generator = torch.Generator().manual_seed(experiment.seed + 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=experiment.lr, weight_decay=0.0)
+    device = model.tok_embeddings.weight.device
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
-        tokens = language.sample(experiment.batch_size, experiment.seq_len + 1, generator)
+        tokens = language.sample(experiment.batch_size, experiment.seq_len + 1, generator).to(device)
         loss = model.loss(tokens[:, :-1], tokens[:, 1:])
         optimizer.zero_grad()
         loss.backward()

@@ -1,0 +1,307 @@
+"""Week-9 benchmark: what each quantization method costs in error and buys in decode speed.
+
+    run_quantization_benchmark(Path("benchmarks/results/nvidia-h200"))      # `effdl bench quantization`
+
+Two parts, saved together in inference_quantization.json:
+
+- error: a small Llama trained on the trigram language (common.inference.toy_language) is quantized with
+  each method of common.inference.quantization and compared with a float64 copy of itself by
+  common.inference.quantization_error: the held-out next-token loss (beside the float64 model's and the
+  language's own floor), the relative error of the logits, and each replaced layer's own relative output
+  error. The unquantized model in the run's dtype (bf16 on a GPU) is measured the same way, as the
+  baseline: its error is bf16's own.
+- speed: decode tokens/s at batch 1 of a week-5 Llama preset (random weights: speed does not depend on
+  them), each method's model against the unquantized one in the same run, each in a static KV cache
+  (CachedDecoder) compiled with CUDA graphs inside fused_dequantization() (both sides: the same compiler
+  settings), timed interleaved by common.bench.compare. Goal: weight-only int8 at least 1.5x the bf16
+  tokens/s. A decode step costs the same at every position of a static cache
+  (it reads all max_len keys under a mask), so each timed step rolls back to position 0 and decodes one token.
+
+SmoothQuant's W8A8 is fake-quantized (float matmuls around quantize-dequantize): its error is the format's,
+its speed is not what an int8 GEMM would give. fp8 needs a GPU with fp8 tensor cores and is recorded as
+skipped elsewhere. quick=True runs tiny models on the GPU if there is one, else on the CPU without
+compiling: a check that everything runs, saved as inference_quantization_quick.json.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.amp import fp8_supported
+from common.bench import compare, environment, save_results
+from common.hardware import NoGPUError
+from common.inference.acceptance import AcceptanceExperiment, held_out_loss, train
+from common.inference.kv_cache import CachedDecoder
+from common.inference.quantization import METHODS, fused_dequantization, quantize_linears
+from common.inference.quantization_error import measure_errors
+from common.inference.toy_language import TrigramLanguage
+from common.models.llama import Llama, LlamaConfig
+from common.tables import format_table
+
+__all__ = ["GOAL_INT8_SPEEDUP", "QuantizationBenchmark", "run_quantization_benchmark"]
+
+GOAL_INT8_SPEEDUP = 1.5  # weight-only int8 decode tokens/s over bf16, batch 1
+
+
+@dataclass
+class QuantizationBenchmark:
+    """Sizes of both parts; the defaults are the GPU run, `quick()` the tiny one."""
+
+    language: TrigramLanguage = field(default_factory=lambda: TrigramLanguage(vocab_size=16, branching=3))
+    # The error part's model, trained on the language: widths that int4 groups of group_size divide.
+    error_model: LlamaConfig = field(
+        default_factory=lambda: LlamaConfig(
+            vocab_size=16, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=768, max_seq_len=64
+        )
+    )
+    train_steps: int = 500
+    train_batch: int = 32
+    train_seq_len: int = 32
+    lr: float = 3e-3
+    held_out: int = 128  # held-out sequences of train_seq_len tokens for the error metrics
+    group_size: int = 128  # int4
+    alpha: float = 0.5  # SmoothQuant
+    speed_preset: str = "1b"  # common.models.llama preset of the speed part
+    speed_changes: dict[str, Any] = field(default_factory=dict)  # fields changed in that preset
+    max_len: int = 512  # positions of the static KV cache
+    compile: bool = True  # torch.compile(mode="reduce-overhead"): CUDA graphs, on a GPU only
+    warmup_ms: float = 200.0
+    rep_ms: float = 2000.0
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> QuantizationBenchmark:
+        """Tiny models, short training and timing: everything runs in seconds on a CPU."""
+        return cls(
+            error_model=LlamaConfig(
+                vocab_size=16, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=48
+            ),
+            train_steps=200,
+            held_out=32,
+            group_size=32,
+            speed_preset="toy",
+            speed_changes={"d_model": 64, "d_ff": 128},
+            max_len=64,
+            warmup_ms=10.0,
+            rep_ms=50.0,
+        )
+
+    def speed_model(self) -> LlamaConfig:
+        return LlamaConfig.preset(self.speed_preset, **self.speed_changes)
+
+
+def _skip_reason(method: str, device: torch.device) -> str | None:
+    if method.startswith("fp8") and not fp8_supported(device):
+        return "fp8 matmuls need an NVIDIA GPU with compute capability >= 8.9 (torch._scaled_mm)"
+    return None
+
+
+def _quantized(
+    model: Llama, method: str, bench: QuantizationBenchmark, calibration: torch.Tensor
+) -> nn.Module:
+    """A quantized copy of model (the original untouched)."""
+    return quantize_linears(
+        copy.deepcopy(model),
+        method,
+        group_size=bench.group_size,
+        alpha=bench.alpha,
+        calibration=[calibration] if method == "smoothquant" else None,
+    )
+
+
+def error_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Train the small model, then measure every method's errors against its float64 copy."""
+    language, config = bench.language, bench.error_model
+    torch.manual_seed(bench.seed)
+    model = Llama(config).to(device)
+    experiment = AcceptanceExperiment(
+        language=language,
+        target=config,
+        draft=config,
+        target_steps=bench.train_steps,
+        batch_size=bench.train_batch,
+        seq_len=bench.train_seq_len,
+        lr=bench.lr,
+        seed=bench.seed,
+    )
+    train(model, language, bench.train_steps, experiment)
+    generator = torch.Generator().manual_seed(bench.seed + 2)
+    held_out = language.sample(bench.held_out, bench.train_seq_len, generator).to(device)
+    calibration = language.sample(16, bench.train_seq_len, generator).to(device)
+    reference = copy.deepcopy(model).double()
+    base = copy.deepcopy(model).to(dtype)
+    results: dict[str, Any] = {
+        "language_loss": language.loss(held_out.cpu()),
+        "float64_loss": held_out_loss(reference, held_out),
+        "baseline": measure_errors(base, reference, held_out),
+        "methods": {},
+    }
+    for method in METHODS:
+        skipped = _skip_reason(method, device)
+        if skipped:
+            results["methods"][method] = {"skipped": skipped}
+            continue
+        quantized = _quantized(base, method, bench, calibration)
+        results["methods"][method] = measure_errors(quantized, reference, held_out)
+    return results
+
+
+def _decode_step(decoder: CachedDecoder, token: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One decode step at position 0 of the static cache (every position costs the same)."""
+
+    def step() -> torch.Tensor:
+        # A new step: CUDA graphs (if compiled) may reuse the previous step's output memory, unread here.
+        torch.compiler.cudagraph_mark_step_begin()
+        decoder.rollback(0)
+        return decoder.feed(token)
+
+    return step
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (weights, scales, embedding and rotary tables), a tied
+    weight once: what quantization shrinks. A decode step reads all but the embedding rows it does not use."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def speed_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Decode tokens/s at batch 1 of every method against the unquantized model, same run, same cache."""
+    config = bench.speed_model()
+    torch.manual_seed(bench.seed)
+    base = Llama(config).to(device=device, dtype=dtype).eval()
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    calibration = torch.randint(config.vocab_size, (1, 64), device=device)
+    compiled = bench.compile and device.type == "cuda"
+
+    def timed_step(model: nn.Module) -> Callable[[], torch.Tensor]:
+        decoder = CachedDecoder(model, batch_size=1, max_len=bench.max_len)
+        step = _decode_step(decoder, token)
+        if compiled:
+            # One static shape (1, 1), so that Inductor knows M = 1 and fuses the dequantization into the
+            # matmul; compiling happens at the first calls, which must run inside fused_dequantization().
+            decoder.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)
+            # Every decoder compiles the same code (nn.Module._call_impl), one cache entry per decoder: past
+            # Dynamo's default limit of 8 entries, the later ones would run uncompiled, with a logged warning.
+            with fused_dequantization(), torch._dynamo.config.patch(recompile_limit=4 * len(METHODS)):
+                for _ in range(3):  # compile, then warm up and record the CUDA graph
+                    step()
+        return step
+
+    baseline_step = timed_step(base)
+    results: dict[str, Any] = {
+        "model": {"preset": bench.speed_preset, **asdict(config)},
+        "compiled": compiled,
+        "baseline_weight_bytes": _weight_bytes(base),
+        "methods": {},
+    }
+    for method in METHODS:
+        skipped = _skip_reason(method, device)
+        if skipped:
+            results["methods"][method] = {"skipped": skipped}
+            continue
+        quantized = _quantized(base, method, bench, calibration)
+        comparison = compare(
+            baseline_step,
+            timed_step(quantized),
+            names=(f"{dtype_name(dtype)} decode step", f"{method} decode step"),
+            warmup_ms=bench.warmup_ms,
+            rep_ms=bench.rep_ms,
+            device=device,
+        )
+        results["methods"][method] = {
+            "tokens_per_s": 1e3 / comparison.candidate.median_ms,
+            "baseline_tokens_per_s": 1e3 / comparison.baseline.median_ms,
+            "speedup": comparison.speedup,
+            "weight_bytes": _weight_bytes(quantized),
+            "comparison": comparison,
+        }
+        del quantized
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _summary(record: dict[str, Any]) -> str:
+    """One row per method: loss, logits error, worst layer error, tokens/s and speedup."""
+    error, speed = record["error"], record["speed"]
+    rows = [
+        ("float64 model", f"{error['float64_loss']:.4f}", "-", "-", "-", "-"),
+        (
+            f"{record['dtype']} (baseline)",
+            f"{error['baseline']['loss']:.4f}",
+            f"{error['baseline']['logits_relative_error']:.2e}",
+            f"{error['baseline']['layer_relative_error']['max']:.2e}",
+            "-",
+            "-",
+        ),
+    ]
+    skipped: dict[str, list[str]] = {}  # reason -> methods
+    for method in METHODS:
+        e, s = error["methods"][method], speed["methods"][method]
+        if "skipped" in e:
+            rows.append((method, "skipped", "-", "-", "-", "-"))
+            skipped.setdefault(e["skipped"], []).append(method)
+            continue
+        rows.append((
+            method,
+            f"{e['loss']:.4f}",
+            f"{e['logits_relative_error']:.2e}",
+            f"{e['layer_relative_error']['max']:.2e}",
+            f"{s['tokens_per_s']:.0f}",
+            f"{s['speedup']:.2f}x",
+        ))  # fmt: skip
+    header = ["method", "held-out loss", "logits rel. error", "worst layer error", "tokens/s", "vs baseline"]
+    notes = [f"skipped {', '.join(methods)}: {reason}" for reason, methods in skipped.items()]
+    floor = f"language floor {error['language_loss']:.4f} nats/token"
+    return "\n".join([floor, format_table(header, rows), *notes])
+
+
+def run_quantization_benchmark(out_dir: Path, quick: bool = False) -> list[Path]:
+    """Measure every method's error and decode speed on this machine's GPU (or, quick, its CPU); save JSON."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    if device is None and not quick:
+        raise NoGPUError(
+            "the week-9 quantization benchmark measures decode speed on a GPU; torch.cuda.is_available() "
+            "is False here. Run it on a GPU machine (or --quick on this one)."
+        )
+    device = device or torch.device("cpu")
+    # bf16 on a GPU, as it is served; fp32 on a CPU, where bf16 matmuls are slow.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bench = QuantizationBenchmark.quick() if quick else QuantizationBenchmark()
+    print(f"running the error part{' (quick)' if quick else ''} ...", flush=True)
+    error = error_part(bench, device, dtype)
+    print(f"running the speed part{' (quick)' if quick else ''} ...", flush=True)
+    speed = speed_part(bench, device, dtype)
+    int8 = speed["methods"]["int8"]
+    record = {
+        "benchmark": "inference_quantization",
+        "description": "per method: errors against a float64 model on the trigram language, and decode "
+        f"tokens/s at batch 1 against the {dtype_name(dtype)} model in the same run",
+        "dtype": dtype_name(dtype),
+        "config": asdict(bench),
+        "goal": {
+            "metric": f"int8 decode tokens/s over {dtype_name(dtype)}, batch 1",
+            "op": ">=",
+            "value": GOAL_INT8_SPEEDUP,
+            "met": int8["speedup"] >= GOAL_INT8_SPEEDUP,
+        },
+        "error": error,
+        "speed": speed,
+        "quick": quick,
+        "environment": environment(device),
+    }
+    path = save_results(record, Path(out_dir) / f"inference_quantization{'_quick' if quick else ''}.json")
+    print(_summary(record))
+    return [path]
