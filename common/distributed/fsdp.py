@@ -12,9 +12,10 @@ them again (reshard_after_forward=True: they are gathered once more for the back
 the backward (False: less communication, more memory); after its backward, reduce-scatter the gradients
 so each rank keeps the shard of the average it owns. What is gathered together is one `fully_shard` call's
 parameters, so the unit of memory and communication is chosen by where you call it: here one unit per
-transformer block, and the root (embeddings, final norm, output layer) as the last unit. The root's
-parameters are not freed after the forward (its backward follows at once), whatever
-reshard_after_forward says.
+transformer block, and the root (embeddings, final norm, output layer) as the last unit. apply_fsdp passes
+reshard_after_forward to the root as well, so with True the root too is freed after the forward and
+gathered again at the start of the backward (the week-6 seminar's log of collectives shows it);
+fully_shard's own default, None, would keep the root gathered, since its backward follows at once.
 
 The hooks run on `forward`; the Llama's training entry point is `loss`, which does not go through
 `forward`, so `register_fsdp_forward_method` gives `loss` the root's hooks too (without it the embedding
