@@ -352,7 +352,6 @@ def gpu_tour(config: LlamaConfig, batch: int, seq_len: int, out_dir: str) -> dic
                 torch.cuda.synchronize(device)
                 snapshot = memory_snapshot()
                 dump_memory_snapshot(out / "fsdp2_snapshot.pickle")
-            report["trace"] = str(trace)
             report["snapshot"] = str(summarize_snapshot(snapshot))
             report["fsdp ranges"] = sorted(
                 {

@@ -686,9 +686,9 @@ if DEVICE == "cuda":
         ["one GPU, bf16 gathers, fp32 reduce", "step, ms", "MFU", "peak memory, GiB"],
         [(name, f"{r['step_ms']:.1f}", f"{r['mfu']:.1%}", f"{r['peak_bytes'] / 2**30:.2f}") for name, r in runs.items()],
     )  # fmt: skip
-    print(
-        f"trace: {on_gpu['trace']}\nFSDP2 ranges in it: {on_gpu['fsdp ranges']}\nsnapshot: {on_gpu['snapshot']}"
-    )
+    written = [(WORK / name).relative_to(REPO_ROOT) for name in ("fsdp2_trace.json", "fsdp2_snapshot.pickle")]
+    print(f"written: {', '.join(map(str, written))}\nFSDP2's ranges in the trace: {on_gpu['fsdp ranges']}")
+    print(f"the snapshot: {on_gpu['snapshot']}")
     assert runs["FSDP2, CPU offload"]["peak_bytes"] < runs["FSDP2"]["peak_bytes"], (
         "offload moves the state out"
     )
