@@ -40,13 +40,17 @@ OPTIMIZERS = {  # name -> (class, options); AdamW's weight decay is set per para
     "adamw": (torch.optim.AdamW, {"lr": 1e-2, "betas": (0.9, 0.95)}),
     "sgd": (torch.optim.SGD, {"lr": 0.5, "momentum": 0.9}),
 }
-SCHEMES = {  # name -> (how, optimizer); fsdp2 frees each block's gathered weights after its forward, fsdp2_keep not
+# name -> (how, optimizer); fsdp2 frees each block's gathered weights after its forward, fsdp2_keep not, and
+# fsdp2_half keeps a shard over half the ranks (reshard_after_forward=p/2: a divisor other than 1 and p, so
+# at 2 ranks it is plain fsdp2)
+SCHEMES = {
     "zero1_adamw": ("zero1", "adamw"),
     "zero1_sgd": ("zero1", "sgd"),
     "zero2_adamw": ("zero2", "adamw"),
     "zero2_sgd": ("zero2", "sgd"),
     "fsdp2_adamw": ("fsdp2", "adamw"),
     "fsdp2_keep_sgd": ("fsdp2_keep", "sgd"),
+    "fsdp2_half_sgd": ("fsdp2_half", "sgd"),
 }
 STATE_KEYS = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
 
@@ -137,7 +141,11 @@ def run_every_scheme() -> dict:
     for scheme, (how, optimizer_name) in SCHEMES.items():
         model = fresh_model()
         if how.startswith("fsdp2"):
-            apply_fsdp(model, reshard_after_forward=how == "fsdp2")
+            world = dist.get_world_size()
+            half = world // 2 if world >= 4 else True
+            apply_fsdp(
+                model, reshard_after_forward={"fsdp2": True, "fsdp2_keep": False, "fsdp2_half": half}[how]
+            )
         optimizer = make_optimizer(model, how, optimizer_name)
         losses = train_steps(model, optimizer, batches())
         report[scheme] = {

@@ -12,9 +12,10 @@ them again (reshard_after_forward=True: they are gathered once more for the back
 the backward (False: less communication, more memory); after its backward, reduce-scatter the gradients
 so each rank keeps the shard of the average it owns. What is gathered together is one `fully_shard` call's
 parameters, so the unit of memory and communication is chosen by where you call it: here one unit per
-transformer block, and the root (embeddings, final norm, output layer) as the last unit. The root's
-parameters are not freed after the forward (its backward follows at once), whatever
-reshard_after_forward says.
+transformer block, and the root (embeddings, final norm, output layer) as the last unit. apply_fsdp passes
+reshard_after_forward to the root as well, so with True the root too is freed after the forward and
+gathered again at the start of the backward (the week-6 seminar's log of collectives shows it);
+fully_shard's own default, None, would keep the root gathered, since its backward follows at once.
 
 The hooks run on `forward`; the Llama's training entry point is `loss`, which does not go through
 `forward`, so `register_fsdp_forward_method` gives `loss` the root's hooks too (without it the embedding
@@ -40,7 +41,12 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import (
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import DTensor
 
 from common.distributed.launch import rank_device
@@ -59,11 +65,22 @@ __all__ = [
 Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens, targets), each (batch, seq) long
 
 
-def apply_fsdp(model: Llama, mesh: DeviceMesh | None = None, *, reshard_after_forward: bool = True) -> Llama:
+def apply_fsdp(
+    model: Llama,
+    mesh: DeviceMesh | None = None,
+    *,
+    reshard_after_forward: bool | int = True,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    offload_policy: OffloadPolicy | None = None,
+) -> Llama:
     """Shard model over the mesh (default: all ranks) with fully_shard: each block, then the root.
 
     Blocks first: fully_shard on the root then takes only the parameters no block took (embeddings, final
     norm, output). Call it on every rank with the same model (the same seed): each keeps its shards.
+    reshard_after_forward, mp_policy and offload_policy go to every fully_shard call as they are (an int
+    reshard_after_forward keeps a 1/k shard between forward and backward: a divisor k of the shard mesh's
+    size); None leaves fully_shard's default (fp32 throughout; no offload). A 2-D mesh
+    (replicate, shard) gives HSDP.
     """
     if not isinstance(model, Llama):
         raise EffdlError(
@@ -73,9 +90,12 @@ def apply_fsdp(model: Llama, mesh: DeviceMesh | None = None, *, reshard_after_fo
     if any(isinstance(p, DTensor) for p in model.parameters()):
         raise EffdlError("the model is sharded already; apply_fsdp once, to a fresh model")
     mesh = mesh or init_device_mesh(rank_device().type, (dist.get_world_size(),))
+    options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    options |= {"mp_policy": mp_policy} if mp_policy is not None else {}
+    options |= {"offload_policy": offload_policy} if offload_policy is not None else {}
     for block in model.layers:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, **options)
+    fully_shard(model, **options)
     register_fsdp_forward_method(model, "loss")
     return model
 

@@ -284,14 +284,15 @@ def measure_sharded_step(
     seq_len: int,
     scheme: str,
     *,
-    reshard_after_forward: bool = True,
+    reshard_after_forward: bool | int = True,
     optimizer: str = "adamw",
 ) -> MeasuredStep:
     """Measure one steady-state training step on this rank (call on every rank, inside launch).
 
     The model is built from seed 0 and made data parallel by `scheme` (apply_ddp, ZeroOptimizer stage 1
     or 2, apply_fsdp); the optimizer is foreach AdamW or SGD with learning rate 1e-6 (the step must run, not
-    train); each rank gets its own random batch. A first step creates the optimizer's states; the second
+    train); each rank gets its own random batch. reshard_after_forward goes to apply_fsdp (an int too,
+    which predict_sharded_memory does not model). A first step creates the optimizer's states; the second
     is measured with LiveTensorBytes, from gradients set to None, as predicted.
     """
     if scheme not in SCHEMES:
