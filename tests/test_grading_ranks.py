@@ -408,6 +408,34 @@ def test_what_comes_back_is_type_checked() -> None:
         RankRun.from_data(data)
 
 
+def dtensor_over_a_mesh() -> dict[str, torch.Tensor]:
+    """A DTensor sharded on dim 0 over a DeviceMesh of the hub's ranks, gathered whole through the mesh's
+    group with the c10d call FSDP2 makes (DeviceMesh needs the group's registered name)."""
+    from torch.distributed.tensor import DTensor, Shard, init_device_mesh
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    local = torch.arange(2.0 * 3).reshape(2, 3) + 100 * rank
+    sharded = DTensor.from_local(local, mesh, [Shard(0)])
+    whole = torch.empty(2 * world, 3)
+    dist.all_gather_into_tensor(whole, sharded.to_local(), group=mesh.get_group())
+    return {
+        "whole": whole,
+        "shape": torch.tensor(sharded.shape),
+        "placement": torch.tensor(sharded.placements[0].dim),
+    }
+
+
+def test_dtensors_over_a_device_mesh_of_the_hubs_ranks() -> None:
+    run = ranks(dtensor_over_a_mesh, 3)
+    seen = run.returned(dict[str, torch.Tensor])
+    whole = torch.cat([torch.arange(6.0).reshape(2, 3) + 100 * r for r in range(3)])
+    for rank in range(3):
+        torch.testing.assert_close(seen[rank]["whole"], whole, rtol=0, atol=0)  # copies, no arithmetic
+        assert seen[rank]["shape"].tolist() == [6, 3] and seen[rank]["placement"].item() == 0
+        assert run.collectives[rank] == [Collective("all_gather_into_tensor", (0, 1, 2), None, None)]
+
+
 # -------------------------------------------------------------------------------- real backends
 SCENARIO = """
 import torch

@@ -147,6 +147,12 @@ class HubGroup(dist.ProcessGroup):
     def getBackendName(self) -> str:  # noqa: N802 (torch's name)
         return HUB_BACKEND
 
+    @property
+    def group_name(self) -> str:
+        """The name torch registered the group under. torch reads it from a backend registered in the group,
+        which a Python ProcessGroup has none of; DeviceMesh (so DTensor and FSDP2) needs it."""
+        return self.name
+
     def _post(self, kind: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
               root: int | None = None, reduce: Any = None, **extra: Any) -> dist.Work:  # fmt: skip
         message = {
