@@ -8,6 +8,7 @@ Each test runs `run_ranks` here, in the test process, as a hidden test's scenari
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import socket
 import sys
@@ -434,6 +435,34 @@ def test_dtensors_over_a_device_mesh_of_the_hubs_ranks() -> None:
         torch.testing.assert_close(seen[rank]["whole"], whole, rtol=0, atol=0)  # copies, no arithmetic
         assert seen[rank]["shape"].tolist() == [6, 3] and seen[rank]["placement"].item() == 0
         assert run.collectives[rank] == [Collective("all_gather_into_tensor", (0, 1, 2), None, None)]
+
+
+def import_after_refusal() -> list[str]:
+    """Refuse json (imported already) and email.mime; return what importing each, and a neighbour, gives."""
+    from common.grading.refuse import refuse_imports
+
+    refuse_imports(("json", "email.mime"), "here: use your own")
+    seen = []
+    for name in ("json", "json.decoder", "email.mime.text", "email.utils"):
+        try:
+            importlib.import_module(name)
+            seen.append(f"{name}: imported")
+        except ModuleNotFoundError as error:
+            seen.append(str(error))
+    return seen
+
+
+def test_a_rank_that_refuses_imports_says_why_and_the_hubs_process_is_unchanged() -> None:
+    import json  # noqa: F401 (imported before the rank is forked: the refusal must drop it)
+
+    seen = ranks(import_after_refusal, 1).returned(list[str])[0]
+    assert seen == [
+        "json is off limits here: use your own",
+        "json is off limits here: use your own",  # json.decoder: its package is refused first
+        "email.mime.text is off limits here: use your own",
+        "email.utils: imported",
+    ]
+    assert importlib.import_module("json.decoder") is sys.modules["json.decoder"]  # here, nothing refused
 
 
 # -------------------------------------------------------------------------------- real backends
