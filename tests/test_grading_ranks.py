@@ -459,7 +459,7 @@ def test_a_rank_that_refuses_imports_says_why_and_the_hubs_process_is_unchanged(
     assert seen == [
         "json is off limits here: use your own",
         "json is off limits here: use your own",  # json.decoder: its package is refused first
-        "email.mime.text is off limits here: use your own",
+        "email.mime is off limits here: use your own",  # email.mime.text: likewise
         "email.utils: imported",
     ]
     assert importlib.import_module("json.decoder") is sys.modules["json.decoder"]  # here, nothing refused
