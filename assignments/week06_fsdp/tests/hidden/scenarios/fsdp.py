@@ -49,12 +49,17 @@ def initial_model() -> Llama:
     return Llama(LlamaConfig(**CONFIG))
 
 
+def _device(device: str) -> torch.device:
+    """This rank's device of the kind `device` ("cpu", or "cuda": the GPU the rank was given)."""
+    return torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
+
+
 def _sharded(ours: bool, device: str) -> Llama:
     from torch.distributed.device_mesh import init_device_mesh
 
     model = initial_model()
     if device == "cuda":  # bf16 on the GPU: the dtype FSDP is used with there
-        model = model.to(device=torch.device("cuda", torch.cuda.current_device()), dtype=torch.bfloat16)
+        model = model.to(device=_device(device), dtype=torch.bfloat16)
     mesh = init_device_mesh(device, (dist.get_world_size(),))
     if ours:
         refuse_imports(
@@ -124,9 +129,8 @@ def train_rank(ours: bool, steps: int, device: str = "cpu") -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     record = []
     for step in range(steps):
-        tokens, targets = (
-            t.chunk(world)[rank] for t in random_batch(LlamaConfig(**CONFIG), BATCH, SEQ, seed=step)
-        )
+        batch = random_batch(LlamaConfig(**CONFIG), BATCH, SEQ, seed=step)
+        tokens, targets = (t.chunk(world)[rank].to(_device(device)) for t in batch)
         gathered.clear()
         dist.barrier()  # marker: the step starts
         loss = model.loss(tokens, targets)
