@@ -8,6 +8,7 @@ Each test runs `run_ranks` here, in the test process, as a hidden test's scenari
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import socket
 import sys
@@ -406,6 +407,62 @@ def test_what_comes_back_is_type_checked() -> None:
     data["collectives"] = [[("all_reduce", [0], None, 7)]]
     with pytest.raises(WrongTypeError, match="log"):
         RankRun.from_data(data)
+
+
+def dtensor_over_a_mesh() -> dict[str, torch.Tensor]:
+    """A DTensor sharded on dim 0 over a DeviceMesh of the hub's ranks, gathered whole through the mesh's
+    group with the c10d call FSDP2 makes (DeviceMesh needs the group's registered name)."""
+    from torch.distributed.tensor import DTensor, Shard, init_device_mesh
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    local = torch.arange(2.0 * 3).reshape(2, 3) + 100 * rank
+    sharded = DTensor.from_local(local, mesh, [Shard(0)])
+    whole = torch.empty(2 * world, 3)
+    dist.all_gather_into_tensor(whole, sharded.to_local(), group=mesh.get_group())
+    return {
+        "whole": whole,
+        "shape": torch.tensor(sharded.shape),
+        "placement": torch.tensor(sharded.placements[0].dim),
+    }
+
+
+def test_dtensors_over_a_device_mesh_of_the_hubs_ranks() -> None:
+    run = ranks(dtensor_over_a_mesh, 3)
+    seen = run.returned(dict[str, torch.Tensor])
+    whole = torch.cat([torch.arange(6.0).reshape(2, 3) + 100 * r for r in range(3)])
+    for rank in range(3):
+        torch.testing.assert_close(seen[rank]["whole"], whole, rtol=0, atol=0)  # copies, no arithmetic
+        assert seen[rank]["shape"].tolist() == [6, 3] and seen[rank]["placement"].item() == 0
+        assert run.collectives[rank] == [Collective("all_gather_into_tensor", (0, 1, 2), None, None)]
+
+
+def import_after_refusal() -> list[str]:
+    """Refuse json (imported already) and email.mime; return what importing each, and a neighbour, gives."""
+    from common.grading.refuse import refuse_imports
+
+    refuse_imports(("json", "email.mime"), "here: use your own")
+    seen = []
+    for name in ("json", "json.decoder", "email.mime.text", "email.utils"):
+        try:
+            importlib.import_module(name)
+            seen.append(f"{name}: imported")
+        except ModuleNotFoundError as error:
+            seen.append(str(error))
+    return seen
+
+
+def test_a_rank_that_refuses_imports_says_why_and_the_hubs_process_is_unchanged() -> None:
+    import json  # noqa: F401 (imported before the rank is forked: the refusal must drop it)
+
+    seen = ranks(import_after_refusal, 1).returned(list[str])[0]
+    assert seen == [
+        "json is off limits here: use your own",
+        "json is off limits here: use your own",  # json.decoder: its package is refused first
+        "email.mime is off limits here: use your own",  # email.mime.text: likewise
+        "email.utils: imported",
+    ]
+    assert importlib.import_module("json.decoder") is sys.modules["json.decoder"]  # here, nothing refused
 
 
 # -------------------------------------------------------------------------------- real backends

@@ -45,6 +45,10 @@ code can unwrap any wrapper and reset any counter), so here the count is a by-pr
 - A hang is reported, not waited for: when no rank can move (each waits in a collective that some member will
   never join), the hub names what each waits in and ends the run. `timeout_s` bounds a rank that computes
   forever.
+- DTensor. A DeviceMesh can be built over the hub's groups (they answer `group_name`), so DTensors and FSDP2
+  run on them, and their c10d calls (`all_gather_into_tensor`, `reduce_scatter_tensor`) are hub collectives
+  like any other. DTensor's functional collectives (`full_tensor`, `redistribute`) are not: they dispatch to a
+  C++ backend, which a Python process group has none of, and fail.
 - Real backends. backend="gloo" or "nccl" gives the ranks a real process group (a FileStore rendezvous in the
   worker's folder) and counts nothing. A GPU task's worker has initialised CUDA, which a forked child cannot
   use, so there the ranks are spawned: fresh interpreters that get the scenario's source from the hub.
@@ -146,6 +150,12 @@ class HubGroup(dist.ProcessGroup):
 
     def getBackendName(self) -> str:  # noqa: N802 (torch's name)
         return HUB_BACKEND
+
+    @property
+    def group_name(self) -> str:
+        """The name torch registered the group under. torch reads it from a backend registered in the group,
+        which a Python ProcessGroup has none of; DeviceMesh (so DTensor and FSDP2) needs it."""
+        return self.name
 
     def _post(self, kind: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
               root: int | None = None, reduce: Any = None, **extra: Any) -> dist.Work:  # fmt: skip

@@ -1,0 +1,175 @@
+"""Runs in the submission's worker (the student's FSDP) and in the checker (FSDP2): one Llama trained on ranks
+of the grader's hub, observed the same way on both sides, so that the checker can hold one to the other.
+
+`train(ours, steps)` on every rank: the same seeded Llama, sharded by the student's `shard_model` (ours) or by
+FSDP2 (`common.distributed.fsdp.apply_fsdp`, each block told to prefetch the next in forward as the
+assignment asks), then `steps` SGD steps on the rank's slice of each batch. What comes back is raw data:
+
+- "layout": per parameter after sharding, whether it is a DTensor, its placements, the mesh's ranks, its
+  global shape and its local tensor;
+- per step: the rank's loss, its local gradient shards, and the storage bytes of every whole parameter the
+  scenario saw in a forward (captured by forward pre-hooks registered after sharding, which run after the
+  sharding's own: the module's parameters are then the gathered ones), read after the forward and after the
+  backward;
+- the local parameter shards after the last step.
+
+Markers: the scenario calls `dist.barrier()` (trusted code) at the start of each step, inside the first
+block's forward (a pre-hook on its attention: after that block was gathered, before it computes), after the
+forward and after the backward. They split the hub's log of each step into phases.
+
+Which of these can a submission forge? The collectives (the hub logs them, outside the ranks) and the values
+the checker compares with FSDP2's (losses, gradients, parameters: a wrong FSDP gives wrong numbers) are
+observed outside its reach. The layout and the storage bytes are read inside the rank, in the submission's
+own interpreter: a submission could patch what they report. Before the submission is imported each rank
+refuses torch's FSDP (`torch.distributed.fsdp`, `torch.distributed._composable`) and the course's
+`common.distributed.fsdp` and `zero`; that refusal is a message, not a guard (`common.grading.refuse`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from common.grading.ranks import run_ranks
+from common.grading.refuse import refuse_imports
+from common.models.llama import Llama, LlamaConfig, random_batch
+
+PACKAGE = "myfsdp"
+OFF_LIMITS = ("torch.distributed.fsdp", "torch.distributed._composable", "common.distributed.fsdp",
+              "common.distributed.zero")  # fmt: skip
+# vocab 66 and d_ff 40 do not divide by 4 ranks: those shards are padded.
+CONFIG = {"vocab_size": 66, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 40,
+          "max_seq_len": 16}  # fmt: skip
+BATCH, SEQ, LR = 4, 8, 0.5
+
+
+def initial_model() -> Llama:
+    """The model every rank starts from (and the checker rebuilds to know the whole initial parameters)."""
+    torch.manual_seed(0)
+    return Llama(LlamaConfig(**CONFIG))
+
+
+def _device(device: str) -> torch.device:
+    """This rank's device of the kind `device` ("cpu", or "cuda": the GPU the rank was given)."""
+    return torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
+
+
+def _sharded(ours: bool, device: str) -> Llama:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model = initial_model()
+    if device == "cuda":  # bf16 on the GPU: the dtype FSDP is used with there
+        model = model.to(device=_device(device), dtype=torch.bfloat16)
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    if ours:
+        refuse_imports(
+            OFF_LIMITS, "in this assignment: write the gathering and the reduce-scattering yourself"
+        )
+        from myfsdp.fsdp import shard_model
+
+        shard_model(model, mesh)
+    else:
+        from common.distributed.fsdp import apply_fsdp
+
+        apply_fsdp(model, mesh)
+        for block, following in zip(model.layers, model.layers[1:], strict=False):
+            block.set_modules_to_forward_prefetch([following])
+    return model
+
+
+def _layout(model: Llama) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    layout = {}
+    for name, param in model.named_parameters():
+        if isinstance(param, DTensor):
+            layout[name] = {"dtensor": True, "placements": [str(p) for p in param.placements],
+                            "mesh": param.device_mesh.mesh.flatten().tolist(), "shape": list(param.shape),
+                            "local": _local(param)}  # fmt: skip
+        else:
+            layout[name] = {"dtensor": False, "placements": [], "mesh": [], "shape": list(param.shape),
+                            "local": _local(param)}  # fmt: skip
+    return layout
+
+
+def _local(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    if tensor is None:
+        return None
+    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).detach().cpu().clone()
+
+
+def _watch_gathered(model: Llama, seen: dict[str, torch.Tensor]) -> None:
+    """Forward pre-hooks that keep, per step, every whole parameter the forward computes with, by name."""
+
+    def capture(prefix: str, module: torch.nn.Module, names: list[str]) -> None:
+        for name in names:
+            seen.setdefault(prefix + name, module.get_parameter(name))
+
+    for i, block in enumerate(model.layers):
+        names = [n for n, _ in block.named_parameters()]
+        block.register_forward_pre_hook(
+            lambda module, args, i=i, names=names: capture(f"layers.{i}.", module, names)
+        )
+    root = [n for n, _ in model.named_parameters() if not n.startswith("layers.")]
+    model.norm.register_forward_pre_hook(lambda module, args: capture("", model, root))  # after the blocks
+
+
+def _step_marker_in_first_block(model: Llama) -> None:
+    model.layers[0].attention.register_forward_pre_hook(lambda module, args: dist.barrier())
+
+
+def train_rank(ours: bool, steps: int, device: str = "cpu") -> dict:
+    """One rank: shard (ours or FSDP2), then `steps` SGD steps; the observations of the module docstring."""
+    model = _sharded(ours, device)
+    layout = _layout(model)
+    gathered: dict[str, torch.Tensor] = {}
+    _watch_gathered(model, gathered)
+    _step_marker_in_first_block(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    record = []
+    for step in range(steps):
+        batch = random_batch(LlamaConfig(**CONFIG), BATCH, SEQ, seed=step)
+        tokens, targets = (t.chunk(world)[rank].to(_device(device)) for t in batch)
+        gathered.clear()
+        dist.barrier()  # marker: the step starts
+        loss = model.loss(tokens, targets)
+        dist.barrier()  # marker: forward done
+        after_forward = {name: t.untyped_storage().nbytes() for name, t in gathered.items()}
+        loss.backward()
+        dist.barrier()  # marker: backward done
+        record.append({
+            "loss": loss.detach().float().cpu(),
+            "grads": {name: _local(p.grad) for name, p in model.named_parameters()},
+            "bytes_after_forward": after_forward,
+            "bytes_after_backward": {name: t.untyped_storage().nbytes() for name, t in gathered.items()},
+            "whole": {name: [type(t) in (torch.Tensor, torch.nn.Parameter), list(t.shape)]
+                      for name, t in gathered.items()},
+        })  # fmt: skip
+        optimizer.step()
+        optimizer.zero_grad()
+    return {"layout": layout, "steps": record,
+            "parameters": {name: _local(p) for name, p in model.named_parameters()}}  # fmt: skip
+
+
+def train(ours: bool, ranks: int, steps: int) -> dict:
+    """`steps` training steps on `ranks` ranks of the hub, with the student's FSDP (ours) or FSDP2."""
+    return run_ranks(train_rank, [(ours, steps)] * ranks, package=PACKAGE, timeout_s=120)
+
+
+def train_on_gpus(steps: int) -> dict:
+    """The student's FSDP on 2 GPUs over NCCL, the model in bf16 (spawned ranks: the worker has initialised
+    CUDA). Nothing is counted on NCCL: the values are what the GPU task compares."""
+    return run_ranks(train_rank, [(True, steps, "cuda")] * 2, package=PACKAGE, backend="nccl", timeout_s=300)
+
+
+def _shard_something_else() -> None:
+    from myfsdp.fsdp import shard_model
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shard_model(torch.nn.Linear(4, 4), init_device_mesh("cpu", (dist.get_world_size(),)))
+
+
+def shard_something_else(ranks: int) -> dict:
+    """shard_model given an nn.Linear instead of a Llama, on every rank."""
+    return run_ranks(_shard_something_else, [()] * ranks, package=PACKAGE)
