@@ -39,9 +39,9 @@ def speculative_greedy(target: Decoder, draft: Decoder, prompt: torch.Tensor, ma
 
     `target` and `draft` start empty and have caches of at least s + max_new_tokens + draft_len - 1
     positions. Each round runs the target exactly once (steps 1-4 of the module docstring: the target's
-    first extend takes the prompt and the first proposals together). When it returns, the target's cache
-    holds a prefix of the returned sequence, and so it does at every target extend: rejected proposals are
-    truncated away. A last round that emits more tokens than asked for is cut off. A prompt that is not a
+    first extend takes the prompt and the first proposals together). At every target extend, the target's
+    cache holds a prefix of the returned sequence: rejected proposals are truncated away after each round.
+    A last round that emits more tokens than asked for is cut off. A prompt that is not a
     non-empty 1-D long tensor, draft_len < 1, max_new_tokens < 1 or decoders that are not empty are a
     ValueError that names the problem.
     """
@@ -66,7 +66,9 @@ def speculative_greedy(target: Decoder, draft: Decoder, prompt: torch.Tensor, ma
             proposals.append(new)
         proposed = torch.cat(proposals)  # (draft_len,)
         logits = target.extend(torch.cat([sequence[len(target) :], proposed]))
-        choices = logits[-(draft_len + 1) :].argmax(-1)  # (draft_len + 1,): the target's choice after each prefix
+        choices = logits[-(draft_len + 1) :].argmax(
+            -1
+        )  # (draft_len + 1,): the target's choice after each prefix
         kept = int((choices[:-1] == proposed).long().cumprod(0).sum())  # note: a host sync per round
         sequence = torch.cat([sequence, proposed[:kept], choices[kept : kept + 1]])
         # Valid now: the first n + kept positions (the last token emitted has been run by neither model).

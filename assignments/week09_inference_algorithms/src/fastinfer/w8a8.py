@@ -91,7 +91,9 @@ def _w8a8_kernel(x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, y_ptr, M, N, K, stride_
     # END SOLUTION
 
 
-def _check_operands(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> None:
+def _check_operands(
+    x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor
+) -> None:
     """Raise a TypeError/ValueError naming the operand that w8a8_matmul cannot take."""
     for name, codes, scale in (("x_q", x_q, x_scale), ("w_q", w_q, w_scale)):
         check_input(codes, name, (torch.int8,))
@@ -135,12 +137,11 @@ def w8a8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
         return y
     if K == 0:
         return y.zero_()
+
     # BEGIN SOLUTION: w8a8_matmul: launch the kernel on a grid of output tiles (its size depends on the autotuned BLOCK_M and BLOCK_N)
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _w8a8_kernel[grid](
-        x_q, w_q, x_scale, w_scale, y, M, N, K, x_q.stride(0), w_q.stride(0), y.stride(0)
-    )
+    _w8a8_kernel[grid](x_q, w_q, x_scale, w_scale, y, M, N, K, x_q.stride(0), w_q.stride(0), y.stride(0))
     # END SOLUTION
     return y

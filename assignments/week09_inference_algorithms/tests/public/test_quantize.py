@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fastinfer.quantize import quantize_rows
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -12,11 +12,11 @@ import math
 
 import pytest
 import torch
+from fastinfer.decoder import Decoder
+from fastinfer.speculative import speculative_greedy
 
 from common.inference.generate import generate
 from common.models.llama import Llama, LlamaConfig
-from fastinfer.decoder import Decoder
-from fastinfer.speculative import speculative_greedy
 
 CONFIG = LlamaConfig(vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
 PROMPT = torch.tensor([3, 1, 4, 1, 5])

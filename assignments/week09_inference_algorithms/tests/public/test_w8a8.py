@@ -6,7 +6,6 @@ Runs in Triton's CPU interpreter on a machine without a GPU, on the GPU otherwis
 from __future__ import annotations
 
 import torch
-
 from fastinfer.w8a8 import w8a8_matmul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

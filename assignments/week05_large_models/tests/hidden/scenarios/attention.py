@@ -19,50 +19,23 @@ other layouts, and the two mutants, which call it past the refusal, lose the tas
 
 from __future__ import annotations
 
-import importlib.abc
-import sys
-
 import torch
 import torch.distributed as dist
 
+from common.grading.off_limits import refuse_imports
 from common.grading.ranks import run_ranks
 
 PACKAGE = "largemodels"
 OFF_LIMITS = ("common.distributed.tensor_parallel", "torch.distributed.tensor")
 
 
-def _off_limits(name: str) -> bool:
-    return any(name == blocked or name.startswith(blocked + ".") for blocked in OFF_LIMITS)
-
-
-class _RefuseOffLimits(importlib.abc.MetaPathFinder):
-    """A finder first on sys.meta_path that refuses the modules a solution must not use."""
-
-    def find_spec(self, name, path=None, target=None):  # noqa: ANN001, ANN201 (importlib's protocol)
-        if _off_limits(name):
-            raise ModuleNotFoundError(
-                f"{name} is off limits in the tensor-parallel and Ulysses tasks: write the communication "
-                "yourself with torch.distributed (all_reduce, all_to_all)",
-                name=name,
-            )
-        return None
-
-
 def refuse_off_limits() -> None:
     """Make the off-limits modules unimportable in this rank (a forked child: the hub's process is unchanged),
-    for a clear message to a student who tries; a submission can undo it (see the module docstring).
-
-    torch may have imported parts of torch.distributed.tensor already (torch._dynamo does): they are dropped
-    from sys.modules and from their parent package, so `import` has to find them again, and the finder says no.
-    """
-    if not any(isinstance(finder, _RefuseOffLimits) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _RefuseOffLimits())
-    for name in [name for name in sys.modules if _off_limits(name)]:
-        del sys.modules[name]
-    for blocked in OFF_LIMITS:
-        parent, _, child = blocked.rpartition(".")
-        if parent in sys.modules and child in vars(sys.modules[parent]):
-            delattr(sys.modules[parent], child)
+    for a clear message to a student who tries; a submission can undo it (see the module docstring)."""
+    refuse_imports(
+        OFF_LIMITS,
+        "write the communication yourself with torch.distributed (all_reduce, all_to_all)",
+    )
 
 
 def _group(groups: list[list[int]] | None) -> dist.ProcessGroup | None:

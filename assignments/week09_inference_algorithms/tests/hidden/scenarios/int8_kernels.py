@@ -1,0 +1,35 @@
+"""Runs in the submission's worker: the student's kernels on the task's device (the GPU of a GPU task), on
+strided views, which data sent to the worker cannot be (tensors arrive contiguous), and with a dtype argument,
+which is not data either.
+
+Each function returns the kernel's raw outputs, on the CPU; the checker computes the expected values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def quantize_columns(x: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows(x[:, start:stop]): rows that are `x.shape[1]` elements apart, on the task's device."""
+    from fastinfer.quantize import quantize_rows
+
+    q, scale = quantize_rows(x.to(_device())[:, start:stop])
+    return q.cpu(), scale.cpu()
+
+
+def w8a8(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: str,
+         k: int | None = None) -> torch.Tensor:  # fmt: skip
+    """w8a8_matmul(..., out_dtype=torch.<out_dtype>) on the task's device (a dtype is not data: it is sent by
+    name); with k, on the first k columns of x_q and w_q, whose rows are then longer than k apart."""
+    from fastinfer.w8a8 import w8a8_matmul
+
+    device = _device()
+    x_q, x_scale, w_q, w_scale = (t.to(device) for t in (x_q, x_scale, w_q, w_scale))
+    if k is not None:
+        x_q, w_q = x_q[:, :k], w_q[:, :k]
+    return w8a8_matmul(x_q, x_scale, w_q, w_scale, out_dtype=getattr(torch, out_dtype)).cpu()
