@@ -35,6 +35,8 @@ FULL_ON_CPU: frozenset[str] = frozenset(
 # seminar and slides, so the entry is removed then.
 IN_PROGRESS: dict[str, str] = {
     "week06_fsdp": "the lecture slides; ZeRO-1/2, FSDP2 on the Llama, the per-rank memory model and its measurements",
+    "week09_inference_algorithms": "the library common.inference (KV-cache generation, sampling, speculative "
+    "decoding) and the assignment (int8 quantization and a W8A8 GEMM in Triton, speculative decoding)",
 }
 
 
