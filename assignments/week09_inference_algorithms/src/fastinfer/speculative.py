@@ -50,8 +50,10 @@ def speculative_greedy(target: Decoder, draft: Decoder, prompt: torch.Tensor, ma
         raise ValueError(
             f"prompt must be a non-empty 1-D long tensor, got shape {tuple(prompt.shape)}, dtype {prompt.dtype}"
         )
-    if draft_len < 1 or max_new_tokens < 1:
-        raise ValueError(f"draft_len={draft_len} and max_new_tokens={max_new_tokens} must both be >= 1")
+    if draft_len < 1:
+        raise ValueError(f"draft_len (tokens the draft proposes per round) must be >= 1, got {draft_len}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if len(target) or len(draft):
         raise ValueError(
             f"the decoders must start empty; they hold {len(target)} (target) and {len(draft)} (draft) positions"

@@ -64,29 +64,29 @@ def _w8a8_kernel(x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, y_ptr, M, N, K, stride_
     w (N, K) int8 with unit stride along K; EVEN_K: K is a multiple of BLOCK_K, no mask along K."""
     # BEGIN SOLUTION: _w8a8_kernel: tile loop over K with tl.dot into an int32 accumulator, then scale by x_scale (rows) and w_scale (columns) in fp32
     pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask, n_mask = offs_m < M, offs_n < N
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    m_mask, n_mask = rows < M, cols < N
     # w is read as w.T: a (BLOCK_K, BLOCK_N) slab whose columns are rows of w, K-major as int8 MMA wants it.
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
+    w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=m_mask[:, None], other=0)
             w = tl.load(w_ptrs, mask=n_mask[None, :], other=0)
         else:
-            k_mask = offs_k < K - k * BLOCK_K  # the last slab is ragged; padding loads 0 and adds nothing
+            k_mask = ks < K - k * BLOCK_K  # the last slab is ragged; padding loads 0 and adds nothing
             x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0)
             w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0)
         acc = tl.dot(x, w, acc, out_dtype=tl.int32)  # exact: int8 products summed in int32
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    x_scale = tl.load(x_scale_ptr + offs_m, mask=m_mask, other=0.0)
-    w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
+    x_scale = tl.load(x_scale_ptr + rows, mask=m_mask, other=0.0)
+    w_scale = tl.load(w_scale_ptr + cols, mask=n_mask, other=0.0)
     y = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :]
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
     # END SOLUTION
 
