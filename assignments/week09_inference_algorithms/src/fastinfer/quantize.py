@@ -27,7 +27,7 @@ from common.kernels import as_rows, row_tile
 import triton
 import triton.language as tl
 
-QMAX = 127  # the largest int8 code used: the grid is -127 ... 127
+QMAX = tl.constexpr(127)  # the largest int8 code used: the grid is -127 ... 127 (a constexpr: kernels read it)
 
 
 @triton.jit

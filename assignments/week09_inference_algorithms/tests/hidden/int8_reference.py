@@ -32,8 +32,9 @@ def near_tie(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def w8a8_exact(
     x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor
 ) -> torch.Tensor:
-    """(x_q @ w_q.T) * x_scale[:, None] * w_scale[None, :] in float64: integer sums exact, scales exact."""
-    acc = (x_q.long() @ w_q.long().T).double()
+    """(x_q @ w_q.T) * x_scale[:, None] * w_scale[None, :] in float64, on the tensors' device. The sums are
+    exact: |sum| <= 127^2 K < 2^53 (a float64 matmul, since CUDA has no int64 one)."""
+    acc = x_q.double() @ w_q.double().T
     return acc * x_scale.double()[:, None] * w_scale.double()[None, :]
 
 
