@@ -27,7 +27,8 @@ from common.kernels import as_rows, row_tile
 import triton
 import triton.language as tl
 
-QMAX = tl.constexpr(127)  # the largest int8 code used: the grid is -127 ... 127 (a constexpr: kernels read it)
+# The largest int8 code used: the grid is -127 ... 127. A constexpr, so that the kernels may read it.
+QMAX = tl.constexpr(127)
 
 
 @triton.jit
