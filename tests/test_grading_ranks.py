@@ -439,9 +439,9 @@ def test_dtensors_over_a_device_mesh_of_the_hubs_ranks() -> None:
 
 def import_after_refusal() -> list[str]:
     """Refuse json (imported already) and email.mime; return what importing each, and a neighbour, gives."""
-    from common.grading.refuse import refuse_imports
+    from common.grading.off_limits import refuse_imports
 
-    refuse_imports(("json", "email.mime"), "here: use your own")
+    refuse_imports(("json", "email.mime"), "use your own")
     seen = []
     for name in ("json", "json.decoder", "email.mime.text", "email.utils"):
         try:
@@ -457,9 +457,9 @@ def test_a_rank_that_refuses_imports_says_why_and_the_hubs_process_is_unchanged(
 
     seen = ranks(import_after_refusal, 1).returned(list[str])[0]
     assert seen == [
-        "json is off limits here: use your own",
-        "json is off limits here: use your own",  # json.decoder: its package is refused first
-        "email.mime is off limits here: use your own",  # email.mime.text: likewise
+        "json is off limits in this task: use your own",
+        "json is off limits in this task: use your own",  # json.decoder: its package is refused first
+        "email.mime is off limits in this task: use your own",  # email.mime.text: likewise
         "email.utils: imported",
     ]
     assert importlib.import_module("json.decoder") is sys.modules["json.decoder"]  # here, nothing refused

@@ -22,18 +22,20 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from common.grading.off_limits import refuse_imports
 from common.grading.ranks import run_ranks
-from common.grading.refuse import refuse_imports
 
 PACKAGE = "largemodels"
 OFF_LIMITS = ("common.distributed.tensor_parallel", "torch.distributed.tensor")
 
 
 def refuse_off_limits() -> None:
-    """Make the off-limits modules unimportable in this rank, for a clear message to a student who tries; a
-    submission can undo it (see the module docstring)."""
-    refuse_imports(OFF_LIMITS, "in the tensor-parallel and Ulysses tasks: write the communication yourself "
-                               "with torch.distributed (all_reduce, all_to_all)")  # fmt: skip
+    """Make the off-limits modules unimportable in this rank (a forked child: the hub's process is unchanged),
+    for a clear message to a student who tries; a submission can undo it (see the module docstring)."""
+    refuse_imports(
+        OFF_LIMITS,
+        "write the communication yourself with torch.distributed (all_reduce, all_to_all)",
+    )
 
 
 def _group(groups: list[list[int]] | None) -> dist.ProcessGroup | None:

@@ -22,7 +22,7 @@ the checker compares with FSDP2's (losses, gradients, parameters: a wrong FSDP g
 observed outside its reach. The layout and the storage bytes are read inside the rank, in the submission's
 own interpreter: a submission could patch what they report. Before the submission is imported each rank
 refuses torch's FSDP (`torch.distributed.fsdp`, `torch.distributed._composable`) and the course's
-`common.distributed.fsdp` and `zero`; that refusal is a message, not a guard (`common.grading.refuse`).
+`common.distributed.fsdp` and `zero`; that refusal is a message, not a guard (`common.grading.off_limits`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from common.grading.ranks import run_ranks
-from common.grading.refuse import refuse_imports
+from common.grading.off_limits import refuse_imports
 from common.models.llama import Llama, LlamaConfig, random_batch
 
 PACKAGE = "myfsdp"
@@ -62,9 +62,7 @@ def _sharded(ours: bool, device: str) -> Llama:
         model = model.to(device=_device(device), dtype=torch.bfloat16)
     mesh = init_device_mesh(device, (dist.get_world_size(),))
     if ours:
-        refuse_imports(
-            OFF_LIMITS, "in this assignment: write the gathering and the reduce-scattering yourself"
-        )
+        refuse_imports(OFF_LIMITS, "write the gathering and the reduce-scattering yourself")
         from myfsdp.fsdp import shard_model
 
         shard_model(model, mesh)
