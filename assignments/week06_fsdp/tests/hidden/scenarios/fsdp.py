@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from common.grading.ranks import run_ranks
 from common.grading.off_limits import refuse_imports
+from common.grading.ranks import run_ranks
 from common.models.llama import Llama, LlamaConfig, random_batch
 
 PACKAGE = "myfsdp"
