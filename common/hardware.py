@@ -260,6 +260,20 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def benchmark_device(quick: bool, what_it_measures: str) -> torch.device:
+    """Where a benchmark runs: the current GPU, or the CPU for a `quick` run (which checks the code, not speed).
+
+    A full run without a GPU raises NoGPUError that says `what_it_measures` and how to run it instead.
+    """
+    device = default_device()
+    if device.type == "cpu" and not quick:
+        raise NoGPUError(
+            f"{what_it_measures}; torch.cuda.is_available() is False here. "
+            "Run it on a GPU machine (or --quick on this one)."
+        )
+    return device
+
+
 def spec_from_name(name: str) -> GPUSpec:
     """The spec of the GPU called `name` (as torch.cuda.get_device_name() spells it).
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from common.amp import fp8_supported
 from common.bench import compare, environment, save_results
-from common.hardware import NoGPUError
+from common.hardware import benchmark_device
 from common.inference.acceptance import AcceptanceExperiment, held_out_loss, train
 from common.inference.kv_cache import CachedDecoder
 from common.inference.quantization import METHODS, fused_dequantization, quantize_linears
@@ -270,13 +270,7 @@ def _summary(record: dict[str, Any]) -> str:
 
 def run_quantization_benchmark(out_dir: Path, quick: bool = False) -> list[Path]:
     """Measure every method's error and decode speed on this machine's GPU (or, quick, its CPU); save JSON."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    if device is None and not quick:
-        raise NoGPUError(
-            "the week-9 quantization benchmark measures decode speed on a GPU; torch.cuda.is_available() "
-            "is False here. Run it on a GPU machine (or --quick on this one)."
-        )
-    device = device or torch.device("cpu")
+    device = benchmark_device(quick, "the week-9 quantization benchmark measures decode speed on a GPU")
     # bf16 on a GPU, as it is served; fp32 on a CPU, where bf16 matmuls are slow.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bench = QuantizationBenchmark.quick() if quick else QuantizationBenchmark()

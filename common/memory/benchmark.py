@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from common.bench import compare, environment, save_results
-from common.hardware import NoGPUError
+from common.hardware import benchmark_device
 from common.memory.anatomy import measure_step_memory, predict_step_memory
 from common.memory.checkpointing import measure_checkpointing
 from common.memory.offload import measure_offload
@@ -222,13 +222,9 @@ def _summary(records: dict[str, dict[str, Any]]) -> str:
 
 def run_large_model_benchmarks(out_dir: Path, quick: bool = False) -> list[Path]:
     """Run the four week-5 measurements on this machine's GPU (or, quick, its CPU); save one JSON each."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    if device is None and not quick:
-        raise NoGPUError(
-            "the week-5 benchmarks measure a GPU's memory and speed at 125M-1B parameters; "
-            "torch.cuda.is_available() is False here. Run them on a GPU machine (or --quick on this one)."
-        )
-    device = device or torch.device("cpu")
+    device = benchmark_device(
+        quick, "the week-5 benchmarks measure a GPU's memory and speed at 125M-1B parameters"
+    )
     sizes = _sizes(quick)
     parts = {
         "memory": lambda: _memory(sizes["memory"], device),
