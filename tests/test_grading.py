@@ -27,6 +27,7 @@ from common.grading.client import expect
 from common.grading.faults import (
     GpuBusyError,
     ProcessLimitError,
+    ReferenceRunError,
     SubmissionRaised,
     TimeLimitError,
     WorkerDidNotStartError,
@@ -382,6 +383,11 @@ def test_results_must_have_exactly_the_expected_type() -> None:
 
 def test_only_what_the_checker_observes_is_an_infrastructure_fault() -> None:
     assert explain(WorkerDidNotStartError("bwrap: cannot mount"))[1] == "bwrap: cannot mount"
+    reference = "the grader's FSDP2 run on 2 ranks failed: rank 0 of 2 raised RuntimeError: gloo"
+    assert explain(ReferenceRunError(reference)) == (
+        reference,
+        reference,
+    )  # the checker's run: never 0 points
     assert "port in use" in explain(OSError(errno.EADDRINUSE, "Address already in use"))[1]
     raised = SubmissionRaised("add", ["OSError", "Exception"], "OSError", "[Errno 98] Address already in use")
     assert explain(raised) == ("add raised OSError: [Errno 98] Address already in use", None)

@@ -70,6 +70,11 @@ class GpuBusyError(InfrastructureFault):
     """Another process holds the GPU this task was given."""
 
 
+class ReferenceRunError(InfrastructureFault):
+    """The checker's own reference run (the library the task is compared with, run where no submission code
+    ever ran) failed: a grader bug or the machine's fault, never the student's."""
+
+
 def parse_gpu_holders(gpus_csv: str, apps_csv: str) -> dict[int, list[tuple[int, int]]]:
     """{GPU index: [(pid, MiB), ...]} from `nvidia-smi --query-gpu=index,uuid` and
     `--query-compute-apps=gpu_uuid,pid,used_memory` (both `--format=csv,noheader,nounits`)."""

@@ -19,6 +19,7 @@ from scenarios import fsdp
 
 import common.distributed.fsdp  # noqa: F401
 from common.grading.client import Submission
+from common.grading.faults import ReferenceRunError
 from common.grading.ranks import Collective, RankRun
 
 MARKERS_PER_STEP = (
@@ -42,7 +43,8 @@ class Step(NamedTuple):
 def fsdp2(ranks: int, steps: int) -> RankRun:
     """FSDP2's run of the scenario (cached: the CPU tasks share this checker process)."""
     run = RankRun.from_data(fsdp.train(False, ranks, steps))
-    assert run.failure() is None, f"the grader's FSDP2 run failed: {run.failure()}"
+    if run.failure() is not None:
+        raise ReferenceRunError(f"the grader's FSDP2 run on {ranks} ranks failed: {run.failure()}")
     return run
 
 
