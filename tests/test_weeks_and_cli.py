@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from common import cli, slides
-from common.weeks import ALL_WEEKS, SYLLABUS, UnknownWeekError, get_week
+from common import cli, slides, weeks
+from common.weeks import ALL_WEEKS, SYLLABUS, UnknownWeekError, Week, get_week
 
 SUBCOMMANDS = [
     ["env"], ["seminar"], ["slides"], ["check"], ["bench"], ["bench", "timers"], ["test"],
@@ -124,25 +124,33 @@ def test_record_refuses_a_small_run(capsys) -> None:
     assert "--full on a GPU" in capsys.readouterr().err
 
 
-# The first week of the syllabus that has no seminar yet: the later weeks are written one by one.
-PLANNED = next(name for name, _ in SYLLABUS if not get_week(name).has_seminar)
-
-
-def test_a_planned_week_says_so_before_anything_starts(capsys) -> None:
-    assert cli.main(["seminar", PLANNED[:6]]) == 2
+def test_a_planned_week_says_so_before_anything_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, capsys
+) -> None:
+    planned = Week(*SYLLABUS[-1], root=tmp_path)  # in the syllabus, no seminar written
+    monkeypatch.setattr(weeks, "ALL_WEEKS", (planned,))
+    assert cli.main(["seminar", planned.name[:6]]) == 2
     out, err = capsys.readouterr()
     assert "Running" not in out
-    assert PLANNED in err and "has no seminar yet: it is planned, not written" in err
+    assert planned.name in err and "has no seminar yet: it is planned, not written" in err
 
 
-def test_unknown_week_lists_written_weeks_apart_from_planned_ones() -> None:
+def test_unknown_week_lists_written_weeks_apart_from_planned_ones(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    course = tuple(Week(name, title, root=tmp_path) for name, title in SYLLABUS[:3])
+    monkeypatch.setattr(weeks, "ALL_WEEKS", course)
+    for week in course:
+        week.dir.mkdir()
+    with pytest.raises(UnknownWeekError) as error:
+        get_week("week42_magic")
+    assert "planned" not in str(error.value), "every week has its folder: none is planned"
+    course[2].dir.rmdir()  # a week in progress has a folder (code, a README) and counts as written
     with pytest.raises(UnknownWeekError) as error:
         get_week("week42_magic")
     written, planned = str(error.value).split(" (planned, not written yet: ")
-    # A week in progress has a folder (code, a README) and counts as written here; planned means no folder.
-    no_folder = next(name for name, _ in SYLLABUS if not get_week(name).dir.is_dir())
-    assert "week01_intro" in written and no_folder not in written
-    assert no_folder in planned
+    assert written.endswith(f"valid weeks: {course[0].name}, {course[1].name}")
+    assert planned == f"{course[2].name})"
 
 
 def test_key_results_are_flagged_on_a_busy_machine_or_full_sizes_on_a_cpu(
