@@ -366,9 +366,11 @@ show_table(
 load_average = os.getloadavg()[0]  # runnable tasks on the machine, averaged over the last minute
 thread_speedup = gil["one after another"] / gil[f"{JOBS} threads"]
 process_speedup = gil["one after another"] / gil[f"{JOBS} processes"]
-assert thread_speedup < 1.25, "threads running pure Python take turns: no speed-up (25% margin for noise)"
-# Processes can only run at once on cores that other work leaves free: checked in a full run on a machine
-# whose load average is below its core count (CI runs other tests beside the small run).
+# Timings are checked in a full run: CI's small run shares the cores with other tests, which slow any of the
+# three at random. Processes can only run at once on cores that other work leaves free: checked in a full run
+# on a machine whose load average is below its core count.
+if not SMALL:
+    assert thread_speedup < 1.25, "threads running pure Python take turns: no speed-up (25% margin for noise)"
 free_cores = not SMALL and CORES >= JOBS and load_average < CORES
 print(
     f"load average {load_average:.1f} on {CORES} cores: the processes' speed-up is {'' if free_cores else 'not '}checked"
@@ -750,10 +752,13 @@ assert grpc_body < http_body and proto_answer < len(json_answer), (
     "protobuf's framing is smaller than multipart's and JSON's"
 )
 grpc_speedup = np.median(http_ms) / np.median(grpc_ms)
-assert 0.5 < grpc_speedup < 2, "one request at a time, the two protocols cost the same within a factor of 2"
-assert forward_ms < 0.5 * min(np.median(http_ms), np.median(grpc_ms)), (
-    "the tiny model is a small part of a request"
-)
+if not SMALL:  # timings: checked in a full run (CI's small run shares the cores with other tests)
+    assert 0.5 < grpc_speedup < 2, (
+        "one request at a time, the two protocols cost the same within a factor of 2"
+    )
+    assert forward_ms < 0.5 * min(np.median(http_ms), np.median(grpc_ms)), (
+        "the tiny model is a small part of a request"
+    )
 RESULTS["gRPC vs HTTP"] = (
     f"tiny model, one client: p50 {np.median(grpc_ms):.2f} ms over gRPC, {np.median(http_ms):.2f} ms over HTTP "
     f"({grpc_speedup:.2f}x); the forward pass itself {forward_ms:.2f} ms"
