@@ -291,3 +291,18 @@ def test_communication_volume_at_llama_7b_sizes_is_the_docstrings_formulas() -> 
     gradients = 2 * (p - 1) / p * count_parameters(config) * B
     assert sent["ulysses"] == pytest.approx(ulysses_activations + gradients)
     assert ulysses_activations < sent["tp"] / p  # all-to-alls of 1/p of the activations, against all-reduces
+
+
+def test_collectives_are_counted_whether_the_message_is_passed_by_position_or_by_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def reduce_scatter_tensor(output, input, op=None, group=None, async_op=False):  # noqa: A002 (torch's names)
+        return None  # stands in for the collective: no process group is needed to count its calls
+
+    monkeypatch.setattr(dist, "reduce_scatter_tensor", reduce_scatter_tensor)
+    shard, whole = torch.zeros(4), torch.zeros(8)
+    with count_collectives() as counts:
+        dist.reduce_scatter_tensor(shard, whole)
+        dist.reduce_scatter_tensor(output=shard, input=whole)  # as FSDP2 calls it
+    assert counts == Counter({("reduce_scatter", whole.numel() * whole.element_size()): 2})
+    assert dist.reduce_scatter_tensor is reduce_scatter_tensor, "the original is back after the block"

@@ -41,6 +41,7 @@ collectives concatenate, and so saves the transposes that `_all_gather_sequence`
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -674,13 +675,13 @@ def bytes_sent_per_rank(collectives: list[Collective], world: int) -> float:
 # Checking a parallel model: its gradients at full shape, and the collectives a rank really calls
 # ----------------------------------------------------------------------------------------------------
 
-# The torch.distributed collectives the schemes call -> (the kind communication_volume names, which argument
-# is the message whose size it counts).
-COUNTED_COLLECTIVES: dict[str, tuple[CollectiveKind, int]] = {
-    "all_reduce": ("all_reduce", 0),
-    "all_gather_into_tensor": ("all_gather", 0),  # the gathered output
-    "reduce_scatter_tensor": ("reduce_scatter", 1),  # the input that is reduced
-    "all_to_all_single": ("all_to_all", 1),  # what this rank passes in
+# The torch.distributed collectives the schemes call -> (the kind communication_volume names, the parameter
+# that is the message whose size it counts).
+COUNTED_COLLECTIVES: dict[str, tuple[CollectiveKind, str]] = {
+    "all_reduce": ("all_reduce", "tensor"),
+    "all_gather_into_tensor": ("all_gather", "output_tensor"),  # the gathered output
+    "reduce_scatter_tensor": ("reduce_scatter", "input"),  # the input that is reduced
+    "all_to_all_single": ("all_to_all", "input"),  # what this rank passes in
 }
 
 
@@ -689,14 +690,15 @@ def count_collectives() -> Iterator[Counter]:
     """Count (kind, message bytes) of every call of the collectives above on this rank, while inside.
 
     The functions of torch.distributed are replaced for the duration, so the schemes' own calls are counted
-    (DTensor's functional collectives go another way and are not). Compare with communication_volume.
+    (DTensor's functional collectives go another way and are not), whether they pass the message by position
+    or by name (FSDP2 passes `output=`). Compare with communication_volume.
     """
     counts: Counter = Counter()
     originals = {name: getattr(dist, name) for name in COUNTED_COLLECTIVES}
 
     def counting(name: str, *args: object, **kwargs: object) -> object:
-        kind, position = COUNTED_COLLECTIVES[name]
-        message = args[position]
+        kind, parameter = COUNTED_COLLECTIVES[name]
+        message = inspect.signature(originals[name]).bind(*args, **kwargs).arguments[parameter]
         assert isinstance(message, torch.Tensor)
         counts[(kind, message.numel() * message.element_size())] += 1
         return originals[name](*args, **kwargs)
