@@ -134,6 +134,11 @@ def _slide_code(cuda: bool) -> list[tuple[Week, slides.CodeBlock]]:
     ]
 
 
+def _block_id(value: Week | slides.CodeBlock) -> str:
+    """`week09_inference_algorithms-line589`: selectable per deck with -k, unique across decks."""
+    return value.name if isinstance(value, Week) else f"line{value.line}"
+
+
 def _run_block(week: Week, block: slides.CodeBlock) -> None:
     result = subprocess.run(
         [sys.executable, "-c", block.code], capture_output=True, text=True, timeout=120, cwd=week.dir.parent
@@ -141,12 +146,12 @@ def _run_block(week: Week, block: slides.CodeBlock) -> None:
     assert result.returncode == 0, f"{week.slides_md}:{block.line} does not run:\n{result.stderr[-2000:]}"
 
 
-@pytest.mark.parametrize(("week", "block"), _slide_code(cuda=False), ids=lambda x: getattr(x, "line", ""))
+@pytest.mark.parametrize(("week", "block"), _slide_code(cuda=False), ids=_block_id)
 def test_code_on_slides_runs(week: Week, block: slides.CodeBlock) -> None:
     _run_block(week, block)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("week", "block"), _slide_code(cuda=True), ids=lambda x: getattr(x, "line", ""))
+@pytest.mark.parametrize(("week", "block"), _slide_code(cuda=True), ids=_block_id)
 def test_cuda_code_on_slides_runs(week: Week, block: slides.CodeBlock) -> None:
     _run_block(week, block)
