@@ -103,6 +103,29 @@ def _skip_reason(method: str, device: torch.device) -> str | None:
     return None
 
 
+def _each_method(
+    measure: Callable[[str, nn.Module], dict[str, Any]],
+    model: Llama,
+    bench: QuantizationBenchmark,
+    calibration: torch.Tensor,
+    device: torch.device,
+) -> dict[str, dict[str, Any]]:
+    """{method: measure(method, a quantized copy of model)}, or {"skipped": why} where this device lacks it.
+    One copy at a time: each is freed before the next is made."""
+    results = {}
+    for method in METHODS:
+        skipped = _skip_reason(method, device)
+        if skipped:
+            results[method] = {"skipped": skipped}
+            continue
+        quantized = _quantized(model, method, bench, calibration)
+        results[method] = measure(method, quantized)
+        del quantized
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
 def _quantized(
     model: Llama, method: str, bench: QuantizationBenchmark, calibration: torch.Tensor
 ) -> nn.Module:
@@ -141,15 +164,14 @@ def error_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.
         "language_loss": language.loss(held_out.cpu()),
         "float64_loss": held_out_loss(reference, held_out),
         "baseline": measure_errors(base, reference, held_out),
-        "methods": {},
+        "methods": _each_method(
+            lambda _, quantized: measure_errors(quantized, reference, held_out),
+            base,
+            bench,
+            calibration,
+            device,
+        ),
     }
-    for method in METHODS:
-        skipped = _skip_reason(method, device)
-        if skipped:
-            results["methods"][method] = {"skipped": skipped}
-            continue
-        quantized = _quantized(base, method, bench, calibration)
-        results["methods"][method] = measure_errors(quantized, reference, held_out)
     return results
 
 
@@ -200,14 +222,9 @@ def speed_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.
         "model": {"preset": bench.speed_preset, **asdict(config)},
         "compiled": compiled,
         "baseline_weight_bytes": _weight_bytes(base),
-        "methods": {},
     }
-    for method in METHODS:
-        skipped = _skip_reason(method, device)
-        if skipped:
-            results["methods"][method] = {"skipped": skipped}
-            continue
-        quantized = _quantized(base, method, bench, calibration)
+
+    def speed(method: str, quantized: nn.Module) -> dict[str, Any]:
         comparison = compare(
             baseline_step,
             timed_step(quantized),
@@ -216,16 +233,15 @@ def speed_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.
             rep_ms=bench.rep_ms,
             device=device,
         )
-        results["methods"][method] = {
+        return {
             "tokens_per_s": 1e3 / comparison.candidate.median_ms,
             "baseline_tokens_per_s": 1e3 / comparison.baseline.median_ms,
             "speedup": comparison.speedup,
             "weight_bytes": _weight_bytes(quantized),
             "comparison": comparison,
         }
-        del quantized
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+
+    results["methods"] = _each_method(speed, base, bench, calibration, device)
     return results
 
 
