@@ -345,10 +345,11 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_promtool_accepts_the_config_and_the_rules() -> None:
+    results = {}
     for args in (("check", "config", "prometheus.yml"), ("check", "rules", "alerts.yml")):
-        result = promtool(*args)
+        results[args] = result = promtool(*args)
         assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}{result.stderr}"
-    assert "1 rule files found" in promtool("check", "config", "prometheus.yml").stdout
+    assert "1 rule files found" in results["check", "config", "prometheus.yml"].stdout
 
 
 def test_the_alert_fires_on_slow_requests_and_not_on_fast_ones() -> None:

@@ -695,10 +695,11 @@ def count_collectives() -> Iterator[Counter]:
     """
     counts: Counter = Counter()
     originals = {name: getattr(dist, name) for name in COUNTED_COLLECTIVES}
+    signatures = {name: inspect.signature(original) for name, original in originals.items()}
 
     def counting(name: str, *args: object, **kwargs: object) -> object:
         kind, parameter = COUNTED_COLLECTIVES[name]
-        message = inspect.signature(originals[name]).bind(*args, **kwargs).arguments[parameter]
+        message = signatures[name].bind(*args, **kwargs).arguments[parameter]
         assert isinstance(message, torch.Tensor)
         counts[(kind, message.numel() * message.element_size())] += 1
         return originals[name](*args, **kwargs)

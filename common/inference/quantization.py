@@ -425,9 +425,8 @@ def quantize_linears(
         input_absmax = calibrate_input_absmax(model, calibration, names)
     modules = dict(model.named_modules())
     replacements: dict[str, nn.Module] = {}
-    for (
-        name
-    ) in names:  # every layer first, so that a layer that cannot be quantized leaves the model as it was
+    # Every replacement is built first, so that a layer that cannot be quantized leaves the model as it was.
+    for name in names:
         linear = modules[name]
         if method == "int8":
             replacements[name] = Int8WeightLinear(linear)

@@ -25,7 +25,8 @@ class Decoder:
         self._cache = CachedDecoder(model, batch_size=1, max_len=max_len)
         self.max_len = max_len
         self.vocab_size = model.config.vocab_size
-        self.log: list[tuple[int, list[int]]] = []  # per extend: (first position, tokens run)
+        # Per extend: (first position, a copy of the tokens run).
+        self.log: list[tuple[int, torch.Tensor]] = []
 
     def __len__(self) -> int:
         return self._cache.length
@@ -39,7 +40,7 @@ class Decoder:
                 f"tokens must be a 1-D long tensor (one sequence), got shape {tuple(tokens.shape)} and dtype "
                 f"{tokens.dtype}"
             )
-        self.log.append((len(self), tokens.tolist()))  # note: a host sync, for the log
+        self.log.append((len(self), tokens.clone()))  # on the tokens' device: logging needs no host sync
         return self._cache.feed(tokens[None])[0]
 
     def truncate(self, length: int) -> None:

@@ -68,9 +68,8 @@ def speculative_greedy(target: Decoder, draft: Decoder, prompt: torch.Tensor, ma
             proposals.append(new)
         proposed = torch.cat(proposals)  # (draft_len,)
         logits = target.extend(torch.cat([sequence[len(target) :], proposed]))
-        choices = logits[-(draft_len + 1) :].argmax(
-            -1
-        )  # (draft_len + 1,): the target's choice after each prefix
+        # (draft_len + 1,): the target's choice after each prefix
+        choices = logits[-(draft_len + 1) :].argmax(-1)
         kept = int((choices[:-1] == proposed).long().cumprod(0).sum())  # note: a host sync per round
         sequence = torch.cat([sequence, proposed[:kept], choices[kept : kept + 1]])
         # Valid now: the first n + kept positions (the last token emitted has been run by neither model).

@@ -45,6 +45,13 @@ def test_tokens_are_the_targets_greedy_choices(submission: Submission, target: t
     assert type(tokens) is torch.Tensor and tokens.shape == (len(PROMPT) + NEW,), (
         f"expected {len(PROMPT) + NEW} tokens, got {list(getattr(tokens, 'shape', []))}"
     )
+    vocab = (
+        speculative.SPEED_CONFIG.vocab_size
+    )  # checked here, before the checker's own GPU forward uses them
+    assert tokens.dtype == torch.long and bool(((tokens >= 0) & (tokens < vocab)).all()), (
+        f"expected token ids (int64, 0 to {vocab - 1}), got {tokens.dtype} from {int(tokens.min())} to "
+        f"{int(tokens.max())}"
+    )
     assert tokens[: len(PROMPT)].tolist() == PROMPT, "the returned sequence must start with the prompt"
     with torch.no_grad():
         logits = target(tokens[None, :-1].cuda())[0, len(PROMPT) - 1 :].double().cpu()  # (NEW, vocab)

@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from common.grading.off_limits import refuse_imports
+
+# As in int8_kernels (a scenario reaches the worker as its own source, so it cannot import a sibling).
+OFF_LIMITS = ("common.inference.quantization",)
+REASON = "write the quantization and the GEMM as Triton kernels"
+
 _STATE: dict[str, object] = {}  # the operands and the last output, kept between the checker's calls
 
 
@@ -24,6 +30,7 @@ def operands(m: int, n: int, k: int, seed: int) -> tuple[torch.Tensor, ...]:
 
 
 def prepare(m: int, n: int, k: int, seed: int) -> None:
+    refuse_imports(OFF_LIMITS, REASON)  # the rule, stated here as in the correctness tasks
     from fastinfer.w8a8 import w8a8_matmul
 
     _STATE["args"] = tuple(t.cuda() for t in operands(m, n, k, seed))

@@ -70,7 +70,7 @@ def _decode(target_model: Llama, draft_model: Llama, prompt: list[int], max_new_
     tokens = speculative_greedy(target, draft, torch.tensor(prompt, device=device), max_new_tokens, draft_len)
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.cpu()
-    return {"tokens": tokens, "target_log": [[start, ran] for start, ran in target.log],
+    return {"tokens": tokens, "target_log": [[start, ran.tolist()] for start, ran in target.log],
             "target_length": len(target)}  # fmt: skip
 
 
