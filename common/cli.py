@@ -248,6 +248,13 @@ def cmd_bench_ddp(args: argparse.Namespace) -> int:
     return _report_saved(paths)
 
 
+def cmd_bench_sharded_memory(args: argparse.Namespace) -> int:
+    """Week 6: per-rank peak memory of DDP, ZeRO-1, ZeRO-2 and FSDP2, predicted and measured on 2 and 4 CPU ranks."""
+    from common.memory.sharded import run_sharded_memory_benchmark
+
+    return _report_saved(run_sharded_memory_benchmark(results_dir(args.out)))
+
+
 def cmd_bench_large_models(args: argparse.Namespace) -> int:
     """Week 5: memory predictor, checkpointing, offloading and the Triton path of the Llama model on this GPU."""
     from common.memory.benchmark import run_large_model_benchmarks
@@ -506,6 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     ddp.add_argument("--ranks", type=int, default=4, help="number of CPU ranks (default 4)")
     ddp.add_argument("--quick", action="store_true", help="a tiny model, to check that everything runs")
     ddp.add_argument("--out", help=OUT_HELP)
+    sharded = _add_command(
+        bench_sub, "sharded-memory", cmd_bench_sharded_memory, epilog="example:\n  effdl bench sharded-memory"
+    )
+    sharded.add_argument("--out", help=OUT_HELP)
     large = _add_command(
         bench_sub, "large-models", cmd_bench_large_models, epilog="example:\n  effdl bench large-models"
     )

@@ -11,6 +11,10 @@
     print(summarize_snapshot(snapshot))                          # peak, segments, largest allocations
     dump_memory_snapshot("snapshot.pickle")                      # drag into https://pytorch.org/memory_viz
 
+    trace = json.loads(Path("trace.json").read_text())           # does communication overlap compute?
+    for kernel in comm_overlap(trace, comm="AllGather", ranges=["forward#0"])["forward#0"]:
+        print(kernel.name, kernel.covered_fraction)              # share of it run beside compute kernels
+
 A profiler changes what it measures: it adds a few microseconds per op, more with record_shapes,
 profile_memory or with_stack. Use it to find where time goes, and common.bench to measure how long things take.
 """
@@ -31,8 +35,12 @@ from torch.profiler import ProfilerActivity
 from common.hardware import NoGPUError
 
 __all__ = [
+    "CommOverlap",
     "MemorySummary",
     "OpStat",
+    "Span",
+    "comm_overlap",
+    "covered_us",
     "dump_memory_snapshot",
     "memory_history",
     "memory_snapshot",
@@ -44,6 +52,7 @@ __all__ = [
     "summarize_snapshot",
     "top_ops",
     "top_ops_table",
+    "trace_spans",
 ]
 
 
@@ -215,6 +224,108 @@ def top_ops_table(prof: torch.profiler.profile, k: int = 10, *, by: str | None =
         by = "device" if any(e.self_device_time_total > 0 for e in prof.key_averages()) else "cpu"
     sort_by = {"device": "self_device_time_total", "cpu": "self_cpu_time_total"}[by]
     return prof.key_averages().table(sort_by=sort_by, row_limit=k)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chrome traces: does communication overlap compute?
+# ----------------------------------------------------------------------------------------------------
+
+COMM_KERNEL_PREFIX = "nccl"  # NCCL's kernels: ncclDevKernel_AllGather_RING_LL, ncclKernel_ReduceScatter_...
+
+
+@dataclass(frozen=True)
+class Span:
+    """One complete event of a Chrome trace: a GPU kernel (stream: its CUDA stream) or a host range such as a
+    record_function label (stream None). Times in microseconds, on the trace's one clock (the profiler maps the
+    GPU's timestamps onto the host's)."""
+
+    name: str
+    start_us: float
+    end_us: float
+    stream: int | None = None
+
+
+def trace_spans(trace: dict[str, Any], category: str) -> list[Span]:
+    """The complete ("X") events of `category` in a Chrome trace (the JSON of prof.export_chrome_trace), by
+    start: "kernel" for GPU kernels, each with its stream; "user_annotation" for record_function ranges on
+    the host. ValueError for a trace without "traceEvents", or a kernel without its stream."""
+    if "traceEvents" not in trace:
+        raise ValueError(f"not a Chrome trace: no 'traceEvents' among its keys {sorted(trace)[:5]}")
+    spans = []
+    for event in trace["traceEvents"]:
+        if event.get("ph") != "X" or event.get("cat") != category:
+            continue
+        stream = event.get("args", {}).get("stream")
+        if category == "kernel" and stream is None:
+            raise ValueError(
+                f"kernel {event.get('name')!r} at {event.get('ts')} us has no 'stream' in its args"
+            )
+        start = float(event["ts"])
+        spans.append(Span(event["name"], start, start + float(event["dur"]), stream))
+    return sorted(spans, key=lambda span: span.start_us)
+
+
+def covered_us(span: Span, others: list[Span]) -> float:
+    """How long, within `span`, at least one of `others` runs: their union clipped to span (time two of them
+    share counts once)."""
+    clipped = sorted(
+        (max(o.start_us, span.start_us), min(o.end_us, span.end_us))
+        for o in others
+        if o.start_us < span.end_us and o.end_us > span.start_us
+    )
+    total, reached = 0.0, span.start_us
+    for start, end in clipped:
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total
+
+
+@dataclass(frozen=True)
+class CommOverlap:
+    """One communication kernel, and how long compute kernels on other streams ran while it did."""
+
+    name: str
+    stream: int
+    duration_us: float
+    covered_us: float
+
+    @property
+    def covered_fraction(self) -> float:
+        """Share of the kernel's time with compute running beside it (1.0 for a kernel of no duration)."""
+        return self.covered_us / self.duration_us if self.duration_us > 0 else 1.0
+
+
+def comm_overlap(trace: dict[str, Any], *, comm: str, ranges: list[str]) -> dict[str, list[CommOverlap]]:
+    """For each host range named in `ranges` (record_function labels), every kernel whose name contains `comm`
+    ("AllGather", "ReduceScatter") and that starts inside the range, with the time compute kernels (any kernel
+    not NCCL's) on other streams cover it: how much of that communication was hidden behind computation.
+
+    A kernel belongs to the range it starts in; end each range with torch.cuda.synchronize() so that its
+    kernels end inside it, and the next range's start after it. A range without such kernels maps to [];
+    ValueError for a range the trace does not hold exactly once.
+    """
+    labels = trace_spans(trace, "user_annotation")
+    kernels = trace_spans(trace, "kernel")
+    compute = [k for k in kernels if not k.name.startswith(COMM_KERNEL_PREFIX)]
+    communication = [k for k in kernels if k.name.startswith(COMM_KERNEL_PREFIX) and comm in k.name]
+    result = {}
+    for name in ranges:
+        found = [label for label in labels if label.name == name]
+        if len(found) != 1:
+            raise ValueError(f"the trace holds the range {name!r} {len(found)} times; expected once")
+        window = found[0]
+        inside = [k for k in communication if window.start_us <= k.start_us <= window.end_us]
+        result[name] = [
+            CommOverlap(
+                k.name,
+                k.stream,
+                k.end_us - k.start_us,
+                covered_us(k, [c for c in compute if c.stream != k.stream]),
+            )
+            for k in inside
+        ]
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------

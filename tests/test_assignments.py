@@ -245,3 +245,51 @@ def test_week09_reference_kernels_compile_for_hopper_with_int8_wgmma_and_a_pipel
     assert int(shared) == 3 * (128 * 128 + 128 * 256), (
         "3 stages of a 128x128 int8 slab of x and a 128x256 of w"
     )
+
+
+def test_week06_overlap_verdict_on_synthetic_traces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The week-6 overlap task is graded on 2 GPUs only; its verdict is checked here on traces written out by
+    hand in the profiler's format: every recorded forward and backward with a prefetched gather beside
+    compute passes; gathers the compute waits for (one stream, one after another) fail in every phase; a
+    phase without any all-gather kernel, or one half covered by a hair less than the threshold, is named."""
+    import types
+
+    hidden = find_assignment("week06_fsdp").hidden_tests
+    scenario = _load(hidden / "scenarios" / "fsdp.py", "week06_fsdp_scenario")
+    package = types.ModuleType("scenarios")
+    package.fsdp = scenario
+    monkeypatch.setitem(sys.modules, "scenarios", package)
+    monkeypatch.setitem(sys.modules, "scenarios.fsdp", scenario)
+    checker = _load(hidden / "test_overlap_gpu_hidden.py", "week06_overlap_checker")
+    gather, gemm, nccl, compute = "ncclDevKernel_AllGather_RING_LL(x)", "sm90_xmma_gemm_bf16", 20, 7
+
+    def kernel(name: str, stream: int, start: float, end: float) -> dict:
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": start, "dur": end - start,
+                "args": {"stream": stream}}  # fmt: skip
+
+    def trace(gather_stream: int, gather_at: float, covered_until: float, phases: tuple[str, ...]) -> dict:
+        """Per recorded step and phase a 1000 us range: a gather of 100 us from gather_at, a compute kernel
+        from 0 to covered_until (then one from gather_at + 100 on)."""
+        events, t = [], 0.0
+        for k in range(checker.STEPS):
+            for phase in scenario.PHASES:
+                events.append(
+                    {"ph": "X", "cat": "user_annotation", "name": f"{phase}#{k}", "ts": t, "dur": 1000}
+                )
+                if phase in phases:
+                    events.append(kernel(gather, gather_stream, t + gather_at, t + gather_at + 100))
+                events += [
+                    kernel(gemm, compute, t, t + covered_until),
+                    kernel(gemm, compute, t + 300, t + 900),
+                ]
+                t += 1000
+        return {"traceEvents": events}
+
+    assert checker.gathers_without_overlap(trace(nccl, 100, 180, scenario.PHASES)) == []  # 80% covered
+    serial = checker.gathers_without_overlap(trace(compute, 100, 100, scenario.PHASES))
+    assert len(serial) == 2 * checker.STEPS and all("(the best: 0%)" in p for p in serial), serial
+    assert len(checker.gathers_without_overlap(trace(nccl, 100, 149, scenario.PHASES))) == 2 * checker.STEPS
+    missing = checker.gathers_without_overlap(trace(nccl, 100, 180, ("forward",)))
+    assert missing == [
+        f"no NCCL all-gather kernel in the backward of recorded step {k}" for k in range(checker.STEPS)
+    ]

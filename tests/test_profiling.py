@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -281,3 +282,126 @@ def test_a_label_on_a_gpu_has_a_host_row_and_a_gpu_row() -> None:
     assert host.calls == gpu.calls == 2 and host.cpu_total_ms >= 2 * 5
     # The GPU row spans first kernel to last, the idle 5 ms included; the host row's device total is kernel time.
     assert gpu.device_total_ms > 2 * 4 > host.device_total_ms > 0
+
+
+# ------------------------------------------------------------------------------------- overlap in a trace
+def _kernel(name: str, stream: int, start: float, end: float) -> dict:
+    """A kernel event as torch.profiler exports it (only the fields the reader uses, plus a few it ignores)."""
+    return {"ph": "X", "cat": "kernel", "name": name, "pid": 0, "tid": stream, "ts": start, "dur": end - start,
+            "args": {"device": 0, "stream": stream, "correlation": 1}}  # fmt: skip
+
+
+def _range(name: str, start: float, end: float) -> dict:
+    return {
+        "ph": "X",
+        "cat": "user_annotation",
+        "name": name,
+        "pid": 1,
+        "tid": 1,
+        "ts": start,
+        "dur": end - start,
+    }
+
+
+GATHER = "ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)"
+NCCL, COMPUTE, OTHER = 20, 7, 13  # streams: NCCL's, the default one, a second compute stream
+
+
+def _covered_on_a_grid(span: profiling.Span, others: list[profiling.Span]) -> float:
+    """The reference for covered_us on integer times: count the unit cells of span inside any of the others."""
+    cells = np.arange(span.start_us, span.end_us) + 0.5
+    inside = np.zeros(cells.shape, dtype=bool)
+    for o in others:
+        inside |= (cells > o.start_us) & (cells < o.end_us)
+    return float(inside.sum())
+
+
+def test_covered_time_is_the_union_of_the_others_clipped_to_the_span() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        start = int(rng.integers(0, 50))
+        span = profiling.Span("x", start, start + int(rng.integers(1, 60)))
+        others = []
+        for _ in range(int(rng.integers(0, 6))):
+            a = int(rng.integers(0, 100))
+            others.append(profiling.Span("y", a, a + int(rng.integers(1, 40))))
+        assert profiling.covered_us(span, others) == _covered_on_a_grid(span, others), (span, others)
+
+
+def test_a_gather_beside_compute_on_another_stream_is_covered() -> None:
+    trace = {"traceEvents": [
+        _range("forward#0", 0, 1000),
+        _kernel(GATHER, NCCL, 100, 200),
+        _kernel("ampere_bf16_gemm", COMPUTE, 50, 150),   # covers 100..150
+        _kernel("flash_fwd_kernel", COMPUTE, 160, 300),  # covers 160..200
+    ]}  # fmt: skip
+    (kernel,) = profiling.comm_overlap(trace, comm="AllGather", ranges=["forward#0"])["forward#0"]
+    assert (kernel.name, kernel.stream, kernel.duration_us, kernel.covered_us) == (GATHER, NCCL, 100, 90)
+    assert kernel.covered_fraction == pytest.approx(0.9)
+
+
+def test_serial_gathers_are_not_covered_and_the_same_stream_never_covers() -> None:
+    trace = {"traceEvents": [
+        _range("forward#0", 0, 1000),
+        _kernel("gemm", COMPUTE, 0, 100),
+        _kernel(GATHER, COMPUTE, 100, 200),  # a gather on the compute stream, between two kernels
+        _kernel("gemm", COMPUTE, 200, 300),
+        _kernel(GATHER, NCCL, 300, 400),     # a gather on its stream, while nothing computes
+        _kernel("gemm", NCCL, 300, 400),     # (not possible on one stream: shows it is not counted)
+        _kernel("gemm", COMPUTE, 400, 500),
+    ]}  # fmt: skip
+    kernels = profiling.comm_overlap(trace, comm="AllGather", ranges=["forward#0"])["forward#0"]
+    assert [(k.stream, k.covered_us) for k in kernels] == [(COMPUTE, 0), (NCCL, 0)]
+
+
+def test_compute_on_several_streams_counts_once_and_other_collectives_are_not_compute() -> None:
+    trace = {"traceEvents": [
+        _range("backward#0", 0, 1000),
+        _kernel(GATHER, NCCL, 100, 300),
+        _kernel("gemm", COMPUTE, 0, 250),                          # covers 100..250
+        _kernel("gemm", OTHER, 120, 200),                          # nested in it: adds nothing
+        _kernel("gemm", OTHER, 240, 260),                          # adds 250..260
+        _kernel("ncclDevKernel_ReduceScatter_Sum", 30, 260, 300),  # communication, not compute
+    ]}  # fmt: skip
+    (kernel,) = profiling.comm_overlap(trace, comm="AllGather", ranges=["backward#0"])["backward#0"]
+    assert kernel.covered_us == 160 and kernel.covered_fraction == pytest.approx(0.8)
+
+
+def test_kernels_belong_to_the_range_they_start_in_and_missing_ones_are_said() -> None:
+    trace = {"traceEvents": [
+        _range("forward#0", 0, 100),
+        _range("backward#0", 200, 300),
+        _kernel(GATHER, NCCL, 50, 90),
+        _kernel(GATHER, NCCL, 150, 180),  # between the ranges: in neither
+        _kernel("gemm", COMPUTE, 60, 70),
+    ]}  # fmt: skip
+    overlaps = profiling.comm_overlap(trace, comm="AllGather", ranges=["forward#0", "backward#0"])
+    assert [k.covered_us for k in overlaps["forward#0"]] == [10] and overlaps["backward#0"] == []
+    assert profiling.comm_overlap(trace, comm="ReduceScatter", ranges=["forward#0"]) == {"forward#0": []}
+    with pytest.raises(ValueError, match="'forward#1' 0 times"):
+        profiling.comm_overlap(trace, comm="AllGather", ranges=["forward#1"])
+    without_stream = {"traceEvents": [{**_kernel("gemm", COMPUTE, 0, 1), "args": {}}]}
+    with pytest.raises(ValueError, match="'gemm' at 0 us has no 'stream'"):
+        profiling.trace_spans(without_stream, "kernel")
+    with pytest.raises(ValueError, match="not a Chrome trace"):
+        profiling.trace_spans({"events": []}, "kernel")
+
+
+def test_record_function_ranges_are_read_from_a_real_trace(tmp_path: Path) -> None:
+    x = torch.randn(32, 32)
+    steps = iter(range(3))
+
+    def step() -> None:
+        k = next(steps)
+        with record_function(f"forward#{k}"):
+            time.sleep(0.002)  # a range cannot last less than this: 2 ms
+            x @ x
+
+    path = tmp_path / "trace.json"
+    profiling.profile_steps(step, wait=0, warmup=1, active=2, trace_path=path, cuda=False)
+    trace = json.loads(path.read_text())
+    ranges = [s for s in profiling.trace_spans(trace, "user_annotation") if s.name.startswith("forward#")]
+    assert [s.name for s in ranges] == ["forward#1", "forward#2"]  # the warm-up step is not recorded
+    assert all(s.end_us - s.start_us >= 2000 for s in ranges) and ranges[0].end_us <= ranges[1].start_us
+    assert profiling.trace_spans(trace, "kernel") == []  # a CPU profile records no kernels
+    assert profiling.comm_overlap(trace, comm="AllGather", ranges=["forward#2"]) == {"forward#2": []}

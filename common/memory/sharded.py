@@ -45,11 +45,16 @@ tensor storage (common.memory.probe), since a CPU has no allocator statistics.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from common.bench import environment, save_results
 from common.distributed.ddp import apply_ddp
 from common.distributed.fsdp import apply_fsdp
 from common.distributed.launch import launch, rank_device
@@ -71,9 +76,11 @@ __all__ = [
     "measure_sharded_step",
     "memory_table",
     "predict_sharded_memory",
+    "run_sharded_memory_benchmark",
 ]
 
 SCHEMES = ("ddp", "zero1", "zero2", "fsdp2")
+MEMORY_GOAL = 0.15  # the largest |predicted / measured - 1| the tests and week 6's README allow
 
 
 @dataclass(frozen=True)
@@ -403,22 +410,77 @@ def memory_table(
     return rows
 
 
-def format_table(rows: list[TableRow]) -> str:
-    """The rows as a markdown table, MiB (2^20 bytes)."""
+def row_record(row: TableRow) -> dict[str, Any]:
+    """One row as JSON data: the predicted terms and peak, the measured peak of the most loaded rank, bytes."""
+    p = row.predicted
+    return {"scheme": row.scheme, "world_size": row.world_size, "parameters": p.parameters,
+            "gradients": p.gradients, "optimizer_states": p.optimizer_states, "predicted_peak": p.peak,
+            "measured_peak": row.measured_peak, "error": row.error, "peak_phase": p.peak_phase}  # fmt: skip
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """Rows (as `row_record` writes them) as a markdown table, MiB (2^20 bytes)."""
     mib = 2**20
     lines = [
         "| scheme | ranks | parameters | gradients | optimizer states | predicted peak | measured peak | error | "
         "peak phase (predicted) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for row in rows:
-        p = row.predicted
+    for r in records:
         lines.append(
-            f"| {row.scheme} | {row.world_size} | {p.parameters / mib:.2f} | {p.gradients / mib:.2f} | "
-            f"{p.optimizer_states / mib:.2f} | {p.peak / mib:.2f} | {row.measured_peak / mib:.2f} | "
-            f"{row.error:+.1%} | {p.peak_phase} |"
+            f"| {r['scheme']} | {r['world_size']} | {r['parameters'] / mib:.2f} | {r['gradients'] / mib:.2f} | "
+            f"{r['optimizer_states'] / mib:.2f} | {r['predicted_peak'] / mib:.2f} | "
+            f"{r['measured_peak'] / mib:.2f} | {r['error']:+.1%} | {r['peak_phase']} |"
         )
     return "\n".join(lines)
+
+
+def table_heading(
+    config: LlamaConfig = TABLE_CONFIG, batch: int = TABLE_BATCH, seq_len: int = TABLE_SEQ
+) -> str:
+    """The line above the table: the model and the batch it was measured with."""
+    return (
+        f"Llama(vocab {config.vocab_size}, d_model {config.d_model}, {config.n_layers} layers, d_ff {config.d_ff}), "
+        f"{batch} x {seq_len} tokens per rank, fp32, foreach AdamW; MiB per rank"
+    )
+
+
+def run_sharded_memory_benchmark(out_dir: Path, world_sizes: tuple[int, ...] = (2, 4)) -> list[Path]:
+    """memory_table on gloo ranks, saved as JSON (the table week06_fsdp/README.md quotes) with the largest
+    error against MEMORY_GOAL, the run's wall time and the machine's load; prints the table."""
+    load_before, start = os.getloadavg()[0], time.perf_counter()
+    rows = [row_record(row) for row in memory_table(world_sizes=world_sizes)]
+    worst = max(abs(r["error"]) for r in rows)
+    record = {
+        "benchmark": "sharded_memory",
+        "description": "per-rank peak memory of one training step, DDP, ZeRO-1, ZeRO-2 and FSDP2: predicted by "
+        "common.memory.sharded, measured (live tensor storage, the most loaded rank) on gloo CPU ranks",
+        "heading": table_heading(),
+        "config": {
+            **asdict(TABLE_CONFIG),
+            "batch_per_rank": TABLE_BATCH,
+            "seq_len": TABLE_SEQ,
+            "world_sizes": list(world_sizes),
+        },  # fmt: skip
+        "rows": rows,
+        "goal": {
+            "metric": "largest |predicted / measured - 1|",
+            "op": "<=",
+            "value": MEMORY_GOAL,
+            "met": worst <= MEMORY_GOAL,
+        },  # fmt: skip
+        "largest_error": worst,
+        "wall_s": time.perf_counter() - start,
+        "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+        "environment": environment("cpu"),
+    }
+    path = save_results(record, Path(out_dir) / "memory_sharded.json")
+    print(record["heading"])
+    print(format_table(rows))
+    print(
+        f"largest error {worst:.1%}; goal <= {MEMORY_GOAL:.0%}: {'met' if worst <= MEMORY_GOAL else 'missed'}"
+    )
+    return [path]
 
 
 def main() -> None:
@@ -426,12 +488,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     args = parser.parse_args()
-    c = TABLE_CONFIG
-    print(
-        f"Llama(vocab {c.vocab_size}, d_model {c.d_model}, {c.n_layers} layers, d_ff {c.d_ff}), "
-        f"{TABLE_BATCH} x {TABLE_SEQ} tokens per rank, fp32, foreach AdamW; MiB per rank"
-    )
-    print(format_table(memory_table(world_sizes=tuple(args.world_sizes))))
+    print(table_heading())
+    print(format_table([row_record(row) for row in memory_table(world_sizes=tuple(args.world_sizes))]))
 
 
 if __name__ == "__main__":

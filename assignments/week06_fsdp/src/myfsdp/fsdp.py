@@ -13,11 +13,14 @@ there it is gathered again. When every whole parameter of the unit has its gradi
 not called as a module (the training entry point is `model.loss`), so `forward` and `loss` are wrapped with
 the same gather-and-free around them, as FSDP2's `register_fsdp_forward_method` does.
 
-Prefetch: a gather issued one unit early, so that (with a separate stream on a GPU) it runs while the
-previous unit computes. Forward: a unit's pre-forward gathers the next unit in forward order too. Backward:
-a unit's pre-backward gathers the next unit in backward order too (the root's backward comes first: its
-output layer; then the blocks last to first). On the grader's process group the order of the collectives
-shows it: the next block's all-gather comes before anything the current block does.
+Prefetch: a gather started one unit early and left in flight (`unshard(async_op=True)`), so that on a GPU it
+runs on NCCL's stream while this unit computes on the default stream; the next unit's own `unshard()` waits
+for it. Forward: a unit's pre-forward also starts the next unit's gather in forward order. Backward: a unit's
+pre-backward also starts the next unit's in backward order (the root's backward comes first: its output
+layer; then the blocks last to first). On the grader's process group the order of the collectives shows it:
+the next block's all-gather comes before anything the current block does. On two GPUs a profiler trace shows
+it: the next unit's all-gather kernel runs while this unit's compute kernels do. A prefetch that waits at once
+(a plain `unshard()`) keeps the order but makes the compute wait for the gather: nothing overlaps.
 
 Not allowed here: `torch.distributed.fsdp` (`fully_shard`), its `_composable` predecessor, and the course's
 `common.distributed.fsdp` and `common.distributed.zero`; the grader refuses to import them. DTensor
@@ -73,7 +76,7 @@ def shard_model(model: Llama, mesh: DeviceMesh, *, prefetch: bool = True) -> lis
     def gather(unit: FSDPUnit, phase: str) -> None:
         unit.unshard()
         if prefetch and following[phase][id(unit)] is not None:
-            following[phase][id(unit)].unshard()
+            following[phase][id(unit)].unshard(async_op=True)  # in flight while this unit computes
 
     def post_forward(unit: FSDPUnit, output: Any) -> Any:
         unit.reshard()

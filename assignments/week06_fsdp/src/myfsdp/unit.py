@@ -11,7 +11,10 @@ no block took: embeddings, final norm, output layer). Each parameter exists twic
   stay valid and see the data again when the unit is gathered for backward) and puts the sharded one back.
 
 Communication is one collective per unit and direction, as FSDP2's: `unshard` packs every parameter's block,
-padded to `block_rows` rows, into one flat tensor and makes one `all_gather_into_tensor`; `reduce_gradients`
+padded to `block_rows` rows, into one flat tensor and makes one `all_gather_into_tensor`. `unshard(async_op=True)`
+only starts that all-gather (`async_op=True` returns a Work) and leaves it in flight: on a GPU, NCCL runs it on
+its own stream while the caller's stream computes, and the next `unshard()` waits for it (`work.wait()` makes the
+caller's stream wait, not the host) and fills the parameters. `reduce_gradients`
 packs every whole gradient, padded likewise, into one flat tensor, rank r's part r-th, and makes one
 `reduce_scatter_tensor`, after which rank r holds the sum of its rows over the ranks.
 
@@ -56,23 +59,35 @@ class FSDPUnit:
             self.unsharded.append(unsharded)
             setattr(owner, attribute, self.sharded[-1])
         self.gathered = False
+        self.in_flight: tuple[dist.Work, torch.Tensor, list[torch.Tensor]] | None = None  # see unshard
 
     @torch.no_grad()  # the shards require grad; gathering them is not part of the model's graph
-    def unshard(self) -> None:
+    def unshard(self, async_op: bool = False) -> None:
         """Gather every parameter of the unit whole and register the whole ones in their modules.
 
         Nothing if the unit is gathered already (a prefetch got there first). Else exactly one
         `all_gather_into_tensor` on the mesh's group, of every parameter's local block padded to `block_rows`
-        rows, packed into one flat tensor; the storage of each unsharded parameter is allocated again
-        (`untyped_storage().resize_`), filled with its rows (padding dropped), and the parameter registered.
+        rows, packed into one flat tensor, started with `async_op=True` unless one is in flight already; the
+        storage of each unsharded parameter is allocated again (`untyped_storage().resize_`), filled with its
+        rows (padding dropped), and the parameter registered.
+
+        async_op: only start the all-gather and return; keep what it returned (its Work) in `self.in_flight`.
+        The next unshard() waits for that Work (`work.wait()`) before it fills the parameters: a prefetch.
         """
-        # BEGIN SOLUTION: FSDPUnit.unshard: pack the padded blocks, one all_gather_into_tensor, unpack into the whole parameters
+        # BEGIN SOLUTION: FSDPUnit.unshard: pack the padded blocks, one all_gather_into_tensor (async), wait, unpack into the whole parameters
         if self.gathered:
             return
-        blocks = [_padded_block(p.to_local(), block_rows(p.shape[0], self.world)) for p in self.sharded]
-        flat = torch.cat([b.reshape(-1) for b in blocks])
-        gathered = torch.empty(self.world * flat.numel(), dtype=flat.dtype, device=flat.device)
-        dist.all_gather_into_tensor(gathered, flat, group=self.group)
+        if self.in_flight is None:
+            blocks = [_padded_block(p.to_local(), block_rows(p.shape[0], self.world)) for p in self.sharded]
+            flat = torch.cat([b.reshape(-1) for b in blocks])
+            gathered = torch.empty(self.world * flat.numel(), dtype=flat.dtype, device=flat.device)
+            work = dist.all_gather_into_tensor(gathered, flat, group=self.group, async_op=True)
+            self.in_flight = (work, gathered, blocks)
+        if async_op:
+            return
+        work, gathered, blocks = self.in_flight
+        self.in_flight = None
+        work.wait()  # on a GPU: the caller's stream waits for NCCL's; the host goes on
         per_rank = gathered.view(self.world, -1)  # row r: rank r's packed blocks
         offset = 0
         for block, whole, (owner, attribute) in zip(blocks, self.unsharded, self.owners, strict=True):

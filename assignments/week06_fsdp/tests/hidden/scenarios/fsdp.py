@@ -13,6 +13,9 @@ assignment asks), then `steps` SGD steps on the rank's slice of each batch. What
   backward;
 - the local parameter shards after the last step.
 
+`profile_rank(ours, steps)` (the GPU task overlap_gpu): the same, on a larger bf16 model, under torch.profiler;
+what comes back is the trace's GPU kernels, each with its CUDA stream, and the scenario's ranges.
+
 Markers: the scenario calls `dist.barrier()` (trusted code) at the start of each step, inside the first
 block's forward (a pre-hook on its attention: after that block was gathered, before it computes), after the
 forward and after the backward. They split the hub's log of each step into phases.
@@ -20,7 +23,8 @@ forward and after the backward. They split the hub's log of each step into phase
 Which of these can a submission forge? The collectives (the hub logs them, outside the ranks) and the values
 the checker compares with FSDP2's (losses, gradients, parameters: a wrong FSDP gives wrong numbers) are
 observed outside its reach. The layout and the storage bytes are read inside the rank, in the submission's
-own interpreter: a submission could patch what they report. Before the submission is imported each rank
+own interpreter: a submission could patch what they report. So could it the profiler's trace (see the
+overlap task's test). Before the submission is imported each rank
 refuses torch's FSDP (`torch.distributed.fsdp`, `torch.distributed._composable`) and the course's
 `common.distributed.fsdp` and `zero`; that refusal is a message, not a guard (`common.grading.off_limits`).
 """
@@ -41,12 +45,20 @@ OFF_LIMITS = ("torch.distributed.fsdp", "torch.distributed._composable", "common
 CONFIG = {"vocab_size": 66, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 40,
           "max_seq_len": 16}  # fmt: skip
 BATCH, SEQ, LR = 4, 8, 0.5
+# The overlap task's model: a block's forward (2 * 16.8M parameters * 8192 tokens per rank = 2.7e11 FLOPs) does
+# 16,000 FLOPs per byte of its gather (16.8M bf16 parameters, half of them from the other rank): more than any
+# GPU's bf16 rate over its link bandwidth (an H100's 990 TFLOP/s over NVLink's 450 GB/s: 2,200), so a block
+# computes longer than the next block's gather takes. A small vocabulary keeps the root's gather small.
+OVERLAP_CONFIG = {"vocab_size": 512, "d_model": 1024, "n_layers": 4, "n_heads": 8, "n_kv_heads": 8,
+                  "d_ff": 4096, "max_seq_len": 1024}  # fmt: skip
+OVERLAP_BATCH, OVERLAP_SEQ = 16, 1024  # 8 sequences of 1024 tokens per rank on 2 ranks
+PHASES = ("forward", "backward")  # the profiled steps' record_function ranges: "forward#0", "backward#0", ...
 
 
-def initial_model() -> Llama:
+def initial_model(config: dict = CONFIG) -> Llama:
     """The model every rank starts from (and the checker rebuilds to know the whole initial parameters)."""
     torch.manual_seed(0)
-    return Llama(LlamaConfig(**CONFIG))
+    return Llama(LlamaConfig(**config))
 
 
 def _device(device: str) -> torch.device:
@@ -54,10 +66,10 @@ def _device(device: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
 
 
-def _sharded(ours: bool, device: str) -> Llama:
+def _sharded(ours: bool, device: str, config: dict = CONFIG) -> Llama:
     from torch.distributed.device_mesh import init_device_mesh
 
-    model = initial_model()
+    model = initial_model(config)
     if device == "cuda":  # bf16 on the GPU: the dtype FSDP is used with there
         model = model.to(device=_device(device), dtype=torch.bfloat16)
     mesh = init_device_mesh(device, (dist.get_world_size(),))
@@ -159,6 +171,52 @@ def train_on_gpus(steps: int) -> dict:
     """The student's FSDP on 2 GPUs over NCCL, the model in bf16 (spawned ranks: the worker has initialised
     CUDA). Nothing is counted on NCCL: the values are what the GPU task compares."""
     return run_ranks(train_rank, [(True, steps, "cuda")] * 2, package=PACKAGE, backend="nccl", timeout_s=300)
+
+
+def profile_rank(ours: bool, steps: int) -> dict:
+    """One rank on its GPU: the bf16 OVERLAP_CONFIG model sharded (ours or FSDP2), trained for 2 steps unrecorded
+    and `steps` recorded by torch.profiler, which this scenario starts and stops itself around its own calls
+    into the model. Each recorded step's forward and backward is a record_function range ("forward#k",
+    "backward#k") ended by torch.cuda.synchronize(), so that every kernel it launched ends inside it.
+    Returns the trace's kernels (with their streams) and those ranges, as the profiler exported them."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from torch.profiler import record_function
+
+    from common.profiling import profile_steps
+
+    model = _sharded(ours, "cuda", OVERLAP_CONFIG)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    batch = random_batch(LlamaConfig(**OVERLAP_CONFIG), OVERLAP_BATCH, OVERLAP_SEQ, seed=0)
+    tokens, targets = (t.chunk(world)[rank].to(_device("cuda")) for t in batch)
+    recorded = iter(range(-2, steps))  # the profiler's wait and warm-up steps are -2 and -1
+
+    def step() -> None:
+        k = next(recorded)
+        with record_function(f"forward#{k}"):
+            loss = model.loss(tokens, targets)
+            torch.cuda.synchronize()
+        with record_function(f"backward#{k}"):
+            loss.backward()
+            torch.cuda.synchronize()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    with tempfile.TemporaryDirectory() as folder:  # the rank's own /tmp in the sandbox
+        path = Path(folder) / "trace.json"
+        profile_steps(step, wait=1, warmup=1, active=steps, trace_path=path, cuda=True)
+        events = json.loads(path.read_text())["traceEvents"]
+    kept = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "user_annotation")]
+    return {"traceEvents": [{key: e[key] for key in ("ph", "cat", "name", "ts", "dur", "args") if key in e}
+                            for e in kept]}  # fmt: skip
+
+
+def profile_on_gpus(steps: int) -> dict:
+    """The student's FSDP on 2 GPUs over NCCL under the profiler (`profile_rank`; spawned ranks)."""
+    return run_ranks(profile_rank, [(True, steps)] * 2, package=PACKAGE, backend="nccl", timeout_s=300)
 
 
 def _shard_something_else() -> None:
