@@ -3,6 +3,9 @@
 - Where there is no CUDA GPU, `gpu` tests are skipped, so the CPU suite runs anywhere.
 - `pytest -m gpu` is how a TA checks a GPU runner, so there "all skipped" would be a false green: a run that
   selects only GPU tests on a machine without one stops at once with one line saying so.
+- Under xdist's `--dist loadfile` (as `effdl test` runs it) a file's tests stay on one worker, so that
+  module-scoped fixtures are built once, except the grader self-tests (a minute or two each): they spread
+  over the workers, instead of queueing on the worker that got their file.
 - Under xdist, each worker gets its share of the cores for torch's intra-op threads: by default every worker
   would take all of them, and on CI's two cores two workers of two threads each made tiny ops far slower.
 """
@@ -49,6 +52,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+SPREAD_TESTS = ("tests/test_assignments.py::test_selftest_on_cpu[",)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadfile`, but each test of SPREAD_TESTS is a unit of its own."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesWithSpreadTests(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return nodeid if nodeid.startswith(SPREAD_TESTS) else super()._split_scope(nodeid)
+
+    return FilesWithSpreadTests(config, log)
 
 
 @pytest.fixture(scope="session")
