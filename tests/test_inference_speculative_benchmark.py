@@ -29,7 +29,7 @@ from common.inference.speculative_benchmark import (
     run_speculative_benchmark,
     speedup_goal,
 )
-from common.models.llama import LlamaConfig
+from common.models.llama import LlamaConfig, count_parameters
 
 DEEP = LlamaConfig(vocab_size=32, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=48)
 
@@ -109,6 +109,16 @@ def test_the_goal_is_the_best_draft_lengths_speedup() -> None:
     goal = speedup_goal(rows)
     assert goal["best_draft_len"] == 4 and goal["met"] is True and goal["value"] == GOAL_SPEEDUP
     assert speedup_goal(rows[:1])["met"] is False
+
+
+def test_the_default_models_are_the_sizes_the_docstring_gives() -> None:
+    """1.76 billion parameters in the target (7.0 GB in fp32), 0.23 billion in its one-layer draft."""
+    target = SpeculativeBenchmark().target
+    assert (
+        round(count_parameters(target) / 1e9, 2) == 1.76
+        and round(4 * count_parameters(target) / 1e9, 1) == 7.0
+    )
+    assert round(count_parameters(replace(target, n_layers=1)) / 1e9, 2) == 0.23
 
 
 @pytest.mark.parametrize(

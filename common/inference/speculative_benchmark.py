@@ -6,9 +6,9 @@
 The models. Speculative decoding pays when a target forward over k + 1 tokens costs about what one over one
 token does (decoding at batch 1 is memory-bound: the weights are read once either way) and the draft's
 forward costs a small fraction c of the target's, while the draft agrees with the target often. So the target
-is wide (Llama-3-8B's layer shape, 8 layers, 1.7 billion parameters, 7 GB in fp32: a step streams them from
+is wide (Llama-3-8B's layer shape, 8 layers, 1.76 billion parameters, 7.0 GB in fp32: a step streams them from
 memory) and the draft is its own first layer, with its embedding, final norm and output (`layer_draft`):
-c is about 1/8. A draft made of a random model's first layer would rarely agree with it, and training a
+0.23 billion parameters, so c is about 0.13. A draft made of a random model's first layer would rarely agree with it, and training a
 target of this size on the trigram language would cost more than the whole run, so the target is random with
 its later layers made quiet (`quiet_late_layers`: their residual outputs wo and w2 scaled down): the first
 layer then decides the target's greedy choice most of the time, not always, as a good small model of the same
@@ -280,6 +280,8 @@ def measure(bench: SpeculativeBenchmark, device: torch.device) -> dict[str, Any]
         (1, bench.prompt_len),
         generator=torch.Generator().manual_seed(bench.seed + 1),
     ).to(device)
+    # L2 left warm: a generation reads every weight once per step, far more than L2 holds, and flushing it
+    # before each generation would change nothing but the run's length.
     timing = dict(warmup_ms=bench.warmup_ms, rep_ms=bench.rep_ms, cache="warm", device=device)
     eager = _decoders(target, draft, bench.max_len, compiled=False)
     plain_out: dict[str, Any] = {}
