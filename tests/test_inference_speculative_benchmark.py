@@ -145,7 +145,12 @@ def test_the_full_benchmark_needs_a_gpu() -> None:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict:
-    (path,) = run_speculative_benchmark(tmp_path_factory.mktemp("speculative"), quick=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models, op by op: a second thread only waits, long on a busy runner
+    try:
+        (path,) = run_speculative_benchmark(tmp_path_factory.mktemp("speculative"), quick=True)
+    finally:
+        torch.set_num_threads(threads)
     assert path.name == "inference_speculative_quick.json"
     return json.loads(path.read_text())
 
@@ -171,8 +176,11 @@ def test_the_quick_run_records_every_draft_length_with_plain_decodings_tokens(sa
 
 @pytest.mark.gpu
 def test_the_quick_run_on_a_gpu_compiles_and_keeps_the_tokens_gpu(tmp_path) -> None:
+    """On a GPU the quick run also compiles the decoders (CUDA graphs) and picks the faster plain decoding;
+    the benchmark itself raises if speculative decoding's tokens are not the target's greedy choices."""
     (path,) = run_speculative_benchmark(tmp_path, quick=True)
     saved = json.loads(path.read_text())
-    assert saved["plain_eager_vs_compiled"] is not None  # both ways of plain decoding were timed
+    compared = saved["plain_eager_vs_compiled"]  # both ways of plain decoding were timed
+    assert saved["machinery"] == ("compiled (CUDA graphs)" if compared["speedup"] > 1 else "eager")
     for row in saved["draft_lengths"]:
-        assert row["rounds"] >= SpeculativeBenchmark.quick().new_tokens / (row["draft_len"] + 1)
+        assert row["speculative_tokens_per_s"] > 0 and row["speedup"] > 0

@@ -106,8 +106,9 @@ assert all(0.9 * m < intensity(m) <= m for m in (1, 16, 64)), "about M FLOP per 
 # On the GPU: the decode sweep of `effdl bench kernels --kernel matmul_decode` (`decode_benchmark_cases`, each
 # case timed by `measure_case`: cuBLAS and our Triton kernel interleaved, L2 flushed before each repetition),
 # M = 1 to 256 rows times Llama-3-8B's MLP down projection (the benchmark also times the other two weights).
-# This cell draws cuBLAS's points on the roofline; section 5 reads the same rows for split-K. The assert checks the lecture's claim: 64 rows
-# cost less than twice the time of one row, although they do 64 times the FLOPs.
+# This cell draws cuBLAS's points on the roofline; section 5 reads the same rows for split-K. The assert
+# checks the lecture's claim: 64 rows cost less than twice the time of one row, although they do 64 times
+# the FLOPs.
 
 # %%
 decode_rows: list[dict] = []

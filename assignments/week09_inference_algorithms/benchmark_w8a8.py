@@ -141,7 +141,8 @@ def run(out_dir: Path, quick: bool = False) -> Path:
     }
     path = save_results(record, out_dir / f"inference_w8a8{'_quick' if quick else ''}.json")
     table = [
-        (f"{r['m']}x{r['n']}x{r['k']}", f"{r['cublas_bf16_tflops']:.0f}", f"{r['w8a8_tops']:.0f}", f"{r['speedup']:.2f}x")
+        (f"{r['m']}x{r['n']}x{r['k']}", f"{r['cublas_bf16_tflops']:.0f}", f"{r['w8a8_tops']:.0f}",
+         f"{r['speedup']:.2f}x")
         for r in rows
     ]  # fmt: skip
     print(format_table(["M x N x K", "cuBLAS bf16 TFLOP/s", "W8A8 TOP/s", "speedup"], table))

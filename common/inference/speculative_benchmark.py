@@ -8,13 +8,13 @@ token does (decoding at batch 1 is memory-bound: the weights are read once eithe
 forward costs a small fraction c of the target's, while the draft agrees with the target often. So the target
 is wide (Llama-3-8B's layer shape, 8 layers, 1.76 billion parameters, 7.0 GB in fp32: a step streams them from
 memory) and the draft is its own first layer, with its embedding, final norm and output (`layer_draft`):
-0.23 billion parameters, so c is about 0.13. A draft made of a random model's first layer would rarely agree with it, and training a
-target of this size on the trigram language would cost more than the whole run, so the target is random with
-its later layers made quiet (`quiet_late_layers`: their residual outputs wo and w2 scaled down): the first
-layer then decides the target's greedy choice most of the time, not always, as a good small model of the same
-family does. Speed does not depend on the weights' values, only on how often the draft is right, and that is
-measured (alpha, below) and reported beside the speed. The assignment's speed task builds its models the
-same way.
+0.23 billion parameters, so c is about 0.13. The target is random: speed does not depend on the weights'
+values, only on how often the draft is right. Its later layers are made quiet (`quiet_late_layers`: their
+residual outputs wo and w2 scaled by late_layer_scale), so that its first layer, the draft, decides the
+target's greedy choice most of the time, not always, as a good small model of the same family does;
+training a target of this size until a one-layer draft agrees with it would cost more than the whole run.
+How often the draft is right is measured (alpha, below) and reported beside the speed. The assignment's
+speed task builds its models the same way.
 
 The machinery. Both sides use one `CachedDecoder` per model (the same static KV cache, reset between runs)
 and the same library functions: `generate` for plain decoding, `speculative_generate` for speculative
