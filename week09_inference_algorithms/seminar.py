@@ -52,7 +52,7 @@ import numpy as np
 
 from common.bench import bench
 from common.environment import environment
-from common.hardware import SPECS, gpu_spec, plot_roofline, ridge_point
+from common.hardware import SPECS, attainable_flops, gpu_spec, plot_roofline, ridge_point
 from common.inference.generate import generate
 from common.inference.kv_cache import CachedDecoder
 from common.inference.quantization import METHODS
@@ -118,10 +118,10 @@ if GPU:
     cublas = {row["x"]: row["baseline"] for row in decode_rows if row["label"].endswith("vs cuBLAS")}
     points = {f"M={m}": (intensity(m), side["tflops"] * 1e12) for m, side in cublas.items()}
     show_table(
-        ["rows M", "cuBLAS µs", "TFLOP/s", "of the memory roof"],
+        ["rows M", "cuBLAS µs", "TFLOP/s", "of the roof"],
         [
             (m, f"{side['median_ms'] * 1e3:.1f}", f"{side['tflops']:.1f}",
-             f"{side['tflops'] * 1e12 / (intensity(m) * spec.mem_bandwidth):.0%}")
+             f"{side['tflops'] * 1e12 / attainable_flops(intensity(m), spec, 'bf16'):.0%}")
             for m, side in cublas.items()
         ],
     )  # fmt: skip
