@@ -25,6 +25,7 @@ from common.inference.speculative_benchmark import (
     draft_length_row,
     greedy_violations,
     layer_draft,
+    measure,
     quiet_late_layers,
     run_speculative_benchmark,
     speedup_goal,
@@ -134,6 +135,16 @@ def test_the_default_models_are_the_sizes_the_docstring_gives() -> None:
 def test_a_bad_configuration_is_refused_with_the_reason(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         replace(SpeculativeBenchmark.quick(), **changes)
+
+
+def test_tf32_matmuls_are_refused_with_the_fix() -> None:
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with pytest.raises(ValueError, match=r'set_float32_matmul_precision\("highest"\)'):
+            measure(SpeculativeBenchmark.quick(), torch.device("cpu"))
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_the_full_benchmark_needs_a_gpu() -> None:

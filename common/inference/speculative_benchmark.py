@@ -274,6 +274,12 @@ def _check_greedy(target: Llama, plain: torch.Tensor, speculative: torch.Tensor,
 def measure(bench: SpeculativeBenchmark, device: torch.device) -> dict[str, Any]:
     """Build the models, time plain and speculative decoding for each draft length, check the tokens; the
     record that run_speculative_benchmark saves (without its environment)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        raise ValueError(
+            f"fp32 matmuls run at precision {torch.get_float32_matmul_precision()!r} (TF32 or bf16 rounding), "
+            "which makes near-ties of the two outputs common: call "
+            'torch.set_float32_matmul_precision("highest") first (PyTorch\'s default)'
+        )
     target, draft = build_models(bench, device)
     prompt = torch.randint(
         bench.target.vocab_size,
