@@ -279,6 +279,14 @@ def cmd_bench_quantization(args: argparse.Namespace) -> int:
     return _report_saved(paths)
 
 
+def cmd_bench_speculative(args: argparse.Namespace) -> int:
+    """Week 9: greedy speculative decoding against plain greedy decoding, tokens/s on this GPU, per draft length."""
+    from common.inference.speculative_benchmark import run_speculative_benchmark
+
+    paths = run_speculative_benchmark(results_dir(args.out), quick=args.quick)
+    return _report_saved(paths)
+
+
 def cmd_wheelhouse(args: argparse.Namespace) -> int:
     """Download the wheels uv.lock pins for an offline Linux runner (a cluster's GPU node), sha256-checked."""
     from common import wheelhouse
@@ -541,6 +549,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="tiny models and short timings, to check that everything runs"
     )
     quantization.add_argument("--out", help=OUT_HELP)
+
+    speculative = _add_command(
+        bench_sub,
+        "speculative",
+        cmd_bench_speculative,
+        epilog="examples:\n  effdl bench speculative\n  effdl bench speculative --quick      tiny models, runs on a CPU",
+    )
+    speculative.add_argument(
+        "--quick", action="store_true", help="tiny models and short timings, to check that everything runs"
+    )
+    speculative.add_argument("--out", help=OUT_HELP)
 
     test = _add_command(
         sub,

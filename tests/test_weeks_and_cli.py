@@ -15,7 +15,7 @@ SUBCOMMANDS = [
     ["env"], ["seminar"], ["slides"], ["check"], ["bench"], ["bench", "timers"], ["test"],
     ["grade"], ["selftest"], ["release"], ["bench", "kernels"], ["bench", "pipelines"],
     ["bench", "allreduce"], ["bench", "ddp"], ["bench", "large-models"], ["bench", "quantization"],
-    ["bench", "sharded-memory"],
+    ["bench", "sharded-memory"], ["bench", "speculative"],
 ]  # fmt: skip
 
 

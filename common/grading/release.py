@@ -41,8 +41,11 @@ class ReleaseReport:
 
 
 # The repository's own tests that need what the release leaves out (hidden tests, mutants, the reference):
-# the graders' self-tests and the checks of the release itself. The rest is the student repository's suite.
-INSTRUCTOR_TESTS = frozenset({"tests/test_assignments.py", "tests/test_release.py"})
+# the graders' self-tests, the checks of the release itself, and the test of week 9's W8A8 benchmark script
+# (it runs the reference GEMM). The rest is the student repository's suite.
+INSTRUCTOR_TESTS = frozenset(
+    {"tests/test_assignments.py", "tests/test_release.py", "tests/test_inference_w8a8_benchmark.py"}
+)
 
 # Markdown between these lines (each alone on its line) is for TAs and instructors: the release drops it.
 BEGIN_INSTRUCTORS = "<!-- BEGIN INSTRUCTORS ONLY -->"
