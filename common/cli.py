@@ -70,7 +70,7 @@ def cmd_seminar(args: argparse.Namespace) -> int:
     if not week.has_seminar:
         raise EffdlError(f"{week.name} ({week.title}) has no seminar yet: it is planned, not written")
     small = args.small if args.small is not None else not torch.cuda.is_available()
-    if args.record and small:
+    if args.record and small and not week.awaiting_gpu_recording:
         raise EffdlError(
             f"--record stores {week.full_run} in the committed notebook; use it with --full {week.full_run_place}"
         )

@@ -192,12 +192,14 @@ def execute(
 
 
 def _is_full_run(week: Week, small: bool, device: str) -> bool:
-    """Whether a run may stand as the committed notebook: full size, on a GPU or (week.full_on_cpu) a CPU."""
-    return not small and (device != "cpu" or week.full_on_cpu)
+    """Whether a run may stand as the committed notebook: full size, on a GPU or (week.full_on_cpu) a CPU; any
+    run of a week awaiting its first GPU recording."""
+    return week.awaiting_gpu_recording or (not small and (device != "cpu" or week.full_on_cpu))
 
 
 def record(run: SeminarRun) -> Path:
-    """Store a full-size run (on a GPU, or on a CPU where the week allows it) as the committed `seminar.ipynb`."""
+    """Store a full-size run (on a GPU, or on a CPU where the week allows it) as the committed `seminar.ipynb`;
+    for a week awaiting its first GPU recording, any run."""
     device = run.notebook.metadata[METADATA_KEY]["device"]
     if not _is_full_run(run.week, run.small, device):
         raise SeminarError(

@@ -40,11 +40,15 @@ FULL_ON_CPU: frozenset[str] = frozenset(
 # Weeks whose folder already holds code while their seminar and slides are still to be written, with what is
 # there. The repository's shape test asks these for their README only, and fails once a listed week has its
 # seminar and slides, so the entry is removed then.
-IN_PROGRESS: dict[str, str] = {
-    "week09_inference_algorithms": "the lecture slides; the seminar, whose committed notebook holds a small CPU "
-    "run until a full GPU run is recorded; the library common.inference (KV-cache generation, sampling, "
-    "speculative decoding, quantization) and the assignment (int8 quantization and a W8A8 GEMM in Triton, "
-    "speculative decoding)",
+IN_PROGRESS: dict[str, str] = {}
+
+# Weeks whose seminar is written and runs at small size in CI, but whose GPU sections have never run: the
+# committed notebook holds a small CPU run until a full GPU run is recorded, and the entry says what waits.
+# The notebook tests accept such a recording for these weeks only, and fail once a full GPU run is committed,
+# so the entry is removed then.
+AWAITING_GPU_RECORDING: dict[str, str] = {
+    "week09_inference_algorithms": "the decode roofline, speculative decoding's speed-up, quantization's decode "
+    "speed, split-K and batching's effect on decode throughput are measured only on a GPU",
 }
 
 
@@ -88,6 +92,11 @@ class Week:
     def full_on_cpu(self) -> bool:
         """Whether a full-size run on a CPU is a real run of this week's seminar (see FULL_ON_CPU)."""
         return self.name in FULL_ON_CPU
+
+    @property
+    def awaiting_gpu_recording(self) -> bool:
+        """Whether the committed notebook may be a small CPU run until a GPU records it (AWAITING_GPU_RECORDING)."""
+        return self.name in AWAITING_GPU_RECORDING
 
     @property
     def full_run(self) -> str:

@@ -15,7 +15,7 @@ pytest.importorskip("jupytext", reason="the notebook packages of the course envi
 from common import notebooks  # noqa: E402  (needs jupytext)
 from common.environment import locked_versions  # noqa: E402
 from common.notebooks import SeminarError  # noqa: E402
-from common.weeks import Week, weeks_with_seminar  # noqa: E402
+from common.weeks import AWAITING_GPU_RECORDING, Week, get_week, weeks_with_seminar  # noqa: E402
 
 TINY_SEMINAR = """# ---
 # jupyter:
@@ -143,6 +143,26 @@ def test_a_full_cpu_run_is_recorded_and_fresh_where_the_week_runs_full_on_a_cpu(
     run.notebook.metadata["effdl"]["device"] = "cpu"  # as on a machine without a GPU
     notebooks.record(run)
     assert notebooks.staleness_problems(cpu_full_week) == []
+
+
+def test_a_small_cpu_run_stands_only_for_a_week_awaiting_its_gpu_recording(tmp_path, monkeypatch) -> None:
+    week = Week("week09_inference_algorithms", "a tiny stand-in", root=tmp_path)
+    week.dir.mkdir()
+    week.seminar_py.write_text(TINY_SEMINAR)
+    monkeypatch.setattr("common.weeks.AWAITING_GPU_RECORDING", {})
+    with pytest.raises(SeminarError, match="must hold a full-size GPU run"):
+        notebooks.record(notebooks.execute(week, small=True, out_dir=tmp_path / "a"))
+    monkeypatch.setattr("common.weeks.AWAITING_GPU_RECORDING", {week.name: "its GPU sections"})
+    notebooks.record(notebooks.execute(week, small=True, out_dir=tmp_path / "b"))
+    assert notebooks.staleness_problems(week) == []
+
+
+@pytest.mark.parametrize("name", sorted(AWAITING_GPU_RECORDING))
+def test_weeks_awaiting_a_gpu_recording_are_listed_only_until_they_have_one(name: str) -> None:
+    meta = nbformat.read(get_week(name).seminar_ipynb, as_version=4).metadata[notebooks.METADATA_KEY]
+    assert meta["small"] or meta["device"] == "cpu", (
+        f"{name}'s committed notebook is a full GPU run now: remove it from common.weeks.AWAITING_GPU_RECORDING"
+    )
 
 
 def test_a_recorded_notebook_is_what_jupyterlab_would_save(tiny_week: Week, tmp_path) -> None:
