@@ -31,7 +31,9 @@
 #
 # The ranks are CPU processes that talk through gloo, started by `common.distributed.launch`: 2 at small size
 # (CI, a laptop), 4 at full size. What they run lives in `fsdp_runs.py` beside this notebook. Sections 1 and 2
-# fork their ranks from the notebook (milliseconds); from section 3 on, ranks are spawned, fresh interpreters
+# fork their ranks from the notebook (milliseconds) where there is no GPU (on a GPU machine, asking torch
+# whether there is one started CUDA's driver here, which a forked rank cannot use: `launch` says more);
+# from section 3 on, ranks are spawned, fresh interpreters
 # that import what they run (seconds each): the memory probe of section 3 counts every tensor of its process,
 # so it needs a fresh one, and once this notebook has run a backward pass (section 2's reference), a rank
 # forked from it on a GPU machine could not run autograd (week 5 says why; `launch` says so if it happens,
@@ -112,8 +114,9 @@ print(
 
 
 def on_ranks(fn, nprocs: int = NPROCS, args: tuple = (), *, fresh: bool = True) -> dict:
-    """Run fn from fsdp_runs.py on gloo ranks, spawned (fresh) or forked from this notebook: {rank: result}."""
-    method = "spawn" if fresh else "fork"
+    """Run fn from fsdp_runs.py on gloo ranks, spawned (fresh, or on a GPU machine) or forked from this notebook:
+    {rank: result}."""
+    method = "spawn" if fresh or DEVICE == "cuda" else "fork"
     return launch(fn, nprocs, args=args, backend=BACKEND, timeout_s=900, start_method=method)
 
 

@@ -38,7 +38,10 @@ The default is fork, except where it cannot work: on a platform without fork, or
 already initialized CUDA (a forked child cannot use it); then spawn, and an fn that spawn cannot import is
 a clear error, not a hang. One case fork cannot see coming: on a machine with a GPU, once this process has
 run a backward pass, autograd keeps a thread per device, and a forked rank refuses to run autograd. The
-rank's error then says so: launch before the first backward, or spawn with fn in a module.
+rank's error then says so: launch before the first backward, or spawn with fn in a module. Another: on a
+machine with a GPU, `torch.cuda.is_available()` starts CUDA's driver in this process, and a forked rank's
+first CUDA call then fails with "CUDA error: initialization error"; ranks on CPU make one too, since an
+optimizer step asks CUDA whether a graph is being captured. There, spawn.
 
 Under torchrun (or Slurm running torchrun), RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
 are set: then launch starts nothing, joins the process group torchrun describes, runs fn as this rank and
