@@ -935,7 +935,7 @@ def decode_benchmark_cases(quick: bool = False) -> list[KernelCase]:
             shared = {
                 "kernel": "matmul_decode",
                 "x": m,
-                "ours": lambda a=a, w=w: matmul_forward(a, w),
+                "ours": lambda a=a, w=w: matmul_forward(a, w)[0],
                 "flops": 2.0 * m * n * k,
                 "bytes": (m * k + k * n + m * n) * 2,
                 "dtype": dtype,
@@ -952,7 +952,7 @@ def decode_benchmark_cases(quick: bool = False) -> list[KernelCase]:
             cases.append(
                 KernelCase(
                     label=f"{name} {k}x{n} M={m} S={splits} vs unsplit",
-                    baseline=lambda a=a, w=w: matmul_forward(a, w, split_k=1),
+                    baseline=lambda a=a, w=w: matmul_forward(a, w, split_k=1)[0],
                     baseline_name="ours, split_k=1",
                     goals=(SPLIT_GOAL,) if goal_case else (),
                     **shared,
