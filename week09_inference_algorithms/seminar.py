@@ -60,7 +60,7 @@ from common.inference.quantization_benchmark import QuantizationBenchmark, error
 from common.inference.speculative import expected_tokens_per_round, speculative_generate
 from common.inference.speculative_benchmark import GOAL_SPEEDUP, SpeculativeBenchmark, measure
 from common.kernels.benchmark import measure_case
-from common.kernels.matmul import DECODE_GOAL_MAX_M, decode_benchmark_cases
+from common.kernels.matmul import DECODE_GOAL_MAX_M, MEDIUM_GOAL, SPLIT_GOAL, decode_benchmark_cases
 from common.models.llama import Llama, LlamaConfig, count_parameters
 from common.tables import show_table
 
@@ -212,6 +212,7 @@ for name, draft in (("unrelated draft", unrelated), ("the target itself", target
 print(f"target forwards for 24 tokens: {rounds}")
 assert rounds["the target itself"] == 5, "a perfect draft: 5 rounds of k + 1 = 5 tokens"
 assert rounds["unrelated draft"] > rounds["the target itself"], "a draft that agrees less needs more rounds"
+assert rounds["unrelated draft"] <= 24, "a draft that never agrees: one target forward per token, at worst"
 
 # %% [markdown]
 # How many tokens a round gives: if the target keeps each draft token with probability $\alpha$, the mean
@@ -223,8 +224,9 @@ assert rounds["unrelated draft"] > rounds["the target itself"], "a draft that ag
 # the models are tiny; in full mode on a GPU they are the benchmark's: a random target with Llama-3-8B's
 # layer shape whose later layers are made quiet, so that its first layer, the draft, is often right.
 #
-# The asserts check that every $k$ gave plain decoding's tokens (the benchmark also checks that itself) and
-# that every count lies between 1 and $k + 1$ tokens per round. The formula assumes each token is accepted
+# The asserts check that every count lies between 1 and $k + 1$ tokens per round, and that at small sizes
+# every $k$ gave exactly plain decoding's tokens; at full size `measure` itself raises unless every token is
+# the target's greedy choice, up to a near-tie (batched and one-token forwards round differently on a GPU). The formula assumes each token is accepted
 # independently with the same $\alpha$; a greedy model's positions are neither, so the two curves are close,
 # not equal: the plot shows how close.
 
@@ -256,7 +258,7 @@ ax.set_ylabel("tokens per target forward")
 ax.legend()
 plt.show()
 assert all(1 <= r["tokens_per_round"] <= k + 1 for k, r in by_k.items())
-assert all(r["identical_tokens"] or not SMALL for r in by_k.values()), "fp32 on a CPU: no near-tie"
+assert all(r["identical_tokens"] or not SMALL for r in by_k.values()), "small sizes: no near-tie"
 RESULTS["speculative, tokens per round"] = ", ".join(
     f"k={k}: {r['tokens_per_round']:.2f} (formula {r['predicted_tokens_per_round']:.2f})"
     for k, r in by_k.items()
@@ -300,8 +302,9 @@ else:
 # same static cache, compiled with CUDA graphs on a GPU. fp8 needs fp8 tensor cores, and is skipped
 # elsewhere. To keep the seminar short, the speed part decodes 4 of the 1B preset's 16 layers here (the
 # benchmark times all 16, and its JSON records the course's bar: int8 at least 1.5x bf16's tokens/s). The
-# plot puts each method at its error and its speedup; the asserts check that int8's error is below int4's
-# (8 bits against 4 on the same weights) and, on the GPU at full size, that int8 decodes faster than bf16.
+# plot puts each method at its error and its speedup; the asserts check that int8's error is less than half
+# of int4's (8 bits against 4 on the same weights) and, on the GPU at full size, that int8 decodes faster
+# than bf16.
 
 # %%
 quant = (
@@ -333,7 +336,7 @@ ax.set_ylabel(f"decode tokens/s over {dtype}")
 ax.set_title("on a CPU: speeds of eager code, not the lesson" if not GPU else f"batch 1, {env['gpu']}")
 plt.show()
 int8, int4 = errors["methods"]["int8"], errors["methods"]["int4"]
-assert int8["logits_relative_error"] < int4["logits_relative_error"], "8 bits are closer than 4"
+assert int8["logits_relative_error"] < 0.5 * int4["logits_relative_error"], "8 bits: under half 4 bits' error"
 int8_speedup = speeds["methods"]["int8"]["speedup"]
 if GPU and not SMALL:
     assert int8_speedup > 1.0, "int8 weights decode faster than bf16 ones at batch 1"
@@ -365,8 +368,8 @@ if GPU:
     }
     print(f"M <= {DECODE_GOAL_MAX_M}, the worst case: {worst}")
     if not SMALL:  # the issue's bars
-        assert worst["vs unsplit"] >= 1.2, "split-K >= 1.2x the unsplit kernel for M <= 16"
-        assert worst["vs cuBLAS"] >= 0.9, "split-K >= 0.9x cuBLAS for M <= 16"
+        assert worst["vs unsplit"] >= SPLIT_GOAL.value, f"split-K {SPLIT_GOAL.text} for M <= 16"
+        assert worst["vs cuBLAS"] >= MEDIUM_GOAL.value, f"split-K {MEDIUM_GOAL.text} for M <= 16"
     RESULTS["split-K, M <= 16"] = (
         f"worst {worst['vs unsplit']:.2f}x unsplit, {worst['vs cuBLAS']:.2f}x cuBLAS"
     )
@@ -376,9 +379,10 @@ else:
 # %% [markdown]
 # ## 6. Batching: more sequences per weight read
 #
-# A decode step reads every weight once whatever the batch, so decoding $B$ sequences together costs little
-# more than one until $B$ nears the ridge point, or until the KV caches (one per sequence) outweigh the
-# weights. The cell times one decode step of a static cache (`CachedDecoder`, position 32 of 64) for
+# A decode step reads every weight once whatever the batch, so on a GPU, where that read sets the step's time,
+# decoding $B$ sequences together costs little more than one until $B$ nears the ridge point, or until the
+# KV caches (one per sequence) outweigh the weights. (A CPU's small run is not bound the same way: its step
+# time grows with the batch sooner.) The cell times one decode step of a static cache (`CachedDecoder`, position 32 of 64) for
 # several batch sizes with `common.bench` (on a GPU the step is captured in a CUDA graph, so the GPU's time
 # is measured, not Python's), and plots the tokens/s: $B$ over the step time. The assert (full size, on the
 # GPU) checks that a batch of 64 gives at least 8 times the tokens/s of one sequence.
@@ -451,8 +455,9 @@ del batch_model
 #   token of every sequence; it gives the same tokens as recomputation.
 # - Speculative decoding returns the target's tokens with any draft; a draft that is often right gives
 #   several tokens per target forward, close to what the formula predicts from $\alpha$.
-# - Quantization trades error for bytes: int8's error is far smaller than int4's; fewer bytes per weight
-#   are what make batch-1 decoding faster.
+# - Quantization trades error for bytes: int8's error is under half of int4's; on a GPU, where batch-1
+#   decoding waits on reading the weights, fewer bytes per weight make it faster (section 4 asserts it
+#   there; on a CPU, eager, it need not be).
 # - Split-K gives a GEMM of a few rows enough programs to stream its weight with the whole GPU.
 # - Batching shares each weight read between sequences; continuous batching keeps the batch full, and paged
 #   attention lets more sequences fit.
