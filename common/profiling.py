@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ __all__ = [
     "Span",
     "comm_overlap",
     "covered_us",
+    "interval_union",
     "dump_memory_snapshot",
     "memory_history",
     "memory_snapshot",
@@ -49,6 +50,7 @@ __all__ = [
     "op_stats",
     "profile_steps",
     "profiler",
+    "total_length",
     "summarize_snapshot",
     "top_ops",
     "top_ops_table",
@@ -265,20 +267,33 @@ def trace_spans(trace: dict[str, Any], category: str) -> list[Span]:
     return sorted(spans, key=lambda span: span.start_us)
 
 
+Interval = tuple[float, float]  # (start, end)
+
+
+def interval_union(intervals: Sequence[Interval]) -> list[Interval]:
+    """The union of (start, end) intervals, as sorted disjoint intervals: time covered twice counts once."""
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(s, e) for s, e in merged]
+
+
+def total_length(intervals: Sequence[Interval]) -> float:
+    return sum(e - s for s, e in intervals)
+
+
 def covered_us(span: Span, others: list[Span]) -> float:
     """How long, within `span`, at least one of `others` runs: their union clipped to span (time two of them
     share counts once)."""
-    clipped = sorted(
+    clipped = [
         (max(o.start_us, span.start_us), min(o.end_us, span.end_us))
         for o in others
         if o.start_us < span.end_us and o.end_us > span.start_us
-    )
-    total, reached = 0.0, span.start_us
-    for start, end in clipped:
-        if end > reached:
-            total += end - max(start, reached)
-            reached = end
-    return total
+    ]
+    return total_length(interval_union(clipped))
 
 
 @dataclass(frozen=True)

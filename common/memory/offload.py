@@ -50,7 +50,7 @@ from torch import nn
 from common.bench import BenchResult, bench
 from common.memory.checkpointing import CheckpointedBlock
 from common.models.llama import Block, Llama, LlamaConfig, random_batch
-from common.profiling import profile_steps
+from common.profiling import Interval, interval_union, profile_steps, total_length
 
 __all__ = [
     "HostOptimizer",
@@ -383,22 +383,6 @@ class offload_activations(torch.autograd.graph.saved_tensors_hooks):  # noqa: N8
 # Timeline: do copies hide behind compute?
 # ----------------------------------------------------------------------------------------------------
 
-Interval = tuple[float, float]
-
-
-def _union(intervals: Sequence[Interval]) -> list[Interval]:
-    merged: list[list[float]] = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return [(s, e) for s, e in merged]
-
-
-def _length(intervals: Sequence[Interval]) -> float:
-    return sum(e - s for s, e in intervals)
-
 
 @dataclass(frozen=True)
 class Overlap:
@@ -423,7 +407,7 @@ class Overlap:
 
 def overlap(copies: Sequence[Interval], compute: Sequence[Interval]) -> Overlap:
     """Overlap of two sets of (start, end) intervals in ms; intervals within a set may overlap each other."""
-    a, b = _union(copies), _union(compute)
+    a, b = interval_union(copies), interval_union(compute)
     both, i, j = 0.0, 0, 0
     while i < len(a) and j < len(b):  # sweep the two sorted, disjoint lists
         both += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
@@ -433,7 +417,7 @@ def overlap(copies: Sequence[Interval], compute: Sequence[Interval]) -> Overlap:
             j += 1
     ends = [e for _, e in a + b]
     starts = [s for s, _ in a + b]
-    return Overlap(_length(a), _length(b), both, max(ends) - min(starts) if ends else 0.0)
+    return Overlap(total_length(a), total_length(b), both, max(ends) - min(starts) if ends else 0.0)
 
 
 def record_timeline(
