@@ -140,7 +140,7 @@ def measured(request) -> tuple[int, dict]:
 # 15%: what the predictions leave out or bound from above is a few percent here (FSDP2's backward counts a
 # block's activations and gradients at once; ZeRO-2's reduce-scatter a whole padded copy), while a term
 # missed or not divided by p is 10% to 50% of a peak at this size (the gradients alone are 3.3 MiB of 10 to 20).
-TOLERANCE = 0.15
+TOLERANCE = MEMORY_GOAL
 
 
 @pytest.mark.distributed

@@ -435,14 +435,19 @@ def format_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def table_heading(
-    config: LlamaConfig = TABLE_CONFIG, batch: int = TABLE_BATCH, seq_len: int = TABLE_SEQ
-) -> str:
+def table_heading() -> str:
     """The line above the table: the model and the batch it was measured with."""
+    c = TABLE_CONFIG
     return (
-        f"Llama(vocab {config.vocab_size}, d_model {config.d_model}, {config.n_layers} layers, d_ff {config.d_ff}), "
-        f"{batch} x {seq_len} tokens per rank, fp32, foreach AdamW; MiB per rank"
+        f"Llama(vocab {c.vocab_size}, d_model {c.d_model}, {c.n_layers} layers, d_ff {c.d_ff}), "
+        f"{TABLE_BATCH} x {TABLE_SEQ} tokens per rank, fp32, foreach AdamW; MiB per rank"
     )
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """The table as run_sharded_memory_benchmark and `python -m common.memory.sharded` print it."""
+    print(table_heading())
+    print(format_table(rows))
 
 
 def run_sharded_memory_benchmark(out_dir: Path, world_sizes: tuple[int, ...] = (2, 4)) -> list[Path]:
@@ -475,10 +480,9 @@ def run_sharded_memory_benchmark(out_dir: Path, world_sizes: tuple[int, ...] = (
         "environment": environment("cpu"),
     }
     path = save_results(record, Path(out_dir) / "memory_sharded.json")
-    print(record["heading"])
-    print(format_table(rows))
+    print_table(rows)
     print(
-        f"largest error {worst:.1%}; goal <= {MEMORY_GOAL:.0%}: {'met' if worst <= MEMORY_GOAL else 'missed'}"
+        f"largest error {worst:.1%}; goal <= {MEMORY_GOAL:.0%}: {'met' if record['goal']['met'] else 'missed'}"
     )
     return [path]
 
@@ -488,8 +492,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     args = parser.parse_args()
-    print(table_heading())
-    print(format_table([row_record(row) for row in memory_table(world_sizes=tuple(args.world_sizes))]))
+    print_table([row_record(row) for row in memory_table(world_sizes=tuple(args.world_sizes))])
 
 
 if __name__ == "__main__":
