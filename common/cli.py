@@ -539,27 +539,19 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--clients", type=int, default=64, help="concurrent clients (default 64)")
     serving.add_argument("--quick", action="store_true", help="a tiny model and 2 s per setting")
     serving.add_argument("--out", help=OUT_HELP)
-    quantization = _add_command(
-        bench_sub,
-        "quantization",
-        cmd_bench_quantization,
-        epilog="examples:\n  effdl bench quantization\n  effdl bench quantization --quick      tiny models, runs on a CPU",
-    )
-    quantization.add_argument(
-        "--quick", action="store_true", help="tiny models and short timings, to check that everything runs"
-    )
-    quantization.add_argument("--out", help=OUT_HELP)
-
-    speculative = _add_command(
-        bench_sub,
-        "speculative",
-        cmd_bench_speculative,
-        epilog="examples:\n  effdl bench speculative\n  effdl bench speculative --quick      tiny models, runs on a CPU",
-    )
-    speculative.add_argument(
-        "--quick", action="store_true", help="tiny models and short timings, to check that everything runs"
-    )
-    speculative.add_argument("--out", help=OUT_HELP)
+    for name, handler in (("quantization", cmd_bench_quantization), ("speculative", cmd_bench_speculative)):
+        week9 = _add_command(
+            bench_sub,
+            name,
+            handler,
+            epilog=f"examples:\n  effdl bench {name}\n  effdl bench {name} --quick      tiny models, runs on a CPU",
+        )
+        week9.add_argument(
+            "--quick",
+            action="store_true",
+            help="tiny models and short timings, to check that everything runs",
+        )
+        week9.add_argument("--out", help=OUT_HELP)
 
     test = _add_command(
         sub,

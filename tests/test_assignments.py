@@ -122,22 +122,29 @@ def _load(path, name: str):
     return module
 
 
+def _hidden_checker(monkeypatch: pytest.MonkeyPatch, assignment: str, scenario: str, checker: str) -> tuple:
+    """(the checker module, its scenario module): a hidden test file loaded here, with the `scenarios.<name>`
+    import it makes resolved to the assignment's scenario, so that its verdicts can be tested directly."""
+    import types
+
+    hidden = find_assignment(assignment).hidden_tests
+    scenario_module = _load(hidden / "scenarios" / f"{scenario}.py", f"{assignment}_{scenario}_scenario")
+    package = types.ModuleType("scenarios")
+    setattr(package, scenario, scenario_module)
+    monkeypatch.setitem(sys.modules, "scenarios", package)
+    monkeypatch.setitem(sys.modules, f"scenarios.{scenario}", scenario_module)
+    return _load(hidden / checker, f"{assignment}_{scenario}_checker"), scenario_module
+
+
 def test_week05_offload_grader_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The week-5 offload task is graded on a GPU only; its checker's arithmetic is checked here on the CPU: the
     reference solution, run by the task's scenario on device "cpu" at small sizes, matches the checker's float64
     reference, and a solution that overwrites .grad instead of adding to it does not; the memory verdict, on
     figures as the allocator reports them, passes a step within the budget that used the GPU and nothing else."""
-    import types
-
-    assignment = find_assignment("week05_large_models")
-    hidden = assignment.hidden_tests
-    scenario = _load(hidden / "scenarios" / "offload.py", "week05_offload_scenario")
-    package = types.ModuleType("scenarios")
-    package.offload = scenario
-    monkeypatch.setitem(sys.modules, "scenarios", package)
-    monkeypatch.setitem(sys.modules, "scenarios.offload", scenario)
-    checker = _load(hidden / "test_offload_hidden.py", "week05_offload_checker")
-    monkeypatch.syspath_prepend(str(assignment.root / "src"))
+    checker, scenario = _hidden_checker(
+        monkeypatch, "week05_large_models", "offload", "test_offload_hidden.py"
+    )
+    monkeypatch.syspath_prepend(str(find_assignment("week05_large_models").root / "src"))
     try:
         ref = checker.reference(scenario.make(0, 32, 3, 4))
         seen = scenario.train(0, [32, 3, 4], 0, checker.SEED, on_gpu=False)
@@ -252,15 +259,7 @@ def test_week06_overlap_verdict_on_synthetic_traces(monkeypatch: pytest.MonkeyPa
     hand in the profiler's format: every recorded forward and backward with a prefetched gather beside
     compute passes; gathers the compute waits for (one stream, one after another) fail in every phase; a
     phase without any all-gather kernel, or one half covered by a hair less than the threshold, is named."""
-    import types
-
-    hidden = find_assignment("week06_fsdp").hidden_tests
-    scenario = _load(hidden / "scenarios" / "fsdp.py", "week06_fsdp_scenario")
-    package = types.ModuleType("scenarios")
-    package.fsdp = scenario
-    monkeypatch.setitem(sys.modules, "scenarios", package)
-    monkeypatch.setitem(sys.modules, "scenarios.fsdp", scenario)
-    checker = _load(hidden / "test_overlap_gpu_hidden.py", "week06_overlap_checker")
+    checker, scenario = _hidden_checker(monkeypatch, "week06_fsdp", "fsdp", "test_overlap_gpu_hidden.py")
     gather, gemm, nccl, compute = "ncclDevKernel_AllGather_RING_LL(x)", "sm90_xmma_gemm_bf16", 20, 7
 
     def kernel(name: str, stream: int, start: float, end: float) -> dict:

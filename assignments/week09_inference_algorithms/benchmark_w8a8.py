@@ -32,10 +32,9 @@ if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 from common.bench import Comparison, compare, environment, save_results  # noqa: E402
-from common.environment import device_folder  # noqa: E402
+from common.cli import results_dir  # noqa: E402
 from common.hardware import benchmark_device  # noqa: E402
 from common.tables import format_table  # noqa: E402
-from common.weeks import REPO_ROOT  # noqa: E402
 
 GOAL_SPEEDUP = 1.3  # W8A8 over bf16 cuBLAS at M >= GOAL_MIN_M
 GOAL_MIN_M = 4096
@@ -154,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, to check that everything runs")
     parser.add_argument("--out", help="folder for the JSON (default: benchmarks/results/<this machine>)")
     args = parser.parse_args(argv)
-    out_dir = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / device_folder()
-    print(f"saved {run(out_dir, quick=args.quick)}")
+    print(f"saved {run(results_dir(args.out), quick=args.quick)}")
     return 0
 
 
