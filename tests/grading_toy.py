@@ -21,7 +21,7 @@ id = "add"
 title = "Addition"
 points = 2
 tests = ["tests/hidden/test_add.py"]
-time_limit_s = 30
+time_limit_s = 20
 memory_mb = 6144
 
 [[task]]
@@ -30,7 +30,7 @@ title = "Multiplication"
 points = 1
 tests = ["tests/hidden/test_mul.py"]
 partial_credit = "all_or_nothing"
-time_limit_s = 30
+time_limit_s = 20
 memory_mb = 6144
 """
 
