@@ -306,7 +306,8 @@ def measure(bench: SpeculativeBenchmark, device: torch.device) -> dict[str, Any]
             )
             if plain_modes.speedup > 1:  # compiled is faster: both sides use compiled decoders
                 machinery, decoders, plain_out = "compiled (CUDA graphs)", compiled, compiled_out
-        _plain(target, prompt, bench.new_tokens, decoders[0], plain_out)()  # the tokens, before any timing
+        if "tokens" not in plain_out:  # eager only: no comparison above has generated them yet
+            _plain(target, prompt, bench.new_tokens, decoders[0], plain_out)()
         alpha = mean_alpha(target, draft, plain_out["tokens"], bench.prompt_len, GREEDY)
         rows = []
         for k in bench.draft_lens:

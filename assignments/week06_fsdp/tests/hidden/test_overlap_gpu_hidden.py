@@ -69,7 +69,9 @@ def gathers_without_overlap(trace: dict[str, Any]) -> list[str]:
 
 
 def test_all_gathers_overlap_compute_in_forward_and_backward(submission: Submission) -> None:
-    ours = RankRun.from_data(submission.run(fsdp.profile_on_gpus, STEPS)).returned(dict[str, Any])
+    ours = RankRun.from_data(submission.run(fsdp.profile_on_gpus, STEPS)).returned(
+        dict[str, list[dict[str, Any]]]
+    )  # {"traceEvents": [...]}
     theirs = launch(fsdp.profile_rank, nprocs=2, args=(False, STEPS), backend="nccl", timeout_s=300)
     reference = [f"rank {rank}: {p}" for rank in range(2) for p in gathers_without_overlap(theirs[rank])]
     if reference:
