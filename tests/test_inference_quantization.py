@@ -458,7 +458,9 @@ def test_a_quantized_llama_decodes_the_same_compiled_with_cuda_graphs(method: st
     torch._dynamo.reset()
     compiled.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)  # as the benchmark does
     token = prompt[:, -1:]
-    with q.fused_dequantization():
+    # Inference, as the benchmark runs it: with autograd on, the compiled graph would also need a backward
+    # (which torch._scaled_mm, fp8's matmul, does not have).
+    with q.fused_dequantization(), torch.no_grad():
         for step in range(4):  # the prefill, then decode steps: the later ones replay the recorded graph
             tokens = prompt if step == 0 else token
             expected = eager.feed(tokens).double()

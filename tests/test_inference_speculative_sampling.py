@@ -24,8 +24,8 @@ from inference_toys import random_llama
 
 from common.inference import speculative
 from common.inference.kv_cache import CachedDecoder
-from common.inference.sampling import PLAIN, Sampling, sample
-from common.inference.speculative import acceptance_probability, speculate, verify
+from common.inference.sampling import GREEDY, PLAIN, Sampling, sample
+from common.inference.speculative import acceptance_probability, greedy_verify, speculate, verify
 from common.models.llama import LlamaConfig
 
 SMALL_VOCAB = LlamaConfig(
@@ -107,3 +107,18 @@ def test_verify_with_disjoint_supports_and_the_bonus_token():
     assert accepted, numbers
     alpha = acceptance_probability(p0, q0).item()  # 0.5
     assert abs(bonus.numel() / n - alpha) <= math.sqrt(math.log(2 / ALPHA) / (2 * n))
+
+
+def test_greedy_verify_is_verify_on_one_hot_distributions():
+    """greedy_verify, the temperature-0 shortcut, against verify given the one-hot distributions that
+    GREEDY.probs builds: the same counts and tokens on every row. Few logit values, so that many rows hold
+    ties (both take the first maximal index) and every count from 0 to k occurs."""
+    b, k, vocab = 4096, 3, 3
+    generator = torch.Generator().manual_seed(4)
+    target_logits = torch.randint(0, 2, (b, k + 1, vocab), generator=generator).float()
+    draft_logits = torch.randint(0, 2, (b, k, vocab), generator=generator).float()
+    draft_tokens = draft_logits.argmax(-1)
+    expected = verify(draft_tokens, GREEDY.probs(draft_logits), GREEDY.probs(target_logits), generator)
+    n_accepted, next_token = greedy_verify(draft_tokens, target_logits)
+    assert torch.equal(n_accepted, expected[0]) and torch.equal(next_token, expected[1])
+    assert set(n_accepted.tolist()) == set(range(k + 1))

@@ -45,7 +45,7 @@ def test_collective_log_records_kind_message_dtype_and_group() -> None:
 @pytest.mark.gpu
 def test_gpu_tour_measures_offload_a_trace_and_a_snapshot(tmp_path) -> None:
     """On one GPU: CPU offload lowers the peak (AdamW's fp32 state leaves the GPU), the trace names FSDP2's
-    all-gathers, the snapshot is written, and MFU is a fraction of the peak."""
+    hooks and no all-gather (one rank has nothing to gather), the snapshot is written, MFU is a fraction."""
     config = LlamaConfig(
         vocab_size=512, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=704, max_seq_len=128
     )
@@ -54,5 +54,8 @@ def test_gpu_tour_measures_offload_a_trace_and_a_snapshot(tmp_path) -> None:
     )[0]
     assert report["FSDP2, CPU offload"]["peak_bytes"] < report["FSDP2"]["peak_bytes"]
     assert (tmp_path / "fsdp2_trace.json").is_file() and (tmp_path / "fsdp2_snapshot.pickle").is_file()
-    assert any("all_gather" in name for name in report["fsdp ranges"]), report["fsdp ranges"]
+    # One rank: FSDP2 copies the shard (the whole parameter) instead of all-gathering it; its hooks still run.
+    ranges = report["fsdp ranges"]
+    assert any(n.startswith("FSDP::pre_forward") for n in ranges), ranges
+    assert not any(n.startswith("FSDP::all_gather") for n in ranges), ranges
     assert 0 < report["FSDP2"]["mfu"] < 1

@@ -301,7 +301,7 @@ else:
 # logits. `speed_part` times batch-1 decoding of each quantized model against the unquantized one, in the
 # same static cache, compiled with CUDA graphs on a GPU. fp8 needs fp8 tensor cores, and is skipped
 # elsewhere. To keep the seminar short, the speed part decodes 4 of the 1B preset's 16 layers here (the
-# benchmark times all 16, and its JSON records the course's bar: int8 at least 1.5x bf16's tokens/s). The
+# benchmark times 8, and its JSON records the course's bar: int8 at least 1.5x bf16's tokens/s). The
 # plot puts each method at its error and its speedup; the asserts check that int8's error is less than half
 # of int4's (8 bits against 4 on the same weights) and, on the GPU at full size, that int8 decodes faster
 # than bf16.

@@ -386,7 +386,12 @@ def measure_every_scheme(
     The ranks are fresh interpreters (start_method="spawn"): LiveTensorBytes counts every tensor alive in its
     process, and a rank forked from a notebook or a test session would count that process's tensors too."""
     return launch(
-        _measure_all, world_size, args=(config, batch, seq_len), timeout_s=600, start_method="spawn"
+        _measure_all,
+        world_size,
+        args=(config, batch, seq_len),
+        backend="gloo",
+        timeout_s=600,
+        start_method="spawn",
     )
 
 

@@ -40,11 +40,14 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8
 # Small tiles under the interpreter, so that the CPU tests' small shapes still cover several tiles, ragged
 # edges and several steps along K. On a GPU, Hopper-sized tiles: an int8 K-step of 128 is 128 bytes per row,
 # the width a 16-bit kernel gets from BLOCK_K = 64; 128 x 256 x 128 in 3 stages keeps 144 KB of operands in
-# flight in shared memory, and its int32 accumulator takes 128 registers per thread over 8 warps.
+# flight in shared memory (192 KB in 4 stages, under the H100's and H200's 227 KB), and its int32
+# accumulator takes 128 registers per thread over 8 warps.
 INTERPRETER_CONFIG = _config(32, 32, 32, 4, 1, group_m=2)
 GPU_CONFIGS = [
     _config(128, 256, 128, 8, 3),
+    _config(128, 256, 128, 8, 4),
     _config(256, 128, 128, 8, 3),
+    _config(256, 128, 128, 8, 4),
     _config(128, 128, 128, 8, 4),
     _config(128, 128, 128, 4, 4),
     _config(128, 128, 64, 4, 4),
