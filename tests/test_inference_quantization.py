@@ -458,6 +458,12 @@ def test_a_quantized_llama_decodes_the_same_compiled_with_cuda_graphs(method: st
     torch._dynamo.reset()
     compiled.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)  # as the benchmark does
     token = prompt[:, -1:]
+    # Generated code sums and rounds in another order than the eager kernels, in bf16 (2^-9 relative per
+    # rounding, a few dozen roundings deep): 2% of the norm. fp8 also rounds the activations to e4m3, 3
+    # mantissa bits: a value that the two orders leave on either side of a rounding boundary lands on
+    # neighbouring codes, 2^-3 apart, so the two sides may differ by up to the size of fp8's own error,
+    # 2^-4 (6%) of the norm; an H100 measured 3.4% at the prefill.
+    bound = 2**-4 if method.startswith("fp8") else 2e-2
     # Inference, as the benchmark runs it: with autograd on, the compiled graph would also need a backward
     # (which torch._scaled_mm, fp8's matmul, does not have).
     with q.fused_dequantization(), torch.no_grad():
@@ -465,8 +471,6 @@ def test_a_quantized_llama_decodes_the_same_compiled_with_cuda_graphs(method: st
             tokens = prompt if step == 0 else token
             expected = eager.feed(tokens).double()
             got = compiled.feed(tokens).double()  # read before the next replay overwrites its output buffer
-            # Generated code sums and rounds in another order than the eager kernels, in bf16 (2^-9
-            # relative per rounding, a few dozen roundings deep): 2% of the norm.
-            assert ((got - expected).norm() / expected.norm()).item() < 2e-2, step
+            assert ((got - expected).norm() / expected.norm()).item() < bound, step
     assert generate(model, prompt, 8, decoder=compiled).shape == (1, 16)
     torch._dynamo.reset()
