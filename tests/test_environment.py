@@ -93,13 +93,16 @@ def test_locked_versions_are_read_from_uv_lock(tmp_path: Path) -> None:
     assert lock_mismatches({"numpy": "2.2.6"}, lock) == ["torch None recorded, uv.lock pins 2.11.0"]
 
 
-@pytest.mark.parametrize(
-    "result",
-    sorted((REPO_ROOT / "benchmarks" / "results" / "nvidia-h200").glob("*.json")),
-    ids=lambda p: p.name,
-)
-def test_h200_results_were_recorded_in_the_locked_environment(result: Path) -> None:
-    """The H200 results (kept beside the H100 ones, which predate the lock policy) ran uv.lock's versions."""
+LOCKED_RESULTS = sorted((REPO_ROOT / "benchmarks" / "results" / "nvidia-h200").glob("*.json")) + [
+    REPO_ROOT / "benchmarks" / "results" / "nvidia-h100-80gb-hbm3" / name
+    for name in ("inference_speculative.json", "inference_w8a8.json")
+]
+
+
+@pytest.mark.parametrize("result", LOCKED_RESULTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_gpu_results_were_recorded_in_the_locked_environment(result: Path) -> None:
+    """The H200 results and the H100 ones recorded since the lock policy ran uv.lock's versions (the older
+    H100 results predate it)."""
     record = json.loads(result.read_text())
     versions = record.get("env") or record.get("environment")
     assert lock_mismatches(versions) == []

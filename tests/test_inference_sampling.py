@@ -136,3 +136,12 @@ def test_sample_is_seeded():
     probs = Sampling(top_k=5).probs(torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(4)))
     first = sample(probs, torch.Generator().manual_seed(5))
     assert torch.equal(first, sample(probs, torch.Generator().manual_seed(5)))
+
+
+@pytest.mark.parametrize("rule", [Sampling(temperature=0), Sampling(temperature=0.7, top_k=3)])
+def test_next_token_is_what_sampling_the_distribution_gives(rule: Sampling):
+    """next_token against sample(probs) with the same generator state: greedy's shortcut (the argmax,
+    no one-hot, no draw) picks the same tokens, ties included (few logit values, many ties)."""
+    logits = torch.randint(0, 3, (512, 5), generator=torch.Generator().manual_seed(0)).float()
+    expected = sample(rule.probs(logits), torch.Generator().manual_seed(1))
+    assert torch.equal(rule.next_token(logits, torch.Generator().manual_seed(1)), expected)

@@ -352,10 +352,10 @@ RESULTS["quantization"] = (
 # programs busy on a GPU of 132 SMs. Our Triton kernel (`common.kernels.matmul`) then cuts K into slices,
 # one program per (tile, slice), and adds the partial tiles in a fixed order. Section 1's sweep timed it
 # on the down projection, for every M, against cuBLAS and against itself with `split_k=1` (the same short
-# tiles in one slice: what the slices add on their own), and for M up to 16 against the tiled kernel that
-# never splits K (the TMA kernel of large M, with tiles of 64 rows or more). The asserts (full size, on the
-# GPU) check the course's bars for M up to 16: split-K at least 1.2x the tiled kernel and at least 0.9x
-# cuBLAS.
+# tiles in one slice: what the slices add on their own), and for M up to 16 on a Hopper GPU against the tiled
+# kernel that never splits K (the TMA kernel of large M, with tiles of 64 rows or more). The asserts (full
+# size, on the GPU) check the course's bars for M up to 16: the small-M path at least 1.2x the tiled kernel
+# (where it ran) and at least 0.9x cuBLAS.
 
 # %%
 if GPU:
@@ -364,18 +364,17 @@ if GPU:
         ["case", "speedup"],
         [(row["label"], f"{row['speedup']:.2f}x") for row in small_m],
     )
-    worst = {
+    worst = {  # "vs tiled" runs on Hopper or newer only (the TMA kernel)
         against: min(row["speedup"] for row in small_m if row["label"].endswith(against))
         for against in ("vs tiled", "vs unsplit", "vs cuBLAS")
+        if any(row["label"].endswith(against) for row in small_m)
     }
     print(f"M <= {DECODE_GOAL_MAX_M}, the worst case: {worst}")
     if not SMALL:  # the issue's bars
-        assert worst["vs tiled"] >= SPLIT_GOAL.value, f"split-K {SPLIT_GOAL.text} for M <= 16"
+        if "vs tiled" in worst:
+            assert worst["vs tiled"] >= SPLIT_GOAL.value, f"split-K {SPLIT_GOAL.text} for M <= 16"
         assert worst["vs cuBLAS"] >= MEDIUM_GOAL.value, f"split-K {MEDIUM_GOAL.text} for M <= 16"
-    RESULTS["split-K, M <= 16"] = (
-        f"worst {worst['vs tiled']:.2f}x tiled, {worst['vs unsplit']:.2f}x split_k=1, "
-        f"{worst['vs cuBLAS']:.2f}x cuBLAS"
-    )
+    RESULTS["split-K, M <= 16"] = "worst " + ", ".join(f"{v:.2f}x {k[3:]}" for k, v in worst.items())
 else:
     print("Split-K is timed on a GPU: this machine has none (Triton's interpreter checks it, not its speed).")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from common.inference.kv_cache import CachedDecoder
-from common.inference.sampling import GREEDY, Sampling, sample
+from common.inference.sampling import GREEDY, Sampling
 from common.models.llama import Llama
 
 
@@ -78,10 +78,7 @@ def generate(
     tokens = [prompt]
     logits = decoder.feed(prompt)[:, -1]  # prefill: the whole prompt in one forward
     for step in range(max_new_tokens):
-        if sampling.greedy:  # the argmax, as sampling a one-hot distribution would give, in one kernel
-            next_token = logits.argmax(-1, keepdim=True)  # (batch, 1)
-        else:
-            next_token = sample(sampling.probs(logits), generator)[:, None]  # (batch, 1)
+        next_token = sampling.next_token(logits, generator)[:, None]  # (batch, 1)
         tokens.append(next_token)
         if step + 1 < max_new_tokens:
             logits = decoder.feed(next_token)[:, -1]

@@ -11,7 +11,8 @@ check a distribution against an exact enumeration instead of against samples.
 The order of the filters is the usual one (Hugging Face, gpt-fast): temperature, then top-k, then top-p on
 what top-k left. `temperature=0` is greedy decoding: a one-hot distribution on the argmax (the first index
 among equal maxima, as torch.argmax picks), so greedy is the special case of sampling that every caller
-gets for free.
+gets for free. `Sampling.next_token` draws a token; for greedy it takes the argmax directly, the token the
+one-hot distribution would give, without building it (a few kernel launches fewer per token).
 
 Shapes never depend on the values: top-k keeps the tokens at or above the k-th largest logit, top-p masks
 a sorted copy and scatters the mask back, and `sample` draws with the exponential-race trick rather than
@@ -47,6 +48,11 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def next_token(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One token per row of logits (..., vocab) -> (...,) long: `sample(self.probs(logits))`, or for greedy
+        its result, the argmax, directly."""
+        return logits.argmax(-1) if self.greedy else sample(self.probs(logits), generator)
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution this rule draws from: logits (..., vocab) -> probabilities (..., vocab), fp32."""

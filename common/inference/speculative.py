@@ -151,7 +151,7 @@ def speculate(
     for _ in range(draft_len):
         logits = draft.feed(new_tokens)[:, -1]  # (b, vocab)
         if sampling.greedy:  # the token a one-hot q would give, without building q (see greedy_verify)
-            new_tokens = logits.argmax(-1, keepdim=True)  # (b, 1)
+            new_tokens = sampling.next_token(logits)[:, None]  # (b, 1)
         else:
             q = sampling.probs(logits)  # (b, vocab)
             new_tokens = sample(q, generator)[:, None]  # (b, 1)
