@@ -338,7 +338,9 @@ def test_command(extra: list[str]) -> list[str]:
 def cmd_test(args: argparse.Namespace) -> int:
     """Set up what the tests need (the slide tool) and run the whole test suite with small sizes."""
     ensure_slide_tool()
-    env = {**os.environ, "EFFDL_SMALL": "1"}
+    # `-n auto` runs one worker per core. One intra-op thread per process, the notebooks' kernels and the
+    # workers' children included, keeps them from fighting over the cores (the workers set it for themselves).
+    env = {**os.environ, "EFFDL_SMALL": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.call(test_command(args.pytest_args), cwd=REPO_ROOT, env=env)
 
 
