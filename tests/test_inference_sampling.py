@@ -107,6 +107,8 @@ def test_bad_rules_are_refused_with_the_value(kwargs: dict, message: str):
 def test_top_k_larger_than_the_vocabulary_is_refused():
     with pytest.raises(ValueError, match="top_k=11 is larger than the vocabulary"):
         Sampling(top_k=11).probs(torch.zeros(VOCAB))
+    with pytest.raises(ValueError, match="top_k=11 is larger than the vocabulary"):  # greedy's shortcut too
+        Sampling(temperature=0, top_k=11).next_token(torch.zeros(VOCAB))
 
 
 @pytest.mark.parametrize(

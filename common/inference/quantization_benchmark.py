@@ -69,8 +69,8 @@ class QuantizationBenchmark:
     group_size: int = 128  # int4
     alpha: float = 0.5  # SmoothQuant
     speed_preset: str = "1b"  # common.models.llama preset of the speed part
-    # Fields changed in that preset. 8 of the 1b preset's 16 layers: the same matrices, so the same
-    # tokens/s ratios up to the output layer's share, at half of the compile time of six models.
+    # Fields changed in that preset. 8 of the 1b preset's 16 layers: the same matrices (only the output
+    # layer's share of the bytes grows), and half the layers for torch.compile to trace in each of six models.
     speed_changes: dict[str, Any] = field(default_factory=lambda: {"n_layers": 8})
     max_len: int = 512  # positions of the static KV cache
     compile: bool = True  # torch.compile(mode="reduce-overhead"): CUDA graphs, on a GPU only

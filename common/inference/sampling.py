@@ -52,14 +52,20 @@ class Sampling:
     def next_token(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One token per row of logits (..., vocab) -> (...,) long: `sample(self.probs(logits))`, or for greedy
         its result, the argmax, directly."""
-        return logits.argmax(-1) if self.greedy else sample(self.probs(logits), generator)
+        if self.greedy:
+            self._check_vocabulary(logits.shape[-1])
+            return logits.argmax(-1)
+        return sample(self.probs(logits), generator)
+
+    def _check_vocabulary(self, vocab: int) -> None:
+        if self.top_k is not None and self.top_k > vocab:
+            raise ValueError(f"top_k={self.top_k} is larger than the vocabulary ({vocab} tokens)")
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution this rule draws from: logits (..., vocab) -> probabilities (..., vocab), fp32."""
         logits = logits.float()
         vocab = logits.shape[-1]
-        if self.top_k is not None and self.top_k > vocab:
-            raise ValueError(f"top_k={self.top_k} is larger than the vocabulary ({vocab} tokens)")
+        self._check_vocabulary(vocab)
         if self.greedy:
             return torch.nn.functional.one_hot(logits.argmax(-1), vocab).float()
         logits = logits / self.temperature

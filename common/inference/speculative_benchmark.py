@@ -10,8 +10,8 @@ is wide (Llama-3-8B's layer shape, 16 of its 32 layers, 3.51 billion parameters,
 them from memory) and the draft is its own first layer, with its embedding, final norm and output
 (`layer_draft`): 0.23 billion parameters, so c is about 0.07, about what a 1B draft is to a 13B target.
 Each round also pays the host a fixed cost (a sync to read how many tokens were kept, then the next
-launches), which a deeper target makes a smaller share of the round. The target is random: speed does not depend on the weights'
-values, only on how often the draft is right. Its later layers are made quiet (`quiet_late_layers`: their
+launches), which a deeper target makes a smaller share of the round. The target is random: speed does not
+depend on the weights' values, only on how often the draft is right. Its later layers are made quiet (`quiet_late_layers`: their
 residual outputs wo and w2 scaled by late_layer_scale), so that its first layer, the draft, decides the
 target's greedy choice most of the time, not always, as a good small model of the same family does;
 training a target of this size until a one-layer draft agrees with it would cost more than the whole run.
