@@ -149,12 +149,16 @@ class CachedDecoder(nn.Module):
                 f"cannot feed {s} tokens after {self.length} cached ones: the cache holds max_len="
                 f"{self.max_len} positions; allocate a CachedDecoder with max_len >= {self.length + s}"
             )
-        positions = torch.arange(self.length, self.length + s, device=tokens.device)
-        # A slice of a longer sequence has the longer one's strides, and a compiled forward guards on
-        # strides: a fresh copy with standard strides keeps one graph per shape (a copy of a few ids).
-        logits = self(tokens.clone(memory_format=torch.contiguous_format), positions)
+        logits = self._run(tokens)
         self.length += s
         return logits
+
+    def _run(self, tokens: torch.Tensor) -> torch.Tensor:
+        """forward at the next tokens.shape[1] positions (the lengths already checked); subclasses change how."""
+        positions = torch.arange(self.length, self.length + tokens.shape[1], device=tokens.device)
+        # A slice of a longer sequence has the longer one's strides, and a compiled forward guards on
+        # strides: a fresh copy with standard strides keeps one graph per shape (a copy of a few ids).
+        return self(tokens.clone(memory_format=torch.contiguous_format), positions)
 
     def rollback(self, length: int) -> None:
         """Keep only the first `length` positions; what follows is overwritten by the next feed."""

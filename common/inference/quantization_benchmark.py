@@ -12,8 +12,8 @@ Two parts, saved together in inference_quantization.json:
   baseline: its error is bf16's own.
 - speed: decode tokens/s at batch 1 of a week-5 Llama preset (random weights: speed does not depend on
   them), each method's model against the unquantized one in the same run, each in a static KV cache
-  (CachedDecoder) compiled with CUDA graphs inside fused_dequantization() (both sides: the same compiler
-  settings), timed interleaved by common.bench.compare. Goal: weight-only int8 at least 1.5x the bf16
+  compiled inside fused_dequantization() and replayed as a CUDA graph (GraphedDecoder; both sides: the same
+  compiler settings), timed interleaved by common.bench.compare. Goal: weight-only int8 at least 1.5x the bf16
   tokens/s. A decode step costs the same at every position of a static cache
   (it reads all max_len keys under a mask), so each timed step rolls back to position 0 and decodes one token.
 
@@ -38,6 +38,7 @@ from common.amp import fp8_supported
 from common.bench import compare, environment, save_results
 from common.hardware import benchmark_device
 from common.inference.acceptance import AcceptanceExperiment, held_out_loss, train
+from common.inference.graphed_decoder import GraphedDecoder
 from common.inference.kv_cache import CachedDecoder
 from common.inference.quantization import METHODS, fused_dequantization, quantize_linears
 from common.inference.quantization_error import measure_errors
@@ -73,7 +74,7 @@ class QuantizationBenchmark:
     # layer's share of the bytes grows), and half the layers for torch.compile to trace in each of six models.
     speed_changes: dict[str, Any] = field(default_factory=lambda: {"n_layers": 8})
     max_len: int = 512  # positions of the static KV cache
-    compile: bool = True  # torch.compile(mode="reduce-overhead"): CUDA graphs, on a GPU only
+    compile: bool = True  # torch.compile, replayed as CUDA graphs (GraphedDecoder); on a GPU only
     warmup_ms: float = 200.0
     rep_ms: float = 2000.0
     seed: int = 0
@@ -181,8 +182,6 @@ def _decode_step(decoder: CachedDecoder, token: torch.Tensor) -> Callable[[], to
     """One decode step at position 0 of the static cache (every position costs the same)."""
 
     def step() -> torch.Tensor:
-        # A new step: CUDA graphs (if compiled) may reuse the previous step's output memory, unread here.
-        torch.compiler.cudagraph_mark_step_begin()
         decoder.rollback(0)
         return decoder.feed(token)
 
@@ -206,17 +205,15 @@ def speed_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.
     compiled = bench.compile and device.type == "cuda"
 
     def timed_step(model: nn.Module) -> Callable[[], torch.Tensor]:
-        decoder = CachedDecoder(model, batch_size=1, max_len=bench.max_len)
-        step = _decode_step(decoder, token)
-        if compiled:
-            # One static shape (1, 1), so that Inductor knows M = 1 and fuses the dequantization into the
-            # matmul; compiling happens at the first calls, which must run inside fused_dequantization().
-            decoder.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)
-            # Every decoder compiles the same code (nn.Module._call_impl), one cache entry per decoder: past
-            # Dynamo's default limit of 8 entries, the later ones would run uncompiled, with a logged warning.
-            with fused_dequantization(), torch._dynamo.config.patch(recompile_limit=4 * len(METHODS)):
-                for _ in range(3):  # compile, then warm up and record the CUDA graph
-                    step()
+        if not compiled:
+            return _decode_step(CachedDecoder(model, batch_size=1, max_len=bench.max_len), token)
+        # One static shape (1, 1), so that Inductor knows M = 1 and fuses the dequantization into the
+        # matmul; it compiles at the first feed, which must run inside fused_dequantization().
+        step = _decode_step(GraphedDecoder(model, batch_size=1, max_len=bench.max_len, dynamic=False), token)
+        # Every decoder compiles the same code (CachedDecoder.forward), one cache entry per decoder: past
+        # Dynamo's default limit of 8 entries, the later ones would run uncompiled, with a logged warning.
+        with fused_dequantization(), torch._dynamo.config.patch(recompile_limit=4 * len(METHODS)):
+            step()  # compiles, warms up and captures the step's CUDA graph
         return step
 
     baseline_step = timed_step(base)
