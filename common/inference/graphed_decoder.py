@@ -38,10 +38,14 @@ WARMUP_CALLS = 2
 
 @dataclass
 class _Graph:
-    """One captured forward: the graph, its input tokens buffer and its output logits buffer."""
+    """One captured forward and every buffer it reads or writes outside its own memory pool: the input
+    tokens, the offsets 0 ... s - 1 added to the start position, the output logits. A graph holds only
+    addresses: were a buffer freed, the allocator would hand its memory to other tensors and every replay
+    would read (or write) theirs."""
 
     graph: torch.cuda.CUDAGraph
     tokens: torch.Tensor
+    offsets: torch.Tensor
     logits: torch.Tensor
 
 
@@ -108,4 +112,4 @@ class GraphedDecoder(CachedDecoder):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             logits = forward()
-        return _Graph(graph, tokens, logits)
+        return _Graph(graph, tokens, offsets, logits)
