@@ -4,11 +4,13 @@
     tokens = generate(model, prompt, 32, Sampling(temperature=0.8, top_p=0.95),
                       generator=torch.Generator().manual_seed(0))
 
-For speed on a GPU, build the decoder once, compile it and pass it in (it is reset, not reallocated):
+For speed on a GPU, build the decoder once and pass it in (it is reset, not reallocated):
 
-    decoder = CachedDecoder(model, batch_size=1, max_len=512)
-    decoder.compile(mode="reduce-overhead", fullgraph=True)   # CUDA graphs: one per input shape
+    decoder = GraphedDecoder(model, batch_size=1, max_len=512)   # compiled; one CUDA graph per input length
     tokens = generate(model, prompt, 256, decoder=decoder)
+
+(`CachedDecoder` compiled with `mode="reduce-overhead"` also replays CUDA graphs, at a higher host cost per
+step: graphed_decoder.py says why.)
 """
 
 from __future__ import annotations

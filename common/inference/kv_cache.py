@@ -12,7 +12,8 @@ Why static: the cache holds max_len positions from the start, and a step reads a
 "key position <= query position" rather than slicing the filled part. Every tensor of a step then has the
 same shape at every position, the positions enter as a tensor (not a Python int baked into the code), and
 the cache is written in place at those positions. So `decoder.compile(mode="reduce-overhead")` records one
-CUDA graph per input shape and replays it for every step (the pattern of gpt-fast's generate.py).
+CUDA graph per input shape and replays it for every step (the pattern of gpt-fast's generate.py), and
+`GraphedDecoder` (graphed_decoder.py) captures them by hand, for less host time per step.
 The price: each step reads max_len keys, filled or not, so max_len should fit the need.
 
 Rolling back is free: positions past the kept length hold stale keys, but a query never sees a key past its
