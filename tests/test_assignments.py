@@ -226,14 +226,26 @@ source = ASTSource(w8a8._w8a8_kernel.fn.fn, signature, constexprs, attrs=aligned
 compiled = compile(source, target=hopper, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 ptx = compiled.asm["ptx"]
 print("wgmma.mma_async.sync.aligned" in ptx and ".s8.s8" in ptx, "cp.async" in ptx, compiled.metadata.shared)
+config = w8a8.TMA_CONFIGS[0]  # the Hopper path: host-made descriptors of the config's tiles
+constexprs = {**config.kwargs, "NUM_SMS": 132}
+bm, bn, bk = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+signature = {"x_desc": f"tensordesc<i8[{bm}, {bk}]>", "w_desc": f"tensordesc<i8[{bn}, {bk}]>"}
+signature.update({"x_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "y_ptr": "*bf16"})
+signature.update(dict.fromkeys(["M", "N", "K", "stride_ym"], "i32"))
+signature.update(dict.fromkeys(constexprs, "constexpr"))
+source = ASTSource(w8a8._w8a8_tma_kernel.fn, signature, constexprs)
+compiled = compile(source, target=hopper, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+ptx = compiled.asm["ptx"]
+print("wgmma.mma_async.sync.aligned" in ptx and ".s8.s8" in ptx, "cp.async.bulk.tensor" in ptx, compiled.metadata.shared)
 """
 
 
 def test_week09_reference_kernels_compile_for_hopper_with_int8_wgmma_and_a_pipeline() -> None:
     """The week-9 reference kernels are graded on a GPU only for speed; the CPU tasks run them in Triton's
     interpreter, which accepts code the compiler refuses (a plain global int read in a kernel). Compiled here
-    for sm_90 without a GPU (Triton's own ptxas): both compile, the W8A8 GEMM's dot is an int8 wgmma, and its
-    largest config keeps its 3 stages of operands in flight (cp.async into shared memory)."""
+    for sm_90 without a GPU (Triton's own ptxas): all three compile, the W8A8 GEMMs' dots are int8 wgmma, the
+    portable kernel's largest config keeps its 3 stages of operands in flight (cp.async into shared memory),
+    and the Hopper kernel's first config loads its tiles with the TMA in 4 stages within the 227 KB."""
     import os
     import subprocess
 
@@ -247,11 +259,37 @@ def test_week09_reference_kernels_compile_for_hopper_with_int8_wgmma_and_a_pipel
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    int8_wgmma, pipelined, shared = run.stdout.split()
+    int8_wgmma, pipelined, shared, tma_wgmma, tma_loads, tma_shared = run.stdout.split()
     assert int8_wgmma == "True" and pipelined == "True", run.stdout
     assert int(shared) == 3 * (128 * 128 + 128 * 256), (
         "3 stages of a 128x128 int8 slab of x and a 128x256 of w"
     )
+    assert tma_wgmma == "True" and tma_loads == "True", run.stdout
+    # 4 stages of 128x128 and 256x128 int8 tiles, plus the epilogue's scratch, within an H100's 227 KB.
+    assert 4 * (128 * 128 + 256 * 128) <= int(tma_shared) <= 227 * 1024, run.stdout
+
+
+@pytest.mark.gpu
+def test_week09_hopper_w8a8_path_at_ragged_tiles_gives_the_exact_product(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On Hopper the W8A8 reference takes its TMA kernel wherever rows are 16-byte aligned, whatever the tiles:
+    edge tiles in M and N, and a K that the 128-wide K tiles do not divide (the TMA fills past the edge with
+    zeros), give the exact product to one bf16 ulp (2^-7 relative; the sums are exact in int32)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the TMA path needs a Hopper (sm_90) or newer GPU")
+    monkeypatch.syspath_prepend(str(find_assignment("week09_inference_algorithms").src))
+    from fastinfer.w8a8 import tma_applies, w8a8_matmul
+
+    generator = torch.Generator().manual_seed(0)
+    for m, n, k in ((37, 45, 272), (300, 520, 4112)):
+        x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=generator).cuda()
+        w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator).cuda()
+        x_scale, w_scale = (torch.rand(size, generator=generator).cuda() / 100 for size in (m, n))
+        assert tma_applies(x_q, w_q), (m, n, k)
+        y = w8a8_matmul(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16)
+        exact = (x_q.double() @ w_q.double().T) * x_scale.double()[:, None] * w_scale.double()[None, :]
+        torch.testing.assert_close(y.double(), exact, rtol=2**-7, atol=0, msg=f"{m}x{n}x{k}")
 
 
 def test_week06_overlap_verdict_on_synthetic_traces(monkeypatch: pytest.MonkeyPatch) -> None:

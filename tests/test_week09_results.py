@@ -46,6 +46,10 @@ def test_the_speculative_and_w8a8_figures_are_the_h100_runs() -> None:
     large = [f"{shape['speedup']:.2f}x" for shape in w8a8["shapes"] if shape["m"] >= 4096]
     assert f"{large[0]}, {large[1]} and {large[2]} bf16 cuBLAS" in readme
     assert w8a8["goal"]["met"] and "(bar 1.3x at M >= 4096: met)" in readme
+    instructors = _text("assignments/week09_inference_algorithms/README.md")
+    assert f"the reference reached {large[0]}, {large[1]} and {large[2]} at 4096³" in instructors
+    starter_comment = _text("assignments/week09_inference_algorithms/src/fastinfer/w8a8.py")
+    assert f"this path measured {min(large)} to {max(large)} cuBLAS's" in starter_comment
 
 
 def _small_m_span(folder: str, against: str) -> str:

@@ -62,13 +62,15 @@ def exact_rows(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sc
     return rows * x_scale[::step, None].double() * w_scale[None, :].double()
 
 
-def shape_row(m: int, n: int, k: int, comparison: Comparison) -> dict[str, Any]:
-    """One shape's results: the W8A8 GEMM's speedup over cuBLAS bf16 (median of per-pair ratios) and each
-    side's TFLOP/s (TOP/s for int8) at its median time."""
+def shape_row(m: int, n: int, k: int, comparison: Comparison, tma: bool) -> dict[str, Any]:
+    """One shape's results: the W8A8 GEMM's speedup over cuBLAS bf16 (median of per-pair ratios), each
+    side's TFLOP/s (TOP/s for int8) at its median time, and whether `tma_applies` held (where it does, the
+    reference runs its Hopper kernel)."""
     return {
         "m": m,
         "n": n,
         "k": k,
+        "tma_applies": tma,
         "speedup": comparison.speedup,
         "speedup_p20": comparison.speedup_p20,
         "speedup_p80": comparison.speedup_p80,
@@ -93,7 +95,7 @@ def speedup_goal(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def measure_shape(m: int, n: int, k: int, device: torch.device, quick: bool) -> dict[str, Any]:
     """Check the W8A8 GEMM at (m, n, k) on sampled rows, then time it against cuBLAS bf16."""
-    from fastinfer.w8a8 import w8a8_matmul
+    from fastinfer.w8a8 import tma_applies, w8a8_matmul
 
     x_q, x_scale, w_q, w_scale = operands(m, n, k, device)
     # The interpreter gets bf16 wrong (DESIGN.md): on a CPU the output is fp16, which has more precision.
@@ -120,7 +122,7 @@ def measure_shape(m: int, n: int, k: int, device: torch.device, quick: bool) -> 
         rep_ms=rep_ms,
         device=device,
     )
-    return shape_row(m, n, k, comparison)
+    return shape_row(m, n, k, comparison, tma_applies(x_q, w_q))
 
 
 def run(out_dir: Path, quick: bool = False) -> Path:

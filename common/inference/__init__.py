@@ -6,6 +6,8 @@ One small module per idea, each readable on its own, in this order:
   (`sample`);
 - `kv_cache`: `CachedDecoder`, the week-5 Llama (common.models.llama, unchanged) beside a cache allocated
   once; `feed` prefills or decodes, `rollback` forgets; compiles to one graph per input shape;
+- `graphed_decoder`: `GraphedDecoder`, the same decoder replaying one hand-captured CUDA graph per input
+  length (a few microseconds of host time per step), what the benchmarks decode with on a GPU;
 - `generate`: `generate(model, prompt, max_new_tokens, sampling)`, prefill then one token per step;
 - `speculative`: `speculative_generate(target, draft, prompt, max_new_tokens, draft_len, sampling)`, exact
   under greedy decoding and under sampling (the proof is in `verify`'s docstring), with acceptance counts;

@@ -15,7 +15,7 @@ the replay, a few microseconds each (torch.cuda.graphs). The forward inside is s
 torch.compile, without its own CUDA graphs, so Inductor's fused kernels are what the graph replays.
 
 What capturing demands, and how the decoder meets it: a graph replays fixed kernels on fixed addresses, so
-every input lives in a buffer made at capture (the tokens, the start position), the cache is written in
+every input lives in a buffer kept beside the graph (the tokens, the start position), the cache is written in
 place (CachedDecoder already does), and nothing in the forward may sync with the host (CachedDecoder's
 forward does not). A new input length is a new graph; a decoding run sees a handful (the prompt, one
 token, the k + 1 tokens of a speculative round, ...). Each graph's output is a buffer that its next
@@ -38,14 +38,12 @@ WARMUP_CALLS = 2
 
 @dataclass
 class _Graph:
-    """One captured forward and every buffer it reads or writes outside its own memory pool: the input
-    tokens, the offsets 0 ... s - 1 added to the start position, the output logits. A graph holds only
-    addresses: were a buffer freed, the allocator would hand its memory to other tensors and every replay
-    would read (or write) theirs."""
+    """One captured forward and the buffers it is replayed through: the input tokens it reads and the logits
+    it writes (both must stay alive: a graph holds only addresses, and a freed buffer's memory would go to
+    other tensors, which every replay would then read or overwrite)."""
 
     graph: torch.cuda.CUDAGraph
     tokens: torch.Tensor
-    offsets: torch.Tensor
     logits: torch.Tensor
 
 
@@ -80,6 +78,7 @@ class GraphedDecoder(CachedDecoder):
         )
         self._graphs: dict[int, _Graph] = {}
 
+    @torch.no_grad()  # inference: with autograd on, the compiled forward would also build a backward
     def _run(self, tokens: torch.Tensor) -> torch.Tensor:
         s = tokens.shape[1]
         self.start.fill_(self.length)  # a kernel with the value as argument: no host-device sync
@@ -94,22 +93,23 @@ class GraphedDecoder(CachedDecoder):
         """Warm the forward up for s tokens at positions start ... start + s - 1, then capture it.
 
         The warm-up calls write keys and values at exactly the positions the feed is about to write, so
-        the valid cache (positions before start) is untouched."""
+        the valid cache (positions before start) is untouched. The positions are computed inside the graph
+        from `start`, which `_run` fills before every replay."""
         tokens = torch.zeros(self.batch_size, s, dtype=torch.long, device=self.device)
-        offsets = torch.arange(s, device=self.device)
 
         def forward() -> torch.Tensor:
-            return self._forward(tokens, self.start + offsets)
+            return self._forward(tokens, self.start + torch.arange(s, device=self.device))
 
-        # Warm up on a side stream, as capture itself does, so that nothing of it lands in the graph.
+        # Warm up on a side stream and capture on that same stream (as common.bench does), so that the
+        # allocations and cuBLAS workspaces the capture meets are the ones the warm-up settled.
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(WARMUP_CALLS):
                 forward()
-        current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             logits = forward()
-        return _Graph(graph, tokens, offsets, logits)
+        current.wait_stream(side)
+        return _Graph(graph, tokens, logits)

@@ -21,7 +21,7 @@ import torch
 
 # First: without a GPU, importing common.kernels switches on Triton's interpreter, which triton reads as it
 # decorates each kernel.
-from common.kernels import INTERPRETED, check_input
+from common.kernels import INTERPRETED, check_input, sm_count
 from common.kernels.matmul import _tile_coords as tile_coords
 
 # isort: split
@@ -108,12 +108,13 @@ def _scale_and_store(acc, rows, cols, M, N, x_scale_ptr, w_scale_ptr, y_ptr, str
 # ----------------------------------------------------------------------------------------------------
 # Optional, for speed on Hopper: the same product with TMA loads and a persistent grid
 # ----------------------------------------------------------------------------------------------------
-# `common/kernels/matmul.py` (section 4) explains both. On an H100 this path measured 1.42-1.50x cuBLAS's
-# bf16 GEMM at M = N = K = 4096 to 8192 where the kernel above, with pointer loads, measured 1.22-1.31x: the
+# `common/kernels/matmul.py` (section 4) explains both. On an H100 this path measured 1.42x to 1.51x cuBLAS's
+# bf16 GEMM at 4096³, 8192 x 4096 x 4096 and 8192³, where the kernel above alone had measured 1.22x to 1.31x: the
 # TMA unit moves whole int8 tiles into shared memory with no address arithmetic in the threads, and one
 # program per SM runs the next tile's first loads during this tile's epilogue. It needs a Hopper GPU and
 # rows of 16-byte multiples (K % 16 == 0 for int8); elsewhere, and in the interpreter, `w8a8_matmul` takes
-# the kernel above. 128 x 256 x 128 int8 tiles in 4 stages: 192 KB of shared memory, under the 227 KB.
+# the kernel above. 128 x 256 x 128 int8 tiles in 4 stages: 192 KB of operands in shared memory (224 KB
+# with the epilogue's scratch, compiled for sm_90), under the 227 KB.
 
 
 def tma_applies(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
@@ -153,6 +154,7 @@ def _w8a8_tma_kernel(x_desc, w_desc, x_scale_ptr, w_scale_ptr, y_ptr, M, N, K, s
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
         pid_m, pid_n = tile_coords(tile, num_m, num_n, GROUP_M)
         off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+        # (named `total`, not `acc`: the mutants edit _w8a8_kernel's lines, which the CPU tasks run)
         total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for k_step in range(tl.cdiv(K, BLOCK_K)):
             x_tile = x_desc.load([off_m, k_step * BLOCK_K])  # (BLOCK_M, BLOCK_K)
@@ -215,7 +217,7 @@ def w8a8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
         return triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
 
     if tma_applies(x_q, w_q):
-        sms = torch.cuda.get_device_properties(x_q.device).multi_processor_count
+        sms = sm_count(x_q.device)
         # Block shapes are placeholders: the autotuner's pre-hook sets each config's before it runs.
         x_desc, w_desc = (
             TensorDescriptor.from_tensor(x_q, [1, 16]),
