@@ -181,9 +181,7 @@ def error_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.
 def _decode_step(decoder: CachedDecoder, token: torch.Tensor) -> Callable[[], torch.Tensor]:
     """One decode step at position 0 of the static cache (every position costs the same)."""
 
-    # Inference: compiled with autograd on, the graph would also need a backward, which fp8's
-    # torch._scaled_mm does not have.
-    @torch.no_grad()
+    @torch.no_grad()  # inference, on the eager decoder too (GraphedDecoder runs without autograd itself)
     def step() -> torch.Tensor:
         decoder.rollback(0)
         return decoder.feed(token)
