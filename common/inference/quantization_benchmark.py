@@ -26,6 +26,7 @@ compiling: a check that everything runs, saved as inference_quantization_quick.j
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -225,6 +226,7 @@ def speed_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.
     }
 
     def speed(method: str, quantized: nn.Module) -> dict[str, Any]:
+        started = time.perf_counter()
         comparison = compare(
             baseline_step,
             timed_step(quantized),
@@ -232,6 +234,12 @@ def speed_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.
             warmup_ms=bench.warmup_ms,
             rep_ms=bench.rep_ms,
             device=device,
+        )
+        # Compiling each model takes a while on a GPU: say how far the part has got.
+        print(
+            f"  {method}: {comparison.speedup:.2f}x the {dtype_name(dtype)} tokens/s "
+            f"({time.perf_counter() - started:.0f} s)",
+            flush=True,
         )
         return {
             "tokens_per_s": 1e3 / comparison.candidate.median_ms,
