@@ -278,8 +278,11 @@ def test_week09_hopper_w8a8_path_at_ragged_tiles_gives_the_exact_product(
     zeros), give the exact product to one bf16 ulp (2^-7 relative; the sums are exact in int32)."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the TMA path needs a Hopper (sm_90) or newer GPU")
-    monkeypatch.syspath_prepend(str(find_assignment("week09_inference_algorithms").src))
+    assignment = find_assignment("week09_inference_algorithms")
+    monkeypatch.syspath_prepend(str(assignment.src))
     from fastinfer.w8a8 import tma_applies, w8a8_matmul
+
+    checker = _load(assignment.hidden_tests / "int8_reference.py", "week09_int8_reference")
 
     generator = torch.Generator().manual_seed(0)
     for m, n, k in ((37, 45, 272), (300, 520, 4112)):
@@ -288,7 +291,7 @@ def test_week09_hopper_w8a8_path_at_ragged_tiles_gives_the_exact_product(
         x_scale, w_scale = (torch.rand(size, generator=generator).cuda() / 100 for size in (m, n))
         assert tma_applies(x_q, w_q), (m, n, k)
         y = w8a8_matmul(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16)
-        exact = (x_q.double() @ w_q.double().T) * x_scale.double()[:, None] * w_scale.double()[None, :]
+        exact = checker.w8a8_exact(x_q, x_scale, w_q, w_scale)
         torch.testing.assert_close(y.double(), exact, rtol=2**-7, atol=0, msg=f"{m}x{n}x{k}")
 
 
