@@ -34,10 +34,10 @@ fp32 inputs follow torch.get_float32_matmul_precision(), like torch.matmul.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -583,7 +583,7 @@ def _tma_ok(a2: torch.Tensor, b: torch.Tensor) -> str | None:
 DEVICE_DESCRIPTOR_MAX_WORK = 2048**3
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Plan:
     """How matmul_forward runs inputs of one geometry: the path, and the constexprs it launches with."""
 
@@ -664,6 +664,7 @@ def _launch_split_k(key, a2, b, y, z, plan: _Plan) -> None:
     m, k = a2.shape
     n = b.shape[1]
     splits = plan.splits
+    key = None if key is None else (key, splits)  # one geometry may be timed with two splits (_timed_split)
     if splits == 1:  # no partials to add up: the kernel never touches these two (any tensor will do)
         partials, tickets = y, y
     else:
@@ -722,6 +723,23 @@ def _launch_portable(key, a2, b, y, z, plan: _Plan) -> None:
 
 
 _LAUNCHERS = {"split_k": _launch_split_k, "tma": _launch_tma, "portable": _launch_portable}
+_time_ms = functools.partial(triton.testing.do_bench, warmup=10, rep=40)  # median ms of a callable
+
+
+def _timed_split(key, a2, b, y, z, plan: _Plan) -> _Plan:
+    """The auto rule's split or one slice, whichever runs faster here, timed once per geometry.
+
+    The rule counts tiles against SMs, but whether a split pays also depends on how much of the weight each
+    program keeps in flight, which the tuner's config decides: on an H100, on Llama-3-8B's layer shapes at
+    M <= 16, the rule's 3 to 9 slices ran 2 to 10% slower than one slice, and faster at M = 32 to 128."""
+    one = dataclasses.replace(plan, splits=1, tickets=0)
+    times = {p: _time_ms(functools.partial(_launch_split_k, key, a2, b, y, z, p)) for p in (plan, one)}
+    return min(times, key=times.__getitem__)
+
+
+def _split_to_time(plan: _Plan, split_k: int | None, a: torch.Tensor) -> bool:
+    """Whether plan is the auto rule's split on a GPU, which _timed_split checks against one slice."""
+    return split_k is None and plan.path == "split_k" and plan.splits > 1 and a.is_cuda and not INTERPRETED
 
 
 def matmul_forward(
@@ -737,8 +755,9 @@ def matmul_forward(
     """(act(a @ b), a @ b or None) with the Triton kernels; no autograd.
 
     split_k: slices of K (1: none); None chooses: splits only when the output has too few tiles to fill
-        the GPU, and never with use_tma=True. Up to SMALL_M_MAX rows the split-K kernel's short tiles
-        run whatever the split, one slice included.
+        the GPU, and on a GPU only if that split ran faster than one slice when timed at the geometry's
+        first call (_timed_split); never with use_tma=True. Up to SMALL_M_MAX rows the split-K kernel's
+        short tiles run whatever the split, one slice included.
     use_tma: force the TMA kernel on or off; None uses it where it applies (Hopper or newer, fp16/bf16,
         16-byte aligned rows) on products the split-K kernel does not take; never under the interpreter
         unless forced.
@@ -748,15 +767,20 @@ def matmul_forward(
     """
     key = _plan_key(a, b, activation, split_k, use_tma, input_precision, store_preactivation)
     plan = _PLANS.get(key) if key is not None else None
-    if plan is None:
-        plan = _make_plan(a, b, activation, split_k, use_tma, input_precision)
-        if key is not None:
-            _PLANS[key] = plan
+    new_plan = plan is None
+    if new_plan:
+        plan = _make_plan(a, b, activation, split_k, use_tma, input_precision)  # checks the inputs
     k, n = b.shape
     a2 = _rows(a, k)
     y = a2.new_empty((a2.shape[0], n))
     # Without store_preactivation, z aliases y and the kernels skip storing it (STORE_Z = z is not y).
     z = torch.empty_like(y) if store_preactivation else y
+    if new_plan and key is not None:
+        untimed = _split_to_time(plan, split_k, a)
+        if untimed and not torch.cuda.is_current_stream_capturing():
+            plan, untimed = _timed_split(key, a2, b, y, z, plan), False
+        if not untimed:
+            _PLANS[key] = plan  # a split met first inside a CUDA-graph capture runs untimed, timed later
     if plan.path == "empty":
         y.zero_()  # an empty sum is 0, and every activation here maps 0 to 0
         z.zero_()
@@ -828,8 +852,8 @@ def matmul(
 #
 # The decode sweep is a kernel of its own in `effdl bench kernels` (matmul_decode, its own JSON and plot):
 # the weights of one Llama-3-8B-sized decoder layer (hidden 4096, MLP 14336; bf16) times M = 1..256 token
-# rows. Ours, as matmul_forward chooses (the split is in the label: S=...), is timed in the same process
-# against cuBLAS; against ours with split_k=1, which for M <= SMALL_M_MAX keeps the same small-M tiles, so
+# rows. Ours, as matmul_forward chooses (the split is in the label: S=..., after the first call has timed
+# the rule's split against one slice), is timed in the same process against cuBLAS; against ours with split_k=1, which for M <= SMALL_M_MAX keeps the same small-M tiles, so
 # that this comparison shows what splitting K alone buys; and, for M <= 16 on a Hopper GPU, against the
 # tiled kernel that never splits K (the TMA kernel of large M, with its 64- to 256-row tiles, which
 # split_k=1 ran at small M before the small-M path). The goals, for M <= 16: the small-M path (short tiles,
@@ -932,7 +956,8 @@ def decode_benchmark_cases(quick: bool = False) -> list[KernelCase]:
         w = torch.randn(k, n, device=device, dtype=dtype)
         for m in (1, 16, 256) if quick else DECODE_ROWS:
             a = torch.randn(m, k, device=device, dtype=dtype)
-            splits = _make_plan(a, w, None, None, None, None).splits
+            matmul_forward(a, w)  # the first call chooses the split (on a GPU, timed: _timed_split)
+            splits = _PLANS[_plan_key(a, w, None, None, None, None, False)].splits
             goal_case = m <= DECODE_GOAL_MAX_M
             shared = {
                 "kernel": "matmul_decode",

@@ -238,6 +238,26 @@ def test_auto_split_k_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert matmul_module._auto_split_k(4096, 4096, 4096, cuda) == 1
 
 
+def test_the_rules_split_is_kept_only_if_it_times_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the auto rule's split is timed once against one slice and the faster plan kept, whichever
+    it is; an explicit split_k, or a plan on the CPU, is never timed."""
+    a, b = inputs(16, 64, 2048, torch.float32)
+    split = matmul_module._make_plan(a, b, None, 4, None, None)
+    assert split.path == "split_k" and split.splits == 4 and split.tickets > 0
+    y = torch.empty(16, 64, device=DEVICE)
+    for faster in (1, 4):
+        # The timer is handed the launch with its plan last; the faster plan takes 1 ms, the other 2.
+        def time_ms(launch, faster=faster) -> float:
+            return 1.0 if launch.args[-1].splits == faster else 2.0
+
+        monkeypatch.setattr(matmul_module, "_time_ms", time_ms)
+        kept = matmul_module._timed_split(None, a, b, y, y, split)
+        assert kept.splits == faster and (kept.tickets > 0) == (faster > 1), kept
+    assert matmul_module._split_to_time(split, None, a) == (a.is_cuda and not INTERPRETED)
+    assert not matmul_module._split_to_time(split, 4, a)  # asked for: not second-guessed
+    assert not matmul_module._split_to_time(split, None, a.cpu())  # on the CPU: nothing to time
+
+
 def test_fp32_precision_follows_torch_setting() -> None:
     before = torch.get_float32_matmul_precision()
     try:
