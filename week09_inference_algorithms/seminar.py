@@ -350,12 +350,14 @@ RESULTS["quantization"] = (
 #
 # With a few token rows a GEMM has few output tiles: a 4096-wide output in tiles of 128 columns keeps 32
 # programs busy on a GPU of 132 SMs. Our Triton kernel (`common.kernels.matmul`) then cuts K into slices,
-# one program per (tile, slice), and adds the partial tiles in a fixed order. Section 1's sweep timed it
-# on the down projection, for every M, against cuBLAS and against itself with `split_k=1` (the same short
-# tiles in one slice: what the slices add on their own), and for M up to 16 on a Hopper GPU against the tiled
-# kernel that never splits K (the TMA kernel of large M, with tiles of 64 rows or more). The asserts (full
-# size, on the GPU) check the course's bars for M up to 16: the small-M path at least 1.2x the tiled kernel
-# (where it ran) and at least 0.9x cuBLAS.
+# one program per (tile, slice), and adds the partial tiles in a fixed order. Whether slices pay on top of
+# short tiles depends on the GPU and the shape, so on a GPU `matmul_forward` times its rule's split against
+# one slice at a shape's first call and keeps the faster (the label's S= is the split kept). Section 1's
+# sweep timed it on the down projection, for every M, against cuBLAS and against itself with `split_k=1`
+# (the same short tiles in one slice: what the slices add on their own), and for M up to 16 on a Hopper GPU
+# against the tiled kernel that never splits K (the TMA kernel of large M, with tiles of 64 rows or more).
+# The asserts (full size, on the GPU) check the course's bars for M up to 16: the small-M path at least 1.2x
+# the tiled kernel (where it ran) and at least 0.9x cuBLAS.
 
 # %%
 if GPU:
