@@ -197,8 +197,11 @@ def _weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def speed_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Decode tokens/s at batch 1 of every method against the unquantized model, same run, same cache."""
+def speed_part(
+    bench: QuantizationBenchmark, device: torch.device, dtype: torch.dtype, progress: bool = False
+) -> dict[str, Any]:
+    """Decode tokens/s at batch 1 of every method against the unquantized model, same run, same cache;
+    progress: print each method's speed-up and seconds as it is measured (compiling takes minutes)."""
     config = bench.speed_model()
     torch.manual_seed(bench.seed)
     base = Llama(config).to(device=device, dtype=dtype).eval()
@@ -235,12 +238,12 @@ def speed_part(bench: QuantizationBenchmark, device: torch.device, dtype: torch.
             rep_ms=bench.rep_ms,
             device=device,
         )
-        # Compiling each model takes a while on a GPU: say how far the part has got.
-        print(
-            f"  {method}: {comparison.speedup:.2f}x the {dtype_name(dtype)} tokens/s "
-            f"({time.perf_counter() - started:.0f} s)",
-            flush=True,
-        )
+        if progress:
+            print(
+                f"  {method}: {comparison.speedup:.2f}x the {dtype_name(dtype)} tokens/s "
+                f"({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
         return {
             "tokens_per_s": 1e3 / comparison.candidate.median_ms,
             "baseline_tokens_per_s": 1e3 / comparison.baseline.median_ms,
@@ -301,7 +304,7 @@ def run_quantization_benchmark(out_dir: Path, quick: bool = False) -> list[Path]
     print(f"running the error part{' (quick)' if quick else ''} ...", flush=True)
     error = error_part(bench, device, dtype)
     print(f"running the speed part{' (quick)' if quick else ''} ...", flush=True)
-    speed = speed_part(bench, device, dtype)
+    speed = speed_part(bench, device, dtype, progress=True)
     int8 = speed["methods"]["int8"]
     record = {
         "benchmark": "inference_quantization",

@@ -34,10 +34,10 @@ fp32 inputs follow torch.get_float32_matmul_precision(), like torch.matmul.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,7 @@ import triton.language as tl
 from triton.runtime._allocation import _allocator as triton_allocator
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from common.bench import compare
 from common.kernels import INTERPRETED, check_input, sm_count
 from common.kernels.benchmark import Goal, KernelCase, require_gpu
 from common.kernels.launch import LaunchCache, tensor_key
@@ -583,7 +584,7 @@ def _tma_ok(a2: torch.Tensor, b: torch.Tensor) -> str | None:
 DEVICE_DESCRIPTOR_MAX_WORK = 2048**3
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class _Plan:
     """How matmul_forward runs inputs of one geometry: the path, and the constexprs it launches with."""
 
@@ -723,24 +724,36 @@ def _launch_portable(key, a2, b, y, z, plan: _Plan) -> None:
 
 
 _LAUNCHERS = {"split_k": _launch_split_k, "tma": _launch_tma, "portable": _launch_portable}
-_time_ms = functools.partial(triton.testing.do_bench, warmup=10, rep=40, return_mode="median")  # ms per call
 
 
-def _timed_split(key, a2, b, y, z, plan: _Plan) -> _Plan:
-    """The auto rule's split or one slice, whichever runs faster here, timed once per geometry.
+def _split_speedup(one_slice: Callable[[], None], split: Callable[[], None], device: torch.device) -> float:
+    """How much faster the split launch runs than the one-slice launch (> 1: the split), interleaved."""
+    return compare(one_slice, split, cache="warm", warmup_ms=5.0, rep_ms=30.0, device=device).speedup
+
+
+def _timed_split(key, a2, b, y, z, split: _Plan, one_slice: _Plan) -> _Plan:
+    """The auto rule's split or split_k=1's plan, whichever runs faster here, timed once per geometry.
 
     The rule counts tiles against SMs, but whether a split pays also depends on how much of the weight each
     program keeps in flight, which the tuner's config decides: on an H100, on Llama-3-8B's layer shapes at
     M <= 16, the rule's 3 to 9 slices ran 2 to 10% slower than one slice; at M = 32 to 128 they ran up to
     29% faster on the down and output projections and up to 14% slower on the up projection."""
-    one = dataclasses.replace(plan, splits=1, tickets=0)
-    times = {p: _time_ms(functools.partial(_launch_split_k, key, a2, b, y, z, p)) for p in (plan, one)}
-    return min(times, key=times.__getitem__)
+    one_launch, split_launch = (
+        functools.partial(_LAUNCHERS[p.path], key, a2, b, y, z, p) for p in (one_slice, split)
+    )
+    return split if _split_speedup(one_launch, split_launch, a2.device) > 1 else one_slice
 
 
 def _split_to_time(plan: _Plan, split_k: int | None, a: torch.Tensor) -> bool:
     """Whether plan is the auto rule's split on a GPU, which _timed_split checks against one slice."""
     return split_k is None and plan.path == "split_k" and plan.splits > 1 and a.is_cuda and not INTERPRETED
+
+
+def _forward_key(
+    a, b, activation=None, split_k=None, use_tma=None, input_precision=None, preactivation=False
+):
+    """matmul_forward's plan key for these arguments (None: its plans are not cached)."""
+    return _plan_key(a, b, activation, split_k, use_tma, input_precision, preactivation)
 
 
 def matmul_forward(
@@ -766,7 +779,7 @@ def matmul_forward(
         torch.get_float32_matmul_precision() (see the precision policy above).
     store_preactivation: also return z = a @ b (in the output dtype), which the backward needs.
     """
-    key = _plan_key(a, b, activation, split_k, use_tma, input_precision, store_preactivation)
+    key = _forward_key(a, b, activation, split_k, use_tma, input_precision, store_preactivation)
     plan = _PLANS.get(key) if key is not None else None
     new_plan = plan is None
     if new_plan:
@@ -776,12 +789,13 @@ def matmul_forward(
     y = a2.new_empty((a2.shape[0], n))
     # Without store_preactivation, z aliases y and the kernels skip storing it (STORE_Z = z is not y).
     z = torch.empty_like(y) if store_preactivation else y
+    # A split met first inside a CUDA-graph capture runs untimed there, and is timed at the next call.
     if new_plan and key is not None:
-        untimed = _split_to_time(plan, split_k, a)
-        if untimed and not torch.cuda.is_current_stream_capturing():
-            plan, untimed = _timed_split(key, a2, b, y, z, plan), False
-        if not untimed:
-            _PLANS[key] = plan  # a split met first inside a CUDA-graph capture runs untimed, timed later
+        if not _split_to_time(plan, split_k, a):
+            _PLANS[key] = plan
+        elif not torch.cuda.is_current_stream_capturing():
+            one_slice = _make_plan(a, b, activation, 1, use_tma, input_precision)
+            _PLANS[key] = plan = _timed_split(key, a2, b, y, z, plan, one_slice)
     if plan.path == "empty":
         y.zero_()  # an empty sum is 0, and every activation here maps 0 to 0
         z.zero_()
@@ -930,6 +944,7 @@ def benchmark_cases(quick: bool = False) -> list[KernelCase]:
     n, k = 4096, 14336
     for m in [16] if quick else [1, 16, 64]:
         a, b = inputs(m, n, k)
+        _settled_plan(a, b)
         cases.append(
             KernelCase(
                 kernel="matmul",
@@ -948,6 +963,13 @@ def benchmark_cases(quick: bool = False) -> list[KernelCase]:
     return cases + decode_benchmark_cases(quick)
 
 
+def _settled_plan(a: torch.Tensor, b: torch.Tensor) -> _Plan:
+    """The plan matmul_forward(a, b) runs, settled by a first call (on a GPU, timing the split) before any
+    benchmark times it."""
+    matmul_forward(a, b)
+    return _PLANS[_forward_key(a, b)]
+
+
 def decode_benchmark_cases(quick: bool = False) -> list[KernelCase]:
     """The matmul_decode sweep: Llama weights times M = 1..256 rows, ours against cuBLAS, against ours
     with split_k=1, and (M <= 16, Hopper or newer) against the TMA kernel, which never splits K; GPU only."""
@@ -958,8 +980,7 @@ def decode_benchmark_cases(quick: bool = False) -> list[KernelCase]:
         w = torch.randn(k, n, device=device, dtype=dtype)
         for m in (1, 16, 256) if quick else DECODE_ROWS:
             a = torch.randn(m, k, device=device, dtype=dtype)
-            matmul_forward(a, w)  # the first call chooses the split (on a GPU, timed: _timed_split)
-            splits = _PLANS[_plan_key(a, w, None, None, None, None, False)].splits
+            splits = _settled_plan(a, w).splits
             goal_case = m <= DECODE_GOAL_MAX_M
             shared = {
                 "kernel": "matmul_decode",

@@ -239,23 +239,43 @@ def test_auto_split_k_rule(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_rules_split_is_kept_only_if_it_times_faster(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a GPU the auto rule's split is timed once against one slice and the faster plan kept, whichever
-    it is; an explicit split_k, or a plan on the CPU, is never timed."""
+    """On a GPU the auto rule's split is timed once, at a geometry's first call, against split_k=1's plan,
+    and the faster is kept; never while a CUDA graph is captured (it runs untimed and is timed later), never
+    for an explicit split_k, never on the CPU. Checked here with the timing replaced by a stub that says
+    which side is faster (the interpreter runs both plans' kernels; nothing is timed for real)."""
     a, b = inputs(16, 64, 2048, torch.float32)
-    split = matmul_module._make_plan(a, b, None, 4, None, None)
-    assert split.path == "split_k" and split.splits == 4 and split.tickets > 0
-    y = torch.empty(16, 64, device=DEVICE)
-    for faster in (1, 4):
-        # The timer is handed the launch with its plan last; the faster plan takes 1 ms, the other 2.
-        def time_ms(launch, faster=faster) -> float:
-            return 1.0 if launch.args[-1].splits == faster else 2.0
+    rule = matmul_module._make_plan(a, b, None, 4, None, None)
+    assert rule.path == "split_k" and rule.splits == 4
+    assert not matmul_module._split_to_time(rule, 4, a)  # asked for: not second-guessed
+    assert not matmul_module._split_to_time(rule, None, a.cpu())  # on the CPU: nothing to time
 
-        monkeypatch.setattr(matmul_module, "_time_ms", time_ms)
-        kept = matmul_module._timed_split(None, a, b, y, y, split)
-        assert kept.splits == faster and (kept.tickets > 0) == (faster > 1), kept
-    assert matmul_module._split_to_time(split, None, a) == (a.is_cuda and not INTERPRETED)
-    assert not matmul_module._split_to_time(split, 4, a)  # asked for: not second-guessed
-    assert not matmul_module._split_to_time(split, None, a.cpu())  # on the CPU: nothing to time
+    timings: list[float] = []
+
+    def timing_says(split_speedup: float):  # stands in for _split_speedup: counts the timings it is asked for
+        return lambda one_slice, split, device: timings.append(split_speedup) or split_speedup
+
+    monkeypatch.setattr(matmul_module, "_split_to_time", lambda plan, split_k, a: split_k is None)
+    monkeypatch.setattr(matmul_module, "_auto_split_k", lambda m, n, k, device: 4)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    for split_speedup, kept in ((2.0, 4), (0.5, 1)):
+        monkeypatch.setattr(
+            matmul_module, "_PLANS", {}
+        )  # a fresh cache, the module's restored after the test
+        monkeypatch.setattr(matmul_module, "_split_speedup", timing_says(split_speedup))
+        for _ in range(2):  # timed at the first call only
+            y, _ = matmul_forward(a, b)
+            assert_close(y, reference64(a, b), torch.float32, 2048)
+        assert (
+            timings == [split_speedup]
+            and matmul_module._PLANS[matmul_module._forward_key(a, b)].splits == kept
+        )
+        timings.clear()
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(matmul_module, "_PLANS", {})
+    y, _ = matmul_forward(a, b)  # the rule's split, untimed, and not kept
+    assert_close(y, reference64(a, b), torch.float32, 2048)
+    assert not timings and not matmul_module._PLANS
 
 
 def test_fp32_precision_follows_torch_setting() -> None:
@@ -360,11 +380,14 @@ def test_gpu_split_k_decode_shapes(m: int, split_k: int | None) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 100, 256])
-@pytest.mark.parametrize("split_k", [None, 1])
-def test_gpu_small_m_and_decode_regime(m: int, split_k: int | None) -> None:
+@pytest.mark.parametrize("split_k", [None, "rule", 1])
+def test_gpu_small_m_and_decode_regime(m: int, split_k: int | str | None) -> None:
     # Compiled and autotuned: the small-M tiles (M <= 64, one slice or the rule's split) and the regime
     # above, where the rule splits K (M = 100, 256 at N = 4096: fewer tiles than SMs) or not (split_k=1).
+    # None runs what the timing kept; "rule" asks for the rule's split itself, which the timing may drop.
     a, b = inputs(m, 4096, 4096, torch.bfloat16, seed=m)
+    if split_k == "rule":
+        split_k = matmul_module._auto_split_k(m, 4096, 4096, a.device)
     y, z = matmul_forward(a, b, "silu", split_k=split_k, store_preactivation=True)
     assert_close(y, reference64(a, b, "silu"), torch.bfloat16, 4096)
     assert_close(z, reference64(a, b), torch.bfloat16, 4096)
