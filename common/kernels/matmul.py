@@ -736,8 +736,8 @@ def _timed_split(key, a2, b, y, z, split: _Plan, one_slice: _Plan) -> _Plan:
 
     The rule counts tiles against SMs, but whether a split pays also depends on how much of the weight each
     program keeps in flight, which the tuner's config decides: on an H100, on Llama-3-8B's layer shapes at
-    M <= 16, the rule's 3 to 9 slices ran 2 to 10% slower than one slice; at M = 32 to 128 they ran up to
-    29% faster on the down and output projections and up to 14% slower on the up projection."""
+    M <= 16, the rule's 3 to 9 slices ran 2 to 10% slower than one slice; at M = 32 to 128, against
+    split_k=1, up to 29% faster on the down and output projections and up to 14% slower on the up one."""
     one_launch, split_launch = (
         functools.partial(_LAUNCHERS[p.path], key, a2, b, y, z, p) for p in (one_slice, split)
     )
@@ -745,7 +745,7 @@ def _timed_split(key, a2, b, y, z, split: _Plan, one_slice: _Plan) -> _Plan:
 
 
 def _split_to_time(plan: _Plan, split_k: int | None, a: torch.Tensor) -> bool:
-    """Whether plan is the auto rule's split on a GPU, which _timed_split checks against one slice."""
+    """Whether plan is the auto rule's split on a GPU, which _timed_split checks against split_k=1's plan."""
     return split_k is None and plan.path == "split_k" and plan.splits > 1 and a.is_cuda and not INTERPRETED
 
 
@@ -769,9 +769,9 @@ def matmul_forward(
     """(act(a @ b), a @ b or None) with the Triton kernels; no autograd.
 
     split_k: slices of K (1: none); None chooses: splits only when the output has too few tiles to fill
-        the GPU, and on a GPU only if that split ran faster than one slice when timed at the geometry's
-        first call (_timed_split); never with use_tma=True. Up to SMALL_M_MAX rows the split-K kernel's
-        short tiles run whatever the split, one slice included.
+        the GPU, and on a GPU only if that split ran faster than split_k=1's plan when timed at the
+        geometry's first call (_timed_split); never with use_tma=True. Up to SMALL_M_MAX rows the
+        split-K kernel's short tiles run whatever the split, one slice included.
     use_tma: force the TMA kernel on or off; None uses it where it applies (Hopper or newer, fp16/bf16,
         16-byte aligned rows) on products the split-K kernel does not take; never under the interpreter
         unless forced.
@@ -868,7 +868,7 @@ def matmul(
 # The decode sweep is a kernel of its own in `effdl bench kernels` (matmul_decode, its own JSON and plot):
 # the weights of one Llama-3-8B-sized decoder layer (hidden 4096, MLP 14336; bf16) times M = 1..256 token
 # rows. Ours, as matmul_forward chooses (the split is in the label: S=..., after the first call has timed
-# the rule's split against one slice), is timed in the same process against cuBLAS; against ours with
+# the rule's split against split_k=1's plan), is timed in the same process against cuBLAS; against ours with
 # split_k=1, which for M <= SMALL_M_MAX keeps the same small-M tiles, so that this comparison shows what
 # splitting K alone buys; and, for M <= 16 on a Hopper GPU, against the tiled kernel that never splits K
 # (the TMA kernel of large M, with its 64- to 256-row tiles, which split_k=1 ran at small M before the
