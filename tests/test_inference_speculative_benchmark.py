@@ -14,15 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 from inference_toys import random_llama, random_prompt
+from torch import nn
 
 from common.bench import Comparison, result_from_times, speedup_summary
 from common.hardware import NoGPUError
 from common.inference.generate import generate
+from common.inference.small_m_linear import SmallMLinear
 from common.inference.speculative import SpeculativeStats
 from common.inference.speculative_benchmark import (
     GOAL_SPEEDUP,
     GRAPHED,
     SpeculativeBenchmark,
+    build_models,
     draft_length_row,
     greedy_violations,
     layer_draft,
@@ -130,11 +133,25 @@ def test_the_default_models_are_the_sizes_the_docstring_gives() -> None:
         ({"draft_lens": (0, 2)}, "one or more lengths"),
         ({"new_tokens": 60}, "exceed the target's max_seq_len=64"),
         ({"late_layer_scale": 0.0}, r"in \(0, 1\]"),
+        ({"draft_dtype": "int8"}, "floating-point torch dtype"),
+        ({"draft_dtype": "bfloat"}, "floating-point torch dtype"),
     ],
 )
 def test_a_bad_configuration_is_refused_with_the_reason(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         replace(SpeculativeBenchmark.quick(), **changes)
+
+
+def test_the_options_give_a_draft_in_its_dtype_and_small_m_linears_on_shared_weights() -> None:
+    bench = replace(SpeculativeBenchmark.quick(), draft_dtype="float64", small_m_linears=True)
+    target, draft = build_models(bench, torch.device("cpu"))
+    assert {p.dtype for p in target.parameters()} == {torch.float32}
+    assert {p.dtype for p in draft.parameters()} == {torch.float64}
+    for model in (target, draft):
+        linears = [m for m in model.modules() if isinstance(m, (nn.Linear, SmallMLinear))]
+        assert linears and all(type(m) is SmallMLinear for m in linears)
+    plain, _ = build_models(SpeculativeBenchmark.quick(), torch.device("cpu"))
+    assert all(type(m) is not SmallMLinear for m in plain.modules())
 
 
 def test_tf32_matmuls_are_refused_with_the_fix() -> None:

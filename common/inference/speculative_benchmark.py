@@ -29,6 +29,12 @@ graphs keep that short, though on an H100 they shortened the rounds by only 5 to
 reduce-overhead's: the GPU's work dominates. The decoders compile with dynamic shapes: a few compilations
 serve every length (prefill, one token, the k + 1 tokens a round verifies) instead of one per draft length.
 
+Two options, both off by default: `small_m_linears` sends the linears' calls of 2 to 16 rows (a round's
+verify) through common.kernels.matmul's small-M path (common.inference.small_m_linear), since the H100
+record had a round of k = 2 cost more than one of k = 4, which points at cuBLAS's fp32 GEMMs for a few
+rows; `draft_dtype` runs the draft in another precision (it only proposes: the target checks every token
+in fp32, so the output is the same whatever the draft computes in).
+
 Exactness. fp32 weights and activations, so that a forward over k + 1 tokens and one over a single token
 give logits ~1e-5 apart: their argmax then differs only at a near-tie. The benchmark checks that speculative
 decoding returned exactly plain decoding's tokens; where they differ, it checks, as the assignment's hidden
@@ -63,6 +69,7 @@ from common.inference.generate import generate
 from common.inference.graphed_decoder import GraphedDecoder
 from common.inference.kv_cache import CachedDecoder
 from common.inference.sampling import GREEDY
+from common.inference.small_m_linear import use_small_m_linears
 from common.inference.speculative import SpeculativeStats, expected_tokens_per_round, speculative_generate
 from common.models.llama import Llama, LlamaConfig, count_parameters
 from common.tables import format_table
@@ -99,6 +106,10 @@ class SpeculativeBenchmark:
         )
     )
     draft_layers: int = 1  # the draft: the target's first draft_layers layers
+    # The draft's precision: it only proposes (the target checks every token in fp32), so it may be cheaper.
+    draft_dtype: str = "float32"
+    # Both models' linears: 2 to 16 rows (a round's verify) on our Triton small-M kernel, else cuBLAS.
+    small_m_linears: bool = False
     # wo and w2 of the target's later layers are scaled by this. Random directions add up as sqrt(n): 15
     # quiet layers at 0.025 move the residual stream about as much as 7 at 0.05 would (0.10 against 0.13).
     late_layer_scale: float = 0.025
@@ -126,6 +137,9 @@ class SpeculativeBenchmark:
                 f"prompt_len + new_tokens + max(draft_lens) - 1 = {self.max_len} positions exceed the target's "
                 f"max_seq_len={self.target.max_seq_len}: shorten them or raise max_seq_len"
             )
+        draft_dtype = getattr(torch, self.draft_dtype, None)
+        if not isinstance(draft_dtype, torch.dtype) or not draft_dtype.is_floating_point:
+            raise ValueError(f"draft_dtype must name a floating-point torch dtype, got {self.draft_dtype!r}")
         if not 0 < self.late_layer_scale <= 1:
             raise ValueError(f"late_layer_scale must be in (0, 1], got {self.late_layer_scale}")
 
@@ -234,7 +248,10 @@ def build_models(bench: SpeculativeBenchmark, device: torch.device) -> tuple[Lla
     with torch.device(device):  # initialised where it runs: 14 GB need not cross from the host
         target = Llama(bench.target).eval()
     quiet_late_layers(target, bench.draft_layers, bench.late_layer_scale)
-    return target, layer_draft(target, bench.draft_layers)
+    draft = layer_draft(target, bench.draft_layers).to(getattr(torch, bench.draft_dtype))
+    if bench.small_m_linears:
+        use_small_m_linears(target), use_small_m_linears(draft)
+    return target, draft
 
 
 def _decoders(
