@@ -243,14 +243,16 @@ def speedup_goal(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_models(bench: SpeculativeBenchmark, device: torch.device) -> tuple[Llama, Llama]:
-    """The target (random, later layers quiet, fp32 on `device`) and its first-layers draft."""
+    """The target (random, later layers quiet, fp32 on `device`) and its first-layers draft in draft_dtype;
+    with small_m_linears, both models' linears replaced (common.inference.small_m_linear)."""
     torch.manual_seed(bench.seed)
     with torch.device(device):  # initialised where it runs: 14 GB need not cross from the host
         target = Llama(bench.target).eval()
     quiet_late_layers(target, bench.draft_layers, bench.late_layer_scale)
     draft = layer_draft(target, bench.draft_layers).to(getattr(torch, bench.draft_dtype))
     if bench.small_m_linears:
-        use_small_m_linears(target), use_small_m_linears(draft)
+        for model in (target, draft):
+            use_small_m_linears(model)
     return target, draft
 
 
