@@ -352,8 +352,8 @@ def measure(bench: SpeculativeBenchmark, device: torch.device) -> dict[str, Any]
     return {
         "benchmark": "inference_speculative",
         "description": "greedy speculative decoding against plain greedy decoding of the same target, the same "
-        f"static KV cache, {machinery}, batch 1, fp32: tokens/s of whole generations of {bench.new_tokens} "
-        "tokens, timed alternately in one run",
+        f"static KV cache, {machinery}, batch 1, fp32 target, {bench.draft_dtype} draft: tokens/s of whole "
+        f"generations of {bench.new_tokens} tokens, timed alternately in one run",
         "config": asdict(bench),
         "models": {
             "target_parameters": count_parameters(bench.target),

@@ -258,9 +258,8 @@ def test_the_rules_split_is_kept_only_if_it_times_faster(monkeypatch: pytest.Mon
     monkeypatch.setattr(matmul_module, "_auto_split_k", lambda m, n, k, device: 4)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     for split_speedup, kept in ((2.0, 4), (0.5, 1)):
-        monkeypatch.setattr(
-            matmul_module, "_PLANS", {}
-        )  # a fresh cache, the module's restored after the test
+        # A fresh cache each time; monkeypatch restores the module's own after the test.
+        monkeypatch.setattr(matmul_module, "_PLANS", {})
         monkeypatch.setattr(matmul_module, "_split_speedup", timing_says(split_speedup))
         for _ in range(2):  # timed at the first call only
             y, _ = matmul_forward(a, b)
