@@ -95,7 +95,13 @@ def test_locked_versions_are_read_from_uv_lock(tmp_path: Path) -> None:
 
 LOCKED_RESULTS = sorted((REPO_ROOT / "benchmarks" / "results" / "nvidia-h200").glob("*.json")) + [
     REPO_ROOT / "benchmarks" / "results" / "nvidia-h100-80gb-hbm3" / name
-    for name in ("inference_speculative.json", "inference_w8a8.json")
+    for name in (
+        "inference_speculative.json",
+        "inference_speculative_fp32_draft.json",
+        "inference_w8a8.json",
+        "inference_quantization.json",
+        "kernels_matmul_decode.json",
+    )
 ]
 
 

@@ -14,12 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from inference_toys import random_llama, random_prompt
-from torch import nn
 
 from common.bench import Comparison, result_from_times, speedup_summary
 from common.hardware import NoGPUError
 from common.inference.generate import generate
-from common.inference.small_m_linear import SmallMLinear
 from common.inference.speculative import SpeculativeStats
 from common.inference.speculative_benchmark import (
     GOAL_SPEEDUP,
@@ -142,16 +140,16 @@ def test_a_bad_configuration_is_refused_with_the_reason(changes: dict, message: 
         replace(SpeculativeBenchmark.quick(), **changes)
 
 
-def test_the_options_give_a_draft_in_its_dtype_and_small_m_linears_on_shared_weights() -> None:
-    bench = replace(SpeculativeBenchmark.quick(), draft_dtype="float64", small_m_linears=True)
+@pytest.mark.parametrize(("draft_dtype", "expected"), [(None, torch.bfloat16), ("float64", torch.float64)])
+def test_the_draft_runs_in_its_dtype_and_the_target_in_fp32(draft_dtype: str | None, expected) -> None:
+    bench = SpeculativeBenchmark.quick()
+    if draft_dtype is not None:
+        bench = replace(bench, draft_dtype=draft_dtype)
     target, draft = build_models(bench, torch.device("cpu"))
     assert {p.dtype for p in target.parameters()} == {torch.float32}
-    assert {p.dtype for p in draft.parameters()} == {torch.float64}
-    for model in (target, draft):
-        linears = [m for m in model.modules() if isinstance(m, (nn.Linear, SmallMLinear))]
-        assert linears and all(type(m) is SmallMLinear for m in linears)
-    plain, _ = build_models(SpeculativeBenchmark.quick(), torch.device("cpu"))
-    assert all(type(m) is not SmallMLinear for m in plain.modules())
+    assert {p.dtype for p in draft.parameters()} == {expected}
+    # The draft's weights are the target's, rounded once to the draft's dtype.
+    assert torch.equal(draft.layers[0].attention.wq.weight, target.layers[0].attention.wq.weight.to(expected))
 
 
 def test_tf32_matmuls_are_refused_with_the_fix() -> None:

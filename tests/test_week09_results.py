@@ -25,20 +25,25 @@ def test_the_speculative_and_w8a8_figures_are_the_h100_runs() -> None:
     readme = _text("week09_inference_algorithms/README.md")
     spec = _load("nvidia-h100-80gb-hbm3", "inference_speculative.json")
     rows, goal = spec["draft_lengths"], spec["goal"]
+    assert spec["config"]["draft_dtype"] == "bfloat16" and "The draft runs in bf16" in readme
     assert f"alpha {spec['alpha']:.3f}" in readme
     assert (
         f"{goal['speedup']:.2f}x plain decoding's tokens/s at the best k ({goal['best_draft_len']})" in readme
     )
-    assert not goal["met"] and all(row["identical_tokens"] for row in rows)
+    assert goal["met"] and "the bar of 2.0x is met on this GPU" in readme
+    assert all(row["identical_tokens"] for row in rows) and "the same tokens as plain decoding" in readme
     gap = max(abs(row["tokens_per_round"] - row["predicted_tokens_per_round"]) for row in rows)
-    assert gap <= 0.15 and "within 0.15 of the formula" in readme
+    assert f"Tokens per round lie within {gap:.2f} of the formula" in readme
+    fp32 = _load("nvidia-h100-80gb-hbm3", "inference_speculative_fp32_draft.json")
+    assert fp32["config"]["draft_dtype"] == "float32"
+    assert f"fp32 the run beside it reached {fp32['goal']['speedup']:.2f}x at its best k" in readme
     # The rounds' times: each generation's median time over its plain steps and over its rounds.
     new_tokens = spec["config"]["new_tokens"]
-    plain = {f"{row['comparison']['baseline']['median_ms'] / new_tokens:.2f}" for row in rows}
+    plain = [row["comparison"]["baseline"]["median_ms"] / new_tokens for row in rows]
     round_ms = {row["draft_len"]: row["comparison"]["candidate"]["median_ms"] / row["rounds"] for row in rows}
-    assert plain == {"6.03"} and (
-        f"a plain step takes 6.03 ms, a round {round_ms[1]:.2f} ms at k = 1, {round_ms[2]:.2f} ms at k = 2 "
-        f"and {round_ms[4]:.2f} ms at k = 4" in readme
+    assert (
+        f"a plain step takes {min(plain):.2f} to {max(plain):.2f} ms, a round {round_ms[2]:.2f} ms at k = 2, {round_ms[4]:.2f} ms "
+        f"at k = 4, {round_ms[5]:.2f} ms at k = 5 and {round_ms[6]:.2f} ms at k = 6" in readme
     )
     assert round_ms[2] > round_ms[4], "the README's point: a round of k = 2 costs more than one of k = 4"
     assert spec["machinery"] == GRAPHED
@@ -71,3 +76,37 @@ def test_the_decode_gemm_ranges_are_the_sweeps(folder: str, baselines: tuple[str
         text = _text(path)
         for against in baselines:
             assert _small_m_span(folder, against) in text, (path, folder, against)
+
+
+def test_the_quantization_figures_are_the_h100_run() -> None:
+    readme = _text("week09_inference_algorithms/README.md")
+    slides = _text("week09_inference_algorithms/lecture/slides.md")
+    record = _load("nvidia-h100-80gb-hbm3", "inference_quantization.json")
+    speed, errors = record["speed"], record["error"]
+    methods = speed["methods"]
+    int8 = methods["int8"]
+    assert not record["goal"]["met"] and int8["speedup"] < record["goal"]["value"]
+    assert (
+        f"weight-only int8 decodes at {int8['speedup']:.2f}x bf16's tokens/s at batch 1 (bar 1.5x: missed)"
+        in (readme)
+    )
+    names = {"int4": "int4", "fp8-tensor": "fp8 with one scale per tensor", "fp8-row": "per row"}
+    for method, words in names.items():
+        assert f"{words} {methods[method]['speedup']:.2f}x" in readme, method
+    assert f"SmoothQuant's fake-quantized W8A8 {methods['smoothquant']['speedup']:.2f}x" in readme
+    fraction = int8["weight_bytes"] / speed["baseline_weight_bytes"]
+    assert f"its weights are {fraction:.2f} of bf16's bytes" in readme
+    assert f"On an H100: int8 {int8['speedup']:.2f}× bf16's tokens/s" in slides
+    assert f"int8 weights are {fraction:.2f} of bf16's bytes, yet decode at {int8['speedup']:.2f}x" in slides
+    bf16_gb = speed["baseline_weight_bytes"] / 1e9
+    bf16_rate = speed["baseline_weight_bytes"] * int8["baseline_tokens_per_s"] / 1e12
+    int8_rate = int8["weight_bytes"] * int8["tokens_per_s"] / 1e12
+    assert f"streams its {bf16_gb:.2f} GB of weights at {bf16_rate:.2f} TB/s" in readme
+    assert f"its {int8['weight_bytes'] / 1e9:.2f} GB at {int8_rate:.2f} TB/s" in readme
+    assert f"stream int8 weights at {int8_rate:.2f} TB/s, bf16 ones at {bf16_rate:.2f}." in slides
+    losses = {m: v["loss"] for m, v in errors["methods"].items()}
+    assert (
+        f"the held-out loss is bf16's ({errors['baseline']['loss']:.3f}) for every method but int4 " in readme
+    )
+    assert {m for m, loss in losses.items() if loss != errors["baseline"]["loss"]} == {"int4"}
+    assert f"for every method but int4 ({losses['int4']:.3f})" in readme
