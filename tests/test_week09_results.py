@@ -42,8 +42,9 @@ def test_the_speculative_and_w8a8_figures_are_the_h100_runs() -> None:
     plain = [row["comparison"]["baseline"]["median_ms"] / new_tokens for row in rows]
     round_ms = {row["draft_len"]: row["comparison"]["candidate"]["median_ms"] / row["rounds"] for row in rows}
     assert (
-        f"a plain step takes {min(plain):.2f} to {max(plain):.2f} ms, a round {round_ms[2]:.2f} ms at k = 2, {round_ms[4]:.2f} ms "
-        f"at k = 4, {round_ms[5]:.2f} ms at k = 5 and {round_ms[6]:.2f} ms at k = 6" in readme
+        f"a plain step takes {min(plain):.2f} to {max(plain):.2f} ms, a round {round_ms[2]:.2f} ms at k = 2, "
+        f"{round_ms[4]:.2f} ms at k = 4, {round_ms[5]:.2f} ms at k = 5 and {round_ms[6]:.2f} ms at k = 6"
+        in readme
     )
     assert round_ms[2] > round_ms[4], "the README's point: a round of k = 2 costs more than one of k = 4"
     assert spec["machinery"] == GRAPHED
@@ -110,3 +111,16 @@ def test_the_quantization_figures_are_the_h100_run() -> None:
     )
     assert {m for m, loss in losses.items() if loss != errors["baseline"]["loss"]} == {"int4"}
     assert f"for every method but int4 ({losses['int4']:.3f})" in readme
+
+
+def test_the_h100_decode_sweep_kept_the_splits_the_readmes_name() -> None:
+    """The timed split's choices at M <= 16 (the `S=` of each label) and the tiled-kernel goal's count."""
+    cases = _load("nvidia-h100-80gb-hbm3", "kernels_matmul_decode.json")["cases"]
+    small = [c for c in cases if c["x"] <= 16]
+    splits = {(c["label"].split()[0], c["x"]): int(c["label"].split("S=")[1].split()[0]) for c in small}
+    assert {key: s for key, s in splits.items() if s != 1} == {("attn_o", 2): 8}
+    readme, kernels = _text("week09_inference_algorithms/README.md"), _text("common/kernels/README.md")
+    assert "kept one slice everywhere at M <= 16 except the output projection at M = 2 (8 slices)" in readme
+    assert "kept one slice for every shape but the output projection at M = 2 (8 slices)" in kernels
+    tiled = [g["met"] for c in small if c["label"].endswith("vs tiled") for g in c["goals"]]
+    assert f"met at {sum(tiled)} of {len(tiled)} points" in readme
