@@ -222,7 +222,9 @@ assert rounds["unrelated draft"] <= 24, "a draft that never agrees: one target f
 # the generated tokens), and runs speculative decoding for several $k$, counting the tokens per round; on a
 # GPU it also times each $k$ against plain decoding on the same static KV cache, alternately. In small mode
 # the models are tiny; in full mode on a GPU they are the benchmark's: a random target with Llama-3-8B's
-# layer shape whose later layers are made quiet, so that its first layer, the draft, is often right.
+# layer shape whose later layers are made quiet, so that its first layer, the draft, is often right. The
+# draft runs in bf16 and the target in fp32: the draft only proposes, and every token it proposes is checked
+# by the target, so its precision changes how often it is right (alpha), never the output.
 #
 # The asserts check that every count lies between 1 and $k + 1$ tokens per round, and that at small sizes
 # every $k$ gave exactly plain decoding's tokens; at full size `measure` itself raises unless every token is
