@@ -141,7 +141,9 @@ def test_a_bad_configuration_is_refused_with_the_reason(changes: dict, message: 
 
 
 @pytest.mark.parametrize(("draft_dtype", "expected"), [(None, torch.bfloat16), ("float64", torch.float64)])
-def test_the_draft_runs_in_its_dtype_and_the_target_in_fp32(draft_dtype: str | None, expected) -> None:
+def test_the_draft_runs_in_its_dtype_and_the_target_in_fp32(
+    draft_dtype: str | None, expected: torch.dtype
+) -> None:
     bench = SpeculativeBenchmark.quick()
     if draft_dtype is not None:
         bench = replace(bench, draft_dtype=draft_dtype)

@@ -93,7 +93,7 @@ def test_the_quantization_figures_are_the_h100_run() -> None:
     assert not record["goal"]["met"] and int8["speedup"] < record["goal"]["value"]
     assert (
         f"weight-only int8 decodes at {int8['speedup']:.2f}x bf16's tokens/s at batch 1 (bar 1.5x: missed)"
-        in (readme)
+        in readme
     )
     names = {"int4": "int4", "fp8-tensor": "fp8 with one scale per tensor", "fp8-row": "per row"}
     for method, words in names.items():

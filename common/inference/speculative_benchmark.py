@@ -136,11 +136,16 @@ class SpeculativeBenchmark:
                 f"prompt_len + new_tokens + max(draft_lens) - 1 = {self.max_len} positions exceed the target's "
                 f"max_seq_len={self.target.max_seq_len}: shorten them or raise max_seq_len"
             )
-        draft_dtype = getattr(torch, self.draft_dtype, None)
-        if not isinstance(draft_dtype, torch.dtype) or not draft_dtype.is_floating_point:
+        dtype = self.draft_torch_dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"draft_dtype must name a floating-point torch dtype, got {self.draft_dtype!r}")
         if not 0 < self.late_layer_scale <= 1:
             raise ValueError(f"late_layer_scale must be in (0, 1], got {self.late_layer_scale}")
+
+    @property
+    def draft_torch_dtype(self) -> torch.dtype:
+        """torch.<draft_dtype>: after __post_init__'s check, always a floating-point dtype."""
+        return getattr(torch, self.draft_dtype, None)
 
     @property
     def max_len(self) -> int:
@@ -247,7 +252,7 @@ def build_models(bench: SpeculativeBenchmark, device: torch.device) -> tuple[Lla
     with torch.device(device):  # initialised where it runs: 14 GB need not cross from the host
         target = Llama(bench.target).eval()
     quiet_late_layers(target, bench.draft_layers, bench.late_layer_scale)
-    draft = layer_draft(target, bench.draft_layers).to(getattr(torch, bench.draft_dtype))
+    draft = layer_draft(target, bench.draft_layers).to(bench.draft_torch_dtype)
     return target, draft
 
 
