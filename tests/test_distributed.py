@@ -103,6 +103,24 @@ def test_launch_runs_a_closure_as_a_notebook_cell_would_define_it(no_process_lef
     assert launch(lambda: dist.get_rank() + offset, 2) == {0: 10, 1: 11}
 
 
+def test_no_rank_starts_fn_before_every_rank_has_joined(monkeypatch, no_process_left_behind) -> None:
+    """A rank that ran fn and left while a peer was still building its side of the group broke the peer's init
+    (gloo: "Connection closed by peer"). Rank 1's init is made 1 s slower: rank 0 must wait for it."""
+    real_init = dist.init_process_group
+    joined_at: list[float] = []  # filled in the rank's own (forked) copy
+
+    def slow_init_on_rank_1(*args, **kwargs) -> None:
+        real_init(*args, **kwargs)
+        if dist.get_rank() == 1:
+            time.sleep(1.0)
+        joined_at.append(time.monotonic())
+
+    monkeypatch.setattr(dist, "init_process_group", slow_init_on_rank_1)  # forked ranks inherit the patch
+    results = launch(lambda: (joined_at[0], time.monotonic()), 2, start_method="fork")
+    rank_1_joined, rank_0_started = results[1][0], results[0][1]
+    assert rank_0_started >= rank_1_joined, "rank 0 ran fn while rank 1 was still joining the group"
+
+
 def test_a_failing_rank_raises_with_its_rank_and_traceback(no_process_left_behind) -> None:
     def fail_on_rank_1() -> None:
         if dist.get_rank() == 1:

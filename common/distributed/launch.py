@@ -15,7 +15,8 @@ What you will learn here is what a launcher owes its user, because `torchrun` an
   ranks have started and sends them its port: a store's server thread must not be running when a rank is
   forked, since a lock it held would stay locked forever in the child. Each rank joins the store, then
   `init_process_group` builds the communicator (gloo on CPU, NCCL on GPUs, one GPU per rank: rank r
-  computes on cuda:r).
+  computes on cuda:r). A barrier ends the join, so no rank starts fn before every peer has its side of the
+  communicator (a fast rank that finished fn and left early would break a slow peer's init).
 - Failure. A rank's exception is caught in the rank, sent back with its traceback, and raised here as
   RankError naming the rank. The other ranks are then killed: they would wait forever in a collective for
   the rank that died. Ranks of a failed peer usually fail too (gloo: "connection closed by peer"); the
@@ -194,12 +195,30 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def _join_process_group(backend: Backend, rank: int, world_size: int, timeout_s: float, store=None) -> None:
+def join_process_group(
+    backend: str,
+    rank: int,
+    world_size: int,
+    timeout_s: float,
+    store: dist.Store | None = None,
+    local_rank: int | None = None,
+) -> None:
+    """Build the communicator, then wait until every rank has built it.
+
+    init_process_group is not a synchronization point: a rank can finish building its side, run a short
+    fn and tear the group down while a peer is still inside its own init, which then fails with gloo's
+    "Connection closed by peer". The barrier makes "joined" mean "all ranks joined". With NCCL, rank
+    computes on cuda:local_rank (by default LOCAL_RANK, else rank).
+    """
+    device_ids = None
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))  # one GPU per rank, chosen by rank
+        local_rank = int(os.environ.get("LOCAL_RANK", rank)) if local_rank is None else local_rank
+        torch.cuda.set_device(local_rank)  # one GPU per rank, chosen by rank
+        device_ids = [local_rank]
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
     )
+    dist.barrier(device_ids=device_ids)
 
 
 # What autograd says in a forked process whose parent had started its per-device threads.
@@ -236,7 +255,7 @@ def _run_rank(setup: _RankSetup, fn: Callable[..., Any], args: tuple, conn) -> N
             is_master=False,
             timeout=datetime.timedelta(seconds=setup.timeout_s),
         )
-        _join_process_group(setup.backend, setup.rank, setup.world_size, setup.timeout_s, store)
+        join_process_group(setup.backend, setup.rank, setup.world_size, setup.timeout_s, store)
         message = ("ok", pickle.dumps(fn(*args)))
         if dist.is_initialized():  # fn may have ended the group itself
             dist.destroy_process_group()
@@ -421,7 +440,7 @@ def _run_as_torchrun_rank(
     backend = _resolve_backend(backend, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     joined_here = not dist.is_initialized()
     if joined_here:  # env:// rendezvous: MASTER_ADDR and MASTER_PORT come from torchrun
-        _join_process_group(backend, int(os.environ["RANK"]), world_size, timeout_s)
+        join_process_group(backend, int(os.environ["RANK"]), world_size, timeout_s)
     try:
         return {dist.get_rank(): fn(*args)}
     finally:

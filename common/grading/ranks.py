@@ -85,7 +85,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import _create_work_from_future
 from torch.futures import Future
 
-from common.distributed.launch import die_with_parent
+from common.distributed.launch import die_with_parent, join_process_group
 from common.grading import wire
 from common.grading.client import expect
 from common.grading.worker import load_scenario, make_undumpable, summarize_exception
@@ -294,15 +294,14 @@ def _rank_main(setup: _RankSetup, sock: socket.socket, fn: Callable[..., Any], a
 
 
 def _join(setup: _RankSetup) -> None:
-    timeout = datetime.timedelta(seconds=setup.timeout_s)
-    if setup.backend == HUB_BACKEND:
-        store: dist.Store = dist.HashStore()  # nothing goes through it: the hub group needs no rendezvous
+    if setup.backend == HUB_BACKEND:  # no rendezvous: every collective is a message to the hub
+        dist.init_process_group(HUB_BACKEND, store=dist.HashStore(), rank=setup.rank, world_size=setup.world_size,
+                                timeout=datetime.timedelta(seconds=setup.timeout_s))  # fmt: skip
     else:
         store = dist.FileStore(setup.store, setup.world_size)
-    if setup.backend == "nccl":
-        torch.cuda.set_device(setup.rank)
-    dist.init_process_group(setup.backend, store=store, rank=setup.rank, world_size=setup.world_size,
-                            timeout=timeout)  # fmt: skip
+        join_process_group(
+            setup.backend, setup.rank, setup.world_size, setup.timeout_s, store, local_rank=setup.rank
+        )
 
 
 def _close_inherited(keep: set[int]) -> None:
