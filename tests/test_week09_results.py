@@ -1,15 +1,20 @@
-"""The figures the week-9 README and common/kernels/README.md quote, read back from the committed JSON."""
+"""The figures the week-9 README, slides, common/kernels/README.md and the speculative benchmark's docstring
+quote, read back from the committed JSON (or, for model sizes, computed from the benchmark's config)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
-from common.inference.speculative_benchmark import GRAPHED
+from common.inference import speculative_benchmark
+from common.inference.speculative_benchmark import GRAPHED, SpeculativeBenchmark
+from common.models.llama import count_parameters
 from common.weeks import REPO_ROOT
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
+SPECULATIVE_RUNS = ("inference_speculative.json", "inference_speculative_fp32_draft.json")  # bf16, fp32 draft
 
 
 def _text(path: str) -> str:
@@ -60,6 +65,22 @@ def test_the_speculative_and_w8a8_figures_are_the_h100_runs() -> None:
     assert f"the reference reached {large[0]}, {large[1]} and {large[2]} at 4096³" in instructors
     starter_comment = _text("assignments/week09_inference_algorithms/src/fastinfer/w8a8.py")
     assert f"this path measured {min(large)} to {max(large)} cuBLAS's" in starter_comment
+
+
+def test_the_speculative_benchmarks_docstring_states_its_models_and_the_h100_runs() -> None:
+    doc = " ".join(speculative_benchmark.__doc__.split())
+    bench = SpeculativeBenchmark()
+    target = count_parameters(bench.target)
+    draft = count_parameters(replace(bench.target, n_layers=bench.draft_layers))
+    assert f"{target / 1e9:.2f} billion parameters, {target * 4 / 1e9:.0f} GB in fp32" in doc
+    assert f"{draft / 1e9:.2f} billion parameters, {draft / target:.2f} of the target's" in doc
+    assert f"run in bf16, {draft * 2 / (target * 4):.2f} of its bytes" in doc
+    bf16, fp32 = (_load("nvidia-h100-80gb-hbm3", name) for name in SPECULATIVE_RUNS)
+    assert bf16["config"]["draft_dtype"] == "bfloat16" and fp32["config"]["draft_dtype"] == "float32"
+    best = bf16["goal"]
+    assert f"reached {best['speedup']:.2f}x plain decoding at k = {best['best_draft_len']}" in doc
+    assert f"and {fp32['goal']['speedup']:.2f}x at its best k with the same draft in fp32" in doc
+    assert f"(alpha {bf16['alpha']:.3f} in bf16 against {fp32['alpha']:.3f} in fp32)" in doc
 
 
 def _small_m_span(folder: str, against: str) -> str:

@@ -13,8 +13,8 @@ time than that, and then the GPU waits for the host. A graph captured by hand is
 call: what is left on the host is a copy of the tokens, the start position written into a GPU tensor, and
 the replay, a few microseconds each (torch.cuda.graphs). The forward inside is still compiled by
 torch.compile, without its own CUDA graphs, so Inductor's fused kernels are what the graph replays. Where
-the GPU's work dominates, the gain is small: on an H100 the speculative benchmark's rounds (a 16-layer fp32
-target) took 5 to 11% less time than with reduce-overhead, and plain decoding the same.
+the GPU's work dominates a call (the speculative benchmark's 16-layer fp32 target), there is little host
+time to save; a draft's step is where it counts.
 
 What capturing demands, and how the decoder meets it: a graph replays fixed kernels on fixed addresses, so
 every input lives in a buffer kept beside the graph (the tokens, the start position), the cache is written in

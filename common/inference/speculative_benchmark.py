@@ -26,8 +26,8 @@ kernels in one hand-captured graph per input length), and whichever is faster is
 decoding then runs on that same machinery (graphed target and draft, or eager ones), so the comparison is
 the best plain decoding we have against speculative decoding built from the same parts. A round ends with
 a sync (how many tokens were kept?), after which the GPU waits for the host's next launches; hand-captured
-graphs keep that short, though on an H100 they shortened the rounds by only 5 to 11% against
-reduce-overhead's: the GPU's work dominates. The decoders compile with dynamic shapes: a few compilations
+graphs keep that short (`GraphedDecoder` says why they beat reduce-overhead's CUDA graphs, and when it
+matters). The decoders compile with dynamic shapes: a few compilations
 serve every length (prefill, one token, the k + 1 tokens a round verifies) instead of one per draft length.
 
 The draft runs in bf16 (`draft_dtype`): it only proposes, and the target checks every token in fp32, so
