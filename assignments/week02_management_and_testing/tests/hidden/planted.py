@@ -13,7 +13,6 @@ on the reference. The student's own code is still run: their suite must pass on 
 
 from __future__ import annotations
 
-import ast
 import json
 import sys
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from common.grading.client import Submission
 from common.grading.solutions import inject_bugs, planted_bugs, transformed_tree
+from common.grading.source_scan import scan_source
 from common.grading.suites import IsolatedRun
 
 ASSIGNMENT = Path(__file__).resolve().parents[2]
@@ -76,35 +76,14 @@ def with_students_tests(tree: dict[str, bytes], submission: Submission) -> dict[
 def suspicious(source: str) -> list[str]:
     """What a test file uses that only reading the code, or forging a verdict, needs (see SUSPICIOUS_NAMES)."""
     try:
-        tree = ast.parse(source)
+        scanned = scan_source(source)
     except SyntaxError as error:
         return [f"a syntax error at line {error.lineno}"]
-    docstrings = {id(node.body[0].value) for node in ast.walk(tree) if _has_docstring(node)}
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and node.id in SUSPICIOUS_NAMES | SUSPICIOUS_BUILTINS:
-            found.add(node.id)
-        elif isinstance(node, ast.Attribute) and node.attr in SUSPICIOUS_NAMES:
-            found.add(node.attr)
-        elif (
-            isinstance(node, ast.alias) and node.name.split(".")[0] in SUSPICIOUS_NAMES | SUSPICIOUS_BUILTINS
-        ):
-            found.add(node.name)
-        elif isinstance(node, ast.Constant) and type(node.value) is str and id(node) not in docstrings:
-            found.update(repr(text) for text in SUSPICIOUS_TEXT if text in node.value)
+    anywhere = SUSPICIOUS_NAMES | SUSPICIOUS_BUILTINS
+    found = ((scanned.names | scanned.imported_names) & anywhere) | (scanned.attributes & SUSPICIOUS_NAMES)
+    found |= {name for name in scanned.imports if set(name.split(".")) & anywhere}
+    found |= {repr(text) for text in SUSPICIOUS_TEXT if any(text in string for string in scanned.strings)}
     return sorted(found)
-
-
-def _has_docstring(node: ast.AST) -> bool:
-    """Whether `node` (a module, class or function) opens with a string: its docstring."""
-    body = getattr(node, "body", None)
-    return (
-        isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
-        and bool(body)
-        and isinstance(body[0], ast.Expr)
-        and isinstance(body[0].value, ast.Constant)
-        and type(body[0].value.value) is str
-    )
 
 
 def check_suite_source(submission: Submission) -> None:

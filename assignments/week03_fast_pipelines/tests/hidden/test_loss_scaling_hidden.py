@@ -10,7 +10,6 @@ agree step by step; whether a step was taken is read off the parameters, here.
 
 from __future__ import annotations
 
-import ast
 import math
 from itertools import pairwise
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from scenarios import loss_scaling
 
 from common.grading.client import Remote, Submission
+from common.grading.source_scan import scan_source
 
 SHAPES = [(7,), (3, 4)]
 OVERFLOW = 3e38  # finite in fp32 (max 3.4e38), inf once multiplied by any scale >= 2
@@ -250,24 +250,10 @@ def test_update_without_step_raises(submission: Submission, scaler: str) -> None
     )
 
 
-def names_used(source: str) -> set[str]:
-    tree = ast.parse(source)
-    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
-    names |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
-    names |= {
-        alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names
-    }
-    names |= {
-        const.value
-        for const in ast.walk(tree)
-        if isinstance(const, ast.Constant) and type(const.value) is str
-    }
-    return names
-
-
 def test_scaler_is_written_from_scratch(submission: Submission) -> None:
     """The submission must not name GradScaler or its private kernels, nor call them at run time."""
-    used = sorted(names_used(submission.source("fastpipe/loss_scaling.py")) & set(loss_scaling.FORBIDDEN))
+    names = scan_source(submission.source("fastpipe/loss_scaling.py"))
+    used = sorted((names.identifiers | names.strings) & set(loss_scaling.FORBIDDEN))
     assert not used, f"loss_scaling.py uses {used}: write the scaler yourself"
     pattern = "..O..."
     records, calls = submission.run(

@@ -19,14 +19,13 @@ import or run code chosen at run time (checked here, on the submitted text, as p
 
 from __future__ import annotations
 
-import ast
-
 import pytest
 import torch
 from fsdp2_runs import fsdp2, ours, returned
 from scenarios import fsdp
 
 from common.grading.client import Submission
+from common.grading.source_scan import scan_source
 
 STEPS = 3
 FILES = ("myfsdp/fsdp.py", "myfsdp/unit.py", "myfsdp/sharding.py")
@@ -71,31 +70,11 @@ def test_losses_gradients_and_parameters_equal_fsdp2s(submission: Submission, ra
                                    msg=f"{ranks} ranks: {name} after {STEPS} steps")  # fmt: skip
 
 
-def used_names(source: str) -> tuple[set[str], set[str]]:
-    """(names and attributes, imported modules and string constants other than docstrings) of a source."""
-    tree = ast.parse(source)
-    docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
-    names, texts = set(), set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name):
-            names.add(node.id)
-        elif isinstance(node, ast.Attribute):
-            names.add(node.attr)
-        elif isinstance(node, ast.ImportFrom):
-            texts |= {node.module or "", *(f"{node.module}.{a.name}" for a in node.names)}
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.Import):
-            texts |= {a.name for a in node.names}
-            names |= {a.name.partition(".")[0] for a in node.names}
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
-            texts.add(node.value)
-    return names, texts
-
-
 def assert_no_library_fsdp(submission: Submission) -> None:
     """The parity must come from the submission's own mechanism: no library FSDP named in its sources."""
     for path in FILES:
-        names, texts = used_names(submission.source(path))
+        scanned = scan_source(submission.source(path))
+        names, texts = scanned.identifiers, scanned.imports | scanned.strings
         found = sorted(
             {b for b in BUILTINS if b in names}
             | {lib for lib in LIBRARIES if any(lib in t for t in texts | names)}

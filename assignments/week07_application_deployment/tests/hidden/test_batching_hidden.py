@@ -3,13 +3,13 @@ exports, read here), no batch exceeds --max-batch, and every answer belongs to i
 
 from __future__ import annotations
 
-import ast
 from concurrent.futures import ThreadPoolExecutor
 
 import reference
 import served
 
 from common.grading.client import Submission
+from common.grading.source_scan import scan_source
 
 REQUESTS = 16
 MAX_BATCH = 8
@@ -52,8 +52,8 @@ def test_concurrent_requests_are_batched_and_answered_each_their_own(
 
 def assert_batcher_written_here(source: str) -> None:
     """The lesson is the batcher: one imported from the course library (week 7's) is not an answer."""
-    tree = ast.parse(source)
-    imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
-    imported += [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
-    borrowed = [name for name in imported if name.startswith(("common", "week07_application_deployment"))]
+    imports = scan_source(source).imports
+    borrowed = sorted(
+        name for name in imports if name.startswith(("common", "week07_application_deployment"))
+    )
     assert not borrowed, f"batching.py imports {borrowed}: write the batcher with asyncio"
