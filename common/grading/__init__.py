@@ -20,6 +20,9 @@ How the pieces fit (each module has one job):
 - `wire`       the data-only format both sides speak (JSON and raw tensor bytes; nothing runs on load);
 - `suites`     a command (a student's test suite, a pipeline) run once in a fresh sandbox on a tree the checker
                chose, judged by the exit status the checker observed (`launcher` applies its limits inside);
+- `off_limits` refuses, in the worker, the course library's modules that a task asks students to write;
+- `source_scan` what a submitted source names (read from its syntax tree, never run), for "write it yourself"
+               rules;
 - `ranks`      distributed code under test: N ranks in the worker, every collective carried out and logged
                by a hub the submission's code never runs in;
 - `batch`      grades many submissions in parallel and assigns GPUs;
