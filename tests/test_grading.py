@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import zipfile
 from pathlib import Path
@@ -676,3 +677,35 @@ def test_a_submission_that_breaks_intake_is_refused_and_the_rest_are_read(
     assert odd.refused.startswith("refused: unreadable (UnicodeDecodeError:") and fine.refused is None
     with pytest.raises(SubmissionNotFoundError):
         grade_module.read_or_refuse(tmp_path / "typo.zip", toy, "typo")
+
+
+def test_a_program_runs_in_the_warm_server_as_python_c_would(tmp_path: Path) -> None:
+    from common.grading.forkserver import run_python
+
+    def run(code: str, timeout_s: float = 60) -> tuple[int | None, str]:
+        output = tmp_path / "output.log"
+        status = run_python(textwrap.dedent(code), tmp_path, {"PATH": "/usr/bin:/bin"}, output, timeout_s)
+        return status, output.read_text()
+
+    # Its own __main__ (pickle finds a class defined there), its name, argv and working folder; threads
+    # joined and atexit handlers run at exit.
+    status, out = run(
+        """
+        import atexit, os, pickle, sys, threading, time
+        class Point:
+            pass
+        assert pickle.loads(pickle.dumps(Point())).__class__.__name__ == "Point"
+        assert __name__ == "__main__" and sys.argv == ["-c"] and sys.path[0] == ""
+        print(os.path.basename(os.getcwd()), sorted(os.environ))
+        atexit.register(lambda: print("atexit ran", flush=True))
+        threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished", flush=True))).start()
+        """
+    )
+    assert status == 0, out
+    assert f"{tmp_path.name} ['PATH']" in out
+    assert out.index("thread finished") < out.index("atexit ran")
+    status, out = run("import torch\nraise ValueError('bad block')\n")
+    assert status == 1 and 'File "<string>", line 2' in out and "ValueError: bad block" in out
+    assert run("import sys\nsys.exit(3)\n")[0] == 3
+    assert run("import sys\nsys.exit('a message')\n") == (1, "a message\n")
+    assert run("import time\ntime.sleep(120)\n", timeout_s=2)[0] is None

@@ -8,8 +8,14 @@ file and runs `pytest.main`. The server reports each run's exit code, and kills 
 Only trusted code runs here (the hidden tests and the checker), never a submission. Nothing in the server
 touches CUDA, so a forked checker may still use the GPU it is given.
 
-Protocol: one JSON object per line. Grader -> server: {"id", "argv", "cwd", "env", "output", "timeout_s"}.
-Server -> grader: {"ready": true} once, then {"id", "code"} per run (code null: killed at its deadline).
+The same server runs short Python programs as `python -c` would (`run_python`): the test suite runs every
+code block of the slides that way, each in a fork that has torch imported already instead of a new interpreter
+that imports it (seconds each). What differs from `python -c`: the preloaded modules are imported before the
+program starts, so an environment variable it sets for them (before `import torch`) comes too late.
+
+Protocol: one JSON object per line. Grader -> server: {"id", "argv" (pytest's) or "code" (a program's),
+"cwd", "env", "output", "timeout_s"}. Server -> grader: {"ready": true} once, then {"id", "code"} per run
+(code: the exit status; null: killed at its deadline).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
+import types
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -36,7 +44,8 @@ PRELOAD = ("torch", "torch._dynamo", "pytest", "hypothesis", "common.grading.che
 
 # ------------------------------------------------------------------------------------------------ server
 def _child(request: dict[str, Any]) -> None:
-    """A forked checker: pytest.main(argv) in `cwd` with exactly `env`, its output into `output`."""
+    """A forked run in `cwd` with exactly `env`, its output into `output`: pytest.main(argv) (a checker), or
+    a program, which then exits as an interpreter does (threads joined, atexit handlers run)."""
     code = 70
     try:
         null = os.open(os.devnull, os.O_RDONLY)
@@ -48,13 +57,40 @@ def _child(request: dict[str, Any]) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         sys.dont_write_bytecode = True  # the hidden tests' folder stays free of __pycache__
-        import pytest
+        if "code" in request:
+            code = _run_program(request["code"])
+        else:
+            import pytest
 
-        code = int(pytest.main(request["argv"]))
+            code = int(pytest.main(request["argv"]))
         sys.stdout.flush()
         sys.stderr.flush()
-    finally:
+    except BaseException:
         os._exit(code)
+    if "code" in request:
+        sys.exit(code)  # up through serve(): this fork's interpreter shuts down as `python -c`'s would
+    os._exit(code)
+
+
+def _run_program(source: str) -> int:
+    """Run `source` as `python -c source` does: in a fresh __main__ module (what pickle and multiprocessing
+    look classes up in), with sys.argv ["-c"] and the working folder first on sys.path. Returns the exit
+    status: SystemExit's, or 1 with the traceback on stderr for an uncaught exception."""
+    main = types.ModuleType("__main__")
+    sys.modules["__main__"] = main
+    sys.argv = ["-c"]
+    sys.path[0] = ""
+    try:
+        exec(compile(source, "<string>", "exec"), main.__dict__)
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        print(exit_.code, file=sys.stderr)  # sys.exit("message"), as the interpreter reports it
+        return 1
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
 
 
 def serve() -> None:
@@ -123,14 +159,15 @@ class CheckerServer:
             future.set_result(None)
 
     def run(
-        self, argv: list[str], cwd: Path, env: dict[str, str], output: Path, timeout_s: float
+        self, what: dict[str, Any], cwd: Path, env: dict[str, str], output: Path, timeout_s: float
     ) -> int | None:
-        """pytest's exit code, or None if it ran past `timeout_s` (it is then killed, and its sandboxes)."""
+        """The exit status of a run of `what` ({"argv": pytest's} or {"code": a program}), or None if it ran
+        past `timeout_s` (it is then killed, and a checker's sandboxes with it)."""
         future: Future = Future()
         with self._lock:
             request_id = next(self._ids)
             self._waiting[request_id] = future
-            request = {"id": request_id, "argv": argv, "cwd": str(cwd), "env": env, "output": str(output),
+            request = {"id": request_id, **what, "cwd": str(cwd), "env": env, "output": str(output),
                        "timeout_s": timeout_s}  # fmt: skip
             try:
                 self.process.stdin.write((json.dumps(request) + "\n").encode())
@@ -144,13 +181,24 @@ _SERVER: CheckerServer | None = None
 _SERVER_LOCK = threading.Lock()
 
 
-def run_pytest(argv: list[str], cwd: Path, env: dict[str, str], output: Path, timeout_s: float) -> int | None:
-    """Run pytest with `argv` as a fork of the warm server (started on first use); see CheckerServer.run."""
+def _server() -> CheckerServer:
+    """The warm server, started on first use (and again if it died)."""
     global _SERVER
     with _SERVER_LOCK:
         if _SERVER is None or _SERVER.process.poll() is not None:
             _SERVER = CheckerServer()
-    return _SERVER.run(argv, cwd, env, output, timeout_s)
+        return _SERVER
+
+
+def run_pytest(argv: list[str], cwd: Path, env: dict[str, str], output: Path, timeout_s: float) -> int | None:
+    """Run pytest with `argv` as a fork of the warm server; pytest's exit code (see CheckerServer.run)."""
+    return _server().run({"argv": argv}, cwd, env, output, timeout_s)
+
+
+def run_python(code: str, cwd: Path, env: dict[str, str], output: Path, timeout_s: float) -> int | None:
+    """Run a program as `python -c code` would, as a fork of the warm server (module docstring); its exit
+    status, its stdout and stderr in `output` (see CheckerServer.run)."""
+    return _server().run({"code": code}, cwd, env, output, timeout_s)
 
 
 if __name__ == "__main__":
