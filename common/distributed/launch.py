@@ -81,6 +81,7 @@ __all__ = [
     "RankError",
     "RankTimeoutError",
     "StartMethod",
+    "join_process_group",
     "launch",
     "rank_device",
     "under_torchrun",
