@@ -5,7 +5,9 @@
   selects only GPU tests on a machine without one stops at once with one line saying so.
 - Under xdist's `--dist loadfile` (as `effdl test` runs it) a file's tests stay on one worker, so that
   module-scoped fixtures are built once, except the grader self-tests (a minute or two each): they spread
-  over the workers, instead of queueing on the worker that got their file.
+  over the workers, instead of queueing on the worker that got their file, and they go out first. xdist
+  would hand them out last (it orders files by their number of tests), and a worker takes up to three at a
+  time: the run then ended on one worker's self-tests while the other had nothing left.
 - Under xdist, each worker gets its share of the cores for torch's intra-op threads: by default every worker
   would take all of them, and on CI's two cores two workers of two threads each made tiny ops far slower.
 """
@@ -66,6 +68,12 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     class FilesWithSpreadTests(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return nodeid if nodeid.startswith(SPREAD_TESTS) else super()._split_scope(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            spread = [scope for scope in self.workqueue if scope.startswith(SPREAD_TESTS)]
+            for scope in reversed(spread):  # to the front of the queue, in collection order
+                self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
 
     return FilesWithSpreadTests(config, log)
 
