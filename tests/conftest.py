@@ -69,10 +69,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
         def _split_scope(self, nodeid: str) -> str:
             return nodeid if nodeid.startswith(SPREAD_TESTS) else super()._split_scope(nodeid)
 
+        spread_first = False  # the queue is built once, before its first unit goes out
+
         def _assign_work_unit(self, node) -> None:
-            spread = [scope for scope in self.workqueue if scope.startswith(SPREAD_TESTS)]
-            for scope in reversed(spread):  # to the front of the queue, in collection order
-                self.workqueue.move_to_end(scope, last=False)
+            if not self.spread_first:
+                spread = [scope for scope in self.workqueue if scope.startswith(SPREAD_TESTS)]
+                for scope in reversed(spread):  # to the front of the queue, in collection order
+                    self.workqueue.move_to_end(scope, last=False)
+                self.spread_first = True
             super()._assign_work_unit(node)
 
     return FilesWithSpreadTests(config, log)

@@ -14,6 +14,7 @@ from common.grading.forkserver import run_python
 from common.weeks import Week, weeks_with_slides
 
 DECKS = weeks_with_slides()
+BLOCK_TIMEOUT_S = 120  # one slide's code block
 SAMPLE = """---
 marp: true
 math: mathjax
@@ -142,9 +143,9 @@ def _run_block(week: Week, block: slides.CodeBlock, tmp_path: Path) -> None:
     """The block as `python -c` runs it from the repository's root, in a fork of a server that has imported
     torch (common.grading.forkserver.run_python): each block is spared the seconds of a fresh import."""
     output = tmp_path / "output.log"
-    status = run_python(block.code, week.dir.parent, dict(os.environ), output, timeout_s=120)
+    status = run_python(block.code, week.dir.parent, dict(os.environ), output, timeout_s=BLOCK_TIMEOUT_S)
     where = f"{week.slides_md}:{block.line}"
-    assert status is not None, f"{where} ran past 120 s"
+    assert status is not None, f"{where} ran past {BLOCK_TIMEOUT_S} s"
     assert status == 0, f"{where} does not run (exit status {status}):\n{output.read_text()[-2000:]}"
 
 

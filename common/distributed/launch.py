@@ -214,7 +214,7 @@ def join_process_group(
     device_ids = None
     if backend == "nccl":
         local_rank = int(os.environ.get("LOCAL_RANK", rank)) if local_rank is None else local_rank
-        torch.cuda.set_device(local_rank)  # one GPU per rank, chosen by rank
+        torch.cuda.set_device(local_rank)  # one GPU per rank
         device_ids = [local_rank]
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
