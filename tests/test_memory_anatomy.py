@@ -11,6 +11,8 @@ of a whole step against torch.cuda.max_memory_allocated.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from torch import nn
@@ -267,13 +269,18 @@ def test_predicted_peak_within_10_percent_gpu(preset: str, batch: int, seq_len: 
     batch, or checkpointing). 10%: what the predictor leaves out (cuBLAS workspaces, the allocator's
     512-byte rounding, the exact order autograd frees buffers in) is a few percent at these sizes."""
     config = LlamaConfig.preset(preset)
+    # In one process with the rest of the GPU suite, earlier tests' caches (kernel workspaces, compiled
+    # models) may still hold memory: the allocator's peak counts them, the prediction is of this model alone.
+    gc.collect()
+    others = torch.cuda.memory_allocated()
     model = build(config, checkpointing, "cuda")
     measured = measure_step_memory(model, batch, seq_len, compute_dtype=torch.bfloat16)
     predicted = predict_step_memory(
         config, batch, seq_len, compute_dtype=torch.bfloat16, checkpointing=checkpointing, attention="flash"
     )
     table = "\n".join(f"{name:>22}: {value / 2**20:10.1f} MiB" for name, value in predicted.rows())
-    assert measured.peak == pytest.approx(predicted.peak, rel=0.10), (
-        f"measured peak {measured.peak / 2**20:.1f} MiB (before the step {measured.before / 2**20:.1f}); "
+    assert measured.peak - others == pytest.approx(predicted.peak, rel=0.10), (
+        f"measured peak {(measured.peak - others) / 2**20:.1f} MiB (before the step "
+        f"{(measured.before - others) / 2**20:.1f}; {others / 2**20:.1f} MiB held by others not counted); "
         f"predicted, {predicted.peak_phase}:\n{table}"
     )
