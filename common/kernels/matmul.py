@@ -573,12 +573,12 @@ def _tma_ok(a2: torch.Tensor, b: torch.Tensor) -> str | None:
 # ~150 µs per call; a 1024³ GEMM takes ~11 µs on the GPU. So every decision that depends only on the
 # inputs' geometry (which kernel, how many K-slices, where TMA descriptors are made, the checks) is made
 # once per geometry and kept in _PLANS, and each kernel is launched through a LaunchCache (launch.py),
-# which calls the compiled binary directly after the first call. What is left per call: the key and its
-# lookup (~3 µs in a probe on an H200's host), the output allocation (~4 µs), and one launch, of which
-# Triton's own launcher takes ~12 µs (it queries the driver about every pointer argument); scratch memory
-# comes from per-stream workspaces (workspace.py) instead of an allocation per call. torch.matmul costs
-# ~16 µs there in all. `effdl bench kernels --kernel matmul` measures ours (HOST_GOAL,
-# common/kernels/README.md "Results on H200").
+# which calls the compiled kernel's C launcher directly after the first call, with tensors passed as
+# addresses. What is left per call: the key and its lookup (~2 µs in a probe on an H100's host), the output
+# allocation (3 to 6 µs), and the C launcher (~6 to 8 µs); scratch memory comes from per-stream
+# workspaces (workspace.py) instead of an allocation per call. torch.matmul cost 13 µs at 1024³ in the same
+# probe. `effdl bench kernels --kernel matmul` measures ours (HOST_GOAL, common/kernels/README.md
+# "Results on H200").
 
 # Below this many multiply-adds (M·N·K) the TMA kernel makes its descriptors on the GPU (section 4).
 DEVICE_DESCRIPTOR_MAX_WORK = 2048**3
@@ -608,13 +608,13 @@ _DESCRIPTOR_SCRATCH = StreamWorkspace(torch.uint8)
 
 
 def _plan_key(a: object, b: object, *options: object) -> tuple | None:
-    """Everything a plan and a compiled kernel depend on (tensor_key's geometry of a and b, their devices,
-    the fp32 matmul setting, the options); None (no caching) unless both are plain tensors (a subclass may
+    """Everything a plan and a compiled kernel depend on (tensor_key's geometry and device of a and b, the
+    fp32 matmul setting, the options); None (no caching) unless both are plain tensors (a subclass may
     change what shape, strides or data_ptr report)."""
     if type(a) not in _PLAIN_TENSORS or type(b) not in _PLAIN_TENSORS:
         return None
     fp32_setting = torch.get_float32_matmul_precision() if a.dtype == torch.float32 else None
-    return (*tensor_key(a, b), a.get_device(), b.get_device(), fp32_setting, *options)
+    return (*tensor_key(a, b), fp32_setting, *options)
 
 
 def _make_plan(a, b, activation, split_k, use_tma, input_precision) -> _Plan:
