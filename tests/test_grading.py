@@ -709,3 +709,28 @@ def test_a_program_runs_in_the_warm_server_as_python_c_would(tmp_path: Path) -> 
     assert run("import sys\nsys.exit(3)\n")[0] == 3
     assert run("import sys\nsys.exit('a message')\n") == (1, "a message\n")
     assert run("import time\ntime.sleep(120)\n", timeout_s=2)[0] is None
+    # At the deadline the processes the program started die with it (a slide that launches ranks, say).
+    status, out = run(
+        """
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        print(child.pid, flush=True)
+        time.sleep(120)
+        """,
+        timeout_s=3,
+    )
+    assert status is None
+    child = int(out.split()[0])
+    deadline = time.monotonic() + 10
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(child), "the program's child outlived the program's deadline"
+
+
+def _running(pid: int) -> bool:
+    """Whether pid is a live process (not gone, not a zombie that nobody has reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")

@@ -4,7 +4,8 @@ A checker process imports torch, torch._dynamo (an optimizer's first step and to
 pytest and hypothesis: seconds of CPU before the first test, for every submission. Instead, a server
 (`python -m common.grading.forkserver`, started on first use) imports them once; each checker run is a
 fork of it that changes to the assignment folder, takes the environment it is given, writes its output to a
-file and runs `pytest.main`. The server reports each run's exit code, and kills a run at its deadline.
+file and runs `pytest.main`. The server reports each run's exit code, and kills a run at its deadline: the
+run and every process it started, as each run leads a process group of its own.
 Only trusted code runs here (the hidden tests and the checker), never a submission. Nothing in the server
 touches CUDA, so a forked checker may still use the GPU it is given.
 
@@ -48,6 +49,7 @@ def _child(request: dict[str, Any]) -> None:
     a program, which then exits as an interpreter does (threads joined, atexit handlers run)."""
     code = 70
     try:
+        os.setpgid(0, 0)  # a process group of its own, which a kill at the deadline takes whole
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         descriptor = os.open(request["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -98,38 +100,47 @@ def serve() -> None:
     for module in PRELOAD:
         importlib.import_module(module)
     running: dict[int, tuple[Any, float]] = {}  # pid -> (request id, deadline)
+    server = os.getpid()
 
     def reply(message: dict[str, Any]) -> None:
         os.write(1, (json.dumps(message) + "\n").encode())
 
     reply({"ready": True})
     pending = b""
-    while True:
-        readable, _, _ = select.select([0], [], [], 0.05)
-        if readable:
-            chunk = os.read(0, 1 << 16)
-            if not chunk:
-                break
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
-                request = json.loads(line)
-                pid = os.fork()
-                if pid == 0:
-                    _child(request)
-                running[pid] = (request["id"], time.monotonic() + request["timeout_s"])
-        with contextlib.suppress(ChildProcessError):
-            while (found := os.waitpid(-1, os.WNOHANG))[0]:
-                pid, status = found
-                request_id, deadline = running.pop(pid)
-                code = None if time.monotonic() >= deadline else os.waitstatus_to_exitcode(status)
-                reply({"id": request_id, "code": code})
-        for pid, (_, deadline) in running.items():
-            if time.monotonic() >= deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-    for pid in running:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    try:
+        while True:
+            readable, _, _ = select.select([0], [], [], 0.05)
+            if readable:
+                chunk = os.read(0, 1 << 16)
+                if not chunk:
+                    break
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    request = json.loads(line)
+                    pid = os.fork()
+                    if pid == 0:
+                        _child(request)
+                    running[pid] = (request["id"], time.monotonic() + request["timeout_s"])
+            with contextlib.suppress(ChildProcessError):
+                while (found := os.waitpid(-1, os.WNOHANG))[0]:
+                    pid, status = found
+                    request_id, deadline = running.pop(pid)
+                    code = None if time.monotonic() >= deadline else os.waitstatus_to_exitcode(status)
+                    reply({"id": request_id, "code": code})
+            for pid, (_, deadline) in running.items():
+                if time.monotonic() >= deadline:
+                    _kill_run(pid)
+    finally:  # stdin closed, or the server itself was interrupted: no run outlives it
+        if os.getpid() == server:  # not in a program's fork, which exits up through here (_child)
+            for pid in running:
+                _kill_run(pid)
+
+
+def _kill_run(pid: int) -> None:
+    """Kill a run and the processes it started (its process group, set up by _child)."""
+    for kill in (os.killpg, os.kill):  # os.kill too, in case the fork has not made its group yet
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill(pid, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------------------------ client
@@ -162,7 +173,7 @@ class CheckerServer:
         self, what: dict[str, Any], cwd: Path, env: dict[str, str], output: Path, timeout_s: float
     ) -> int | None:
         """The exit status of a run of `what` ({"argv": pytest's} or {"code": a program}), or None if it ran
-        past `timeout_s` (it is then killed, and a checker's sandboxes with it)."""
+        past `timeout_s` (it is then killed, with every process it started)."""
         future: Future = Future()
         with self._lock:
             request_id = next(self._ids)
