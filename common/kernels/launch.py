@@ -110,9 +110,9 @@ class LaunchCache:
             entry.pre_hook({**dict(zip(entry.arg_names, args, strict=True)), **entry.hook_args})
         kernel = entry.kernel
         stream = driver.active.get_current_stream(device)
-        scratch = None
-        if entry.scratch[0]:  # from the allocator set with triton.set_allocator, as Triton's run asks it
-            scratch = triton_allocator.get()(*entry.scratch, stream).data_ptr()
+        # Global scratch from the allocator set with triton.set_allocator, as Triton's run asks it; the
+        # buffer is held until the kernel is queued, so that no allocation in between can be handed it.
+        scratch = triton_allocator.get()(*entry.scratch, stream) if entry.scratch[0] else None
         args = list(args)
         for i in entry.tensor_positions:
             args[i] = args[i].data_ptr()
@@ -120,7 +120,8 @@ class LaunchCache:
         # profiler scratch (_slow_launch keeps no entry for a kernel that needs it).
         launcher = entry.launcher
         launcher.launch(*entry.grid, stream, kernel.function, launcher.launch_cooperative_grid,
-                        launcher.launch_pdl, scratch, None, kernel.packed_metadata, None, None, None,
+                        launcher.launch_pdl, None if scratch is None else scratch.data_ptr(), None,
+                        kernel.packed_metadata, None, None, None,
                         *args, *entry.constexpr_tail)  # fmt: skip
 
     def launch_auto(self, grid: Grid | Sequence[int], *args: Any, **constexprs: Any) -> None:
