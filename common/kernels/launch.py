@@ -17,7 +17,9 @@ global scratch on every call, and the C launcher asks the driver about every ten
 (`cuPointerGetAttribute`, to refuse a CPU tensor with a clear error) but takes a plain integer address
 as it is. In a probe on an H100's host, a 1024³ matmul's launch through `run` took 19 µs, against 8 µs
 through the C launcher with integer addresses. The cache therefore passes `data_ptr()` integers to the C
-launcher itself; the key has each tensor's device, so a CPU tensor never reaches that path.
+launcher itself; the key has each tensor's device, so a CPU tensor never reaches that path. With it,
+`effdl bench kernels --kernel matmul` measured 18 µs of host time per 1024³ call on an H100 (torch.matmul:
+11 µs); through the compiled kernel's `run`, a probe on an H100's host had measured 35.6 µs.
 
 The caller's key must capture everything Triton specialises on, or a binary compiled for other inputs
 would run: every integer argument's value (shapes, strides), every tensor's dtype, device and whether its
