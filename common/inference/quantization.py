@@ -15,9 +15,13 @@ value can be from the original: half a step of its grid.
   y = (x @ q^T) * s: the scale applies to the output, so the matmul takes the int8 weights converted to
   x's dtype. Eager, that conversion writes a full bf16 copy (per weight: 1 byte read, 2 written, 2 read
   again by the matmul, 2.5 times a bf16 matmul's traffic).
-  Compiled at batch 1 inside `fused_dequantization()` (Inductor's coordinate_descent_tuning, as gpt-fast
-  sets it), Inductor rewrites a (1, K) @ (K, N) product as a reduction and converts each weight as it loads
-  it: the step reads 1 byte per weight. The alternative, torch._weight_int8pack_mm, has a CUDA kernel
+  On a GPU, up to MAX_DECODE_ROWS token rows (a decode step) run common.kernels.int8_matmul instead: a
+  Triton kernel, registered as a PyTorch operator, that converts each weight in registers as it loads it,
+  so the step reads 1 byte per weight. Before it, the decode path relied on Inductor (compiled at batch 1
+  inside `fused_dequantization()`) to turn the product into such a reduction; inside a whole model Inductor
+  also fused the preceding norm or activation into those reductions, and in `effdl bench quantization` on
+  an H100 the int8 step read its weights at 0.96 TB/s against bf16's 1.48 (1.16x the tokens/s; the
+  benchmark's JSON records that run, made before the kernel). The alternative, torch._weight_int8pack_mm, has a CUDA kernel
   (aten/src/ATen/native/cuda/int8mm.cu) that gives each output to one thread walking all of K, so a warp's
   weight loads are a row apart, not coalesced: not the kernel to show a bandwidth gain with.
 - int4, weight-only, groups of `group_size` weights along the input dimension, asymmetric:
@@ -80,6 +84,9 @@ Method = Literal["int8", "int4", "fp8-tensor", "fp8-row", "smoothquant"]
 METHODS: tuple[str, ...] = get_args(Method)
 INT8_MAX = 127  # symmetric: -127 ... 127, so that q and -q are both codes (-128 is never used)
 INT4_LEVELS = 15  # codes 0 ... 15: 15 steps between a group's minimum and maximum
+# Up to this many token rows, Int8WeightLinear on a GPU runs common.kernels.int8_matmul (its MAX_ROWS; a
+# test checks they agree: written here so that the CPU path never imports common.kernels).
+MAX_DECODE_ROWS = 8
 
 
 def _check_float(x: torch.Tensor, what: str) -> None:
@@ -282,7 +289,8 @@ class QuantizedLinear(nn.Module):
 class Int8WeightLinear(QuantizedLinear):
     """nn.Linear with int8 weights, one scale per output channel; activations stay in their float dtype.
 
-    Reads the weights as int8 only when compiled at batch 1 inside fused_dequantization() (module docstring).
+    On a GPU, up to MAX_DECODE_ROWS token rows (decoding) go through common.kernels.int8_matmul, which
+    reads the int8 weights as they are; more rows, or a CPU, dequantize first (module docstring).
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -292,7 +300,13 @@ class Int8WeightLinear(QuantizedLinear):
         self.register_buffer("scale", scale.squeeze(1).to(linear.weight.dtype))  # (out,), the layer's dtype
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        # (x @ q^T) * scale: gpt-fast's form, which Inductor fuses into one pass over the int8 weights.
+        if x.is_cuda and x.numel() <= MAX_DECODE_ROWS * x.shape[-1]:  # a decode step: read the int8 bytes
+            # Imported here: importing common.kernels on a machine without a GPU switches on Triton's
+            # interpreter, which a model that never runs the kernel should not do.
+            from common.kernels.int8_matmul import int8_weight_matmul
+
+            return int8_weight_matmul(x, self.weight, self.scale.to(x.dtype))
+        # (x @ q^T) * scale with a dequantized weight: a prefill, whose time is the arithmetic, or a CPU.
         return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
 
 

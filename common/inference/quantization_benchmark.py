@@ -212,8 +212,9 @@ def speed_part(
     def timed_step(model: nn.Module) -> Callable[[], torch.Tensor]:
         if not compiled:
             return _decode_step(CachedDecoder(model, batch_size=1, max_len=bench.max_len), token)
-        # One static shape (1, 1), so that Inductor knows M = 1 and fuses the dequantization into the
-        # matmul; it compiles at the first feed, which must run inside fused_dequantization().
+        # One static shape (1, 1), so that Inductor knows M = 1 and turns the matmuls it compiles (bf16's,
+        # int4's dequantizing ones; int8's run common.kernels.int8_matmul) into reductions; it compiles at
+        # the first feed, which must run inside fused_dequantization().
         step = _decode_step(GraphedDecoder(model, batch_size=1, max_len=bench.max_len, dynamic=False), token)
         # Every decoder compiles the same code (CachedDecoder.forward), one cache entry per decoder: past
         # Dynamo's default limit of 8 entries, the later ones would run uncompiled, with a logged warning.

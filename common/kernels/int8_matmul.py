@@ -1,0 +1,185 @@
+"""Weight-only int8 matmul for decoding: y = (x @ q^T) * scale, reading one byte per weight.
+
+What you will learn: why decoding one sequence is a stream of the weights, how a kernel that converts
+int8 to float as it loads halves that stream, and how to register a Triton kernel as a PyTorch operator
+so that torch.compile and CUDA graphs take it as one opaque call.
+
+A decode step multiplies a few token rows x (M x K, M = the batch, often 1) by every weight of the model.
+With M = 1 that is 2K FLOPs per output and K weights to read: about one FLOP per byte in bf16, far left of
+any GPU's ridge point, so the time is the time to read the weights. Stored as int8 with one float scale
+per output row (common.inference.quantization.quantize_int8: w ~ q * s), the weight is half the bytes of
+bf16, and since the scale is per output row it comes out of the sum:
+
+    y[m, n] = sum_k x[m, k] * q[n, k] * s[n] = s[n] * sum_k x[m, k] * q[n, k]
+
+so the kernel multiplies by integers converted in registers and scales each output once at the end. What
+must never happen is a dequantized copy in memory: eager `F.linear(x, q.to(x.dtype)) * s` writes one (read
+1 byte, write 2, read 2 again), 2.5 times the traffic of a plain bf16 matmul.
+
+The kernel. Each program owns BLOCK_N output columns (rows of q, each contiguous in memory) for all M
+rows, and walks K in chunks of BLOCK_K: it loads a BLOCK_N x BLOCK_K tile of q (BLOCK_K contiguous bytes
+per row, coalesced) and the matching chunk of x, and adds their products into a BLOCK_M x BLOCK_N x
+BLOCK_K accumulator of fp32 partial sums. The reduction over K happens once, after the loop, instead of
+once per chunk: inside the loop each thread only multiplies and adds what it loaded, and no thread waits
+on another. This is the shape Inductor generates for a (1, K) @ (K, N) product, written out so that it
+does not depend on what a compiler fuses around it (inside a whole model, Inductor fuses the preceding
+norm or activation into such reductions, and each program then recomputes it).
+
+No tensor cores: at M <= MAX_ROWS they would multiply mostly padding (tl.dot needs 16 rows), and the
+arithmetic is not the bottleneck. Above MAX_ROWS rows (prefill) the caller dequantizes and uses a regular
+matmul, where the weight's bytes matter less next to the work.
+
+    y = int8_weight_matmul(x, q, scale)   # x (..., K) float; q (N, K) int8; scale (N,); y (..., N), x's dtype
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from common.kernels import INTERPRETED, check_input
+from common.kernels.launch import LaunchCache
+
+__all__ = ["MAX_ROWS", "int8_weight_matmul", "int8_weight_matmul_reference"]
+
+MAX_ROWS = 8  # rows of x (tokens) the kernel takes; more rows are a prefill: dequantize and use a GEMM
+
+
+def int8_weight_matmul_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The eager version: a dequantized copy of the weight, then a matmul (what the kernel avoids)."""
+    return torch.nn.functional.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+
+
+# Each program holds BLOCK_M x BLOCK_N x BLOCK_K fp32 partial sums: at most 8192, 64 registers per thread
+# with 4 warps, 32 with 8. Streaming a weight at DRAM speed needs tens of KB in flight per SM (Little's law:
+# ~3 TB/s x ~1 us over 132 SMs is ~23 KB), so the tiles are 2 to 8 KB of int8 per step, and the configs
+# trade columns per program (fewer programs, each re-reading less of x from L2) against chunk length
+# (longer contiguous runs of each row of q); with and without software pipelining of the loads. The tuner
+# picks per (M, N, K).
+MAX_PARTIAL_SUMS = 8192
+TILES = [(n, k) for n in (4, 8, 16, 32, 64) for k in (128, 256, 512, 1024, 2048) if 2048 <= n * k <= 8192]
+LAUNCH_SETTINGS = ((4, 1), (4, 3), (8, 3))  # (num_warps, num_stages)
+
+
+INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 8, "BLOCK_K": 32}, num_warps=4, num_stages=1)  # small: fast
+
+
+def tuned_configs() -> list[triton.Config]:
+    """Every (tile, launch setting) pair the autotuner tries on a GPU."""
+    return [
+        triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+        for block_n, block_k in TILES
+        for warps, stages in LAUNCH_SETTINGS
+    ]
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Keep the configs whose accumulator fits MAX_PARTIAL_SUMS at this BLOCK_M (the smallest tiles if none
+    does: 8 rows of the smallest tile hold 16384 partial sums, 64 registers per thread with 8 warps)."""
+    block_m = kwargs["BLOCK_M"]
+
+    def partial_sums(config: triton.Config) -> int:
+        return block_m * config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"]
+
+    fitting = [c for c in configs if partial_sums(c) <= MAX_PARTIAL_SUMS]
+    smallest = min(partial_sums(c) for c in configs)
+    return fitting or [c for c in configs if partial_sums(c) == smallest]
+
+
+@triton.autotune(
+    configs=[INTERPRETER_CONFIG] if INTERPRETED else tuned_configs(),
+    key=["M", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
+@triton.jit
+def _int8_weight_matmul_kernel(
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_qn,
+    stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # (BLOCK_M, BLOCK_K)
+    q_ptrs = q_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_k[None, :]  # (BLOCK_N, BLOCK_K)
+    partial = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k_start
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        q = tl.load(q_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0).to(tl.float32)
+        partial += x[:, None, :] * q[None, :, :]  # multiply-add only: no reduction inside the loop
+        x_ptrs += BLOCK_K
+        q_ptrs += BLOCK_K
+    acc = tl.sum(partial, axis=2)  # (BLOCK_M, BLOCK_N): the one reduction over K
+    scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    y = (acc * scale[None, :]).to(y_ptr.dtype.element_ty)  # one rounding, to x's dtype
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, y, mask=m_mask[:, None] & n_mask[None, :])
+
+
+_LAUNCHES = LaunchCache(_int8_weight_matmul_kernel)
+
+
+def _check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+    check_input(x, "x")
+    check_input(q, "q", dtypes=(torch.int8,))
+    check_input(scale, "scale")
+    if q.dim() != 2 or q.stride(-1) != 1:
+        raise ValueError(
+            f"q must be a 2-D (N, K) int8 weight with contiguous rows, got shape {tuple(q.shape)} and strides "
+            f"{q.stride()}: pass the quantized weight as stored, (out_features, in_features)"
+        )
+    n, k = q.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x's last dim must be q's K = {k}, got x of shape {tuple(x.shape)}")
+    if scale.shape != (n,):
+        raise ValueError(f"scale must have shape ({n},), one per row of q, got {tuple(scale.shape)}")
+    rows = math.prod(x.shape[:-1])
+    if rows > MAX_ROWS:
+        raise ValueError(
+            f"x has {rows} rows; this decode kernel takes at most MAX_ROWS = {MAX_ROWS}. For more rows "
+            "(a prefill), dequantize and use a regular matmul (int8_weight_matmul_reference)"
+        )
+    if not (x.device == q.device == scale.device):
+        raise ValueError(f"x, q and scale must be on one device, got {x.device}, {q.device}, {scale.device}")
+
+
+@torch.library.custom_op("effdl::int8_weight_matmul", mutates_args=())
+def int8_weight_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(x @ q^T) * scale with q read as int8, for up to MAX_ROWS rows of x; y has x's dtype.
+
+    A PyTorch operator (torch.library.custom_op), so torch.compile(fullgraph=True) keeps it as one call
+    and a CUDA graph captures its launch.
+    """
+    _check(x, q, scale)
+    n, k = q.shape
+    x2 = x.reshape(-1, k).contiguous()
+    y = x2.new_empty((x2.shape[0], n))
+    if y.numel():
+        _LAUNCHES.launch_auto(
+            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),),
+            x2, q, scale, y, x2.shape[0], n, k, x2.stride(0), q.stride(0), y.stride(0),
+            BLOCK_M=max(1, triton.next_power_of_2(x2.shape[0])),
+        )  # fmt: skip
+    return y.view(*x.shape[:-1], n)
+
+
+@int8_weight_matmul.register_fake
+def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Shape and dtype of the result, for torch.compile's tracing (no kernel runs)."""
+    return x.new_empty((*x.shape[:-1], q.shape[0]))
