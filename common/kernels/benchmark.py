@@ -73,6 +73,7 @@ KERNEL_MODULES: dict[str, str] = {
     "matmul_decode": "common.kernels.matmul",
     "linear_cross_entropy": "common.kernels.cross_entropy",
     "flash_attention": "common.kernels.flash_attention",
+    "int8_matmul": "common.kernels.int8_matmul",
 }
 
 # (warm-up, timed) budgets in ms per side and case. Full: common.bench's defaults, which match

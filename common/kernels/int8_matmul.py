@@ -37,20 +37,22 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from common.kernels import INTERPRETED, check_input
+from common.kernels.benchmark import Goal, KernelCase, require_gpu
 from common.kernels.launch import LaunchCache
 
-__all__ = ["MAX_ROWS", "int8_weight_matmul", "int8_weight_matmul_reference"]
+__all__ = ["MAX_ROWS", "benchmark_cases", "int8_weight_matmul", "int8_weight_matmul_reference"]
 
 MAX_ROWS = 8  # rows of x (tokens) the kernel takes; more rows are a prefill: dequantize and use a GEMM
 
 
 def int8_weight_matmul_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The eager version: a dequantized copy of the weight, then a matmul (what the kernel avoids)."""
-    return torch.nn.functional.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
 
 
 # Each program holds BLOCK_M x BLOCK_N x BLOCK_K fp32 partial sums: at most 8192, 64 registers per thread
@@ -183,3 +185,48 @@ def int8_weight_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) ->
 def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Shape and dtype of the result, for torch.compile's tracing (no kernel runs)."""
     return x.new_empty((*x.shape[:-1], q.shape[0]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Benchmark
+# ----------------------------------------------------------------------------------------------------
+#
+# The weights of one Llama-3-8B layer (N x K, as nn.Linear stores them) times M = 1, 4 and 8 token rows,
+# against the same weights in bf16 through cuBLAS: what quantizing buys one matmul of a decode step. The
+# int8 side reads 1 byte per weight and bf16 2, so 2x is the bound where both stream at the same bandwidth;
+# at M = 1 the goal is the course's bar for a whole decode step, 1.5x, which the matmuls must beat for the
+# step to reach it. The copy-bandwidth column says how close each side comes to streaming at DRAM speed.
+
+DECODE_WEIGHTS = {"attention out": (4096, 4096), "MLP up": (14336, 4096), "MLP down": (4096, 14336)}
+SPEEDUP_GOAL = Goal("speedup", ">=", 1.5, ">= 1.5x bf16 cuBLAS")
+
+
+def benchmark_cases(quick: bool = False) -> list[KernelCase]:
+    """Decode-shaped products with Llama-3-8B weights, int8 against bf16 cuBLAS (F.linear); GPU only."""
+    from common.inference.quantization import quantize_int8  # not at the top: the layer imports this module
+
+    device = require_gpu("int8_matmul benchmark")
+    generator = torch.Generator(device=device).manual_seed(0)
+    cases: list[KernelCase] = []
+    for name, (n, k) in DECODE_WEIGHTS.items():
+        weight = torch.randn(n, k, device=device, generator=generator).to(torch.bfloat16)
+        q, scale = quantize_int8(weight, dim=-1)
+        scale = scale.squeeze(1).to(torch.bfloat16)
+        for m in (1,) if quick else (1, 4, 8):
+            x = torch.randn(m, k, device=device, generator=generator).to(torch.bfloat16)
+            cases.append(
+                KernelCase(
+                    kernel="int8_matmul",
+                    label=f"{name} {n}x{k} M={m} bf16",
+                    x=m,
+                    ours=lambda x=x, q=q, scale=scale: int8_weight_matmul(x, q, scale),
+                    baseline=lambda x=x, weight=weight: F.linear(x, weight),
+                    baseline_name="cuBLAS bf16 (F.linear)",
+                    flops=2.0 * m * n * k,
+                    bytes=n * k + 2 * n + 2 * m * k + 2 * m * n,  # int8 weight, bf16 scales, x and y
+                    dtype=torch.bfloat16,
+                    goals=(SPEEDUP_GOAL,) if m == 1 else (),
+                    measure_host=m == 1,
+                )
+            )
+    return cases

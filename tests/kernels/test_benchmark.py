@@ -87,6 +87,7 @@ def test_registry_covers_every_kernel_module() -> None:
         "matmul_decode",
         "linear_cross_entropy",
         "flash_attention",
+        "int8_matmul",
     } <= set(KERNEL_MODULES)
     for module_name in set(KERNEL_MODULES.values()):
         assert callable(importlib.import_module(module_name).benchmark_cases), module_name

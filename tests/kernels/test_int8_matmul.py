@@ -125,3 +125,12 @@ def test_gpu_linear_layer_decodes_through_the_kernel_and_prefills_through_a_matm
     prefill = torch.randn(1, MAX_ROWS + 1, 256, device=DEVICE, dtype=torch.bfloat16)
     expected = int8_weight_matmul_reference(prefill, layer.weight, layer.scale)
     torch.testing.assert_close(layer(prefill), expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRETED, reason="compiled kernels only")
+def test_gpu_benchmark_cases_compute_what_their_baselines_do() -> None:
+    for case in int8_matmul.benchmark_cases(quick=True):
+        ours, baseline = case.ours().float(), case.baseline().float()
+        # int8 weights: each within half a step, s / 2, of bf16's; the products differ by ~1% of their size.
+        assert (ours - baseline).abs().max() <= 0.05 * baseline.abs().max(), case.label
