@@ -21,9 +21,10 @@ value can be from the original: half a step of its grid.
   inside `fused_dequantization()`) to turn the product into such a reduction; inside a whole model Inductor
   also fused the preceding norm or activation into those reductions, and in `effdl bench quantization` on
   an H100 the int8 step read its weights at 0.96 TB/s against bf16's 1.48 (1.16x the tokens/s; the
-  benchmark's JSON records that run, made before the kernel). The alternative, torch._weight_int8pack_mm, has a CUDA kernel
-  (aten/src/ATen/native/cuda/int8mm.cu) that gives each output to one thread walking all of K, so a warp's
-  weight loads are a row apart, not coalesced: not the kernel to show a bandwidth gain with.
+  benchmark's JSON records that run, made before the kernel). The alternative, torch._weight_int8pack_mm,
+  has a CUDA kernel (aten/src/ATen/native/cuda/int8mm.cu) that gives each output to one thread walking all
+  of K, so a warp's weight loads are a row apart, not coalesced: not the kernel to show a bandwidth gain
+  with.
 - int4, weight-only, groups of `group_size` weights along the input dimension, asymmetric:
   w ~ code * s + m with code in 0..15, m the group's minimum and s = (max - min) / 15. Asymmetric because
   16 levels are few: over [min, max] the step is (max - min) / 15, while a symmetric grid must cover
@@ -71,6 +72,7 @@ __all__ = [
     "dequantize_int8",
     "fake_quantize_int8",
     "fused_dequantization",
+    "int8_weight_matmul_reference",
     "linear_names",
     "pack_int4",
     "quantize_int4",
@@ -84,8 +86,8 @@ Method = Literal["int8", "int4", "fp8-tensor", "fp8-row", "smoothquant"]
 METHODS: tuple[str, ...] = get_args(Method)
 INT8_MAX = 127  # symmetric: -127 ... 127, so that q and -q are both codes (-128 is never used)
 INT4_LEVELS = 15  # codes 0 ... 15: 15 steps between a group's minimum and maximum
-# Up to this many token rows, Int8WeightLinear on a GPU runs common.kernels.int8_matmul (its MAX_ROWS; a
-# test checks they agree: written here so that the CPU path never imports common.kernels).
+# Up to this many token rows, Int8WeightLinear on a GPU runs common.kernels.int8_matmul (its MAX_ROWS;
+# defined here so that the CPU path never imports common.kernels).
 MAX_DECODE_ROWS = 8
 
 
@@ -119,6 +121,12 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     if q.dtype != torch.int8:
         raise TypeError(f"q must be int8, got {q.dtype}")
     return (q.float() * scale).to(dtype)
+
+
+def int8_weight_matmul_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(x @ q^T) * scale through a dequantized copy of q in x's dtype: the eager way, and the path of a
+    prefill (common.kernels.int8_matmul is the decode kernel that never writes that copy)."""
+    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
 
 
 def fake_quantize_int8(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -305,9 +313,9 @@ class Int8WeightLinear(QuantizedLinear):
             # interpreter, which a model that never runs the kernel should not do.
             from common.kernels.int8_matmul import int8_weight_matmul
 
-            return int8_weight_matmul(x, self.weight, self.scale.to(x.dtype))
-        # (x @ q^T) * scale with a dequantized weight: a prefill, whose time is the arithmetic, or a CPU.
-        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+            return int8_weight_matmul(x, self.weight, self.scale)
+        # A prefill, whose time is the arithmetic, or a CPU: through a dequantized weight.
+        return int8_weight_matmul_reference(x, self.weight, self.scale)
 
 
 class Int4WeightLinear(QuantizedLinear):

@@ -41,18 +41,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from common.inference.quantization import MAX_DECODE_ROWS, int8_weight_matmul_reference, quantize_int8
 from common.kernels import INTERPRETED, check_input
 from common.kernels.benchmark import Goal, KernelCase, require_gpu
 from common.kernels.launch import LaunchCache
 
 __all__ = ["MAX_ROWS", "benchmark_cases", "int8_weight_matmul", "int8_weight_matmul_reference"]
 
-MAX_ROWS = 8  # rows of x (tokens) the kernel takes; more rows are a prefill: dequantize and use a GEMM
-
-
-def int8_weight_matmul_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The eager version: a dequantized copy of the weight, then a matmul (what the kernel avoids)."""
-    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+# Rows of x (tokens) the kernel takes, set beside the layer that dispatches here; more rows are a prefill:
+# dequantize and use a GEMM.
+MAX_ROWS = MAX_DECODE_ROWS
 
 
 # Each program holds BLOCK_M x BLOCK_N x BLOCK_K fp32 partial sums: at most 8192, 64 registers per thread
@@ -203,8 +201,6 @@ SPEEDUP_GOAL = Goal("speedup", ">=", 1.5, ">= 1.5x bf16 cuBLAS")
 
 def benchmark_cases(quick: bool = False) -> list[KernelCase]:
     """Decode-shaped products with Llama-3-8B weights, int8 against bf16 cuBLAS (F.linear); GPU only."""
-    from common.inference.quantization import quantize_int8  # not at the top: the layer imports this module
-
     device = require_gpu("int8_matmul benchmark")
     generator = torch.Generator(device=device).manual_seed(0)
     cases: list[KernelCase] = []

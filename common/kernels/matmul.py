@@ -577,8 +577,8 @@ def _tma_ok(a2: torch.Tensor, b: torch.Tensor) -> str | None:
 # addresses. What is left per call: the key and its lookup (~2 µs in a probe on an H100's host), the output
 # allocation (3 to 6 µs), and the C launcher (~6 to 8 µs); scratch memory comes from per-stream
 # workspaces (workspace.py) instead of an allocation per call. torch.matmul cost 13 µs at 1024³ in the same
-# probe. `effdl bench kernels --kernel matmul` measures ours (HOST_GOAL): 18.0 µs at 1024³ and 2048³ and
-# 14.4 to 17.2 µs at the decode shapes on an H100, against torch.matmul's 11.4 to 14.4 µs
+# probe. `effdl bench kernels --kernel matmul` measures ours (HOST_GOAL): on an H100, 17.9 and 18.0 µs at
+# 1024³ and 2048³ and 14.4 to 17.2 µs at the decode shapes, against torch.matmul's 11.4 to 14.4 µs
 # (benchmarks/results/nvidia-h100-80gb-hbm3/kernels_matmul.json).
 
 # Below this many multiply-adds (M·N·K) the TMA kernel makes its descriptors on the GPU (section 4).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.inference.quantization import MAX_DECODE_ROWS, Int8WeightLinear, quantize_int8
+from common.inference.quantization import Int8WeightLinear, quantize_int8
 from common.kernels import INTERPRETED, int8_matmul
 from common.kernels.int8_matmul import MAX_ROWS, int8_weight_matmul, int8_weight_matmul_reference
 
@@ -80,10 +80,6 @@ def test_the_tuner_only_tries_tiles_whose_partial_sums_fit() -> None:
     smallest = int8_matmul._prune_configs(configs, {}, BLOCK_M=MAX_ROWS)  # none fits: the smallest tiles
     assert {c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] for c in smallest} == {2048}
     assert len(smallest) == 3 * len(int8_matmul.LAUNCH_SETTINGS)
-
-
-def test_the_linear_layer_and_the_kernel_agree_on_the_row_limit() -> None:
-    assert MAX_DECODE_ROWS == MAX_ROWS
 
 
 def test_bad_input_says_what_is_wrong() -> None:
