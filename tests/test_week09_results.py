@@ -156,3 +156,28 @@ def test_the_h100_decode_sweep_kept_the_splits_the_readmes_name() -> None:
     span = _small_m_span("nvidia-h100-80gb-hbm3", "vs tiled").replace("x", "×")
     missed = len(tiled) - sum(tiled)
     assert f"{span} at $M \\le 16$ (goal ≥ 1.2×: one point of {len(tiled)} under)" in slides and missed == 1
+
+
+def test_the_int8_decode_kernel_table_is_the_h100_run() -> None:
+    """common/kernels/README.md's int8 table: each weight's row of speed-ups, in the order M = 1, 2, 4, 8."""
+    record = _load("nvidia-h100-80gb-hbm3", "kernels_int8_matmul.json")
+    text = _text("common/kernels/README.md")
+    rows: dict[str, list[dict]] = {}
+    for case in record["cases"]:
+        rows.setdefault(case["label"].split(" M=")[0], []).append(case)
+    assert len(rows) == 3 and all(len(cases) == 4 for cases in rows.values())
+    for label, cases in rows.items():
+        name, shape = label.rsplit(" ", 1)
+        first, *rest = cases
+        goal = first["goals"][0]
+        words = "met" if goal["met"] else f"missed by {(1 - first['speedup'] / goal['value']):.1%}"
+        speedup = f"{first['speedup']:.2f}x" if goal["met"] else f"{first['speedup']:.3f}x"
+        others = " | ".join(f"{case['speedup']:.2f}x" for case in rest)
+        assert f"| {name}, {shape.replace('x', ' x ')} | {speedup} (" in text, label
+        assert f"{words}) | {others} |" in text, label
+    ones = [cases[0] for cases in rows.values()]
+    fractions = [case["ours"]["frac_measured_bw"] for case in ones]
+    assert f"at {100 * min(fractions):.0f} to {max(fractions):.0%} of the copy bandwidth" in text
+    square = rows["attention out 4096x4096"][0]
+    assert f"{square['baseline']['median_ms']:.4f} ms for cuBLAS's 4096 x 4096 against" in text
+    assert f"{square['ours']['median_ms']:.4f} ms for ours" in text
