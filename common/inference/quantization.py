@@ -19,12 +19,12 @@ value can be from the original: half a step of its grid.
   Triton kernel, registered as a PyTorch operator, that converts each weight in registers as it loads it,
   so the step reads 1 byte per weight. Before it, the decode path relied on Inductor (compiled at batch 1
   inside `fused_dequantization()`) to turn the product into such a reduction; inside a whole model Inductor
-  also fused the preceding norm or activation into those reductions, and in `effdl bench quantization` on
-  an H100 the int8 step read its weights at 0.96 TB/s against bf16's 1.48 (1.16x the tokens/s; the
-  benchmark's JSON records that run, made before the kernel). The alternative, torch._weight_int8pack_mm,
-  has a CUDA kernel (aten/src/ATen/native/cuda/int8mm.cu) that gives each output to one thread walking all
-  of K, so a warp's weight loads are a row apart, not coalesced: not the kernel to show a bandwidth gain
-  with.
+  also fused the preceding norm or activation into those reductions, each program recomputing it, and on
+  an H100 the int8 step read its weights at 0.96 TB/s against bf16's 1.48 (1.16x the tokens/s, in the
+  run of `effdl bench quantization` that preceded the kernel and the benchmark's move to Llama-3-8B's
+  shape). The alternative, torch._weight_int8pack_mm, has a CUDA kernel (aten/src/ATen/native/cuda/
+  int8mm.cu) that gives each output to one thread walking all of K, so a warp's weight loads are a row
+  apart, not coalesced: not the kernel to show a bandwidth gain with.
 - int4, weight-only, groups of `group_size` weights along the input dimension, asymmetric:
   w ~ code * s + m with code in 0..15, m the group's minimum and s = (max - min) / 15. Asymmetric because
   16 levels are few: over [min, max] the step is (max - min) / 15, while a symmetric grid must cover

@@ -26,9 +26,12 @@ table), training FLOPs per token from `training_flops` at sequence length 2048:
 | 125m | 768 | 12 | 12 (4) | 2048 | 32000 | no | 124,668,672 | 0.71 |
 | 350m | 1024 | 24 | 16 (8) | 2816 | 32000 | no | 348,701,696 | 2.20 |
 | 1b | 2048 | 16 | 32 (8) | 8192 | 32000 | yes | 1,038,682,112 | 6.63 |
+| 8b | 4096 | 32 | 32 (8) | 14336 | 32000 | no | 7,241,732,096 | 44.27 |
 
 "1b" is Llama-3.2-1B's shape with a 32000-token vocabulary; with its own 128256 tokens the same shape has
-1,235,814,400 parameters, Llama-3.2-1B's published count.
+1,235,814,400 parameters, Llama-3.2-1B's published count. "8b" is Llama-3-8B's shape, likewise with 32000
+tokens (with its 128256: 8,030,261,248, the published count); its matrices are the size at which decoding
+one sequence is a stream of weights, and the week-9 quantization benchmark decodes a few of its layers.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ class LlamaConfig:
         return cls(**{**PRESETS[name], **changes})
 
 
-# Named sizes. Apart from the toy: head dim 64 (a size of the flash-attention kernel), vocabulary 32000
+# Named sizes. Apart from the toy and 8b: head dim 64 (a size of the flash-attention kernel); vocabulary 32000
 # (Llama 2's tokenizer); d_ff about 8/3 d_model rounded up to a multiple of 256, as Llama does.
 PRESETS: dict[str, dict] = {
     "toy": {},
@@ -131,6 +134,18 @@ PRESETS: dict[str, dict] = {
         max_seq_len=2048,
         rope_theta=500000.0,
         tie_embeddings=True,
+    ),
+    # Llama-3-8B's shape (32 layers, width 4096, 32 query and 8 kv heads: head dim 128, SwiGLU 14336,
+    # untied embeddings, theta 500000) with a 32000-token vocabulary instead of its 128256.
+    "8b": dict(
+        vocab_size=32000,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        d_ff=14336,
+        max_seq_len=2048,
+        rope_theta=500000.0,
     ),
 }
 
