@@ -25,8 +25,8 @@ multiplies and adds what it loaded, and no thread waits on another. x's chunk is
 BLOCK_K) row of the same 2-D layout as q's tile, so it broadcasts without moving between threads.
 
 More token rows (a batch decoding together) get more programs, not bigger ones: the token row is the
-fastest axis of the grid, so the programs that read one block of q run side by side, the first brings it
-from DRAM and the others find it in L2. Written out, the kernel does not depend on what a compiler fuses
+fastest axis of the grid, so the programs that read one block of q run side by side and can share it
+through L2 rather than each bringing it from DRAM. Written out, the kernel does not depend on what a compiler fuses
 around it (inside a whole model, Inductor fuses the preceding norm or activation into such reductions,
 and each program then recomputes it).
 
@@ -58,18 +58,8 @@ __all__ = ["benchmark_cases", "int8_weight_matmul", "int8_weight_matmul_referenc
 # many resident programs per SM (each needs 4 to 32 registers of partial sums per thread). The configs
 # trade columns per program (fewer programs, each re-reading less of x) against chunk length (longer
 # contiguous runs of each row of q); the tuner picks per (M, N, K).
-TILES = [
-    (1, 1024),
-    (1, 2048),
-    (2, 1024),
-    (2, 2048),
-    (4, 512),
-    (4, 1024),
-    (8, 256),
-    (8, 512),
-    (16, 128),
-    (16, 256),
-]
+TILES = [(1, 1024), (1, 2048), (2, 1024), (2, 2048), (4, 512), (4, 1024),
+         (8, 256), (8, 512), (16, 128), (16, 256)]  # fmt: skip
 NUM_WARPS = (4, 8)
 
 
