@@ -508,9 +508,13 @@ def _prepare(
     cuda_graph: bool,
     warmup_ms: float,
 ) -> _Plan:
-    """Warm fn up (and capture it into a graph if asked); measure its peak memory on the way."""
+    """Warm fn up (and capture it into a graph if asked); measure its peak memory on the way, from its
+    second call: the first compiles and autotunes, and Triton's tuner times each config with a 256 MB
+    buffer of its own, which is not memory the op needs."""
     base = 0
     if device.type == "cuda":
+        fn()
+        _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     if not cuda_graph:
@@ -740,9 +744,9 @@ def bench(
     device: where fn runs and what times it: a CUDA device (CUDA events) or "cpu" (perf_counter).
         Default: the current CUDA device if any, else the CPU.
 
-    peak_memory_bytes is the most memory fn held at once above what was allocated before (one-time
-    allocations such as a cuBLAS workspace or a graph's memory pool included); measuring it resets
-    torch.cuda's peak-memory statistics.
+    peak_memory_bytes is the most memory fn held at once above what was allocated after its first call
+    (which compiles and autotunes; what that call keeps, such as a cuBLAS workspace, is not counted, a CUDA
+    graph's memory pool is); measuring it resets torch.cuda's peak-memory statistics.
     """
     name = name or _default_name(fn)
     (result,) = _run(
