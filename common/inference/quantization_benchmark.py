@@ -72,7 +72,7 @@ class QuantizationBenchmark:
     alpha: float = 0.5  # SmoothQuant
     # The speed part's model: a common.models.llama preset and the fields changed in it. Llama-3-8B's
     # matrices, because the question is what halving the weight's bytes buys: at the 1b preset's width
-    # 2048 (8 layers, the run committed before this one) an H100 streamed the bf16 weights at 1.48 TB/s,
+    # 2048 (8 layers, this benchmark's model until 2026-12-06) an H100 streamed the bf16 weights at 1.48 TB/s,
     # under half its bandwidth, the step's small kernels between the matmuls weighing as much as the
     # weights. 4 of the 8b preset's 32 layers keep six compiled models short.
     speed_preset: str = "8b"
