@@ -513,8 +513,11 @@ def _prepare(
     buffer of its own, which is not memory the op needs."""
     base = 0
     if device.type == "cuda":
-        fn()
-        _sync(device)
+        try:
+            fn()
+            _sync(device)
+        except Exception as err:
+            raise _failure(name, "warm-up", err) from err
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     if not cuda_graph:
