@@ -54,6 +54,17 @@ def test_matches_the_exact_product(rows: int, n: int, k: int, dtype: torch.dtype
     assert_within_bound(y, x, q, scale)
 
 
+def test_every_int8_value_comes_out_exactly() -> None:
+    # The kernel turns int8 into float by bit arithmetic, not a conversion instruction: each of the 256
+    # values (-128 too, which quantize_int8 never writes but the operator accepts) must come out as itself.
+    n = torch.arange(256)
+    q = ((n[:, None] + n[None, :]) % 256 - 128).to(torch.int8)  # column j holds every value once
+    picked = torch.tensor([0, 5, 100, 255])
+    x = torch.eye(256)[picked]  # row r selects column picked[r] of q
+    y = int8_weight_matmul(x.to(DEVICE), q.to(DEVICE), torch.ones(256, device=DEVICE))
+    torch.testing.assert_close(y.cpu(), q.T[picked].float(), rtol=0, atol=0)
+
+
 def test_keeps_leading_dims_and_takes_strided_rows() -> None:
     generator = torch.Generator().manual_seed(1)
     q, scale = _quantized(24, 64, torch.float32, generator)
