@@ -81,8 +81,9 @@ def tuned_configs() -> list[triton.Config]:
 def _int8_to_float(q):
     """q (int8) as fp32 values, exactly, without a conversion instruction. The float with bits
     0x4B400000 is 1.5 * 2**23, whose last mantissa bit is worth 1: adding q to those bits gives the float
-    1.5 * 2**23 + q, and a float subtraction leaves q. Integer add and float subtract run at full rate;
-    the int-to-float conversion (cvt) runs at a quarter, and at one weight per byte it capped the stream."""
+    1.5 * 2**23 + q, and a float subtraction leaves q. The int-to-float conversion instruction has a
+    fraction of the throughput of integer adds and float subtractions (the CUDA programming guide's
+    instruction-throughput table), and at one weight per byte it can be what limits the stream."""
     return (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
 
