@@ -443,12 +443,9 @@ def _warm_up(
     device: torch.device,
     warmup_ms: float,
 ) -> float:
-    """Run step for about warmup_ms of wall time; return the wall time of one step (flush included), ms."""
+    """Run step for about warmup_ms of wall time; return the wall time of one step (flush included), ms.
+    Its first call has run already (_prepare), so compilation does not count in the estimate."""
     try:
-        # The first call pays for compilation, allocation and library set-up: run it apart, so it
-        # neither counts in the estimate nor raises anywhere but here.
-        step()
-        _sync(device)
         start = time.perf_counter()
         batch, step_ms = 1, 0.0
         while True:
@@ -511,13 +508,15 @@ def _prepare(
     """Warm fn up (and capture it into a graph if asked); measure its peak memory on the way, from its
     second call: the first compiles and autotunes, and Triton's tuner times each config with a 256 MB
     buffer of its own, which is not memory the op needs."""
+    # The first call pays for compilation, autotuning, allocation and library set-up: run it apart, so it
+    # counts in neither the warm-up's estimate nor the peak memory, and raises nowhere but here.
+    try:
+        fn()
+        _sync(device)
+    except Exception as err:
+        raise _failure(name, "warm-up", err) from err
     base = 0
     if device.type == "cuda":
-        try:
-            fn()
-            _sync(device)
-        except Exception as err:
-            raise _failure(name, "warm-up", err) from err
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     if not cuda_graph:

@@ -26,9 +26,9 @@ BLOCK_K) row of the same 2-D layout as q's tile, so it broadcasts without moving
 
 More token rows (a batch decoding together) get more programs, not bigger ones: the token row is the
 fastest axis of the grid, so the programs that read one block of q run side by side and can share it
-through L2 rather than each bringing it from DRAM. Written out, the kernel does not depend on what a compiler fuses
-around it (inside a whole model, Inductor fuses the preceding norm or activation into such reductions,
-and each program then recomputes it).
+through L2 rather than each bringing it from DRAM. Written out, the kernel does not depend on what a
+compiler fuses around it (inside a whole model, Inductor fuses the preceding norm or activation into
+such reductions, and each program then recomputes it).
 
 No tensor cores: at a few rows they would multiply mostly padding (tl.dot needs 16 rows), and the
 arithmetic is not the bottleneck. The price of this shape is that each token row streams q again (from
