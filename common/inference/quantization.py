@@ -87,9 +87,8 @@ METHODS: tuple[str, ...] = get_args(Method)
 INT8_MAX = 127  # symmetric: -127 ... 127, so that q and -q are both codes (-128 is never used)
 INT4_LEVELS = 15  # codes 0 ... 15: 15 steps between a group's minimum and maximum
 # Up to this many token rows, Int8WeightLinear on a GPU runs common.kernels.int8_matmul. Each row streams
-# the weight again: on an H100, against bf16 cuBLAS on Llama-3-8B's matrices, one row ran at 1.495x to
-# 1.63x, two at 1.12x to 1.25x, four at 0.71x to 0.81x (`effdl bench kernels --kernel int8_matmul`, a run
-# that predates the kernel's current int8-to-float conversion).
+# the weight again: on an H100, against bf16 cuBLAS on Llama-3-8B's matrices, one row ran at 1.60x to
+# 1.70x, two at 1.30x to 1.42x, four at 0.77x to 1.01x (`effdl bench kernels --kernel int8_matmul`).
 MAX_DECODE_ROWS = 2
 
 
