@@ -304,6 +304,26 @@ def test_fn_touching_cuda_without_gpu() -> None:
 
 
 @no_cuda
+def test_week1_quotes_the_committed_timer_validation() -> None:
+    """week01_intro/README.md's two comparisons are the ones in the committed H100 run, to the digits quoted."""
+    repo = Path(__file__).resolve().parents[1]
+    record = json.loads(
+        (repo / "benchmarks/results/nvidia-h100-80gb-hbm3/bench_timer_validation.json").read_text()
+    )
+    readme = (repo / "week01_intro/README.md").read_text()
+    stream, graph = record["checks"]
+    assert stream["name"].startswith("fp32 y = x + 1") and record["all_within_tolerance"]
+    assert (
+        f"{stream['ours_ms']:.4f} ms vs `triton.testing.do_bench` {stream['reference_ms']:.4f} ms" in readme
+    )
+    assert f"({stream['rel_diff']:+.1%})".replace("-", "−") in readme
+    assert (
+        f"{graph['ours_ms'] * 1e3:.3f} µs vs `do_bench_cudagraph` {graph['reference_ms'] * 1e3:.3f} µs"
+        in readme
+    )
+    assert f"({graph['rel_diff']:+.1%})".replace("-", "−") in readme
+
+
 def test_timer_validation_needs_a_gpu(tmp_path: Path) -> None:
     from common.bench_validation import run_timer_validation
 
