@@ -5,10 +5,10 @@ A timer is only trustworthy if it agrees with another one built separately. Two 
 (a) a long kernel (y = x + 1 over 256 MiB of fp32, 512 MiB moved, ~0.18 ms on an H100) with a cold L2:
     bench(cache="cold") against triton.testing.do_bench(return_mode="median"), which also flushes
     (256 MiB) before every repetition. Memory-bound on purpose: a bf16 matmul 4096³ draws ~620 W on an
-    H100, close enough to its power limit that its clock (1815 to 1890 MHz in three runs) and so its time
-    depend on what ran in the milliseconds before; the two timers warm up differently (do_bench without
-    flushes), and their medians differed by -0.4% to -3.6% from run to run. The stream's time is set by
-    the memory clock: the same runs agreed within 0.6%;
+    H100, close enough to its power limit that its clock and so its time depend on what ran in the
+    milliseconds before, and the two timers warm up differently (do_bench without flushes). In a probe of
+    three runs on an H100 (not a committed result) the matmul ran at 1815 to 1890 MHz and the two medians
+    differed by -0.4% to -3.6%; a stream's time is set by the memory clock, and it agreed within 0.6%;
 (b) a tiny kernel (elementwise multiply of 4 MiB, a few µs) in a CUDA graph:
     bench(cuda_graph=True) against triton.testing.do_bench_cudagraph(return_mode="median").
 

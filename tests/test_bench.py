@@ -306,11 +306,12 @@ def test_fn_touching_cuda_without_gpu() -> None:
 @no_cuda
 def test_week1_quotes_the_committed_timer_validation() -> None:
     """week01_intro/README.md's two comparisons are the ones in the committed H100 run, to the digits quoted."""
-    repo = Path(__file__).resolve().parents[1]
+    from common.weeks import REPO_ROOT
+
     record = json.loads(
-        (repo / "benchmarks/results/nvidia-h100-80gb-hbm3/bench_timer_validation.json").read_text()
+        (REPO_ROOT / "benchmarks/results/nvidia-h100-80gb-hbm3/bench_timer_validation.json").read_text()
     )
-    readme = (repo / "week01_intro/README.md").read_text()
+    readme = (REPO_ROOT / "week01_intro/README.md").read_text()
     stream, graph = record["checks"]
     assert stream["name"].startswith("fp32 y = x + 1") and record["all_within_tolerance"]
     assert (

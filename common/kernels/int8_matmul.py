@@ -24,10 +24,10 @@ happens once, after the loop, instead of once per chunk: inside the loop each th
 multiplies and adds what it loaded. x's chunk is loaded as a (1, BLOCK_K) row and broadcast over q's
 rows. The broadcast is not free: Triton gives each load its own register layout, as wide as one 16-byte
 access allows (16 int8 values of q per thread, 8 bf16 values of x), so the compiled loop passes x's chunk
-through shared memory to q's layout, with barriers, every iteration (the sm_90 assembly shows it). A
-variant without the barriers, whose every row of the tile loads x itself in q's layout, was no faster on
-an H100 at one row (even on most of Llama-3-8B's weights, a quarter slower on 4096 x 4096) and took up to
-38% longer at two: the extra loads cost more than the wait.
+through shared memory to q's layout, with barriers, every iteration (the sm_90 assembly shows it). In a
+probe (not a committed benchmark), a variant without the barriers, whose every row of the tile loads x
+itself in q's layout, was no faster on an H100 at one row (even on most of Llama-3-8B's weights, a
+quarter slower on 4096 x 4096) and took up to 38% longer at two: the extra loads cost more than the wait.
 
 More token rows (a batch decoding together) get more programs, not bigger ones: the token row is the
 fastest axis of the grid, so the programs that read one block of q run side by side and can share it
