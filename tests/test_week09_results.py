@@ -189,3 +189,13 @@ def test_the_int8_decode_kernel_table_is_the_h100_run() -> None:
     )
     for path in ("week09_inference_algorithms/README.md", "week09_inference_algorithms/lecture/slides.md"):
         assert span in _text(path), path
+    by_rows = [[cases[i]["speedup"] for cases in rows.values()] for i in range(4)]  # M = 1, 2, 4, 8
+    ranges = [f"{min(speedups):.2f}x to {max(speedups):.2f}x" for speedups in by_rows]
+    assert f"At 4 rows the kernel is at best even ({ranges[2]})" in text
+    assert f"at 8, where cuBLAS still makes one pass with tensor cores, it runs at {ranges[3]}" in text
+    comment = " ".join(
+        line.strip().lstrip("# ")
+        for line in (REPO_ROOT / "common/inference/quantization.py").read_text().splitlines()
+        if line.startswith("#")
+    )
+    assert f"one row ran at {ranges[0]}, two at {ranges[1]}, four at {ranges[2]}" in comment
