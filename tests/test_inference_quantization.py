@@ -21,6 +21,7 @@ from common import amp
 from common.amp import Fp8UnsupportedError
 from common.hardware import NoGPUError
 from common.inference import quantization as q
+from common.inference.fused_projections import fuse_projections
 from common.inference.generate import generate
 from common.inference.graphed_decoder import GraphedDecoder
 from common.inference.kv_cache import CachedDecoder
@@ -238,10 +239,11 @@ def test_fused_dequantization_sets_inductors_batch_1_matmul_rewrite_only_inside(
     assert inductor_config.coordinate_descent_tuning == before
 
 
-def test_an_int8_decode_step_compiles_without_graph_breaks() -> None:
-    """fullgraph=True fails on any graph break: the int8 layers trace into the decoder's one graph per
-    shape (so CUDA graphs can capture them). The counting backend runs the captured graph eagerly (no code
-    generation on a CPU)."""
+@pytest.mark.parametrize("merged", [False, True], ids=["separate", "merged"])  # fuse_projections or not
+def test_an_int8_decode_step_compiles_without_graph_breaks(merged: bool) -> None:
+    """fullgraph=True fails on any graph break: the int8 layers (and the merged layers' split) trace into
+    the decoder's one graph per shape (so CUDA graphs can capture them). The counting backend runs the
+    captured graph eagerly (no code generation on a CPU)."""
     graphs = []
 
     def counting_backend(graph_module: torch.fx.GraphModule, example_inputs: list) -> object:
@@ -249,7 +251,8 @@ def test_an_int8_decode_step_compiles_without_graph_breaks() -> None:
         return graph_module.forward
 
     prompt = random_prompt(CONFIG, 1, 5, seed=2)
-    model = q.quantize_linears(random_llama(3), "int8")
+    model = random_llama(3)
+    model = q.quantize_linears(fuse_projections(model) if merged else model, "int8")
     expected = generate(model, prompt, 6)
     torch._dynamo.reset()
     decoder = CachedDecoder(model, batch_size=1, max_len=10)

@@ -15,6 +15,8 @@ One small module per idea, each readable on its own, in this order:
   `python -m common.inference.acceptance`, which measures the acceptance rate against the formula;
 - `quantization`: int8 and int4 weight-only layers, fp8 layers (torch._scaled_mm), SmoothQuant W8A8 by fake
   quantization, and `quantize_linears(model, method)`, which swaps them into a Llama;
+  `fused_projections`: `fuse_projections(model)` merges each block's q|k|v and gate|up projections into
+  one matmul each (fewer, longer matrix-vector products per decode step);
   `quantization_error`: a quantized model against its float64 original, per layer, in logits and loss;
   `quantization_benchmark`: each method's error and decode speed (`effdl bench quantization`).
 

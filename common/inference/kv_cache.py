@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.inference.fused_projections import is_fused
 from common.models.llama import Attention, Llama, apply_rotary
 
 
@@ -80,9 +81,13 @@ def cached_attention(
     """
     b, s, _ = x.shape
     hd = attention.head_dim
-    q = apply_rotary(attention.wq(x).view(b, s, -1, hd), cos, sin)  # (b, s, n_q_heads, hd)
-    k = apply_rotary(attention.wk(x).view(b, s, -1, hd), cos, sin)  # (b, s, n_kv_heads, hd)
-    v = attention.wv(x).view(b, s, -1, hd)
+    # One matmul if fuse_projections merged them (fused_projections.py), three otherwise
+    q, k, v = (
+        attention.wqkv(x) if is_fused(attention) else (attention.wq(x), attention.wk(x), attention.wv(x))
+    )
+    q = apply_rotary(q.view(b, s, -1, hd), cos, sin)  # (b, s, n_q_heads, hd)
+    k = apply_rotary(k.view(b, s, -1, hd), cos, sin)  # (b, s, n_kv_heads, hd)
+    v = v.view(b, s, -1, hd)
     keys, values = cache.write(layer, positions, k.transpose(1, 2), v.transpose(1, 2))  # (b, kv, max_len, hd)
     group = q.shape[2] // keys.shape[1]  # grouped-query: kv head j serves query heads j*g ... j*g + g - 1
     keys = keys.repeat_interleave(group, dim=1)  # (b, n_q_heads, max_len, hd)

@@ -16,6 +16,9 @@ Two parts, saved together in inference_quantization.json:
   compiler settings), timed interleaved by common.bench.compare. Goal: weight-only int8 at least 1.5x the bf16
   tokens/s. A decode step costs the same at every position of a static cache
   (it reads all max_len keys under a mask), so each timed step rolls back to position 0 and decodes one token.
+  Both models decode with q|k|v and gate|up merged into one matmul each (fused_projections), as a serving
+  stack would: fewer, longer matrix-vector products. The error part measures the layers unmerged; merging
+  keeps int8's, int4's and fp8-row's codes and scales, and changes fp8-tensor's and SmoothQuant's scales only.
 
 SmoothQuant's W8A8 is fake-quantized (float matmuls around quantize-dequantize): its error is the format's,
 its speed is not what an int8 GEMM would give. fp8 needs a GPU with fp8 tensor cores and is recorded as
@@ -39,6 +42,7 @@ from common.amp import fp8_supported
 from common.bench import compare, environment, save_results
 from common.hardware import benchmark_device
 from common.inference.acceptance import AcceptanceExperiment, held_out_loss, train
+from common.inference.fused_projections import fuse_projections
 from common.inference.graphed_decoder import GraphedDecoder
 from common.inference.kv_cache import CachedDecoder
 from common.inference.quantization import METHODS, fused_dequantization, quantize_linears
@@ -207,7 +211,8 @@ def speed_part(
     progress: print each method's speed-up and seconds as it is measured (compiling takes minutes)."""
     config = bench.speed_model()
     torch.manual_seed(bench.seed)
-    base = Llama(config).to(device=device, dtype=dtype).eval()
+    # q|k|v and gate|up merged (fused_projections), in the baseline and so in every method's copy of it
+    base = fuse_projections(Llama(config).to(device=device, dtype=dtype).eval())
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
     calibration = torch.randint(config.vocab_size, (1, 64), device=device)
     compiled = bench.compile and device.type == "cuda"
@@ -229,6 +234,7 @@ def speed_part(
     results: dict[str, Any] = {
         "model": {"preset": bench.speed_preset, **asdict(config)},
         "compiled": compiled,
+        "merged_projections": True,  # q|k|v and gate|up as one matmul each, in every model timed
         "baseline_weight_bytes": _weight_bytes(base),
     }
 
