@@ -301,7 +301,8 @@ else:
 # activations too. `error_part` of `effdl bench quantization` trains a small Llama on the trigram language
 # and measures each method against a float64 copy of it: the held-out loss, the relative error of the
 # logits. `speed_part` times batch-1 decoding of each quantized model against the unquantized one, in the
-# same static cache, compiled with CUDA graphs on a GPU. fp8 needs fp8 tensor cores, and is skipped
+# same static cache, compiled with CUDA graphs on a GPU, both with q|k|v and gate|up merged into one matmul
+# each (`fuse_projections`: fewer, longer matrix-vector products). fp8 needs fp8 tensor cores, and is skipped
 # elsewhere. To keep the seminar short, the speed part decodes 2 of the 8B preset's 32 layers here
 # (Llama-3-8B's matrices; the benchmark times 4, and its JSON records the course's bar: int8 at least
 # 1.5x bf16's tokens/s). The plot puts each method at its error and its speedup; the asserts check that
