@@ -27,6 +27,7 @@ from common.bench import (
     summarize,
 )
 from common.hardware import NoGPUError
+from common.weeks import REPO_ROOT
 
 FAST = {"warmup_ms": 1, "rep_ms": 5, "min_reps": 5, "max_reps": 50}
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA GPU")
@@ -306,8 +307,6 @@ def test_fn_touching_cuda_without_gpu() -> None:
 @no_cuda
 def test_week1_quotes_the_committed_timer_validation() -> None:
     """week01_intro/README.md's two comparisons are the ones in the committed H100 run, to the digits quoted."""
-    from common.weeks import REPO_ROOT
-
     record = json.loads(
         (REPO_ROOT / "benchmarks/results/nvidia-h100-80gb-hbm3/bench_timer_validation.json").read_text()
     )

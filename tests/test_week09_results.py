@@ -190,13 +190,10 @@ def test_the_int8_decode_kernel_table_is_the_h100_run() -> None:
     square = rows["attention out 4096x4096"][0]
     assert f"{square['baseline']['median_ms']:.4f} ms for cuBLAS's 4096 x 4096 against" in text
     assert f"{square['ours']['median_ms']:.4f} ms for ours" in text
-    span = (
-        f"{min(case['speedup'] for case in ones):.2f}x to {max(case['speedup'] for case in ones):.2f}x cuBLAS"
-    )
-    for path in ("week09_inference_algorithms/README.md", "week09_inference_algorithms/lecture/slides.md"):
-        assert span in _text(path), path
     by_rows = [[cases[i]["speedup"] for cases in rows.values()] for i in range(4)]  # M = 1, 2, 4, 8
     ranges = [f"{min(speedups):.2f}x to {max(speedups):.2f}x" for speedups in by_rows]
+    for path in ("week09_inference_algorithms/README.md", "week09_inference_algorithms/lecture/slides.md"):
+        assert f"{ranges[0]} cuBLAS" in _text(path), path
     assert f"At 4 rows the kernel is at best even ({ranges[2]})" in text
     assert f"at 8, where cuBLAS still makes one pass with tensor cores, it runs at {ranges[3]}" in text
     comment = " ".join(

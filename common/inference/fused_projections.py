@@ -58,10 +58,9 @@ class FusedFeedForward(nn.Module):
         super().__init__()
         self.w13 = stack_linears(feed_forward.w1, feed_forward.w3)
         self.w2 = feed_forward.w2
-        self.d_ff = feed_forward.w1.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).split(self.d_ff, dim=-1)
+        gate, up = self.w13(x).split(self.w2.in_features, dim=-1)  # d_ff each
         return self.w2(F.silu(gate) * up)
 
 
