@@ -385,6 +385,10 @@ def test_the_quick_benchmark_reports_tokens_per_second_against_the_same_run(save
         speed["methods"]["int4"]["weight_bytes"] < speed["methods"]["int8"]["weight_bytes"] < baseline_bytes
     )
     assert saved["goal"]["met"] == (speed["methods"]["int8"]["speedup"] >= saved["goal"]["value"])
+    # The baseline is the faster of its two layouts; every quantized copy is merged.
+    layouts = speed["baseline_layouts"]  # a Comparison: merged bf16 against separate
+    assert speed["merged_projections"] == {"baseline": layouts["speedup"] > 1.0, "quantized": True}
+    assert set(layouts) >= {"baseline", "candidate", "speedup"}
 
 
 def test_the_full_benchmark_needs_a_gpu() -> None:
