@@ -304,11 +304,11 @@ else:
 # same static cache, compiled with CUDA graphs on a GPU. Each quantized model has q|k|v and gate|up merged
 # into one matmul each (`fuse_projections`: fewer, longer matrix-vector products; the compiler cannot merge
 # layers whose kernels it cannot see into); the bf16 baseline is timed both ways and the faster layout kept.
-# fp8 needs fp8 tensor cores, and is skipped elsewhere. To keep the seminar short, the speed part decodes 2 of the 8B preset's 32 layers here
-# (Llama-3-8B's matrices; the benchmark times 4, and its JSON records the course's bar: int8 at least
-# 1.5x bf16's tokens/s). The plot puts each method at its error and its speedup; the asserts check that
-# int8's error is less than half of int4's (8 bits against 4 on the same weights) and, on the GPU at full
-# size, that int8 decodes faster than bf16.
+# fp8 needs fp8 tensor cores, and is skipped elsewhere. To keep the seminar short, the speed part decodes 2
+# of the 8B preset's 32 layers here (Llama-3-8B's matrices; the benchmark times 4, and its JSON records the
+# course's bar: int8 at least 1.5x bf16's tokens/s). The plot puts each method at its error and its
+# speedup; the asserts check that int8's error is less than half of int4's (8 bits against 4 on the same
+# weights) and, on the GPU at full size, that int8 decodes faster than bf16.
 
 # %%
 quant = (
