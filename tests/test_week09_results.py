@@ -136,6 +136,10 @@ def test_the_quantization_figures_are_the_h100_run() -> None:
         in slides
     )
     assert f"int8 {int8['speedup']:.2f}x, int4 {methods['int4']['speedup']:.2f}x, fp8 per tensor" in slides
+    assert f"int8 decoded at {int8['speedup']:.2f}x bf16's tokens/s, under the 1.5x goal" in slides
+    assert (
+        f"int8 {int8['speedup']:.2f}× (goal ≥ 1.5×: missed), int4 {methods['int4']['speedup']:.2f}×" in slides
+    )
     # What a step streams: every weight but the (untied, bf16) embedding table, of which it reads one row.
     embedding = speed["model"]["vocab_size"] * speed["model"]["d_model"] * 2
     bf16_bytes, int8_bytes = speed["baseline_weight_bytes"] - embedding, int8["weight_bytes"] - embedding
@@ -144,7 +148,7 @@ def test_the_quantization_figures_are_the_h100_run() -> None:
     assert f"the bf16 model streams its {bf16_bytes / 1e9:.2f} GB at {bf16_rate:.2f} TB/s" in readme
     assert f"and int8 its {int8_bytes / 1e9:.2f} GB at {int8_rate:.2f} TB/s" in readme
     assert f"is {int8_bytes / bf16_bytes:.2f} as many bytes in int8 as in bf16" in slides
-    assert f"not {bf16_bytes / int8_bytes:.2f}x" in slides
+    assert f"yet it decodes at {int8['speedup']:.2f}x, not {bf16_bytes / int8_bytes:.2f}x" in slides
     assert f"streams its weights at {int8_rate:.2f} TB/s, the bf16 one at {bf16_rate:.2f}." in slides
     losses = {m: v["loss"] for m, v in errors["methods"].items()}
     assert (
