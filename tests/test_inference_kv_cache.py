@@ -14,7 +14,7 @@ import torch
 from inference_toys import CONFIG, greedy_without_cache, random_llama, random_prompt
 
 from common.inference.generate import generate
-from common.inference.kv_cache import CachedDecoder
+from common.inference.kv_cache import ATTENTION_FORMS, CachedDecoder
 from common.inference.sampling import Sampling
 from common.models.llama import LlamaConfig
 
@@ -23,12 +23,13 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("attention", ATTENTION_FORMS)
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])  # multi-head, grouped-query, multi-query
-def test_cached_logits_equal_recomputation_over_prefill_and_many_steps(n_kv_heads: int):
+def test_cached_logits_equal_recomputation_over_prefill_and_many_steps(n_kv_heads: int, attention: str):
     config = LlamaConfig(**{**CONFIG.__dict__, "n_kv_heads": n_kv_heads})
     model = random_llama(0, config)
     sequence = random_prompt(config, batch=3, length=30, seed=1)
-    decoder = CachedDecoder(model, batch_size=3, max_len=32)
+    decoder = CachedDecoder(model, batch_size=3, max_len=32, attention=attention)
     start = 0
     with torch.no_grad():
         # a prefill of 6, single-token decode steps, and a few chunks of several (as speculative decoding feeds)
@@ -38,6 +39,11 @@ def test_cached_logits_equal_recomputation_over_prefill_and_many_steps(n_kv_head
             assert decoder.length == start
             assert_logits_close(logits, model(sequence[:, :start])[:, -size:])
     assert start == 30
+
+
+def test_an_unknown_attention_form_is_named():
+    with pytest.raises(ValueError, match="unknown attention form 'flash'; choose one of sdpa, reductions"):
+        CachedDecoder(random_llama(0), batch_size=1, max_len=8, attention="flash")
 
 
 def test_rollback_forgets_the_stale_positions():

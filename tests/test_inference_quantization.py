@@ -25,7 +25,7 @@ from common.inference.fused_projections import fuse_projections
 from common.inference.generate import generate
 from common.inference.graphed_decoder import GraphedDecoder
 from common.inference.kv_cache import CachedDecoder
-from common.inference.quantization_benchmark import run_quantization_benchmark
+from common.inference.quantization_benchmark import LAYOUTS, QUANTIZED_LAYOUT, run_quantization_benchmark
 from common.inference.quantization_error import measure_errors
 from common.models.llama import LlamaConfig
 
@@ -269,7 +269,7 @@ def test_measure_errors_finds_a_known_error_in_the_layer_that_has_it() -> None:
         model.layers[1].feed_forward.w3.weight.mul_(1.01)  # this layer's outputs 1% too large
     errors = measure_errors(model, reference, random_prompt(CONFIG, 2, 12, seed=4))
     layers = errors["layer_relative_error"]["per_layer"]
-    assert len(layers) == 7 * CONFIG.n_layers
+    assert len(layers) == 7 * CONFIG.n_layers + 1 and "output" in layers  # the output layer too
     # Each layer gets the float64 model's input (in fp32): the scaled layer is off by 1% whatever the
     # layers before it do, the others by fp32 rounding only (~1e-7).
     assert layers["layers.1.feed_forward.w3"] == pytest.approx(0.01, rel=1e-4)
@@ -363,7 +363,8 @@ def test_the_quick_benchmark_records_every_method_or_why_it_was_skipped(saved: d
     for method in ("int8", "int4", "smoothquant"):
         e = error["methods"][method]
         assert e["layer_relative_error"]["max"] == max(e["layer_relative_error"]["per_layer"].values())
-        assert len(e["layer_relative_error"]["per_layer"]) == 7 * saved["config"]["error_model"]["n_layers"]
+        per_layer = e["layer_relative_error"]["per_layer"]
+        assert len(per_layer) == 7 * saved["config"]["error_model"]["n_layers"] + 1 and "output" in per_layer
         assert abs(e["loss"] - error["float64_loss"]) <= LOSS_BOUNDS[method], (method, e["loss"])
     # Fewer bits, more error: int4 (4 bits per weight) against int8 (8 bits), on every layer.
     layers = error["methods"]["int8"]["layer_relative_error"]["per_layer"]
@@ -385,10 +386,14 @@ def test_the_quick_benchmark_reports_tokens_per_second_against_the_same_run(save
         speed["methods"]["int4"]["weight_bytes"] < speed["methods"]["int8"]["weight_bytes"] < baseline_bytes
     )
     assert saved["goal"]["met"] == (speed["methods"]["int8"]["speedup"] >= saved["goal"]["value"])
-    # The baseline is the faster of its two layouts; every quantized copy is merged.
-    layouts = speed["baseline_layouts"]  # a Comparison: merged bf16 against separate
-    assert speed["merged_projections"] == {"baseline": layouts["speedup"] > 1.0, "quantized": True}
-    assert set(layouts) >= {"baseline", "candidate", "speedup"}
+    # The baseline is the fastest of its layouts, each timed against the first; every quantized copy
+    # decodes in one layout.
+    reference, *candidates = LAYOUTS
+    layouts = speed["baseline_layouts"]
+    assert list(layouts) == candidates
+    speedups = {reference: 1.0, **{layout: layouts[layout]["speedup"] for layout in candidates}}
+    assert speed["baseline_layout"] == max(speedups, key=speedups.get)
+    assert speed["quantized_layout"] == QUANTIZED_LAYOUT
 
 
 def test_the_full_benchmark_needs_a_gpu() -> None:

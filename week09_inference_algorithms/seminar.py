@@ -301,9 +301,12 @@ else:
 # activations too. `error_part` of `effdl bench quantization` trains a small Llama on the trigram language
 # and measures each method against a float64 copy of it: the held-out loss, the relative error of the
 # logits. `speed_part` times batch-1 decoding of each quantized model against the unquantized one, in the
-# same static cache, compiled with CUDA graphs on a GPU. Each quantized model has q|k|v and gate|up merged
-# into one matmul each (`fuse_projections`: fewer, longer matrix-vector products; the compiler cannot merge
-# layers whose kernels it cannot see into); the bf16 baseline is timed both ways and the faster layout kept.
+# same static cache, compiled with CUDA graphs on a GPU. Every method quantizes every linear layer, the
+# output layer too. Each quantized model has q|k|v and gate|up merged into one matmul each
+# (`fuse_projections`: fewer, longer matrix-vector products; the compiler cannot merge layers whose kernels
+# it cannot see into) and computes attention over the cache as products and sums that the compiler fuses
+# (`attention="reductions"`), not by repeating the cache for each query group; the bf16 baseline is timed
+# in each of these layouts and the fastest kept.
 # fp8 needs fp8 tensor cores, and is skipped elsewhere. To keep the seminar short, the speed part decodes 2
 # of the 8B preset's 32 layers here (Llama-3-8B's matrices; the benchmark times 4, and its JSON records the
 # course's bar: int8 at least 1.5x bf16's tokens/s). The plot puts each method at its error and its

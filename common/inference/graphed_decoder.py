@@ -66,13 +66,14 @@ class GraphedDecoder(CachedDecoder):
         *,
         compile: bool = True,
         dynamic: bool | None = None,
+        attention: str = "sdpa",
     ) -> None:
         device = model.tok_embeddings.weight.device
         if device.type != "cuda":
             raise ValueError(
                 f"GraphedDecoder captures CUDA graphs, but the model is on {device}: use CachedDecoder there"
             )
-        super().__init__(model, batch_size, max_len)
+        super().__init__(model, batch_size, max_len, attention)
         self.device = device
         self.start = torch.zeros((), dtype=torch.long, device=device)  # first position of the next feed
         self._forward = (

@@ -34,6 +34,10 @@ from torch import nn
 from common.inference.fused_projections import is_fused
 from common.models.llama import Attention, Llama, apply_rotary
 
+# How cached_attention computes it: "sdpa" repeats the cache's keys and values for each query group and calls
+# F.scaled_dot_product_attention; "reductions" writes it as products and sums (for compiled decoding).
+ATTENTION_FORMS = ("sdpa", "reductions")
+
 
 class KVCache(nn.Module):
     """Keys and values of every layer, (n_layers, batch, n_kv_heads, max_len, head_dim) each, zeros at first."""
@@ -72,12 +76,13 @@ def cached_attention(
     positions: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
+    form: str = "sdpa",
 ) -> torch.Tensor:
     """`attention`'s forward for new tokens x (b, s, d_model) at positions (s,), reading and writing the cache.
 
     The same projections and rotary embedding as Attention.forward; the difference is where keys and values
     come from: the cache, which now holds these tokens' too, all max_len positions of it, masked so that a
-    query at position p sees the keys at positions <= p.
+    query at position p sees the keys at positions <= p. form: how the scores are computed (ATTENTION_FORMS).
     """
     b, s, _ = x.shape
     hd = attention.head_dim
@@ -89,22 +94,58 @@ def cached_attention(
     k = apply_rotary(k.view(b, s, -1, hd), cos, sin)  # (b, s, n_kv_heads, hd)
     v = v.view(b, s, -1, hd)
     keys, values = cache.write(layer, positions, k.transpose(1, 2), v.transpose(1, 2))  # (b, kv, max_len, hd)
+    visible = torch.arange(keys.shape[2], device=x.device) <= positions[:, None]  # (s, max_len)
+    if form == "sdpa":
+        y = _sdpa_attention(q, keys, values, visible)
+    elif form == "reductions":
+        y = _reduction_attention(q, keys, values, visible)
+    else:
+        raise ValueError(f"unknown attention form {form!r}; choose one of {', '.join(ATTENTION_FORMS)}")
+    return attention.wo(y.reshape(b, s, -1))  # (b, s, n_q_heads * hd) -> (b, s, d_model)
+
+
+def _sdpa_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor
+) -> torch.Tensor:
+    """Queries (b, s, n_q, hd) against the cache (b, kv, L, hd), repeated for the query groups: (b, s, n_q, hd)."""
     group = q.shape[2] // keys.shape[1]  # grouped-query: kv head j serves query heads j*g ... j*g + g - 1
     keys = keys.repeat_interleave(group, dim=1)  # (b, n_q_heads, max_len, hd)
     values = values.repeat_interleave(group, dim=1)
-    visible = torch.arange(keys.shape[2], device=x.device) <= positions[:, None]  # (s, max_len)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible)  # (b, n_q, s, hd)
-    return attention.wo(y.transpose(1, 2).reshape(b, s, -1))  # (b, s, n_q_heads * hd) -> (b, s, d_model)
+    return y.transpose(1, 2)
+
+
+def _reduction_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor
+) -> torch.Tensor:
+    """The same attention as products and sums in fp32, each query group beside its kv head: (b, s, n_q, hd).
+
+    Nothing is repeated and nothing calls a matmul library, so torch.compile can fuse the scores, the
+    softmax and the weighted sum into a few reduction kernels over the cache. Eager, it materializes
+    b * n_q * s * max_len * hd products: meant for compiled decode steps, where s is 1."""
+    b, s, n_q, hd = q.shape
+    kv = keys.shape[1]
+    grouped = q.view(b, s, kv, n_q // kv, hd).permute(0, 2, 3, 1, 4)  # (b, kv, g, s, hd)
+    products = grouped[..., None, :].float() * keys[:, :, None, None].float()  # (b, kv, g, s, L, hd)
+    scores = products.sum(-1) * hd**-0.5  # (b, kv, g, s, L)
+    weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    y = (weights[..., None] * values[:, :, None, None].float()).sum(-2)  # (b, kv, g, s, hd)
+    return y.to(q.dtype).permute(0, 3, 1, 2, 4).reshape(b, s, n_q, hd)
 
 
 class CachedDecoder(nn.Module):
-    """A Llama beside a static KV cache for `batch_size` sequences of up to `max_len` tokens."""
+    """A Llama beside a static KV cache for `batch_size` sequences of up to `max_len` tokens; `attention`:
+    the form cached_attention computes it in (ATTENTION_FORMS)."""
 
-    def __init__(self, model: Llama, batch_size: int, max_len: int) -> None:
+    def __init__(self, model: Llama, batch_size: int, max_len: int, attention: str = "sdpa") -> None:
         super().__init__()
         config = model.config
         if max_len < 1 or batch_size < 1:
             raise ValueError(f"max_len={max_len} and batch_size={batch_size} must both be positive")
+        if attention not in ATTENTION_FORMS:
+            raise ValueError(
+                f"unknown attention form {attention!r}; choose one of {', '.join(ATTENTION_FORMS)}"
+            )
         if max_len > config.max_seq_len:
             raise ValueError(
                 f"a cache of max_len={max_len} positions is longer than the model's max_seq_len="
@@ -121,7 +162,7 @@ class CachedDecoder(nn.Module):
             dtype=weight.dtype,  # keys and values in the model's dtype, on its device
             device=weight.device,
         )
-        self.batch_size, self.max_len = batch_size, max_len
+        self.batch_size, self.max_len, self.attention = batch_size, max_len, attention
         self.length = 0  # positions 0 ... length - 1 hold valid keys and values (host bookkeeping)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -135,7 +176,7 @@ class CachedDecoder(nn.Module):
         x = model.tok_embeddings(tokens)  # (b, s, d_model)
         for i, block in enumerate(model.layers):
             x = x + cached_attention(
-                block.attention, self.cache, i, block.attention_norm(x), positions, cos, sin
+                block.attention, self.cache, i, block.attention_norm(x), positions, cos, sin, self.attention
             )
             x = x + block.feed_forward(block.ffn_norm(x))
         return model.output(model.norm(x))

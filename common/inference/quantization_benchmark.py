@@ -16,12 +16,16 @@ Two parts, saved together in inference_quantization.json:
   compiler settings), timed interleaved by common.bench.compare. Goal: weight-only int8 at least 1.5x the bf16
   tokens/s. A decode step costs the same at every position of a static cache
   (it reads all max_len keys under a mask), so each timed step rolls back to position 0 and decodes one token.
-  Every quantized model decodes with q|k|v and gate|up merged into one matmul each (fused_projections):
-  Inductor cannot see into the quantized layers' kernels, so it cannot merge them itself. The bf16 baseline
-  is timed both ways and the faster layout kept: Inductor already reads gate and up in one bf16 kernel
-  (a kernel profile on an H100 shows it), so merging by hand need not help bf16.
+  Every method quantizes every linear layer, the output layer (lm_head) included, as gpt-fast's int8 does:
+  at the 8b preset's width it is 262 MB of the 2 GB a bf16 step reads.
+  Every quantized model decodes in one layout (QUANTIZED_LAYOUT): q|k|v and gate|up merged into one matmul
+  each (fused_projections), because Inductor cannot see into the quantized layers' kernels to merge them
+  itself, and attention over the cache written as products and sums (kv_cache.ATTENTION_FORMS), which
+  Inductor fuses into reduction kernels instead of repeating the cache for each query group. The bf16
+  baseline is timed in each of LAYOUTS and the fastest kept: Inductor already reads gate and up
+  in one bf16 kernel (a kernel profile on an H100 shows it), so neither change need help bf16.
   The error part measures the layers unmerged; merging keeps int8's, int4's and fp8-row's codes and
-  scales, and changes fp8-tensor's and SmoothQuant's scales only.
+  scales, and changes fp8-tensor's and SmoothQuant's scales only; the attention form changes no weight.
 
 SmoothQuant's W8A8 is fake-quantized (float matmuls around quantize-dequantize): its error is the format's,
 its speed is not what an int8 GEMM would give. fp8 needs a GPU with fp8 tensor cores and is recorded as
@@ -58,6 +62,15 @@ __all__ = ["GOAL_INT8_SPEEDUP", "QuantizationBenchmark", "run_quantization_bench
 
 GOAL_INT8_SPEEDUP = 1.5  # weight-only int8 decode tokens/s over bf16, batch 1
 
+# How a decode step is laid out: (q|k|v and gate|up merged into one matmul each?, cached attention's form).
+# The unquantized model is timed in each, the first the reference; every quantized model in one.
+LAYOUTS: dict[str, tuple[bool, str]] = {
+    "separate projections, sdpa attention": (False, "sdpa"),
+    "merged projections, sdpa attention": (True, "sdpa"),
+    "merged projections, attention as reductions": (True, "reductions"),
+}
+QUANTIZED_LAYOUT = "merged projections, attention as reductions"
+
 
 @dataclass
 class QuantizationBenchmark:
@@ -76,6 +89,7 @@ class QuantizationBenchmark:
     lr: float = 3e-3
     held_out: int = 128  # held-out sequences of train_seq_len tokens for the error metrics
     group_size: int = 128  # int4
+    include_output: bool = True  # quantize the output layer (lm_head) too
     alpha: float = 0.5  # SmoothQuant
     # The speed part's model: a common.models.llama preset and the fields changed in it. Llama-3-8B's
     # matrices, because the question is what halving the weight's bytes buys: at the 1b preset's width
@@ -150,6 +164,7 @@ def _quantized(
         group_size=bench.group_size,
         alpha=bench.alpha,
         calibration=[calibration] if method == "smoothquant" else None,
+        include_output=bench.include_output,
     )
 
 
@@ -220,16 +235,21 @@ def speed_part(
     calibration = torch.randint(config.vocab_size, (1, 64), device=device)
     compiled = bench.compile and device.type == "cuda"
 
-    def timed_step(model: nn.Module) -> Callable[[], torch.Tensor]:
+    def timed_step(model: nn.Module, attention: str) -> Callable[[], torch.Tensor]:
         if not compiled:
-            return _decode_step(CachedDecoder(model, batch_size=1, max_len=bench.max_len), token)
+            decoder = CachedDecoder(model, batch_size=1, max_len=bench.max_len, attention=attention)
+            return _decode_step(decoder, token)
         # One static shape (1, 1), so that Inductor knows M = 1 and turns the matmuls it compiles (bf16's,
         # int4's dequantizing ones; int8's run common.kernels.int8_matmul) into reductions; it compiles at
         # the first feed, which must run inside fused_dequantization().
-        step = _decode_step(GraphedDecoder(model, batch_size=1, max_len=bench.max_len, dynamic=False), token)
+        decoder = GraphedDecoder(
+            model, batch_size=1, max_len=bench.max_len, dynamic=False, attention=attention
+        )
+        step = _decode_step(decoder, token)
         # Every decoder compiles the same code (CachedDecoder.forward), one cache entry per decoder: past
         # Dynamo's default limit of 8 entries, the later ones would run uncompiled, with a logged warning.
-        with fused_dequantization(), torch._dynamo.config.patch(recompile_limit=4 * len(METHODS)):
+        limit = 4 * (len(METHODS) + len(LAYOUTS))
+        with fused_dequantization(), torch._dynamo.config.patch(recompile_limit=limit):
             step()  # compiles, warms up and captures the step's CUDA graph
         return step
 
@@ -240,33 +260,44 @@ def speed_part(
             baseline, candidate, names=names, warmup_ms=bench.warmup_ms, rep_ms=bench.rep_ms, device=device
         )
 
-    # The baseline at its best: whichever bf16 layout decodes faster on this GPU and compiler.
+    # The baseline at its best: whichever layout of the unquantized model decodes fastest on this GPU and
+    # compiler, each timed against the first; the others' decoders and CUDA graphs are freed.
     name = dtype_name(dtype)
-    separate_step, merged_step = timed_step(separate), timed_step(merged)
-    layouts = compared(
-        separate_step, merged_step, (f"{name} separate projections", f"{name} merged projections")
-    )
-    baseline_merged = layouts.speedup > 1.0
-    baseline_step = merged_step if baseline_merged else separate_step
-    del separate_step, merged_step  # the slower layout's decoder and CUDA graph are freed
-    if progress:
-        print(
-            f"  {name} with merged projections: {layouts.speedup:.2f}x separate ones; the baseline is "
-            f"{'merged' if baseline_merged else 'separate'}",
-            flush=True,
+    reference_layout, *candidate_layouts = LAYOUTS
+    steps = {
+        layout: timed_step(merged if is_merged else separate, attention)
+        for layout, (is_merged, attention) in LAYOUTS.items()
+    }
+    layouts = {
+        layout: compared(
+            steps[reference_layout], steps[layout], (f"{name} {reference_layout}", f"{name} {layout}")
         )
+        for layout in candidate_layouts
+    }
+    fastest = max(candidate_layouts, key=lambda layout: layouts[layout].speedup)
+    baseline_layout = fastest if layouts[fastest].speedup > 1.0 else reference_layout
+    baseline_step = steps.pop(baseline_layout)
+    del steps
+    if progress:
+        for layout, comparison in layouts.items():
+            print(f"  {name}, {layout}: {comparison.speedup:.2f}x {reference_layout}", flush=True)
+        print(f"  the baseline: {name}, {baseline_layout}", flush=True)
     results: dict[str, Any] = {
         "model": {"preset": bench.speed_preset, **asdict(config)},
         "compiled": compiled,
-        "merged_projections": {"baseline": baseline_merged, "quantized": True},
-        "baseline_layouts": layouts,  # the bf16 model with merged projections against separate ones
+        "baseline_layout": baseline_layout,
+        "baseline_layouts": layouts,  # each candidate layout of the unquantized model against the first
+        "quantized_layout": QUANTIZED_LAYOUT,
         "baseline_weight_bytes": _weight_bytes(separate),
     }
+    quantize_merged, quantized_attention = LAYOUTS[QUANTIZED_LAYOUT]
 
     def speed(method: str, quantized: nn.Module) -> dict[str, Any]:
         started = time.perf_counter()
         comparison = compared(
-            baseline_step, timed_step(quantized), (f"{name} decode step", f"{method} decode step")
+            baseline_step,
+            timed_step(quantized, quantized_attention),
+            (f"{name} decode step", f"{method} decode step"),
         )
         if progress:
             print(
@@ -282,7 +313,9 @@ def speed_part(
             "comparison": comparison,
         }
 
-    results["methods"] = _each_method(speed, merged, bench, calibration, device)
+    results["methods"] = _each_method(
+        speed, merged if quantize_merged else separate, bench, calibration, device
+    )
     return results
 
 

@@ -52,7 +52,7 @@ def measure_errors(model: nn.Module, reference: nn.Module, tokens: torch.Tensor)
 
     model and reference: the same Llama (common.models.llama), `model` possibly quantized (quantize_linears)
     and in any dtype, `reference` the float64 original. tokens (b, s): the loss is held_out_loss's (the
-    predictions of tokens[:, 2:]). Layers: every nn.Linear of the reference but the output projection,
+    predictions of tokens[:, 2:]). Layers: every nn.Linear of the reference, the output projection included,
     each fed the reference's input in model's dtype.
     """
     if reference.tok_embeddings.weight.dtype != torch.float64:
@@ -63,7 +63,9 @@ def measure_errors(model: nn.Module, reference: nn.Module, tokens: torch.Tensor)
     dtype = model.tok_embeddings.weight.dtype
     modules, reference_modules = dict(model.named_modules()), dict(reference.named_modules())
     layers = {}
-    for name, x in layer_inputs(reference, tokens[:, :-1], linear_names(reference)).items():
+    for name, x in layer_inputs(
+        reference, tokens[:, :-1], linear_names(reference, include_output=True)
+    ).items():
         layers[name] = relative_error(modules[name](x.to(dtype)), reference_modules[name](x))
     return {
         "loss": held_out_loss(model, tokens),
