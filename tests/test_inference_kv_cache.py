@@ -41,6 +41,20 @@ def test_cached_logits_equal_recomputation_over_prefill_and_many_steps(n_kv_head
     assert start == 30
 
 
+def test_attention_as_reductions_sums_float64_in_float64():
+    """Its sums run in fp32 at least, not at most: in float64 both forms agree to float64 rounding, where an
+    fp32 sum would leave ~1e-8 of the logits' scale."""
+    model = random_llama(5).double()
+    prompt = random_prompt(CONFIG, 2, 9, seed=7)
+    logits = {}
+    with torch.no_grad():
+        for form in ATTENTION_FORMS:
+            decoder = CachedDecoder(model, batch_size=2, max_len=16, attention=form)
+            logits[form] = torch.cat([decoder.feed(prompt[:, :5]), decoder.feed(prompt[:, 5:])], dim=1)
+    scale = logits["sdpa"].abs().max().item()
+    torch.testing.assert_close(logits["reductions"], logits["sdpa"], rtol=0, atol=1e-12 * scale)
+
+
 def test_an_unknown_attention_form_is_named():
     with pytest.raises(ValueError, match="unknown attention form 'flash'; choose one of sdpa, reductions"):
         CachedDecoder(random_llama(0), batch_size=1, max_len=8, attention="flash")

@@ -118,18 +118,20 @@ def _sdpa_attention(
 def _reduction_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor
 ) -> torch.Tensor:
-    """The same attention as products and sums in fp32, each query group beside its kv head: (b, s, n_q, hd).
+    """The same attention as products and sums, each query group beside its kv head: (b, s, n_q, hd).
 
     Nothing is repeated and nothing calls a matmul library, so torch.compile can fuse the scores, the
-    softmax and the weighted sum into a few reduction kernels over the cache. Eager, it materializes
-    b * n_q * s * max_len * hd products: meant for compiled decode steps, where s is 1."""
+    softmax and the weighted sum into a few reduction kernels over the cache. Sums run in fp32 at least
+    (float64 stays float64). Eager, it materializes b * n_q * s * max_len * hd products: meant for compiled
+    decode steps, where s is 1."""
     b, s, n_q, hd = q.shape
     kv = keys.shape[1]
+    wide = torch.promote_types(q.dtype, torch.float32)
     grouped = q.view(b, s, kv, n_q // kv, hd).permute(0, 2, 3, 1, 4)  # (b, kv, g, s, hd)
-    products = grouped[..., None, :].float() * keys[:, :, None, None].float()  # (b, kv, g, s, L, hd)
+    products = grouped[..., None, :].to(wide) * keys[:, :, None, None].to(wide)  # (b, kv, g, s, L, hd)
     scores = products.sum(-1) * hd**-0.5  # (b, kv, g, s, L)
     weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-    y = (weights[..., None] * values[:, :, None, None].float()).sum(-2)  # (b, kv, g, s, hd)
+    y = (weights[..., None] * values[:, :, None, None].to(wide)).sum(-2)  # (b, kv, g, s, hd)
     return y.to(q.dtype).permute(0, 3, 1, 2, 4).reshape(b, s, n_q, hd)
 
 
