@@ -305,8 +305,8 @@ else:
 # output layer too. Each quantized model has q|k|v and gate|up merged into one matmul each
 # (`fuse_projections`: fewer, longer matrix-vector products; the compiler cannot merge layers whose kernels
 # it cannot see into) and computes attention over the cache as products and sums that the compiler fuses
-# (`attention="reductions"`), not by repeating the cache for each query group; the bf16 baseline is timed
-# in each of these layouts and the fastest kept.
+# (`attention="reductions"`), not by repeating the cache for each query group. The bf16 baseline is timed
+# in three layouts (separate or merged projections with SDPA, merged with reductions) and the fastest kept.
 # fp8 needs fp8 tensor cores, and is skipped elsewhere. To keep the seminar short, the speed part decodes 2
 # of the 8B preset's 32 layers here (Llama-3-8B's matrices; the benchmark times 4, and its JSON records the
 # course's bar: int8 at least 1.5x bf16's tokens/s). The plot puts each method at its error and its

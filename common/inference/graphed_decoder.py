@@ -55,7 +55,7 @@ class GraphedDecoder(CachedDecoder):
     compile: run the forward through torch.compile (fullgraph, `dynamic` as given: None lets Dynamo turn a
     dimension dynamic when a second size appears, so a few compilations serve every length; False compiles
     each length for its own shape). Compilation happens at a length's first feed, so compiler settings that
-    must hold (e.g. `fused_dequantization()`) must be active then.
+    must hold (e.g. `fused_dequantization()`) must be active then. attention: as CachedDecoder's.
     """
 
     def __init__(
