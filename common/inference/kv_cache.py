@@ -27,6 +27,8 @@ Lengths are checked on the host, in `feed`, as Python ints: checking the positio
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,12 +97,7 @@ def cached_attention(
     v = v.view(b, s, -1, hd)
     keys, values = cache.write(layer, positions, k.transpose(1, 2), v.transpose(1, 2))  # (b, kv, max_len, hd)
     visible = torch.arange(keys.shape[2], device=x.device) <= positions[:, None]  # (s, max_len)
-    if form == "sdpa":
-        y = _sdpa_attention(q, keys, values, visible)
-    elif form == "reductions":
-        y = _reduction_attention(q, keys, values, visible)
-    else:
-        raise ValueError(f"unknown attention form {form!r}; choose one of {', '.join(ATTENTION_FORMS)}")
+    y = _attention_of_form(form)(q, keys, values, visible)
     return attention.wo(y.reshape(b, s, -1))  # (b, s, n_q_heads * hd) -> (b, s, d_model)
 
 
@@ -135,6 +132,15 @@ def _reduction_attention(
     return y.to(q.dtype).permute(0, 3, 1, 2, 4).reshape(b, s, n_q, hd)
 
 
+def _attention_of_form(form: str) -> Callable[..., torch.Tensor]:
+    """The function that computes attention in `form` (one of ATTENTION_FORMS)."""
+    if form == "sdpa":
+        return _sdpa_attention
+    if form == "reductions":
+        return _reduction_attention
+    raise ValueError(f"unknown attention form {form!r}; choose one of {', '.join(ATTENTION_FORMS)}")
+
+
 class CachedDecoder(nn.Module):
     """A Llama beside a static KV cache for `batch_size` sequences of up to `max_len` tokens; `attention`:
     the form cached_attention computes it in (ATTENTION_FORMS)."""
@@ -144,10 +150,7 @@ class CachedDecoder(nn.Module):
         config = model.config
         if max_len < 1 or batch_size < 1:
             raise ValueError(f"max_len={max_len} and batch_size={batch_size} must both be positive")
-        if attention not in ATTENTION_FORMS:
-            raise ValueError(
-                f"unknown attention form {attention!r}; choose one of {', '.join(ATTENTION_FORMS)}"
-            )
+        _attention_of_form(attention)  # an unknown form fails here, not at the first feed
         if max_len > config.max_seq_len:
             raise ValueError(
                 f"a cache of max_len={max_len} positions is longer than the model's max_seq_len="
