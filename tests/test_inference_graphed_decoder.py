@@ -14,7 +14,7 @@ from inference_toys import greedy_without_cache, perturbed_copy, random_llama, r
 
 from common.inference.generate import generate
 from common.inference.graphed_decoder import GraphedDecoder
-from common.inference.kv_cache import CachedDecoder
+from common.inference.kv_cache import ATTENTION_FORMS, CachedDecoder
 from common.inference.speculative import speculative_generate
 from common.models.llama import LlamaConfig
 
@@ -29,15 +29,17 @@ def test_a_model_off_the_gpu_is_refused_with_the_alternative():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("attention", ATTENTION_FORMS)
 @pytest.mark.parametrize("compile", [False, True], ids=["eager-graphs", "compiled-graphs"])
-def test_graphed_feeds_and_rollbacks_give_eager_logits_gpu(compile: bool):
+def test_graphed_feeds_and_rollbacks_give_eager_logits_gpu(compile: bool, attention: str):
     """Feeds of several lengths (each length's graph replayed at other positions), rollbacks that rewrite
-    positions: every feed's logits are eager decoding's, and the length bookkeeping the same."""
+    positions: every feed's logits are eager SDPA decoding's, whichever attention form the graphs compute
+    (the reductions form is what the quantization benchmark compiles), and the length bookkeeping the same."""
     model = random_llama(3, GPU_CONFIG).cuda()
     sequence = random_prompt(GPU_CONFIG, batch=2, length=40, seed=4).cuda()
     other = random_prompt(GPU_CONFIG, batch=2, length=40, seed=5).cuda()
     eager = CachedDecoder(model, batch_size=2, max_len=48)
-    graphed = GraphedDecoder(model, batch_size=2, max_len=48, compile=compile)
+    graphed = GraphedDecoder(model, batch_size=2, max_len=48, compile=compile, attention=attention)
     # (tokens to feed from, size) or ("rollback", length): prefill, single steps, chunks, rewritten positions
     schedule = [(sequence, 6), (sequence, 1), (sequence, 3), (sequence, 1), ("rollback", 5), (other, 3),
                 (other, 1), ("rollback", 2), (sequence, 6), (sequence, 3), (sequence, 1), (sequence, 1)]  # fmt: skip
