@@ -56,7 +56,7 @@ from common.hardware import SPECS, attainable_flops, gpu_spec, plot_roofline, ri
 from common.inference.generate import generate
 from common.inference.kv_cache import CachedDecoder
 from common.inference.quantization import METHODS
-from common.inference.quantization_benchmark import QuantizationBenchmark, error_part, speed_part
+from common.inference.quantization_benchmark import LAYOUTS, QuantizationBenchmark, error_part, speed_part
 from common.inference.speculative import expected_tokens_per_round, speculative_generate
 from common.inference.speculative_benchmark import GOAL_SPEEDUP, SpeculativeBenchmark, measure
 from common.kernels.benchmark import measure_case
@@ -331,6 +331,14 @@ show_table(
     + [(m, f"{errors['methods'][m]['loss']:.4f}", f"{errors['methods'][m]['logits_relative_error']:.2e}",
         f"{speeds['methods'][m]['tokens_per_s']:.0f}", f"{speeds['methods'][m]['speedup']:.2f}x") for m in measured],
 )  # fmt: skip
+reference_layout, *other_layouts = LAYOUTS
+assert len(LAYOUTS) == 3 and list(speeds["baseline_layouts"]) == other_layouts, "timed in 3 layouts"
+show_table(
+    [f"{dtype} baseline layout", f"decode speed over '{reference_layout}'"],
+    [(reference_layout, "1.00x")]
+    + [(layout, f"{c.speedup:.2f}x") for layout, c in speeds["baseline_layouts"].items()],
+)
+print(f"kept as the baseline: {speeds['baseline_layout']}")
 fig, ax = plt.subplots(figsize=(6, 3.5))
 for m in measured:
     x, y = errors["methods"][m]["logits_relative_error"], speeds["methods"][m]["speedup"]
