@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from common.inference import speculative_benchmark
+from common.inference.quantization_benchmark import LAYOUTS, QUANTIZED_LAYOUT
 from common.inference.speculative_benchmark import GRAPHED, SpeculativeBenchmark
 from common.models.llama import count_parameters
 from common.weeks import REPO_ROOT
@@ -113,38 +114,41 @@ def test_the_quantization_figures_are_the_h100_run() -> None:
     int8 = methods["int8"]
     assert speed["model"]["preset"] == "8b" and speed["model"]["n_layers"] == 4
     assert "decoding 4 layers of Llama-3-8B's shape (the `8b` preset)" in readme
-    assert not record["goal"]["met"] and int8["speedup"] < record["goal"]["value"]
+    # The run the text describes: the output layer quantized, the quantized models in QUANTIZED_LAYOUT, and
+    # the baseline the fastest of LAYOUTS, each quoted against the first.
+    assert record["config"]["include_output"] is True and "the output layer included" in readme
+    assert speed["quantized_layout"] == QUANTIZED_LAYOUT == "merged projections, attention as reductions"
+    reference, *others = LAYOUTS
+    assert reference == "separate projections, sdpa attention" and list(speed["baseline_layouts"]) == others
+    ratios = {layout: comparison["speedup"] for layout, comparison in speed["baseline_layouts"].items()}
+    assert speed["baseline_layout"] == max(ratios, key=ratios.get) and ratios[speed["baseline_layout"]] > 1.0
+    assert speed["baseline_layout"] == "merged projections, attention as reductions"
     assert (
-        f"weight-only int8 decodes at {int8['speedup']:.2f}x bf16's tokens/s at batch 1 (bar 1.5x: missed)"
-        in readme
+        f"merged projections with SDPA {ratios['merged projections, sdpa attention']:.2f}x, merged with attention "
+        f"as reductions {ratios['merged projections, attention as reductions']:.2f}x, the one kept" in readme
+    )
+    assert f"merged with reductions at {ratios[speed['baseline_layout']]:.2f}x separate projections" in slides
+    assert record["goal"]["met"] and int8["speedup"] >= record["goal"]["value"] == 1.5
+    comparison = int8["comparison"]
+    assert comparison["speedup_p20"] >= 1.5 and int8["speedup"] < 1.55, "met, narrowly"
+    assert (
+        f"weight-only int8 decodes at {int8['speedup']:.2f}x bf16's tokens/s at batch 1 (bar 1.5x: met, narrowly: "
+        f"the 20th to 80th percentiles of its paired ratios are {comparison['speedup_p20']:.2f}x to "
+        f"{comparison['speedup_p80']:.2f}x)" in readme
     )
     names = {"int4": "int4", "fp8-tensor": "fp8 with one scale per tensor", "fp8-row": "per row"}
     for method, words in names.items():
         assert f"{words} {methods[method]['speedup']:.2f}x" in readme, method
     assert f"SmoothQuant's fake-quantized W8A8 {methods['smoothquant']['speedup']:.2f}x" in readme
     fraction = int8["weight_bytes"] / speed["baseline_weight_bytes"]
-    assert f"its weights are {fraction:.2f} of bf16's bytes" in readme
-    # The committed run merged the projections of every model, the baseline's too, and left the output layer
-    # in bf16: it predates the benchmark's layouts (quantization_benchmark.LAYOUTS) and include_output, and
-    # the text must say so until it is re-run.
-    assert speed["merged_projections"] is True and "baseline_layout" not in speed, (
-        "re-run with the benchmark's layouts: drop the 'before' qualifiers"
-    )
-    assert "include_output" not in record["config"]
-    qualifier = (
-        "a run from before the benchmark kept the fastest bf16 layout, quantized the output layer and gave the "
-        "quantized models attention as reductions"
-    )
-    assert qualifier in readme and qualifier in slides
+    assert f"its weights {fraction:.2f} of bf16's bytes (the embedding table stays bf16)" in readme
     assert (
         f"4 layers of this shape, q|k|v and gate|up merged: int8 {int8['speedup']:.2f}× bf16's tokens/s"
         in slides
     )
     assert f"int8 {int8['speedup']:.2f}x, int4 {methods['int4']['speedup']:.2f}x, fp8 per tensor" in slides
-    assert f"int8 decoded at {int8['speedup']:.2f}x bf16's tokens/s, under the 1.5x goal" in slides
-    assert (
-        f"int8 {int8['speedup']:.2f}× (goal ≥ 1.5×: missed), int4 {methods['int4']['speedup']:.2f}×" in slides
-    )
+    assert f"int8 decoded at {int8['speedup']:.2f}x bf16's tokens/s, just over the 1.5x goal" in slides
+    assert f"int8 {int8['speedup']:.2f}× (goal ≥ 1.5×: met), int4 {methods['int4']['speedup']:.2f}×" in slides
     # What a step streams: every weight but the (untied, bf16) embedding table, of which it reads one row.
     embedding = speed["model"]["vocab_size"] * speed["model"]["d_model"] * 2
     bf16_bytes, int8_bytes = speed["baseline_weight_bytes"] - embedding, int8["weight_bytes"] - embedding
@@ -155,6 +159,10 @@ def test_the_quantization_figures_are_the_h100_run() -> None:
     assert f"is {int8_bytes / bf16_bytes:.2f} as many bytes in int8 as in bf16" in slides
     assert f"yet it decodes at {int8['speedup']:.2f}x, not {bf16_bytes / int8_bytes:.2f}x" in slides
     assert f"streams its weights at {int8_rate:.2f} TB/s, the bf16 one at {bf16_rate:.2f}." in slides
+    assert (
+        round(int8_bytes / bf16_bytes, 2) == 0.5
+        and f"half the bytes give {int8['speedup']:.2f}x, not 2x" in readme
+    )
     losses = {m: v["loss"] for m, v in errors["methods"].items()}
     assert (
         f"the held-out loss is bf16's ({errors['baseline']['loss']:.3f}) for every method but int4 " in readme
